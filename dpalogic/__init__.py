@@ -1,0 +1,47 @@
+"""dpalogic: preference losses as symbolic programs (Richardson, Srikumar & Sabharwal, ICML 2025).
+
+The pipeline, one module per stage:
+
+    grammar/preference.lark   the language
+    dpalogic.syntax           text → SymPy IR, and printers back (ASCII, Unicode, LaTeX)
+    dpalogic.structure        preference structures (P, P_C, P_A), their sides (✓, ✗), truth tables
+    dpalogic.semantics        WMC polynomials, ρ, links, loss programs, log-space plans
+    dpalogic.catalog          published losses as programs, with citations
+    dpalogic.torch_loss       programs → torch.nn.Module (imported lazily: symbolic use never loads torch)
+    dpalogic.cli              the ``dpalogic`` command
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dpalogic.errors import DegenerateStructureError, DPALogicError, FormulaSyntaxError, UnknownNameError
+from dpalogic.semantics import Program, Term
+from dpalogic.structure import Structure
+from dpalogic.syntax import parse_formula
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DPALogicError",
+    "DegenerateStructureError",
+    "FormulaSyntaxError",
+    "PreferenceLoss",
+    "Program",
+    "Structure",
+    "Term",
+    "UnknownNameError",
+    "parse_formula",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dpalogic.torch_loss import PreferenceLoss
+
+
+def __getattr__(name: str):
+    # torch is imported only when a torch-facing object is asked for (fast start for symbolic commands)
+    if name == "PreferenceLoss":
+        from dpalogic.torch_loss import PreferenceLoss
+
+        return PreferenceLoss
+    raise AttributeError(f"module 'dpalogic' has no attribute {name!r}")

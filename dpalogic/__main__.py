@@ -1,0 +1,3 @@
+from dpalogic.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""The loss catalog: every published loss as a *program* built from structures and links — no hand-written torch.
+
+Names follow TRL where TRL has the loss (``dpo`` is TRL's ``sigmoid``). Hyperparameters keep TRL's names and
+defaults (``beta``, ``label_smoothing``, ``discopop_tau``, SimPO's ``gamma``); ``alpha`` weighs the auxiliary NLL
+term as in TRL's and Liger's CPO, so ``alpha=0`` leaves the preference term alone.
+
+Auxiliary NLL terms are the CE structure ``M(yw)`` under the logistic link (``−log σ(log(p/(1−p))) = −log p``),
+length-normalized: the mean token NLL of the chosen answer, per pair. (TRL and Liger average tokens over the whole
+batch instead; the two agree when chosen answers have equal lengths.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sympy
+
+from dpalogic.errors import unknown
+from dpalogic.semantics import OutsideFragment, Program, Term
+from dpalogic.structure import Structure
+from dpalogic.syntax import parse_formula
+
+beta, gamma, alpha = sympy.symbols("beta gamma alpha")
+ls, tau = sympy.symbols("label_smoothing discopop_tau")
+
+
+def sides(top: str, bottom: str) -> Structure:
+    return Structure.from_sides(parse_formula(top), parse_formula(bottom))
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    program: Program
+    title: str
+    citation: str
+    verified_by: str
+    aliases: tuple[str, ...] = ()
+    trl_name: str | None = None
+
+
+@lru_cache(maxsize=1)
+def _structures() -> dict[str, Structure]:
+    return {
+        "dpo": sides("M(yw) & Ref(yl)", "M(yl) & Ref(yw)"),
+        "cpo": sides("M(yw)", "M(yl)"),
+        "ce": Structure.parse("M(yw)"),
+        "orpo": sides("M(yw) & ~M(yl)", "M(yl) & ~M(yw)"),
+        "chosen": sides("M(yw)", "Ref(yw)"),  # log ρ = log πθ(yw)/πref(yw)
+        "rejected": sides("M(yl)", "Ref(yl)"),  # log ρ = log πθ(yl)/πref(yl)
+        "ceunl": Structure.parse("M(yw) & ~M(yl)"),
+        "cunl": Structure.parse("(~M(yl), M(yw) | M(yl))"),
+        "ccpo": Structure.parse("(M(yl) -> M(yw), M(yw) | M(yl))"),
+        "uncpo": Structure.parse("M(yl) -> M(yw)"),
+        "modified_dpo": sides("M(yw) & ~M(yl) & Ref(yl)", "M(yl) & ~M(yw) & Ref(yw)"),
+    }
+
+
+def _nll() -> Term:
+    return Term(_structures()["ce"], "logistic", coef=alpha, normalized=True, role="nll")
+
+
+def _smoothed(s: Structure, scale, shift=0, normalized: bool = False) -> list[Term]:
+    """Conservative (label-smoothed) logistic: (1−ε)·(−log σ(z)) + ε·(−log σ(−z)); −z is the reversed structure."""
+    return [
+        Term(s, "logistic", coef=1 - ls, scale=scale, shift=shift, normalized=normalized),
+        Term(s.reversed(), "logistic", coef=ls, scale=scale, shift=-shift, normalized=normalized, role="smoothing"),
+    ]
+
+
+def _program(name: str, terms: list[Term], **hp: float) -> Program:
+    return Program(tuple(terms), tuple(hp.items()), name)
+
+
+@lru_cache(maxsize=1)
+def entries() -> dict[str, Entry]:
+    S = _structures()
+    dpo, cpo, ce = S["dpo"], S["cpo"], S["ce"]
+    chosen, rejected = S["chosen"], S["rejected"]
+    half = sympy.Rational(1, 2)
+    E: list[Entry] = [
+        Entry("dpo", _program("dpo", [Term(dpo, "logistic", scale=beta)], beta=0.1),
+              "Direct Preference Optimization", "Rafailov et al. 2023, arXiv:2305.18290",
+              "Liger DPO 'sigmoid' (values, gradients), brute-force WMC", ("sigmoid",), "sigmoid"),
+        Entry("ipo", _program("ipo", [Term(dpo, "squared", scale=1, shift=1 / (2 * beta), normalized=True)], beta=0.1),
+              "Identity Preference Optimization", "Azar et al. 2023, arXiv:2310.12036",
+              "TRL's documented equation (length-normalized log-ratios)", (), "ipo"),
+        Entry("hinge", _program("hinge", [Term(dpo, "hinge", scale=beta, link_params=(("margin", 1),))], beta=0.1),
+              "Hinge loss on the DPO log-ratio (SLiC-style)", "Zhao et al. 2023, arXiv:2305.10425",
+              "Liger DPO 'hinge'", (), "hinge"),
+        Entry("sigmoid_norm", _program("sigmoid_norm", [Term(dpo, "logistic", scale=beta, normalized=True)], beta=0.1),
+              "DPO on length-normalized log-ratios", "TRL DPOTrainer loss_type='sigmoid_norm'",
+              "TRL's documented equation", (), "sigmoid_norm"),
+        Entry("robust", _program("robust", [
+                  Term(dpo, "logistic", coef=(1 - ls) / (1 - 2 * ls), scale=beta),
+                  Term(dpo.reversed(), "logistic", coef=-ls / (1 - 2 * ls), scale=beta, role="smoothing")],
+                  beta=0.1, label_smoothing=0.0),
+              "Robust DPO (unbiased under flipped labels)", "Chowdhury et al. 2024, arXiv:2403.00409",
+              "Liger DPO 'robust'", (), "robust"),
+        Entry("exo_pair", _program("exo_pair", [
+                  Term(dpo, "exo", scale=beta, link_params=(("epsilon", ls),))], beta=0.1, label_smoothing=1e-3),
+              "EXact Optimization (pairwise)", "Ji et al. 2024, arXiv:2402.00856",
+              "Liger DPO 'exo_pair'", (), "exo_pair"),
+        Entry("nca_pair", _program("nca_pair", [
+                  Term(chosen, "logistic", scale=beta),
+                  Term(chosen.reversed(), "logistic", coef=half, scale=beta),
+                  Term(rejected.reversed(), "logistic", coef=half, scale=beta)], beta=0.1),
+              "Noise Contrastive Alignment (pairwise)", "Chen et al. 2024, arXiv:2402.05369",
+              "Liger DPO 'nca_pair'", (), "nca_pair"),
+        Entry("bco_pair", _program("bco_pair", [
+                  Term(chosen, "logistic", scale=beta), Term(rejected.reversed(), "logistic", scale=beta)], beta=0.1),
+              "Binary Classifier Optimization (pairwise, no reward shift)", "Jung et al. 2024, arXiv:2404.04656",
+              "Liger DPO 'bco_pair'", (), "bco_pair"),
+        Entry("sppo_hard", _program("sppo_hard", [
+                  Term(chosen, "squared", scale=1, shift=half / beta),
+                  Term(rejected.reversed(), "squared", scale=1, shift=half / beta)], beta=0.1),
+              "Self-Play Preference Optimization (hard labels)", "Wu et al. 2024, arXiv:2405.00675",
+              "Liger DPO 'sppo_hard'", (), "sppo_hard"),
+        Entry("apo_zero", _program("apo_zero", [
+                  Term(chosen, "sigmoid", scale=beta), Term(rejected.reversed(), "sigmoid", scale=beta)], beta=0.1),
+              "Anchored Preference Optimization (zero)", "D'Oosterlinck et al. 2024, arXiv:2408.06266",
+              "Liger DPO 'apo_zero'", (), "apo_zero"),
+        Entry("apo_down", _program("apo_down", [
+                  Term(chosen.reversed(), "sigmoid", scale=beta), Term(dpo, "sigmoid", scale=beta)], beta=0.1),
+              "Anchored Preference Optimization (down)", "D'Oosterlinck et al. 2024, arXiv:2408.06266",
+              "Liger DPO 'apo_down'", (), "apo_down"),
+        Entry("discopop", _program("discopop", [
+                  Term(dpo, "discopop", scale=beta, link_params=(("tau", tau),))], beta=0.1, discopop_tau=0.05),
+              "Discovered Preference Optimization (log-ratio modulated)", "Lu et al. 2024, arXiv:2406.08414",
+              "Liger DPO 'discopop'", (), "discopop"),
+        Entry("cpo", _program("cpo", [*_smoothed(cpo, beta), _nll()], beta=0.1, label_smoothing=0.0, alpha=1.0),
+              "Contrastive Preference Optimization", "Xu et al. 2024, arXiv:2401.08417",
+              "TRL cpo_loss 'sigmoid', Liger CPO", (), "sigmoid (CPOTrainer)"),
+        Entry("slic", _program("slic", [
+                  Term(cpo, "hinge", scale=beta, link_params=(("margin", 1),)), _nll()], beta=0.1, alpha=1.0),
+              "Sequence Likelihood Calibration (SLiC-HF)", "Zhao et al. 2023, arXiv:2305.10425",
+              "TRL cpo_loss 'hinge'", (), "hinge (CPOTrainer)"),
+        Entry("simpo", _program("simpo", _smoothed(cpo, beta, gamma, normalized=True),
+                                beta=0.1, gamma=0.5, label_smoothing=0.0),
+              "Simple Preference Optimization", "Meng et al. 2024, arXiv:2405.14734",
+              "TRL cpo_loss 'simpo', Liger SimPO", (), "simpo (CPOTrainer)"),
+        Entry("orpo", _program("orpo", [
+                  Term(S["orpo"], "logistic", coef=beta, normalized=True), _nll()], beta=0.1, alpha=1.0),
+              "Odds Ratio Preference Optimization", "Hong et al. 2024, arXiv:2403.07691",
+              "TRL odds_ratio_loss, Liger ORPO, brute-force WMC", (), "ORPOTrainer"),
+        Entry("rrhf", _program("rrhf", [
+                  Term(cpo, "hinge", scale=1, normalized=True, link_params=(("margin", 0),)), _nll()], alpha=1.0),
+              "Rank Responses to align with Human Feedback (pairwise)", "Yuan et al. 2023, arXiv:2304.05302",
+              "paper equation (ranking hinge on length-normalized log-probs + NLL)"),
+        Entry("ce", _program("ce", [Term(ce, "logistic")]),
+              "Cross-entropy on the chosen answer (sequence level)", "Richardson et al. 2025, arXiv:2412.17696",
+              "brute-force WMC"),
+        Entry("sft", _program("sft", [Term(ce, "logistic", normalized=True)]),
+              "Supervised fine-tuning: mean token NLL of the chosen answer", "standard",
+              "brute-force WMC (length-normalized)"),
+        Entry("ceunl", _program("ceunl", [Term(S["ceunl"], "logistic")]),
+              "Cross-entropy with unlikelihood", "Welleck et al. 2019, arXiv:1908.04319",
+              "brute-force WMC"),
+        Entry("cunl", _program("cunl", [Term(S["cunl"], "logistic", scale=beta)], beta=1.0),
+              "Conditioned unlikelihood (paper)", "Richardson et al. 2025, arXiv:2412.17696", "brute-force WMC"),
+        Entry("ccpo", _program("ccpo", [Term(S["ccpo"], "logistic", scale=beta)], beta=1.0),
+              "Conditioned CPO (paper)", "Richardson et al. 2025, arXiv:2412.17696", "brute-force WMC"),
+        Entry("uncpo", _program("uncpo", [Term(S["uncpo"], "logistic", scale=beta)], beta=1.0),
+              "Unconditioned CPO (paper)", "Richardson et al. 2025, arXiv:2412.17696", "brute-force WMC"),
+        Entry("modified_dpo", _program("modified_dpo", [Term(S["modified_dpo"], "logistic", scale=beta)], beta=0.1),
+              "Modified DPO: ORPO's structure with a reference model (paper)",
+              "Richardson et al. 2025, arXiv:2412.17696", "brute-force WMC", ("mdpo",)),
+    ]  # fmt: skip
+    return {e.name: e for e in E}
+
+
+OUTSIDE: dict[str, OutsideFragment] = {
+    o.name: o
+    for o in [
+        OutsideFragment("aot", "AOT sorts the log-ratios across the batch before pairing them: the loss of one "
+                        "example depends on the others, so it is not a function of one pair's log-probabilities",
+                        "Melnyk et al. 2024, arXiv:2406.05882", ("aot_pair", "aot_unpaired")),
+        OutsideFragment("kto", "KTO compares each answer with a batch-level reference point (a KL estimate over "
+                        "mismatched pairs) and is unpaired: no per-pair ratio ρ of atom probabilities",
+                        "Ethayarajh et al. 2024, arXiv:2402.01306"),
+        OutsideFragment("alphapo", "AlphaPO's reward (1 − p^(−α))/α is not the logarithm of a ratio of "
+                        "polynomials in the probabilities, so it is not β·log ρ for any structure",
+                        "Gupta et al. 2025, arXiv:2501.03884"),
+        OutsideFragment("dpop", "DPOP subtracts λ·max(0, log πref(yw)/πθ(yw)) inside the ratio: a piecewise "
+                        "penalty, not the log of a polynomial ratio (each piece is: DPO, or a ratio with a "
+                        "non-integer power πθ(yw)^(1+λ))", "Pal et al. 2024, arXiv:2402.13228"),
+        OutsideFragment("bco", "BCO (unpaired) shifts rewards by a running mean δ over past batches: a batch "
+                        "statistic, not a function of one pair (its pairwise form without δ is 'bco_pair')",
+                        "Jung et al. 2024, arXiv:2404.04656"),
+        OutsideFragment("f_dpo", "f-divergence DPO (forward KL, JS, α) replaces log(π/πref) by f'(π/πref), "
+                        "e.g. 1 − πref/π: not a log-ratio of WMCs", "Wang et al. 2023, arXiv:2309.16240"),
+    ]
+}  # fmt: skip
+
+
+def names() -> list[str]:
+    return list(entries())
+
+
+def _alias_map() -> dict[str, str]:
+    out = {}
+    for e in entries().values():
+        out[e.name] = e.name
+        for a in e.aliases:
+            out[a] = e.name
+    return out
+
+
+def lookup(name: str) -> Entry:
+    """A catalog entry by name or alias; unknown names suggest the closest, outside-fragment names explain why."""
+    key = name.strip().lower().replace("-", "_")
+    amap = _alias_map()
+    if key in amap:
+        return entries()[amap[key]]
+    for o in OUTSIDE.values():
+        if key == o.name or key in o.aliases:
+            from dpalogic.errors import DPALogicError
+
+            raise DPALogicError(f"{name!r} is a known loss outside dpalogic's program fragment: {o.reason} ({o.citation})")
+    raise unknown("loss name", name, list(amap) + list(OUTSIDE))
+
+
+def is_name(text: str) -> bool:
+    key = text.strip().lower().replace("-", "_")
+    return key in _alias_map() or key in OUTSIDE or all(c.isalnum() or c in "_-" for c in text.strip())
+
+
+def resolve(spec) -> Program:
+    """A catalog name, structure text, :class:`Structure` or :class:`Program` → a :class:`Program`."""
+    from dpalogic.semantics import single_structure_program
+
+    if isinstance(spec, Program):
+        return spec
+    if isinstance(spec, Structure):
+        return single_structure_program(spec.check())
+    if not isinstance(spec, str):
+        from dpalogic.errors import DPALogicError
+
+        raise DPALogicError(f"expected a loss name, structure text, Structure or Program, got {type(spec).__name__}")
+    text = spec.strip()
+    if text and all(c.isalnum() or c in "_-" for c in text) and "(" not in text:
+        return lookup(text).program
+    return single_structure_program(Structure.parse(text).check())

@@ -1,0 +1,282 @@
+"""The ``dpalogic`` command: ``derive``, ``list``, ``show``.
+
+Symbolic commands never import torch, triton or transformers. Every user mistake ends with a readable message on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import sympy
+
+from dpalogic.errors import DPALogicError
+
+# --------------------------------------------------------------------------------------------------- analysis
+
+
+def _structure_info(s) -> dict[str, Any]:
+    from dpalogic.semantics import latex_names, plan_text, log_wmc_plan, rho_sympy, semantic_loss_sympy
+    from dpalogic.syntax import to_ascii, to_unicode
+
+    core, given, additive = s.readable_triple()
+    rho = rho_sympy(s)
+    loss = semantic_loss_sympy(s)
+    names = latex_names(s.atoms)
+    return {
+        "structure": s.text("ascii"),
+        "structure_unicode": s.text("unicode"),
+        "core": to_ascii(core),
+        "given": to_ascii(given),
+        "additive": to_ascii(additive),
+        "top": to_ascii(s.top_formula),
+        "bottom": to_ascii(s.bottom_formula),
+        "top_unicode": to_unicode(s.top_formula),
+        "bottom_unicode": to_unicode(s.bottom_formula),
+        "atoms": [a.name for a in s.atoms],
+        "rho": str(rho),
+        "rho_latex": sympy.latex(rho, symbol_names=names),
+        "loss": str(loss),
+        "latex": sympy.latex(loss, symbol_names=names),
+        "log_rho": plan_text(log_wmc_plan(s.top, s.n), s.atoms)
+        + " - ("
+        + plan_text(log_wmc_plan(s.bottom, s.n), s.atoms)
+        + ")",
+    }
+
+
+def catalog_matches(s) -> tuple[list[str], list[str]]:
+    """Catalog names whose (single) structure is equivalent to ``s``, and those with the same loss function."""
+    from dpalogic.catalog import entries
+    from dpalogic.semantics import same_ratio
+    from dpalogic.structure import align
+
+    equivalent, same = [], []
+    for name, e in entries().items():
+        other = e.program.structure
+        if other is None:
+            continue
+        a, b = align(s, other)
+        if a.top == b.top and a.bottom == b.bottom:
+            equivalent.append(name)
+        if same_ratio(s, other):
+            same.append(name)
+    return equivalent, same
+
+
+def derive(text: str, given: str | None = None, additive: str | None = None) -> dict[str, Any]:
+    """Everything ``dpalogic derive`` reports about a structure, as a JSON-ready dict."""
+    from dpalogic.structure import Structure
+
+    s = Structure.parse(text, given=given, additional=additive).check()
+    info = _structure_info(s)
+    info["equivalent_to"], info["same_loss_as"] = catalog_matches(s)
+    info["input"] = text
+    return info
+
+
+def show(name: str) -> dict[str, Any]:
+    from dpalogic.catalog import lookup
+    from dpalogic.semantics import LINKS, latex_names, rho_sympy
+
+    e = lookup(name)
+    p = e.program
+    terms = []
+    for k, t in enumerate(p.terms, 1):
+        info = _structure_info(t.structure)
+        info.update(
+            index=k,
+            role=t.role,
+            link=t.link,
+            link_formula=LINKS[t.link].formula,
+            coef=str(t.coef),
+            scale=str(t.scale),
+            shift=str(t.shift),
+            link_params={k2: str(v) for k2, v in t.link_params},
+            normalized=t.normalized,
+            term=t.text(),
+        )
+        terms.append(info)
+    rhos = [sympy.Symbol(f"rho_{k}") for k in range(1, len(p.terms) + 1)]
+    program_expr = sympy.Add(*(t.sympy(rho=r) for t, r in zip(p.terms, rhos)))
+    closed = p.sympy()
+    names = latex_names(p.atoms)
+    equivalent, same = catalog_matches(p.structure) if p.structure is not None else ([], [])
+    return {
+        "name": e.name,
+        "aliases": list(e.aliases),
+        "title": e.title,
+        "citation": e.citation,
+        "trl_name": e.trl_name,
+        "verified_by": e.verified_by,
+        "hyperparameters": p.defaults,
+        "program": " + ".join(f"[{t['term']}]" if len(p.terms) > 1 else t["term"] for t in terms),
+        "program_sympy": str(program_expr),
+        "structure": p.structure.text("ascii") if p.structure is not None else None,
+        "rho": str(rho_sympy(p.structure)) if p.structure is not None else None,
+        "loss": str(closed),
+        "latex": sympy.latex(closed, symbol_names=names),
+        "terms": terms,
+        "equivalent_to": [n for n in equivalent if n != e.name],
+        "same_loss_as": [n for n in same if n != e.name],
+    }
+
+
+def catalog_rows() -> list[dict[str, Any]]:
+    from dpalogic.catalog import entries
+
+    rows = []
+    for name, e in entries().items():
+        p = e.program
+        s = p.structure
+        rows.append(
+            {
+                "name": name,
+                "title": e.title,
+                "structure": s.text("unicode") if s is not None else f"{len(p.structures)} structures",
+                "links": sorted({t.link for t in p.preference_terms}),
+                "terms": len(p.terms),
+                "hyperparameters": p.defaults,
+                "citation": e.citation,
+                "verified_by": e.verified_by,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- rendering
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _print_derive(info: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    c = _console()
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold cyan", no_wrap=True)
+    t.add_column()
+    t.add_row("structure", info["structure_unicode"])
+    t.add_row("(P, P_C, P_A)", f"({info['core']}, {info['given']}, {info['additive']})")
+    t.add_row("✓ (top)", info["top_unicode"])
+    t.add_row("✗ (bottom)", info["bottom_unicode"])
+    t.add_row("ρ", info["rho"])
+    t.add_row("log ρ", info["log_rho"])
+    t.add_row("loss", f"−log σ(log ρ) = {info['loss']}")
+    t.add_row("LaTeX", info["latex"])
+    t.add_row("equivalent to", ", ".join(info["equivalent_to"]) or "(no catalog loss)")
+    t.add_row("same loss as", ", ".join(info["same_loss_as"]) or "(no catalog loss)")
+    c.print(t)
+
+
+def _print_show(info: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    c = _console()
+    c.print(f"[bold]{info['name']}[/bold] — {info['title']}  ({info['citation']})")
+    if info["aliases"]:
+        c.print(f"aliases: {', '.join(info['aliases'])}")
+    hp = ", ".join(f"{k}={v:g}" for k, v in info["hyperparameters"].items()) or "(none)"
+    c.print(f"hyperparameters: {hp}")
+    c.print(f"program: {info['program']}")
+    if info["structure"]:
+        c.print(f"structure: {info['structure']}")
+        c.print(f"ρ = {info['rho']}")
+    t = Table(title="terms", show_lines=True)
+    for col in ("k", "role", "term", "structure", "✓", "✗", "ρ", "weights"):
+        t.add_column(col)
+    for term in info["terms"]:
+        t.add_row(
+            str(term["index"]),
+            term["role"],
+            term["term"],
+            term["structure_unicode"],
+            term["top_unicode"],
+            term["bottom_unicode"],
+            term["rho"],
+            "per token" if term["normalized"] else "sequence",
+        )
+    c.print(t)
+    c.print(f"closed form: {info['loss']}")
+    c.print(f"LaTeX: {info['latex']}")
+    if info["equivalent_to"]:
+        c.print(f"same structure as: {', '.join(info['equivalent_to'])}")
+    if info["same_loss_as"]:
+        c.print(f"same ρ as: {', '.join(info['same_loss_as'])}")
+    c.print(f"verified against: {info['verified_by']}")
+
+
+def _print_list(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    from dpalogic.catalog import OUTSIDE
+
+    c = _console()
+    t = Table(title="dpalogic catalog")
+    for col in ("name", "structure", "links", "hyperparameters", "source"):
+        t.add_column(col)
+    for r in rows:
+        hp = ", ".join(f"{k}={v:g}" for k, v in r["hyperparameters"].items())
+        t.add_row(r["name"], r["structure"], ", ".join(r["links"]), hp, r["citation"])
+    c.print(t)
+    o = Table(title="known losses outside the fragment")
+    o.add_column("name")
+    o.add_column("why")
+    for x in OUTSIDE.values():
+        o.add_row(x.name, x.reason)
+    c.print(o)
+
+
+# --------------------------------------------------------------------------------------------------- entry point
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: same format, exit 2
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dpalogic", description="Preference losses as symbolic programs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    d = sub.add_parser("derive", help="derive the loss of a formula or structure")
+    d.add_argument("formula", help='a formula "M(yl) -> M(yw)" or a structure "(P, P_C, P_A)"')
+    d.add_argument("--given", help="the conditioning P_C (default: true)")
+    d.add_argument("--additive", help="the additional constraint P_A (default: false)")
+    d.add_argument("--json", action="store_true", help="print a JSON object")
+    ls = sub.add_parser("list", help="the loss catalog")
+    ls.add_argument("--json", action="store_true")
+    sh = sub.add_parser("show", help="one catalog loss in full")
+    sh.add_argument("name")
+    sh.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "derive":
+            info = derive(args.formula, args.given, args.additive)
+            print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_derive(info)
+        elif args.command == "list":
+            rows = catalog_rows()
+            print(json.dumps(rows, indent=2, ensure_ascii=False)) if args.json else _print_list(rows)
+        elif args.command == "show":
+            info = show(args.name)
+            print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_show(info)
+    except DPALogicError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,426 @@
+"""Semantics: weighted model counts, the ratio ρ, links and loss programs (SEMANTICS §1, §3, §6).
+
+* ``wmc_poly``      — WMC of a truth table as an exact multilinear polynomial (integer coefficients), the
+                      fingerprint used to decide whether two structures give the same loss function.
+* ``wmc_sympy``     — the same polynomial as a factored SymPy expression, for display and closed forms.
+* ``log_wmc_plan``  — a log-space evaluation plan from Shannon expansion: ``log p`` for a positive literal,
+                      ``log(1 − p)`` (log1mexp) for a negative one, sums of logs for products and ``logaddexp``
+                      only where a side really is a sum. DPO's plan is four log-probs, ORPO's needs no enumeration.
+* ``Term``/``Program`` — ``loss = Σ_k c_k · f_k(β_k · log ρ_k − γ_k)``; coefficients, scales, shifts and link
+                      parameters are SymPy expressions in the hyperparameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+import sympy
+
+from dpalogic.structure import Structure, align, atom_mask, full_mask
+from dpalogic.syntax import Atom
+
+# --------------------------------------------------------------------------------------------------- weights
+
+
+@lru_cache(maxsize=None)
+def weight_symbol(atom: Atom) -> sympy.Symbol:
+    """``M(yw)`` → ``p_w`` (πθ(yw)), ``Ref(yl)`` → ``r_l`` (πref(yl)), ``M(y3)`` → ``p_3``."""
+    letter = "p" if atom.pred == "M" else "r"
+    sub = {"yw": "w", "yl": "l"}.get(atom.answer, atom.answer[1:])
+    return sympy.Symbol(f"{letter}_{sub}", positive=True)
+
+
+def weight_latex(atom: Atom) -> str:
+    sub = {"yw": "y_w", "yl": "y_l"}.get(atom.answer, f"y_{{{atom.answer[1:]}}}")
+    return (r"\pi_\theta" if atom.pred == "M" else r"\pi_{\mathrm{ref}}") + f"({sub})"
+
+
+def latex_names(atoms: tuple[Atom, ...]) -> dict[sympy.Symbol, str]:
+    return {weight_symbol(a): weight_latex(a) for a in atoms}
+
+
+# --------------------------------------------------------------------------------------------------- exact polynomials
+
+Poly = dict  # exponent tuple → int coefficient
+
+
+def wmc_poly(mask: int, n: int) -> Poly:
+    """WMC of a truth table as a multilinear polynomial in the atom probabilities.
+
+    ``WMC(f) = Σ_S c_S Π_{i∈S} p_i`` with ``c_S = Σ_{T⊆S} (−1)^{|S∖T|} f(T)`` (Möbius inversion of the corner
+    values), computed with the fast subset transform.
+    """
+    size = 1 << n
+    c = [(mask >> w) & 1 for w in range(size)]
+    for i in range(n):
+        bit = 1 << i
+        for w in range(size):
+            if w & bit:
+                c[w] -= c[w ^ bit]
+    return {tuple((w >> i) & 1 for i in range(n)): v for w, v in enumerate(c) if v}
+
+
+def poly_mul(a: Poly, b: Poly) -> Poly:
+    out: Poly = {}
+    for ea, ca in a.items():
+        for eb, cb in b.items():
+            e = tuple(x + y for x, y in zip(ea, eb))
+            out[e] = out.get(e, 0) + ca * cb
+    return {e: v for e, v in out.items() if v}
+
+
+def same_ratio(s1: Structure, s2: Structure) -> bool:
+    """Do two structures give the same loss function? ``WMC(✓1)·WMC(✗2) ≡ WMC(✓2)·WMC(✗1)`` (SEMANTICS §5)."""
+    a, b = align(s1, s2)
+    n = a.n
+    return poly_mul(wmc_poly(a.top, n), wmc_poly(b.bottom, n)) == poly_mul(wmc_poly(b.top, n), wmc_poly(a.bottom, n))
+
+
+def ratio_fingerprint(s: Structure) -> tuple:
+    """A canonical key of the loss function: ``ρ = N/D`` reduced to lowest terms, as sorted monomial lists.
+
+    Equal keys ⇔ equal loss functions (over the same atoms). Used to group the landscape and the catalog.
+    """
+    num, den = wmc_sympy(s.top, s.atoms, factored=False), wmc_sympy(s.bottom, s.atoms, factored=False)
+    frac = sympy.cancel(num / den)
+    n, d = sympy.fraction(frac)
+    gens = sorted(n.free_symbols | d.free_symbols, key=lambda x: x.name) or [weight_symbol(s.atoms[0])]
+    pn, pd = sympy.Poly(n, *gens, domain="QQ"), sympy.Poly(d, *gens, domain="QQ")
+    lc = pd.LC()
+    names = tuple(g.name for g in gens)
+    return (names, tuple(sorted(pn.quo_ground(lc).terms())), tuple(sorted(pd.quo_ground(lc).terms())))
+
+
+# --------------------------------------------------------------------------------------------------- SymPy forms
+
+
+def wmc_sympy(mask: int, atoms: tuple[Atom, ...], factored: bool = True) -> sympy.Expr:
+    """WMC of a truth table as a SymPy expression in ``p_w, p_l, r_w, …`` (factored by default)."""
+    n = len(atoms)
+    syms = [weight_symbol(a) for a in atoms]
+    expr = sympy.Integer(0)
+    for exps, coef in wmc_poly(mask, n).items():
+        term = sympy.Integer(coef)
+        for s, e in zip(syms, exps):
+            if e:
+                term *= s
+        expr += term
+    return sympy.factor(expr) if factored else expr
+
+
+def side_sympy(mask: int, atoms: tuple[Atom, ...]) -> sympy.Expr:
+    """WMC of one side in the factored form of its log-space plan: ``p_w·(1 − p_l)``, ``p_w + (1 − p_w)(1 − p_l)``."""
+    if mask == 0:
+        return sympy.Integer(0)
+    return plan_sympy(log_wmc_plan(mask, len(atoms)), atoms)
+
+
+def rho_sympy(s: Structure) -> sympy.Expr:
+    """ρ = WMC(✓) / WMC(✗) in factored form (common factors cancel)."""
+    num, den = side_sympy(s.top, s.atoms), side_sympy(s.bottom, s.atoms)
+    if den == 0:
+        return sympy.oo
+    return num / den
+
+
+def semantic_loss_sympy(s: Structure) -> sympy.Expr:
+    """``−log σ(log ρ) = −log(WMC(✓) / (WMC(✓) + WMC(✗)))`` as a SymPy expression."""
+    num, den = sympy.fraction(rho_sympy(s))
+    if s.top & s.bottom == 0:  # disjoint sides: WMC(✓) + WMC(✗) = WMC(✓ ∨ ✗), often much simpler
+        total = side_sympy(s.top | s.bottom, s.atoms) / (side_sympy(s.top, s.atoms) / num)
+        return -sympy.log(num / total)
+    return -sympy.log(num / (num + den))
+
+
+# --------------------------------------------------------------------------------------------------- log-space plan
+# A plan node is a tuple:
+#   ("zero",)                 log 1
+#   ("lit", i, positive)      log p_i  or  log(1 − p_i)
+#   ("add", node, node, …)    sum of logs (a product of weights)
+#   ("lae", node, node)       logaddexp (a sum of weights)
+
+
+def _cofactors(f: int, i: int, n: int) -> tuple[int, int]:
+    m = atom_mask(i, n)
+    shift = 1 << i
+    hi = f & m
+    lo = f & ~m & full_mask(n)
+    return hi | (hi >> shift), lo | (lo << shift)
+
+
+def _add(*nodes):
+    parts = []
+    for nd in nodes:
+        if nd[0] == "zero":
+            continue
+        parts.extend(nd[1:] if nd[0] == "add" else [nd])
+    if not parts:
+        return ("zero",)
+    return parts[0] if len(parts) == 1 else ("add", *parts)
+
+
+@lru_cache(maxsize=65536)
+def log_wmc_plan(mask: int, n: int):
+    """Log-space plan for ``log WMC(mask)``; the mask must be non-empty."""
+    if mask == 0:
+        raise ValueError("log WMC of an unsatisfiable side is -inf; check the structure first")
+    full = full_mask(n)
+    if mask == full:
+        return ("zero",)
+    deps = []
+    for i in range(n):
+        f1, f0 = _cofactors(mask, i, n)
+        if f1 != f0:
+            deps.append((i, f1, f0))
+    # literals that must hold (a factor p or 1 − p) first: they give products, not sums
+    for i, f1, f0 in deps:
+        if f0 == 0:
+            return _add(("lit", i, True), log_wmc_plan(f1, n))
+        if f1 == 0:
+            return _add(("lit", i, False), log_wmc_plan(f0, n))
+    i, f1, f0 = deps[0]
+    return ("lae", _add(("lit", i, True), log_wmc_plan(f1, n)), _add(("lit", i, False), log_wmc_plan(f0, n)))
+
+
+def plan_sympy(node, atoms: tuple[Atom, ...]) -> sympy.Expr:
+    """exp(plan) as a SymPy product/sum of ``p`` and ``(1 − p)`` factors."""
+    kind = node[0]
+    if kind == "zero":
+        return sympy.Integer(1)
+    if kind == "lit":
+        p = weight_symbol(atoms[node[1]])
+        return p if node[2] else 1 - p
+    parts = [plan_sympy(c, atoms) for c in node[1:]]
+    return sympy.Mul(*parts) if kind == "add" else sympy.Add(*parts)
+
+
+def plan_text(node, atoms: tuple[Atom, ...]) -> str:
+    """A plan as readable math: ``log p_w + log1mexp(log p_l)``."""
+    kind = node[0]
+    if kind == "zero":
+        return "0"
+    if kind == "lit":
+        s = f"log {weight_symbol(atoms[node[1]])}"
+        return s if node[2] else f"log1mexp({s})"
+    if kind == "add":
+        return " + ".join(plan_text(c, atoms) for c in node[1:])
+    return "logaddexp(" + ", ".join(plan_text(c, atoms) for c in node[1:]) + ")"
+
+
+# --------------------------------------------------------------------------------------------------- links
+
+Z = sympy.Symbol("z", real=True)
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    name: str
+    formula: str  # f(z), readable
+    params: tuple[str, ...]
+    monotone: bool  # non-increasing in z everywhere (so it preserves the structure order)
+    doc: str
+
+    def render(self, z: str, params: dict[str, str]) -> str:
+        """``f(z)`` as text with ``z`` (an expression string) and the parameters substituted."""
+        zz = z if z.replace("_", "").isalnum() else f"({z})"
+        m, eps, t = params.get("margin", "1"), params.get("epsilon", "ε"), params.get("tau", "τ")
+        return {
+            "logistic": f"−log σ({z})",
+            "hinge": f"max(0, {m} − {zz})" if m != "0" else f"max(0, −{zz})",
+            "squared": f"{zz}²",
+            "sigmoid": f"σ(−{zz})",
+            "exponential": f"exp(−{zz})",
+            "exo": f"σ({z})·(log σ({z}) − log(1 − {eps})) + σ(−{zz})·(log σ(−{zz}) − log {eps})",
+            "discopop": f"(1 − σ({zz}/{t}))·(−log σ({z})) + σ({zz}/{t})·exp(−{zz})",
+        }[self.name]
+
+    def sympy(self, z: sympy.Expr, **params: sympy.Expr) -> sympy.Expr:
+        sig = lambda u: 1 / (1 + sympy.exp(-u))  # noqa: E731
+        if self.name == "logistic":
+            return -sympy.log(sig(z))
+        if self.name == "hinge":
+            return sympy.Max(0, params.get("margin", 1) - z)
+        if self.name == "squared":
+            return z**2
+        if self.name == "sigmoid":
+            return sig(-z)
+        if self.name == "exponential":
+            return sympy.exp(-z)
+        if self.name == "exo":
+            eps = params["epsilon"]
+            return sig(z) * (sympy.log(sig(z)) - sympy.log(1 - eps)) + sig(-z) * (
+                sympy.log(sig(-z)) - sympy.log(eps)
+            )
+        if self.name == "discopop":
+            tau = params["tau"]
+            return (1 - sig(z / tau)) * (-sympy.log(sig(z))) + sig(z / tau) * sympy.exp(-z)
+        raise KeyError(self.name)  # pragma: no cover
+
+
+LINKS: dict[str, LinkInfo] = {
+    "logistic": LinkInfo("logistic", "−log σ(z)", (), True, "the semantic loss itself; DPO, CPO, ORPO, SimPO"),
+    "hinge": LinkInfo("hinge", "max(0, m − z)", ("margin",), True, "SLiC, RRHF, TRL's hinge; flat once z ≥ m"),
+    "squared": LinkInfo("squared", "z²", (), False, "IPO, SPPO: pulls z to 0, so margins beyond the target are punished"),
+    "sigmoid": LinkInfo("sigmoid", "σ(−z)", (), True, "APO: bounded, saturating"),
+    "exponential": LinkInfo("exponential", "exp(−z)", (), True, "boosting-style exponential loss"),
+    "exo": LinkInfo(
+        "exo", "σ(z)(log σ(z) − log(1−ε)) + σ(−z)(log σ(−z) − log ε)", ("epsilon",), False,
+        "EXO: KL(Bernoulli(σ(z)) ‖ Bernoulli(1−ε)), minimal at z = log((1−ε)/ε)",
+    ),
+    "discopop": LinkInfo(
+        "discopop", "(1 − σ(z/τ))·(−log σ(z)) + σ(z/τ)·exp(−z)", ("tau",), False,
+        "DiscoPOP: logistic for z < 0, exponential for z > 0, blended by σ(z/τ)",
+    ),
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- programs
+
+Num = sympy.Expr | float | int
+
+
+def _sym(x: Num | str) -> sympy.Expr:
+    return sympy.Symbol(x) if isinstance(x, str) else sympy.sympify(x)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term ``c · f(β · log ρ − γ)`` of a loss program.
+
+    ``normalized`` uses per-token (length-normalized) log-probabilities as the atom weights, as SimPO and IPO do.
+    ``role`` is ``"preference"`` for the main terms, ``"smoothing"`` for label-smoothing companions and ``"nll"``
+    for auxiliary likelihood terms; only preference terms define what a program *means* (its structure).
+    """
+
+    structure: Structure
+    link: str = "logistic"
+    coef: sympy.Expr = sympy.Integer(1)
+    scale: sympy.Expr = sympy.Integer(1)
+    shift: sympy.Expr = sympy.Integer(0)
+    link_params: tuple[tuple[str, sympy.Expr], ...] = ()
+    normalized: bool = False
+    role: str = "preference"
+
+    def __post_init__(self) -> None:
+        for name in ("coef", "scale", "shift"):
+            object.__setattr__(self, name, _sym(getattr(self, name)))
+        object.__setattr__(self, "link_params", tuple((k, _sym(v)) for k, v in self.link_params))
+        if self.link not in LINKS:
+            from dpalogic.errors import unknown
+
+            raise unknown("link", self.link, LINKS)
+
+    @property
+    def free_hyperparameters(self) -> set[str]:
+        syms: set[sympy.Symbol] = set()
+        for e in (self.coef, self.scale, self.shift, *(v for _, v in self.link_params)):
+            syms |= e.free_symbols
+        return {s.name for s in syms}
+
+    def log_ratio_sympy(self) -> sympy.Expr:
+        return sympy.log(rho_sympy(self.structure))
+
+    def sympy(self, rho: sympy.Expr | None = None) -> sympy.Expr:
+        """``c · f(β · log ρ − γ)`` with ρ in closed form (or the symbol given)."""
+        r = rho_sympy(self.structure) if rho is None else rho
+        z = self.scale * sympy.log(r) - self.shift
+        return self.coef * LINKS[self.link].sympy(z, **dict(self.link_params))
+
+    def text(self) -> str:
+        """Readable: ``0.1·(−log σ(β·log ρ − γ))`` with the symbols, not the values."""
+        z = _affine_text(self.scale, self.shift, "log ρ")
+        body = LINKS[self.link].render(z, {k: _expr_text(v) for k, v in self.link_params})
+        if self.coef == 1:
+            return body
+        c = _expr_text(self.coef)
+        c = c if c.replace(".", "").replace("_", "").isalnum() or c.startswith("(") else f"({c})"
+        return f"{c}·[{body}]"
+
+
+def _expr_text(e: sympy.Expr) -> str:
+    s = str(e).replace("beta", "β").replace("gamma", "γ").replace("**", "^").replace("*", "·")
+    return s.replace("label_smoothing", "ε_ls").replace("discopop_tau", "τ").replace("alpha", "α")
+
+
+def _affine_text(scale: sympy.Expr, shift: sympy.Expr, x: str) -> str:
+    s = x if scale == 1 else f"{_expr_text(scale)}·{x}"
+    if shift != 0:
+        neg = shift.could_extract_minus_sign()
+        s += f" + {_expr_text(-shift)}" if neg else f" − {_expr_text(shift)}"
+    return s
+
+
+@dataclass(frozen=True)
+class Program:
+    """``loss = Σ_k c_k · f_k(β_k · log ρ_k − γ_k)`` with named hyperparameters and their defaults."""
+
+    terms: tuple[Term, ...]
+    hyperparameters: tuple[tuple[str, float], ...] = ()
+    name: str | None = None
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        return dict(self.hyperparameters)
+
+    @property
+    def preference_terms(self) -> tuple[Term, ...]:
+        return tuple(t for t in self.terms if t.role == "preference")
+
+    @property
+    def structures(self) -> list[Structure]:
+        """The distinct structures of the preference terms, in order."""
+        out: list[Structure] = []
+        for t in self.preference_terms:
+            if t.structure not in out:
+                out.append(t.structure)
+        return out
+
+    @property
+    def structure(self) -> Structure | None:
+        """The program's single structure, or None when its preference terms use several."""
+        s = self.structures
+        return s[0] if len(s) == 1 else None
+
+    @property
+    def atoms(self) -> tuple[Atom, ...]:
+        from dpalogic.structure import common_atoms
+
+        return common_atoms(*(t.structure for t in self.terms))
+
+    def bind(self, **overrides: float) -> dict[str, float]:
+        """Hyperparameter values: the defaults updated with ``overrides`` (unknown names are an error)."""
+        values = self.defaults
+        for k, v in overrides.items():
+            if k not in values:
+                from dpalogic.errors import unknown
+
+                raise unknown("hyperparameter", k, values or ["(none: this loss has no hyperparameters)"])
+            values[k] = float(v)
+        return values
+
+    def sympy(self) -> sympy.Expr:
+        return sympy.Add(*(t.sympy() for t in self.terms))
+
+    def with_hyperparameters(self, **defaults: float) -> Program:
+        hp = dict(self.hyperparameters)
+        hp.update(defaults)
+        return replace(self, hyperparameters=tuple(hp.items()))
+
+
+def single_structure_program(s: Structure, beta: float = 1.0, gamma: float = 0.0) -> Program:
+    """A derived structure as a program: one logistic term ``−log σ(β·log ρ − γ)`` (defaults β=1, γ=0)."""
+    return Program(
+        (Term(s, "logistic", scale=sympy.Symbol("beta"), shift=sympy.Symbol("gamma")),),
+        (("beta", beta), ("gamma", gamma)),
+    )
+
+
+@dataclass(frozen=True)
+class OutsideFragment:
+    """A published loss that is not a program of this fragment, and exactly why."""
+
+    name: str
+    reason: str
+    citation: str
+    aliases: tuple[str, ...] = field(default=())

@@ -1,0 +1,370 @@
+"""Grammar → IR: parse preference formulas and structures into SymPy Boolean expressions, and print them back.
+
+The grammar lives in ``grammar/preference.lark``. Atoms become SymPy symbols whose names are their canonical
+text (``M(yw)``, ``Ref(y2)``), so an IR expression is an ordinary ``sympy.logic`` formula. Three printers turn an
+expression back into text: ASCII (re-parsable), Unicode and LaTeX.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import sympy
+from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Equivalent, Implies, Not, Or, Xor
+
+from dpalogic.errors import FormulaSyntaxError, unknown
+
+# --------------------------------------------------------------------------------------------------- atoms
+
+PREDICATES = ("M", "Ref")
+PREDICATE_READING = {"M": "the policy deems {y} valid", "Ref": "the reference model deems {y} valid"}
+ANSWER_ALIASES = {"yw": "yw", "y_w": "yw", "yl": "yl", "y_l": "yl"}
+PROMPTS = ("x",)
+MAX_ANSWERS = 16
+
+
+@dataclass(frozen=True, order=True)
+class Atom:
+    """A prediction ``pred(answer)``: ``M(yw)`` reads "the policy deems yw valid"."""
+
+    pred: str
+    answer: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.pred}({self.answer})"
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Canonical order: policy atoms before reference atoms, then yw, yl, y1, y2, ..."""
+        return (PREDICATES.index(self.pred), answer_index(self.answer))
+
+    @property
+    def symbol(self) -> sympy.Symbol:
+        return sympy.Symbol(self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def answer_index(answer: str) -> int:
+    if answer == "yw":
+        return 0
+    if answer == "yl":
+        return 1
+    return 1 + int(answer[1:])
+
+
+def canonical_answer(name: str) -> str | None:
+    """``yw``/``y_w`` → ``yw``; ``y3``/``y_3`` → ``y3``; anything else → None."""
+    if name in ANSWER_ALIASES:
+        return ANSWER_ALIASES[name]
+    m = re.fullmatch(r"y_?([1-9][0-9]*)", name)
+    if m and int(m.group(1)) <= MAX_ANSWERS:
+        return f"y{int(m.group(1))}"
+    return None
+
+
+_ATOM_RE = re.compile(r"(M|Ref)\((yw|yl|y[1-9][0-9]*)\)")
+
+
+def atom_of(symbol: sympy.Symbol) -> Atom:
+    m = _ATOM_RE.fullmatch(symbol.name)
+    if not m:
+        raise ValueError(f"not an atom symbol: {symbol}")
+    return Atom(m.group(1), m.group(2))
+
+
+def atoms_of(*exprs: Boolean) -> tuple[Atom, ...]:
+    """The atoms of the expressions, in canonical order."""
+    found = set()
+    for e in exprs:
+        found.update(atom_of(s) for s in e.free_symbols)
+    return tuple(sorted(found, key=lambda a: a.sort_key))
+
+
+def atom_symbol(pred: str, answer: str) -> sympy.Symbol:
+    return Atom(pred, answer).symbol
+
+
+# --------------------------------------------------------------------------------------------------- parser
+
+CONNECTIVES = {
+    "And": "and", "AND": "and", "Or": "or", "OR": "or", "Not": "not", "NOT": "not",
+    "Implies": "implies", "IMPLIES": "implies", "XOR": "xor", "Xor": "xor",
+    "Equivalent": "iff", "Iff": "iff", "IFF": "iff", "Equiv": "iff",
+}  # fmt: skip
+_ARITY = {"not": (1, 1), "implies": (2, 2), "and": (1, None), "or": (1, None), "xor": (1, None), "iff": (1, None)}
+
+
+def grammar_path() -> Path:
+    """Where the grammar file is: ``grammar/`` beside the package, or the copy shipped inside a wheel."""
+    repo = Path(__file__).resolve().parent.parent / "grammar" / "preference.lark"
+    if repo.exists():
+        return repo
+    return Path(__file__).resolve().parent / "_grammar" / "preference.lark"
+
+
+@lru_cache(maxsize=1)
+def _parser():
+    import lark
+
+    return lark.Lark(grammar_path().read_text(encoding="utf-8"), parser="lalr", propagate_positions=True)
+
+
+@dataclass(frozen=True)
+class ParsedStructure:
+    """What the text said: the core, and the conditioning/additional parts if they were written."""
+
+    core: Boolean
+    given: Boolean | None
+    additional: Boolean | None
+    given_is_literal_false: bool = False
+
+
+_FORMULA_START = {"~", "¬", "!", "not", "true", "True", "⊤", "false", "False", "⊥", "("}
+_CLOSERS = {"RPAR": "')'", "COMMA": "','", "$END": "end of input"}
+
+
+def _expected_text(expected: set[str]) -> str:
+    """lark's expected terminals, said in words: 'a formula', 'an operator', ')' ..."""
+    parser = _parser()
+    formula = operator = False
+    closers = []
+    for name in sorted(expected):
+        if name in _CLOSERS:
+            closers.append(_CLOSERS[name])
+            continue
+        if name == "NAME":
+            formula = True
+            continue
+        try:
+            pattern = parser.get_terminal(name).pattern.value
+        except Exception:  # pragma: no cover - every terminal has a pattern
+            pattern = name
+        if pattern in _FORMULA_START:
+            formula = True
+        else:
+            operator = True
+    out = []
+    if formula:
+        out.append("a formula (an atom like M(yw), a constant, '(' or a negation)")
+    if operator:
+        out.append("an operator (& | ^ -> <-> ...)")
+    return ", ".join(out + closers) or "something else"
+
+
+def _parse_tree(text: str):
+    import lark
+
+    if not isinstance(text, str):
+        raise FormulaSyntaxError(f"expected formula text, got {type(text).__name__}", "", 0)
+    if not text.strip():
+        raise FormulaSyntaxError("empty formula: write a formula such as M(yw) or a structure (P, P_C, P_A)", text, 0)
+    try:
+        return _parser().parse(text)
+    except lark.UnexpectedCharacters as e:
+        raise FormulaSyntaxError(f"unexpected character {text[e.pos_in_stream]!r}", text, e.pos_in_stream) from None
+    except lark.UnexpectedToken as e:
+        pos = e.token.start_pos if e.token.start_pos is not None else len(text)
+        what = "end of input" if e.token.type == "$END" else repr(str(e.token))
+        if e.token.type == "$END":
+            pos = len(text)
+        raise FormulaSyntaxError(
+            f"unexpected {what}; expected {_expected_text(set(e.expected))}", text, pos
+        ) from None
+    except lark.UnexpectedEOF as e:
+        raise FormulaSyntaxError(
+            f"unexpected end of input; expected {_expected_text(set(e.expected))}", text, len(text)
+        ) from None
+    except lark.LarkError as e:  # anything else lark may raise is still a syntax error for the user
+        raise FormulaSyntaxError(f"cannot parse: {e}", text, 0) from None
+
+
+class _Builder:
+    """Turns the lark tree into SymPy, checking names and reporting their position."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def err(self, msg: str, node) -> FormulaSyntaxError:
+        pos = getattr(getattr(node, "meta", None), "start_pos", None)
+        if pos is None:
+            pos = getattr(node, "start_pos", 0) or 0
+        return FormulaSyntaxError(msg, self.text, pos)
+
+    def build(self, node) -> Boolean:
+        kind = node.data
+        if kind == "true_const":
+            return sympy.true
+        if kind == "false_const":
+            return sympy.false
+        if kind == "bare_name":
+            name = str(node.children[0])
+            hint = ""
+            if canonical_answer(name):
+                hint = f"; an answer is not a formula by itself: did you mean M({name}) or Ref({name})?"
+            elif name in CONNECTIVES or name in PREDICATES:
+                hint = f"; {name} needs arguments in parentheses"
+            raise self.err(f"{name!r} is not a formula{hint}", node)
+        if kind == "not_op":
+            return Not(self.build(node.children[0]))
+        binary = {"and_op": And, "or_op": Or, "xor_op": Xor, "implies_op": Implies, "iff_op": Equivalent}
+        if kind in binary:
+            a, b = (self.build(c) for c in node.children)
+            return binary[kind](a, b)
+        if kind == "call":
+            return self.call(node)
+        raise self.err(f"unexpected construct {kind}", node)  # pragma: no cover - grammar and builder agree
+
+    def call(self, node) -> Boolean:
+        name_tok, *args = node.children
+        name = str(name_tok)
+        if name in PREDICATES:
+            return self.atom(name, args, node)
+        if name in CONNECTIVES:
+            op = CONNECTIVES[name]
+            lo, hi = _ARITY[op]
+            if len(args) < lo or (hi is not None and len(args) > hi):
+                want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+                raise self.err(f"{name} takes {want} argument(s), got {len(args)}", node)
+            vals = [self.build(a) for a in args]
+            return {"and": And, "or": Or, "xor": Xor, "implies": Implies, "iff": Equivalent, "not": Not}[op](*vals)
+        valid = list(PREDICATES) + sorted(set(CONNECTIVES))
+        raise FormulaSyntaxError(str(unknown("predicate or connective", name, valid)), self.text, name_tok.start_pos)
+
+    def atom(self, pred: str, args, node) -> Boolean:
+        names = []
+        for a in args:
+            if a.data != "bare_name":
+                raise self.err(f"the arguments of {pred}(...) are names such as x, yw, yl, y1", a)
+            names.append(a.children[0])
+        if len(names) == 2:
+            prompt, answer_tok = names
+            if str(prompt) not in PROMPTS:
+                raise FormulaSyntaxError(
+                    str(unknown("prompt", str(prompt), PROMPTS, "write M(x, yw) or simply M(yw)")),
+                    self.text,
+                    prompt.start_pos,
+                )
+        elif len(names) == 1:
+            answer_tok = names[0]
+        else:
+            raise self.err(f"{pred}(...) takes an answer, optionally after the prompt: {pred}(yw) or {pred}(x, yw)", node)
+        answer = canonical_answer(str(answer_tok))
+        if answer is None:
+            valid = ["yw", "yl", "y_w", "y_l"] + [f"y{i}" for i in range(1, 10)]
+            raise FormulaSyntaxError(str(unknown("answer", str(answer_tok), valid)), self.text, answer_tok.start_pos)
+        return atom_symbol(pred, answer)
+
+
+def parse_formula(text: str) -> Boolean:
+    """Parse one propositional formula, e.g. ``"M(yl) -> M(yw)"`` or ``"Implies(M(x,yl), M(x,yw))"``."""
+    s = parse_structure_text(text)
+    if s.given is not None:
+        raise FormulaSyntaxError("expected a single formula, got a structure (P, P_C, ...)", text, 0)
+    return s.core
+
+
+def parse_structure_text(text: str) -> ParsedStructure:
+    """Parse a structure ``(P, P_C, P_A)``, a pair ``(P, P_C)`` or a bare formula ``P``."""
+    tree = _parse_tree(text)
+    b = _Builder(text)
+    parts = [b.build(c) for c in tree.children]
+    if tree.data == "bare":
+        return ParsedStructure(parts[0], None, None)
+    given_false = tree.children[1].data == "false_const"
+    if tree.data == "pair":
+        return ParsedStructure(parts[0], parts[1], None, given_false)
+    return ParsedStructure(parts[0], parts[1], parts[2], given_false)
+
+
+# --------------------------------------------------------------------------------------------------- printers
+
+_PREC = {"iff": 1, "implies": 2, "or": 3, "xor": 4, "and": 5, "not": 6, "atom": 7}
+
+_STYLES = {
+    "ascii": dict(
+        t="true", f="false", no="~", an=" & ", xo=" ^ ", orr=" | ", im=" -> ", iff=" <-> ", atom=lambda a: a.name
+    ),
+    "unicode": dict(t="⊤", f="⊥", no="¬", an=" ∧ ", xo=" ⊕ ", orr=" ∨ ", im=" → ", iff=" ↔ ", atom=lambda a: a.name),
+    "latex": dict(
+        t=r"\top",
+        f=r"\bot",
+        no=r"\lnot ",
+        an=r" \land ",
+        xo=r" \oplus ",
+        orr=r" \lor ",
+        im=r" \rightarrow ",
+        iff=r" \leftrightarrow ",
+        atom=lambda a: (r"M" if a.pred == "M" else r"\mathrm{Ref}") + "(" + _latex_answer(a.answer) + ")",
+    ),
+}
+
+
+def _latex_answer(answer: str) -> str:
+    return {"yw": "y_w", "yl": "y_l"}.get(answer, f"y_{{{answer[1:]}}}")
+
+
+def _order_key(e: Boolean):
+    syms = sorted(atom_of(s).sort_key for s in e.free_symbols) or [(9, 99)]
+    return (syms, sympy.count_ops(e), str(e))
+
+
+def _kind(e: Boolean) -> str:
+    if isinstance(e, (BooleanTrue, BooleanFalse)) or isinstance(e, sympy.Symbol):
+        return "atom"
+    return {And: "and", Or: "or", Xor: "xor", Implies: "implies", Equivalent: "iff", Not: "not"}[e.func]
+
+
+def _fmt(e: Boolean, st: dict, parent_prec: int, right_of_implies: bool = False) -> str:
+    if isinstance(e, BooleanTrue):
+        return st["t"]
+    if isinstance(e, BooleanFalse):
+        return st["f"]
+    if isinstance(e, sympy.Symbol):
+        return st["atom"](atom_of(e))
+    kind = _kind(e)
+    prec = _PREC[kind]
+    if kind == "not":
+        inner = _fmt(e.args[0], st, prec)
+        s = st["no"] + inner
+    elif kind == "implies":
+        a, b = e.args
+        s = _fmt(a, st, prec + 1) + st["im"] + _fmt(b, st, prec, right_of_implies=True)
+    elif kind == "iff" and len(e.args) > 2:
+        # n-ary Equivalent means "all equal", which a chain of infix ↔ does not: print it as a conjunction.
+        args = sorted(e.args, key=_order_key)
+        pairs = [Equivalent(args[i], args[i + 1]) for i in range(len(args) - 1)]
+        return _fmt(And(*pairs, evaluate=False), st, parent_prec)
+    else:
+        sep = {"and": st["an"], "or": st["orr"], "xor": st["xo"], "iff": st["iff"]}[kind]
+        args = sorted(e.args, key=_order_key)
+        child_prec = prec + 1 if kind == "iff" else prec
+        s = sep.join(_fmt(a, st, child_prec) for a in args)
+    # parenthesize when the child binds less tightly than its context; implications nest to the right
+    # and also around a binary child of a different binary connective: "(a ∧ b) → c" reads better than "a ∧ b → c"
+    need = (
+        prec < parent_prec
+        or (kind == "implies" and parent_prec == _PREC["implies"] and not right_of_implies)
+        or (kind not in ("not", "atom") and parent_prec not in (0, prec, _PREC["not"]))
+    )
+    if need:
+        s = (r"\left(" + s + r"\right)") if st is _STYLES["latex"] else "(" + s + ")"
+    return s
+
+
+def to_ascii(e: Boolean) -> str:
+    """ASCII text that :func:`parse_formula` reads back to an equivalent formula."""
+    return _fmt(sympy.sympify(e), _STYLES["ascii"], 0)
+
+
+def to_unicode(e: Boolean) -> str:
+    return _fmt(sympy.sympify(e), _STYLES["unicode"], 0)
+
+
+def to_latex(e: Boolean) -> str:
+    return _fmt(sympy.sympify(e), _STYLES["latex"], 0)
