@@ -1,0 +1,167 @@
+"""PreferenceLoss: finite differences for gradients, extreme inputs, dtypes, reductions and input errors."""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+
+from dpalogic import DegenerateStructureError, DPALogicError, PreferenceLoss
+from dpalogic.catalog import entries
+from dpalogic.torch_loss import log1mexp
+
+NAMES = list(entries())
+
+
+def inputs(B=6, seed=0, dtype=torch.float64, low=-30.0):
+    g = torch.Generator().manual_seed(seed)
+    lp = [(torch.rand(B, generator=g, dtype=torch.float64) * low).to(dtype) for _ in range(4)]
+    lengths = [torch.randint(1, 40, (B,), generator=g) for _ in range(2)]
+    return lp, lengths
+
+
+def call(loss_fn, lp, lengths):
+    return loss_fn(*lp, chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_match_finite_differences(name):
+    lp, lengths = inputs(B=4, seed=1, low=-6.0)
+    loss_fn = PreferenceLoss(name, reduction="sum")
+    leaves = [x.clone().requires_grad_() for x in lp]
+
+    def f(*xs):
+        return call(loss_fn, list(xs), lengths)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+EXTREMES = torch.tensor([0.0, -1e-12, -1e-6, -1e-3, -0.5, -0.6931, -0.7, -5.0, -80.0, -700.0, -1e3, -1e4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_values_and_gradients_at_extremes(name, dtype):
+    # every combination of extreme chosen/rejected values, with the reference at extremes too
+    n = len(EXTREMES)
+    c = EXTREMES.repeat_interleave(n)
+    r = EXTREMES.repeat(n)
+    rc, rr = r.flip(0), c.flip(0)
+    leaves = [x.to(dtype).clone().requires_grad_() for x in (c, r, rc, rr)]
+    lengths = [torch.full((n * n,), 3), torch.full((n * n,), 7)]
+    out = call(PreferenceLoss(name, reduction="none"), leaves, lengths)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(out).all(), out
+    out.sum().backward()
+    for x in leaves:
+        if x.grad is not None:
+            assert torch.isfinite(x.grad.float()).all()
+
+
+def test_orpo_finite_at_log_prob_zero():
+    # ORPO's classic NaN: log(1 - p) at p = 1
+    c = torch.tensor([0.0, -1e-9], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([-2.0, 0.0], dtype=torch.float64, requires_grad=True)
+    n = torch.tensor([1, 1])
+    loss = PreferenceLoss("orpo", alpha=0.0, reduction="none")(c, r, chosen_lengths=n, rejected_lengths=n)
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all()
+    assert loss[0].item() == pytest.approx(0.0, abs=1e-6)  # p_w = 1: ρ = ∞, the loss vanishes
+
+
+def test_log1mexp_accuracy_and_gradient():
+    x = torch.tensor([-1e-20, -1e-10, -1e-3, -0.69, -0.7, -1.0, -30.0, -1e4], dtype=torch.float64, requires_grad=True)
+    y = log1mexp(x)
+    mpmath.mp.dps = 60  # high-precision reference
+    want = [float(mpmath.log(1 - mpmath.exp(mpmath.mpf(v)))) for v in x.tolist()]
+    torch.testing.assert_close(y, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    y.sum().backward()
+    want_grad = [float(-mpmath.exp(mpmath.mpf(v)) / (1 - mpmath.exp(mpmath.mpf(v)))) for v in x.tolist()]
+    torch.testing.assert_close(x.grad, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+def test_bf16_accumulates_in_float32():
+    lp, lengths = inputs(B=32, seed=3, dtype=torch.bfloat16)
+    got = call(PreferenceLoss("simpo"), lp, lengths)
+    want = call(PreferenceLoss("simpo"), [x.double() for x in lp], lengths)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_reductions():
+    lp, lengths = inputs(B=5, seed=4)
+    per = call(PreferenceLoss("cpo", reduction="none"), lp, lengths)
+    assert per.shape == (5,)
+    assert call(PreferenceLoss("cpo", reduction="sum"), lp, lengths).item() == pytest.approx(per.sum().item())
+    assert call(PreferenceLoss("cpo"), lp, lengths).item() == pytest.approx(per.mean().item())
+
+
+def test_alpha_zero_leaves_the_preference_term_alone():
+    lp, lengths = inputs(B=5, seed=5)
+    with_nll = call(PreferenceLoss("cpo", alpha=1.0, reduction="none"), lp, lengths)
+    without = call(PreferenceLoss("cpo", alpha=0.0, reduction="none"), lp, lengths)
+    nll = -lp[0] / lengths[0].double()
+    torch.testing.assert_close(with_nll - without, nll, rtol=1e-10, atol=1e-12)
+    # alpha=0 needs no lengths: the only normalized term is gone
+    PreferenceLoss("cpo", alpha=0.0)(lp[0], lp[1])
+
+
+def test_structure_text_defaults_beta_one_gamma_zero():
+    lp, _ = inputs(B=5, seed=6)
+    pw, pl = lp[0].exp(), lp[1].exp()
+    got = PreferenceLoss("(M(yl) -> M(yw), M(yw) | M(yl))", reduction="none")(lp[0], lp[1])
+    want = -torch.log(pw / (pw + pl * (1 - pw)))  # cCPO: ρ = pw / (pl (1 − pw))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    got2 = PreferenceLoss("(M(yl) -> M(yw), M(yw) | M(yl))", beta=0.5, gamma=0.3, reduction="none")(lp[0], lp[1])
+    rho = pw / (pl * (1 - pw))
+    torch.testing.assert_close(got2, torch.nn.functional.softplus(-(0.5 * rho.log() - 0.3)), rtol=1e-9, atol=1e-12)
+
+
+def test_program_and_structure_specs():
+    from dpalogic import Structure
+
+    lp, lengths = inputs(B=3, seed=7)
+    prog = entries()["dpo"].program
+    a = call(PreferenceLoss(prog), lp, lengths)
+    b = call(PreferenceLoss("dpo"), lp, lengths)
+    assert a.item() == pytest.approx(b.item())
+    s = Structure.parse("M(yw) & ~M(yl)")
+    c = PreferenceLoss(s)(lp[0], lp[1])
+    want = -(lp[0] + torch.log1p(-lp[1].exp())).mean()
+    assert c.item() == pytest.approx(want.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "spec,kwargs,fragment",
+    [
+        ("dpoo", {}, "did you mean 'dpo'"),
+        ("kto", {}, "outside dpalogic's program fragment"),
+        ("dpo", {"betaa": 0.1}, "did you mean 'beta'"),
+        ("(M(yw), false)", {}, "literally 'false'"),
+        ("M(yw) & ~M(yw)", {}, "✓ side"),
+        ("M(yw) | ~M(yw)", {}, "✗ side"),
+        ("dpo", {"reduction": "avg"}, "reduction"),
+    ],
+)
+def test_bad_specs_are_reported(spec, kwargs, fragment):
+    with pytest.raises(DPALogicError, match=None) as info:
+        PreferenceLoss(spec, **kwargs)
+    assert fragment in str(info.value)
+
+
+def test_degenerate_is_its_own_error_type():
+    with pytest.raises(DegenerateStructureError):
+        PreferenceLoss("M(yw) & ~M(yw)")
+
+
+def test_missing_inputs_are_reported():
+    lp, _ = inputs(B=2)
+    with pytest.raises(DPALogicError, match="ref_chosen_logps"):
+        PreferenceLoss("dpo")(lp[0], lp[1])
+    with pytest.raises(DPALogicError, match="chosen_lengths"):
+        PreferenceLoss("simpo")(lp[0], lp[1])
+    with pytest.raises(DPALogicError, match=r"logps\['M\(y3\)'\]"):
+        PreferenceLoss("M(y3) -> M(y1)")(logps={"M(y1)": lp[0]})
