@@ -217,7 +217,9 @@ def lookup(name: str) -> Entry:
         if key == o.name or key in o.aliases:
             from dpalogic.errors import DPALogicError
 
-            raise DPALogicError(f"{name!r} is a known loss outside dpalogic's program fragment: {o.reason} ({o.citation})")
+            raise DPALogicError(
+                f"{name!r} is a known loss outside dpalogic's program fragment: {o.reason} ({o.citation})"
+            )
     raise unknown("loss name", name, list(amap) + list(OUTSIDE))
 
 

@@ -19,7 +19,7 @@ from dpalogic.errors import DPALogicError
 
 
 def _structure_info(s) -> dict[str, Any]:
-    from dpalogic.semantics import latex_names, plan_text, log_wmc_plan, rho_sympy, semantic_loss_sympy
+    from dpalogic.semantics import latex_names, log_wmc_plan, plan_text, rho_sympy, semantic_loss_sympy
     from dpalogic.syntax import to_ascii, to_unicode
 
     core, given, additive = s.readable_triple()

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import sympy
 
@@ -23,7 +23,7 @@ from dpalogic.syntax import Atom
 # --------------------------------------------------------------------------------------------------- weights
 
 
-@lru_cache(maxsize=None)
+@cache
 def weight_symbol(atom: Atom) -> sympy.Symbol:
     """``M(yw)`` → ``p_w`` (πθ(yw)), ``Ref(yl)`` → ``r_l`` (πref(yl)), ``M(y3)`` → ``p_3``."""
     letter = "p" if atom.pred == "M" else "r"
@@ -249,9 +249,7 @@ class LinkInfo:
             return sympy.exp(-z)
         if self.name == "exo":
             eps = params["epsilon"]
-            return sig(z) * (sympy.log(sig(z)) - sympy.log(1 - eps)) + sig(-z) * (
-                sympy.log(sig(-z)) - sympy.log(eps)
-            )
+            return sig(z) * (sympy.log(sig(z)) - sympy.log(1 - eps)) + sig(-z) * (sympy.log(sig(-z)) - sympy.log(eps))
         if self.name == "discopop":
             tau = params["tau"]
             return (1 - sig(z / tau)) * (-sympy.log(sig(z))) + sig(z / tau) * sympy.exp(-z)

@@ -10,7 +10,7 @@ in world ``w``, where atom ``a_i`` is true in world ``w`` exactly when bit ``i``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import sympy
 from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Equivalent, Implies, Not, Or, Xor
@@ -25,7 +25,7 @@ def full_mask(n: int) -> int:
     return (1 << (1 << n)) - 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def atom_mask(i: int, n: int) -> int:
     """Truth table of atom ``i`` among ``n`` atoms."""
     m = 0

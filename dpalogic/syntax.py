@@ -173,9 +173,7 @@ def _parse_tree(text: str):
         what = "end of input" if e.token.type == "$END" else repr(str(e.token))
         if e.token.type == "$END":
             pos = len(text)
-        raise FormulaSyntaxError(
-            f"unexpected {what}; expected {_expected_text(set(e.expected))}", text, pos
-        ) from None
+        raise FormulaSyntaxError(f"unexpected {what}; expected {_expected_text(set(e.expected))}", text, pos) from None
     except lark.UnexpectedEOF as e:
         raise FormulaSyntaxError(
             f"unexpected end of input; expected {_expected_text(set(e.expected))}", text, len(text)
@@ -253,7 +251,9 @@ class _Builder:
         elif len(names) == 1:
             answer_tok = names[0]
         else:
-            raise self.err(f"{pred}(...) takes an answer, optionally after the prompt: {pred}(yw) or {pred}(x, yw)", node)
+            raise self.err(
+                f"{pred}(...) takes an answer, optionally after the prompt: {pred}(yw) or {pred}(x, yw)", node
+            )
         answer = canonical_answer(str(answer_tok))
         if answer is None:
             valid = ["yw", "yl", "y_w", "y_l"] + [f"y{i}" for i in range(1, 10)]

@@ -211,7 +211,9 @@ class PreferenceLoss(torch.nn.Module):
             x = atom_lp[atom.name].to(dtype)
             if normalized:
                 if atom.answer not in ans_len:
-                    arg = {"yw": "chosen_lengths", "yl": "rejected_lengths"}.get(atom.answer, f"lengths[{atom.answer!r}]")
+                    arg = {"yw": "chosen_lengths", "yl": "rejected_lengths"}.get(
+                        atom.answer, f"lengths[{atom.answer!r}]"
+                    )
                     raise DPALogicError(
                         f"{self.program.name or 'this loss'} length-normalizes {atom.name}: pass {arg} (token counts)"
                     )

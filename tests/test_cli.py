@@ -41,7 +41,9 @@ def test_derive_same_loss_but_different_structure(capsys):
 
 
 def test_derive_additive(capsys):
-    out = run_json(capsys, "derive", "M(yl) -> M(yw)", "--given", "M(yw) | M(yl)", "--additive", "M(yw) & M(yl)", "--json")
+    out = run_json(
+        capsys, "derive", "M(yl) -> M(yw)", "--given", "M(yw) | M(yl)", "--additive", "M(yw) & M(yl)", "--json"
+    )
     assert out["top"] == "M(yw)" and out["bottom"] == "M(yl)"
     assert "cpo" in out["equivalent_to"]
 

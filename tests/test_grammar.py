@@ -141,7 +141,11 @@ def test_errors_point_at_the_problem(text, fragment, pos):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(list("M()Refyxwl12 ,&|^~->¬∧∨→↔⊕⊤⊥tru") + ["and", "not", "M(yw)"]), max_size=30).map("".join))
+@given(
+    st.lists(st.sampled_from(list("M()Refyxwl12 ,&|^~->¬∧∨→↔⊕⊤⊥tru") + ["and", "not", "M(yw)"]), max_size=30).map(
+        "".join
+    )
+)
 def test_parser_fuzz_only_documented_errors(text):
     try:
         parse_structure_text(text)

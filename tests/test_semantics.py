@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import brute
 import pytest
 import sympy
 import torch
@@ -11,7 +12,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sympy.logic.boolalg import And, Equivalent, Implies, Not, Or, Xor
 
-import brute
 from dpalogic import PreferenceLoss, Structure
 from dpalogic.catalog import entries
 from dpalogic.semantics import rho_sympy, same_ratio, weight_symbol
@@ -81,7 +81,10 @@ def test_compiled_paper_loss_matches_brute_force(name):
     beta = 1.0
     loss_fn = PreferenceLoss(entries()[name].program.structure, reduction="none")
     for pw, pl, rw_, rl_ in PROBS:
-        lp = {k: torch.tensor([math.log(v)], dtype=torch.float64) for k, v in zip(["w", "l", "rw", "rl"], (pw, pl, rw_, rl_))}
+        lp = {
+            k: torch.tensor([math.log(v)], dtype=torch.float64)
+            for k, v in zip(["w", "l", "rw", "rl"], (pw, pl, rw_, rl_))
+        }
         got = loss_fn(lp["w"], lp["l"], lp["rw"], lp["rl"]).item()
         named = {"M(yw)": pw, "M(yl)": pl, "Ref(yw)": rw_, "Ref(yl)": rl_}
         names = {str(x) for x in top.free_symbols | bottom.free_symbols}
@@ -209,6 +212,8 @@ def test_multi_answer_atoms():
     assert [a.name for a in s.atoms] == ["M(y1)", "M(y2)", "M(y3)"]
     probs = {"M(y1)": 0.7, "M(y2)": 0.4, "M(y3)": 0.2}
     want = brute.semantic_loss(parse_formula(s.text("ascii")), sympy.true, sympy.false, probs)
-    got = PreferenceLoss(s, reduction="none")(logps={k: torch.tensor([math.log(v)], dtype=torch.float64) for k, v in probs.items()})
+    got = PreferenceLoss(s, reduction="none")(
+        logps={k: torch.tensor([math.log(v)], dtype=torch.float64) for k, v in probs.items()}
+    )
     assert got.item() == pytest.approx(want, rel=1e-10)
     assert Atom("M", "y3").sort_key > Atom("M", "y1").sort_key
