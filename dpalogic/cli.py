@@ -257,7 +257,66 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="one catalog loss in full")
     sh.add_argument("name")
     sh.add_argument("--json", action="store_true")
+    cmp_ = sub.add_parser("compare", help="how two losses relate (names or structure text)")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+    cmp_.add_argument("--json", action="store_true")
+    for op in ("meet", "join"):
+        m = sub.add_parser(op, help=f"the {op} of two structures in the entailment lattice")
+        m.add_argument("a")
+        m.add_argument("b")
+        m.add_argument("--json", action="store_true")
     return p
+
+
+def compare(a: str, b: str) -> dict[str, Any]:
+    from dpalogic.analysis import compare as _compare
+    from dpalogic.catalog import resolve
+
+    pa, pb = resolve(a), resolve(b)
+    out = _compare(pa, pb, a, b).as_dict()
+    out.update(a=a, b=b)
+    for key, p in (("structure_a", pa), ("structure_b", pb)):
+        out[key] = p.structure.text("ascii") if p.structure is not None else None
+    return out
+
+
+def lattice_op(op: str, a: str, b: str) -> dict[str, Any]:
+    from dpalogic.analysis import join, meet
+    from dpalogic.catalog import resolve
+
+    pa, pb = resolve(a), resolve(b)
+    if pa.structure is None or pb.structure is None:
+        raise DPALogicError(f"{op} needs single-structure losses; {a if pa.structure is None else b} has several")
+    s = (meet if op == "meet" else join)(pa.structure, pb.structure)
+    s.check()
+    info = _structure_info(s)
+    info["equivalent_to"], info["same_loss_as"] = catalog_matches(s)
+    return info
+
+
+def _print_compare(info: dict[str, Any]) -> None:
+    c = _console()
+    rel = info["relation"]
+    verb = {"stronger": "is stronger than", "weaker": "is weaker than", "equivalent": "is equivalent to",
+            "incomparable": "is incomparable with"}[rel]  # fmt: skip
+    c.print(f"[bold]{info['a']}[/bold] {verb} [bold]{info['b']}[/bold]")
+    c.print(f"  {info['a']}: {info['structure_a'] or '(several structures)'}")
+    c.print(f"  {info['b']}: {info['structure_b'] or '(several structures)'}")
+    c.print(
+        f"same loss function: {'yes' if info['same_loss'] else 'no'}; links: {info['links'][0]} vs {info['links'][1]}"
+    )
+    if rel == "stronger":
+        c.print(f"so under a shared monotone link, {info['a']}'s loss ≥ {info['b']}'s loss on every input")
+    if rel == "weaker":
+        c.print(f"so under a shared monotone link, {info['a']}'s loss ≤ {info['b']}'s loss on every input")
+    for n in info["notes"]:
+        c.print(f"- {n}")
+    for w in info["witnesses"]:
+        lp = ", ".join(f"log {k} = {v:g}" for k, v in w["logps"].items())
+        c.print(f"witness: {lp}: loss {info['a']} = {w['loss_a']:.4f}, loss {info['b']} = {w['loss_b']:.4f}")
+    for t in info["terms"]:
+        c.print(f"term {t['term']}: {t['relation']}{' (same loss)' if t['same_loss'] else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "show":
             info = show(args.name)
             print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_show(info)
+        elif args.command == "compare":
+            info = compare(args.a, args.b)
+            print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_compare(info)
+        elif args.command in ("meet", "join"):
+            info = lattice_op(args.command, args.a, args.b)
+            print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_derive(info)
     except DPALogicError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

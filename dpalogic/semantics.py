@@ -238,13 +238,13 @@ class LinkInfo:
     def sympy(self, z: sympy.Expr, **params: sympy.Expr) -> sympy.Expr:
         sig = lambda u: 1 / (1 + sympy.exp(-u))  # noqa: E731
         if self.name == "logistic":
-            return -sympy.log(sig(z))
+            return sympy.log(1 + sympy.exp(-z))  # = −log σ(z); reads as log(1 + ρ^(−β)·e^γ)
         if self.name == "hinge":
             return sympy.Max(0, params.get("margin", 1) - z)
         if self.name == "squared":
             return z**2
         if self.name == "sigmoid":
-            return sig(-z)
+            return 1 / (1 + sympy.exp(z))
         if self.name == "exponential":
             return sympy.exp(-z)
         if self.name == "exo":

@@ -1,0 +1,199 @@
+"""Relational analysis: how two losses relate (SEMANTICS §5), meet and join, with numeric witnesses.
+
+``P̄1`` is *stronger* than ``P̄2`` when ``✓1 ⊨ ✓2`` and ``✗2 ⊨ ✗1`` (truth tables: ``t1 & ~t2 == 0`` …); then
+``ρ1 ≤ ρ2`` everywhere and, under a shared non-increasing link, ``ℓ1 ≥ ℓ2``. Incomparable structures come with two
+witness inputs where each loss is the larger, found on a grid and checked numerically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from dpalogic.semantics import LINKS, Program, log_wmc_plan, same_ratio
+from dpalogic.structure import Structure, align, full_mask
+
+
+def relation(s1: Structure, s2: Structure) -> str:
+    """``equivalent``, ``stronger`` (s1 entails s2's loss bound), ``weaker`` or ``incomparable``."""
+    a, b = align(s1, s2)
+    full = full_mask(a.n)
+    le = (a.top & ~b.top & full) == 0 and (b.bottom & ~a.bottom & full) == 0  # a stronger-or-equal b
+    ge = (b.top & ~a.top & full) == 0 and (a.bottom & ~b.bottom & full) == 0
+    if le and ge:
+        return "equivalent"
+    if le:
+        return "stronger"
+    if ge:
+        return "weaker"
+    return "incomparable"
+
+
+def meet(s1: Structure, s2: Structure) -> Structure:
+    """The weakest structure stronger than both: ``(✓1 ∧ ✓2, ✗1 ∨ ✗2)``."""
+    a, b = align(s1, s2)
+    return Structure(a.atoms, a.top & b.top, a.bottom | b.bottom)
+
+
+def join(s1: Structure, s2: Structure) -> Structure:
+    """The strongest structure weaker than both: ``(✓1 ∨ ✓2, ✗1 ∧ ✗2)``."""
+    a, b = align(s1, s2)
+    return Structure(a.atoms, a.top | b.top, a.bottom & b.bottom)
+
+
+# --------------------------------------------------------------------------------------------------- numerics
+
+
+def _log1mexp(x: float) -> float:
+    x = min(x, -1e-300)
+    return math.log(-math.expm1(x)) if x > -math.log(2) else math.log1p(-math.exp(x))
+
+
+def _eval(node, lp: list[float]) -> float:
+    kind = node[0]
+    if kind == "zero":
+        return 0.0
+    if kind == "lit":
+        return lp[node[1]] if node[2] else _log1mexp(lp[node[1]])
+    vals = [_eval(c, lp) for c in node[1:]]
+    if kind == "add":
+        return sum(vals)
+    m = max(vals)
+    return m + math.log(sum(math.exp(v - m) for v in vals))
+
+
+def log_rho(s: Structure, logps: dict[str, float]) -> float:
+    """``log ρ`` at the given atom log-probabilities (plain floats; used for witnesses)."""
+    lp = [logps[a.name] for a in s.atoms]
+    top = _eval(log_wmc_plan(s.top, s.n), lp) if s.top else -math.inf
+    bottom = _eval(log_wmc_plan(s.bottom, s.n), lp) if s.bottom else -math.inf
+    return top - bottom
+
+
+def semantic_loss(s: Structure, logps: dict[str, float]) -> float:
+    z = log_rho(s, logps)
+    return math.log1p(math.exp(-z)) if z > -30 else -z + math.log1p(math.exp(z))
+
+
+_GRID = [math.log(p) for p in (0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99)]
+
+
+def witnesses(s1: Structure, s2: Structure) -> list[dict]:
+    """Inputs (atom log-probs) where loss 1 > loss 2 and where loss 2 > loss 1, each checked numerically."""
+    a, b = align(s1, s2)
+    best_1, best_2 = None, None
+    for point in itertools.product(_GRID, repeat=a.n):
+        lp = {atom.name: v for atom, v in zip(a.atoms, point)}
+        d = semantic_loss(a, lp) - semantic_loss(b, lp)
+        if best_1 is None or d > best_1[0]:
+            best_1 = (d, lp)
+        if best_2 is None or d < best_2[0]:
+            best_2 = (d, lp)
+    out = []
+    for d, lp in (best_1, best_2):
+        if abs(d) > 1e-9:
+            out.append(
+                {
+                    "logps": {k: round(v, 6) for k, v in lp.items()},
+                    "loss_a": semantic_loss(a, lp),
+                    "loss_b": semantic_loss(b, lp),
+                    "larger": "a" if d > 0 else "b",
+                }
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- compare
+
+
+@dataclass
+class Comparison:
+    relation: str
+    same_loss: bool
+    links: list[str]
+    notes: list[str] = field(default_factory=list)
+    witnesses: list[dict] = field(default_factory=list)
+    terms: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "relation": self.relation,
+            "same_loss": self.same_loss,
+            "links": self.links,
+            "notes": self.notes,
+            "witnesses": self.witnesses,
+            "terms": self.terms,
+        }
+
+
+def _link_note(name: str, p: Program) -> str | None:
+    t = p.preference_terms[0]
+    info = LINKS[t.link]
+    if info.monotone:
+        return None
+    if t.link == "squared":
+        return (
+            f"{name}'s squared link is not monotone: it is smallest at β·log ρ = γ (here log ρ = {t.shift / t.scale}),"
+            f" so {name} stops rewarding margins beyond that point and penalizes larger ones"
+        )
+    return f"{name}'s {t.link} link ({info.formula}) is not monotone, so the structure order bounds it only partly"
+
+
+def _term_key(t, p: Program) -> tuple:
+    """A term's link and numbers at the program's default hyperparameters (what decides the loss function)."""
+    import sympy
+
+    subs = {sympy.Symbol(k): v for k, v in p.defaults.items()}
+
+    def num(e):
+        v = e.subs(subs)
+        return round(float(v), 12) if not v.free_symbols else str(v)
+
+    params = tuple((k, num(v)) for k, v in t.link_params)
+    return (t.link, params, num(t.coef), num(t.scale), num(t.shift), t.normalized)
+
+
+def compare(a: Program, b: Program, name_a: str = "A", name_b: str = "B") -> Comparison:
+    """How two programs relate: per preference term when they have several."""
+    pa, pb = a.preference_terms, b.preference_terms
+    links = [pa[0].link, pb[0].link]
+    notes = [n for n in (_link_note(name_a, a), _link_note(name_b, b)) if n]
+    if a.structure is not None and b.structure is not None:
+        s1, s2 = a.structure, b.structure
+        rel = relation(s1, s2)
+        same_rho = same_ratio(s1, s2)
+        t1, t2 = pa[0], pb[0]
+        same_program_shape = len(a.terms) == len(b.terms) and all(
+            _term_key(x, a) == _term_key(y, b) for x, y in zip(a.terms, b.terms)
+        )
+        same = (
+            same_rho
+            and same_program_shape
+            and all(same_ratio(x.structure, y.structure) for x, y in zip(a.terms[1:], b.terms[1:]))
+        )
+        if same_rho and not same:
+            notes.append(f"equal ρ, but the programs differ (link {t1.link} vs {t2.link}, or hyperparameters/terms)")
+        if rel == "equivalent" and links[0] != links[1]:
+            notes.append(
+                f"same structure, different links ({links[0]} vs {links[1]}): the same meaning, trained differently"
+            )
+        if rel != "equivalent" and same_rho:
+            notes.append("different structures that give the same loss function (equal ρ as polynomials)")
+        wit = witnesses(s1, s2) if rel == "incomparable" else []
+        return Comparison(rel, same, links, notes, wit)
+    # several structures: compare term by term, in order
+    terms = []
+    for k, (t1, t2) in enumerate(zip(pa, pb), 1):
+        terms.append(
+            {
+                "term": k,
+                "relation": relation(t1.structure, t2.structure),
+                "same_loss": same_ratio(t1.structure, t2.structure),
+            }
+        )
+    rels = {t["relation"] for t in terms}
+    rel = rels.pop() if len(rels) == 1 and len(pa) == len(pb) else "incomparable"
+    notes.append(f"programs with several structures ({len(pa)} and {len(pb)} preference terms): compared term by term")
+    same = len(pa) == len(pb) and all(t["same_loss"] for t in terms)
+    return Comparison(rel, same, links, notes, [], terms)
