@@ -319,9 +319,26 @@ def _print_compare(info: dict[str, Any]) -> None:
         c.print(f"term {t['term']}: {t['relation']}{' (same loss)' if t['same_loss'] else ''}")
 
 
+# Commands that live beside their stage register themselves: each module has ``register(subparsers)`` which adds
+# its parser(s) with ``set_defaults(run=fn)``, ``fn(args) -> int``. Modules must import heavy packages lazily.
+COMMAND_MODULES: list[str] = []
+
+
+def _register_plugins(p: argparse.ArgumentParser) -> None:
+    import importlib
+
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).register(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _register_plugins(parser)
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "run", None) is not None:
+            return int(args.run(args) or 0)
         if args.command == "derive":
             info = derive(args.formula, args.given, args.additive)
             print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_derive(info)
