@@ -321,7 +321,7 @@ def _print_compare(info: dict[str, Any]) -> None:
 
 # Commands that live beside their stage register themselves: each module has ``register(subparsers)`` which adds
 # its parser(s) with ``set_defaults(run=fn)``, ``fn(args) -> int``. Modules must import heavy packages lazily.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["dpalogic.decompile"]
 
 
 def _register_plugins(p: argparse.ArgumentParser) -> None:
@@ -335,6 +335,14 @@ def _register_plugins(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _register_plugins(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (
+        len(argv) >= 2
+        and argv[0] == "decompile"
+        and argv[1].startswith("-")
+        and argv[1] not in ("-h", "--help", "--json")
+    ):
+        argv = [argv[0], *argv[2:], "--", argv[1]]  # an equation such as "-log(p_w)" is not an option
     args = parser.parse_args(argv)
     try:
         if getattr(args, "run", None) is not None:

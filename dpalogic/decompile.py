@@ -1,0 +1,634 @@
+"""Decompilation: from a loss equation back to its program of structures (SEMANTICS §4).
+
+A loss written in SymPy syntax is split into terms ``c · f(z)``; each link ``f`` is recognised by its shape
+(``log(1 + e^u)`` logistic, ``max(0, ·)`` hinge, ``(·)²`` squared, ``1/(1 + e^u)`` sigmoid, ``e^u`` exponential,
+and a bare ``log X`` as a likelihood term), and ``z = β·log ρ − γ`` is read off as a sum of logarithms. ``ρ = N/D``
+is reduced to lowest terms and ✓, ✗ are rebuilt from the corner values of ``N`` and ``D``: a polynomial is the WMC
+of a formula exactly when it is multilinear and its corner values are 0 or 1. Anything else is reported with the
+factor and the corner value that put it outside the fragment.
+
+Variables: ``logp_w, logp_l`` (or ``p_w, p_l``), ``ref_logp_w, ref_logp_l`` (or ``ref_p_w, ref_p_l``), lengths
+``len_w, len_l`` for length normalization, any other name is a hyperparameter. Functions: ``log, exp, sigmoid,
+logsigmoid, softplus, log1mexp, relu, Max``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from dpalogic.errors import DPALogicError
+from dpalogic.semantics import Program, Term, rho_sympy, weight_symbol
+from dpalogic.structure import Structure
+from dpalogic.syntax import Atom
+
+
+class OutsideFragmentError(DPALogicError):
+    """The equation is a loss, but not a program of structures; the message says which factor and why."""
+
+
+# policy/reference probabilities as the semantics' own weight symbols (p_w, p_l, r_w, r_l)
+_ATOMS = {"w": "yw", "l": "yl"}
+P = {k: weight_symbol(Atom("M", v)) for k, v in _ATOMS.items()}
+R = {k: weight_symbol(Atom("Ref", v)) for k, v in _ATOMS.items()}
+PROB_SYMBOLS = {**{p: Atom("M", _ATOMS[k]) for k, p in P.items()}, **{r: Atom("Ref", _ATOMS[k]) for k, r in R.items()}}
+LOGP = {k: sympy.Symbol(f"logp_{k}", real=True) for k in _ATOMS}
+REF_LOGP = {k: sympy.Symbol(f"ref_logp_{k}", real=True) for k in _ATOMS}
+LEN = {k: sympy.Symbol(f"len_{k}", positive=True) for k in _ATOMS}
+VARIABLES = set(LOGP.values()) | set(REF_LOGP.values()) | set(LEN.values()) | set(P.values()) | set(R.values())
+
+
+def _local_dict() -> dict:
+    d: dict = {
+        "sigmoid": lambda x: 1 / (1 + sympy.exp(-x)),
+        "logsigmoid": lambda x: -sympy.log(1 + sympy.exp(-x)),
+        "softplus": lambda x: sympy.log(1 + sympy.exp(x)),
+        "log1mexp": lambda x: sympy.log(1 - sympy.exp(x)),
+        "relu": lambda x: sympy.Max(0, x),
+        "Max": sympy.Max,
+        "max": sympy.Max,
+        "log": sympy.log,
+        "exp": sympy.exp,
+        "log1p": lambda x: sympy.log(1 + x),
+        "expm1": lambda x: sympy.exp(x) - 1,
+    }
+    for k in _ATOMS:
+        d[f"logp_{k}"], d[f"ref_logp_{k}"], d[f"len_{k}"] = LOGP[k], REF_LOGP[k], LEN[k]
+        d[f"p_{k}"], d[f"ref_p_{k}"], d[f"r_{k}"] = P[k], R[k], R[k]
+    for name in ("beta", "gamma", "tau", "alpha", "label_smoothing", "discopop_tau", "epsilon", "delta", "lam"):
+        d[name] = sympy.Symbol(name, positive=True)
+    return d
+
+
+def _simplify_logs(expr: sympy.Expr) -> sympy.Expr:
+    """``log(1/X)`` → ``−log X`` (what ``-log(sigmoid(z))`` parses to), everywhere in the expression."""
+    return expr.replace(
+        lambda e: isinstance(e, sympy.log) and isinstance(e.args[0], sympy.Pow) and e.args[0].exp == -1,
+        lambda e: -sympy.log(e.args[0].base),
+    )
+
+
+def parse_equation(text: str) -> sympy.Expr:
+    """Parse a loss equation; names that are neither variables nor functions become (positive) hyperparameters."""
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations
+
+    try:
+        local = _local_dict()
+        expr = parse_expr(text, local_dict=local, transformations=standard_transformations, evaluate=True)
+    except Exception as e:  # SymPy raises many types for bad text; the user sees one clear message
+        raise DPALogicError(f"cannot parse the loss equation {text!r}: {e}") from None
+    if not isinstance(expr, sympy.Expr):
+        raise DPALogicError(f"{text!r} is not an expression")
+    bad = [f for f in expr.atoms(sympy.Function) if isinstance(f, sympy.core.function.AppliedUndef)]
+    if bad:
+        from dpalogic.errors import unknown
+
+        known = ["log", "exp", "sigmoid", "logsigmoid", "softplus", "log1mexp", "relu", "Max", "log1p", "expm1"]
+        raise unknown("function", str(bad[0].func), known)
+    # unknown plain names are hyperparameters: make them positive so that logs and powers simplify as expected
+    reps = {s: sympy.Symbol(s.name, positive=True) for s in expr.free_symbols if s not in VARIABLES}
+    return _simplify_logs(expr.xreplace(reps))
+
+
+# --------------------------------------------------------------------------------------------------- z = β·log ρ − γ
+
+
+def _to_probabilities(expr: sympy.Expr) -> tuple[sympy.Expr, bool]:
+    """Replace log-probs by logs of probabilities; with lengths present, by per-token (normalized) probabilities."""
+    normalized = any(LEN[k] in expr.free_symbols for k in _ATOMS)
+    reps = {}
+    for k in _ATOMS:
+        scale = LEN[k] if normalized else 1
+        reps[LOGP[k]] = scale * sympy.log(P[k])
+        reps[REF_LOGP[k]] = scale * sympy.log(R[k])
+    out = sympy.expand(sympy.expand_log(expr.xreplace(reps), force=True), log=False)
+    if any(LEN[k] in out.free_symbols for k in _ATOMS):
+        raise OutsideFragmentError(
+            f"the lengths do not cancel in {expr}: sequence-level and length-normalized log-probs are mixed in one "
+            "log-ratio, which is not the log of a ratio of WMCs over one kind of weight"
+        )
+    return out, normalized
+
+
+def _log_factors(expr: sympy.Expr) -> tuple[dict[sympy.Expr, sympy.Expr], sympy.Expr] | None:
+    """``Σ c_F·log F + const`` → ({F: c_F}, const); None when ``expr`` is not a sum of logarithms."""
+    factors: dict[sympy.Expr, sympy.Expr] = {}
+    const = sympy.Integer(0)
+    for t in sympy.Add.make_args(expr):
+        c, rest = t.as_independent(*PROB_SYMBOLS)
+        if rest == 1:
+            const += c
+            continue
+        if isinstance(rest, sympy.log) and rest.args[0].free_symbols <= set(PROB_SYMBOLS):
+            arg = rest.args[0]
+            if not arg.is_polynomial(*PROB_SYMBOLS):
+                return None
+            # keep each factor positive on (0,1)^n (p − 1 → 1 − p): a stray log(−1) would be an imaginary constant
+            if arg.subs({p: sympy.Rational(1, 2) for p in arg.free_symbols}) < 0:
+                arg = sympy.expand(-arg)
+            factors[arg] = factors.get(arg, 0) + c
+            continue
+        return None
+    return factors, const
+
+
+@dataclass
+class LogRatio:
+    scale: sympy.Expr
+    shift: sympy.Expr
+    numerator: sympy.Expr
+    denominator: sympy.Expr
+    normalized: bool
+
+
+def log_ratio(z: sympy.Expr, *, orient: bool = True) -> LogRatio:
+    """Read ``z`` as ``β·log(N/D) − γ`` with N, D polynomials (integer powers of the logged factors)."""
+    zp, normalized = _to_probabilities(z)
+    parsed = _log_factors(zp)
+    if parsed is None:
+        raise OutsideFragmentError(
+            f"{z} is not β·log ρ − γ: after writing log-probs as log p it is {zp}, which is not a sum of "
+            "logarithms of polynomials in the probabilities"
+        )
+    factors, const = parsed
+    factors = {f: c for f, c in factors.items() if sympy.simplify(c) != 0}
+    if not factors:
+        raise OutsideFragmentError(f"{z} does not depend on any log-probability")
+
+    # β: the coefficient of the first factor (policy atoms first), with its sign chosen positive, so that the
+    # structure carries the orientation (−log σ(−β·log ρ) is read as the reversed structure, never as a β < 0)
+    def order(f):
+        syms = sorted(PROB_SYMBOLS[s].sort_key for s in f.free_symbols)
+        return (syms, sympy.count_ops(f), str(f))
+
+    first = sorted(factors, key=order)[0]
+    beta = factors[first]
+    if orient and beta.could_extract_minus_sign():
+        beta = -beta
+    ratios = {f: sympy.nsimplify(sympy.simplify(c / beta)) for f, c in factors.items()}
+    if all(r.is_Rational for r in ratios.values()):
+        # the largest β that leaves integer exponents: 2·log p_w − log p_l is β = 1, ρ = p_w²/p_l (then reported
+        # as not multilinear), rather than β = 2 with a square root
+        q = sympy.ilcm(1, 1, *[r.q for r in ratios.values()])
+        beta = beta / q
+        ratios = {f: r * q for f, r in ratios.items()}
+    for f, r in ratios.items():
+        if not (r.is_Rational and r.is_integer):
+            raise OutsideFragmentError(
+                f"the factor {f} has exponent {r} relative to β = {beta}: ρ would need a non-integer power, so it "
+                "is not a ratio of WMC polynomials"
+            )
+    num = sympy.Mul(*[f**r for f, r in ratios.items() if r > 0])
+    den = sympy.Mul(*[f ** (-r) for f, r in ratios.items() if r < 0])
+    return LogRatio(beta, -const, num, den, normalized)
+
+
+# --------------------------------------------------------------------------------------------------- corners
+
+
+def _table(poly: sympy.Expr, atoms: tuple[Atom, ...], which: str) -> tuple[list[int], sympy.Expr]:
+    syms = [weight_symbol(a) for a in atoms]
+    if syms:
+        pp = sympy.Poly(sympy.expand(poly), *syms)
+        for s in syms:
+            if pp.degree(s) > 1:
+                raise OutsideFragmentError(
+                    f"the {which} {sympy.factor(poly)} has degree {pp.degree(s)} in {s}: a WMC polynomial is "
+                    "multilinear, so this ratio is outside the single-structure fragment"
+                )
+    values = []
+    for w in range(1 << len(atoms)):
+        corner = {s: (w >> i) & 1 for i, s in enumerate(syms)}
+        values.append(sympy.nsimplify(sympy.expand(poly).subs(corner)))
+    return values, poly
+
+
+def _corner_masks(num: sympy.Expr, den: sympy.Expr) -> tuple[tuple[Atom, ...], int, int]:
+    atoms = tuple(sorted({PROB_SYMBOLS[s] for s in (num.free_symbols | den.free_symbols)}, key=lambda a: a.sort_key))
+    nv, _ = _table(num, atoms, "numerator")
+    dv, _ = _table(den, atoms, "denominator")
+    # ρ = N/D is defined up to a common constant: scale it so the corner values are 0/1 if any scale can
+    nonzero = {abs(v) for v in nv + dv if v != 0}
+    if len(nonzero) == 1:
+        c = nonzero.pop()
+        signs = {sympy.sign(v) for v in nv + dv if v != 0}
+        if len(signs) == 1:
+            s = signs.pop()
+            nv = [v / (c * s) for v in nv]
+            dv = [v / (c * s) for v in dv]
+    for vals, which, poly in ((nv, "numerator", num), (dv, "denominator", den)):
+        for w, v in enumerate(vals):
+            if v not in (0, 1):
+                world = ", ".join(f"{a.name}={(w >> i) & 1}" for i, a in enumerate(atoms))
+                raise OutsideFragmentError(
+                    f"the {which} {sympy.factor(poly)} takes the value {v} at the corner {world}: corner values of "
+                    "a WMC are 0 or 1, so this ratio is not WMC(✓)/WMC(✗) of any structure"
+                )
+    top = sum(1 << w for w, v in enumerate(nv) if v == 1)
+    bottom = sum(1 << w for w, v in enumerate(dv) if v == 1)
+    return atoms, top, bottom
+
+
+def structure_of_ratio(num: sympy.Expr, den: sympy.Expr) -> Structure:
+    """✓ and ✗ from ρ = num/den (reduced to lowest terms first)."""
+    n, d = sympy.fraction(sympy.cancel(sympy.together(num / den)))
+    if n == 0:
+        raise OutsideFragmentError("ρ is identically 0: the ✓ side is empty (an infinite loss)")
+    atoms, top, bottom = _corner_masks(n, d)
+    if not atoms:
+        raise OutsideFragmentError(f"ρ = {n}/{d} does not depend on any probability")
+    return Structure(atoms, top, bottom)
+
+
+# --------------------------------------------------------------------------------------------------- links
+
+
+def _as_exponent(e: sympy.Expr) -> sympy.Expr | None:
+    """``e`` as ``exp(A)``: returns ``A = log e`` (expanded later, when log-probs become logs of probabilities).
+
+    SymPy folds ``exp(β·(a − b))`` and friends into products and powers as it parses, so the exponent is recovered
+    by taking the logarithm rather than by matching ``exp(·)``.
+    """
+    if isinstance(e, sympy.exp):
+        return e.args[0]
+    if e.free_symbols & VARIABLES and not e.has(sympy.Max) and not isinstance(e, sympy.Add):
+        return sympy.log(e)
+    return None
+
+
+def _logistic_argument(u: sympy.Expr) -> sympy.Expr | None:
+    """``log(1 + e^A)`` → ``z = −A`` (−log σ(z))."""
+    if isinstance(u, sympy.log):
+        inner = u.args[0]
+        if isinstance(inner, sympy.Add) and 1 in inner.args:
+            rest = sympy.Add(*[a for a in inner.args if a != 1])
+            if rest.could_extract_minus_sign():  # log(1 − p) is a likelihood factor, not a logistic
+                return None
+            a = _as_exponent(rest)
+            if a is not None:
+                return -a
+    return None
+
+
+@dataclass
+class DecompiledTerm:
+    link: str
+    coef: sympy.Expr
+    structure: Structure
+    scale: sympy.Expr
+    shift: sympy.Expr
+    normalized: bool
+    link_params: dict = field(default_factory=dict)
+    source: str = ""
+
+    def as_term(self) -> Term:
+        return Term(
+            self.structure,
+            self.link,
+            self.coef,
+            self.scale,
+            self.shift,
+            tuple(self.link_params.items()),
+            self.normalized,
+        )
+
+
+def _from_z(link: str, coef, z: sympy.Expr, source, params=None, orient: bool = True) -> DecompiledTerm:
+    lr = log_ratio(z, orient=orient)
+    s = structure_of_ratio(lr.numerator, lr.denominator)
+    return DecompiledTerm(link, coef, s, lr.scale, lr.shift, lr.normalized, params or {}, str(source))
+
+
+def _likelihood_term(coef, u: sympy.Expr, source) -> DecompiledTerm:
+    """``k · log(N/D)`` read as ``c · (−log X)``, the semantic loss of ρ = X / (1 − X) (a likelihood term).
+
+    Two readings exist: ``c = −k, X = N/D`` or ``c = k, X = D/N``; the one whose ρ has 0/1 corner values wins
+    (the one with a positive coefficient is tried first).
+    """
+    lr = log_ratio(u, orient=False)
+    k = coef * lr.scale
+    const = sympy.exp(-lr.shift)  # a constant inside log X stays in X (and is then reported)
+    readings = [(-k, const * lr.numerator / lr.denominator), (k, lr.denominator / (const * lr.numerator))]
+    if k.could_extract_minus_sign() is False and not (k.is_number and k < 0):
+        readings.reverse()
+    first_error = None
+    for c, x in readings:
+        try:
+            s = structure_of_ratio(x, 1 - x)
+        except OutsideFragmentError as e:
+            first_error = first_error or e
+            continue
+        return DecompiledTerm("logistic", c, s, sympy.Integer(1), sympy.Integer(0), lr.normalized, {}, str(source))
+    raise first_error
+
+
+def _decompile_term(coef, u: sympy.Expr, source) -> list[DecompiledTerm]:
+    if isinstance(u, sympy.Add):  # a coefficient times a sum: distribute
+        out = []
+        for t in u.args:
+            c, rest = t.as_independent(*VARIABLES)
+            if rest == 1:
+                continue
+            out += _decompile_term(coef * c, rest, t)
+        return out
+    z = _logistic_argument(u)
+    if z is not None:
+        return [_from_z("logistic", coef, z, source)]
+    if isinstance(u, sympy.Max) and len(u.args) == 2 and 0 in u.args:
+        b = next(a for a in u.args if a != 0)
+        margin, rest = b.as_independent(*VARIABLES, as_Add=True)
+        return [_from_z("hinge", coef, -rest, source, {"margin": margin})]
+    if isinstance(u, sympy.Pow) and u.exp == 2:
+        return [_from_z("squared", coef, u.base, source)]
+    if isinstance(u, sympy.Pow) and u.exp == -1 and isinstance(u.base, sympy.Add) and 1 in u.base.args:
+        rest = sympy.Add(*[a for a in u.base.args if a != 1])
+        a = _as_exponent(rest)
+        if a is not None:
+            return [_from_z("sigmoid", coef, a, source)]
+    linear, _ = _to_probabilities(u)
+    if _log_factors(linear) is not None and not u.has(sympy.exp):
+        return [_likelihood_term(coef, u, source)]
+    a = _as_exponent(u)
+    if a is not None:
+        return [_from_z("exponential", coef, -a, source)]
+    found = _identify_link(coef, u, source)
+    if found is not None:
+        return [found]
+    raise OutsideFragmentError(
+        f"the term {source} matches no link (logistic log(1+e^u), hinge max(0,·), squared (·)², sigmoid 1/(1+e^u), "
+        "exponential e^u, or a log-likelihood log X)"
+    )
+
+
+def _is_log_linear(e: sympy.Expr) -> bool:
+    if not (e.free_symbols & VARIABLES) or isinstance(e, sympy.Symbol):
+        return False
+    try:
+        zp, _ = _to_probabilities(e)
+    except OutsideFragmentError:
+        return False
+    parsed = _log_factors(zp)
+    return parsed is not None and bool(parsed[0])
+
+
+def _identify_link(coef, u: sympy.Expr, source) -> DecompiledTerm | None:
+    """Last resort for links with no simple shape (EXO, DiscoPOP): find z inside the term, replace it by a symbol,
+    and compare the remaining one-variable function with every known link numerically (random z and parameters)."""
+    import random
+
+    from dpalogic.semantics import LINKS
+
+    cands: list[sympy.Expr] = []
+
+    def visit(e):
+        if _is_log_linear(e):
+            cands.append(e)
+            return
+        for a in e.args:
+            visit(a)
+
+    visit(u)
+    if not cands:
+        return None
+    # z itself is the candidate with the fewest hyperparameters (z/τ also occurs inside DiscoPOP)
+    z0 = min(cands, key=lambda c: (len(c.free_symbols - VARIABLES), sympy.count_ops(c)))
+    Z = sympy.Symbol("z_", real=True)
+    mapping = {}
+    f0, _ = _log_factors(_to_probabilities(z0)[0])
+    key = next(iter(f0))
+    for c in dict.fromkeys(cands):
+        fc, _ = _log_factors(_to_probabilities(c)[0])
+        k = sympy.simplify(fc.get(key, 0) / f0[key])  # c = k·z0 + const, e.g. z/τ inside DiscoPOP
+        diff, _ = _to_probabilities(c - k * z0)
+        if k == 0 or diff.free_symbols & VARIABLES:
+            return None
+        mapping[c] = k * Z + diff
+    g = u.xreplace(mapping)
+    if g.free_symbols & VARIABLES:
+        return None
+    hyper = sorted(g.free_symbols - {Z}, key=lambda x: x.name)
+    rng = random.Random(0)
+    samples = [({h: rng.uniform(0.05, 0.4) for h in hyper}, rng.uniform(-3, 3)) for _ in range(6)]
+    for name, info in LINKS.items():
+        param_choices = [{}] if not info.params else [{info.params[0]: h} for h in hyper]
+        for params in param_choices:
+            for orient in (1, -1):
+                f = info.sympy(orient * Z, **params)
+                ok = True
+                for hv, zv in samples:
+                    a = complex(g.subs(hv).subs(Z, zv).evalf())
+                    b = complex(f.subs(hv).subs(Z, zv).evalf())
+                    if not abs(a - b) <= 1e-9 * (1 + abs(b)):
+                        ok = False
+                        break
+                if ok:
+                    t = _from_z(name, coef, orient * z0, source, params, orient=False)
+                    return t
+    return None
+
+
+def _merge(terms: list[DecompiledTerm]) -> list[DecompiledTerm]:
+    """Terms with the same link, structure, scale and shift are one term with the summed coefficient."""
+    out: list[DecompiledTerm] = []
+    for t in terms:
+        for o in out:
+            same = (o.link, o.structure, o.normalized, tuple(o.link_params.items())) == (
+                t.link,
+                t.structure,
+                t.normalized,
+                tuple(t.link_params.items()),
+            )
+            if same and sympy.simplify(o.scale - t.scale) == 0 and sympy.simplify(o.shift - t.shift) == 0:
+                o.coef = sympy.simplify(o.coef + t.coef)
+                break
+        else:
+            out.append(t)
+    return [t for t in out if sympy.simplify(t.coef) != 0]
+
+
+@dataclass
+class Decompiled:
+    equation: str
+    terms: list[DecompiledTerm]
+    constant: sympy.Expr
+
+    @property
+    def program(self) -> Program:
+        hp = sorted({s.name for t in self.terms for e in (t.coef, t.scale, t.shift) for s in e.free_symbols})
+        return Program(tuple(t.as_term() for t in self.terms), tuple((h, float("nan")) for h in hp))
+
+
+def decompile(text: str) -> Decompiled:
+    """Decompile a loss equation (SymPy syntax) into terms with structures; raises OutsideFragmentError."""
+    expr = parse_equation(text)
+    if not expr.free_symbols & VARIABLES:
+        raise DPALogicError(f"{text!r} mentions no log-probability (logp_w, logp_l, ref_logp_w, ...)")
+    terms: list[DecompiledTerm] = []
+    constant = sympy.Integer(0)
+    try:
+        for t in sympy.Add.make_args(expr):
+            c, rest = t.as_independent(*VARIABLES)
+            if rest == 1:
+                constant += c
+                continue
+            terms += _decompile_term(c, rest, t)
+    except OutsideFragmentError:
+        # a link whose expanded form is itself a sum (EXO, DiscoPOP): try the whole expression as one term
+        whole = _identify_link(sympy.Integer(1), expr, expr)
+        if whole is None:
+            raise
+        return Decompiled(text, [whole], sympy.Integer(0))
+    return Decompiled(text, _merge(terms), constant)
+
+
+# --------------------------------------------------------------------------------------------------- catalog
+
+
+def program_equation(program: Program) -> str:
+    """A catalog program's closed form as an equation over ``logp_w, ref_logp_w, len_w, …`` (for round trips)."""
+    parts = []
+    for t in program.terms:
+        reps = {}
+        for a in t.structure.atoms:
+            k = a.answer[1]
+            lp = LOGP[k] if a.pred == "M" else REF_LOGP[k]
+            reps[weight_symbol(a)] = sympy.exp(lp / LEN[k] if t.normalized else lp)
+        parts.append(t.sympy().xreplace(reps))
+    return str(sympy.Add(*parts))
+
+
+def _num(e: sympy.Expr, defaults: dict[str, float]) -> sympy.Expr:
+    return sympy.simplify(e.subs({sympy.Symbol(k, positive=True): v for k, v in defaults.items()}).subs(
+        {sympy.Symbol(k): v for k, v in defaults.items()}
+    ))  # fmt: skip
+
+
+def matches(d: Decompiled) -> dict:
+    """Catalog entries with the same structure per term, and those with the same whole program (at defaults)."""
+    from dpalogic.catalog import entries
+    from dpalogic.structure import align
+
+    def same_structure(s1: Structure, s2: Structure) -> bool:
+        a, b = align(s1, s2)
+        return (a.top, a.bottom) == (b.top, b.bottom)
+
+    per_term = []
+    for t in d.terms:
+        names = [
+            n
+            for n, e in entries().items()
+            if e.program.structure is not None and same_structure(t.structure, e.program.structure)
+        ]
+        per_term.append(names)
+    whole = []
+    for name, e in entries().items():
+        p = e.program
+        mine = [t for t in d.terms if not _num(sympy.sympify(t.coef), p.defaults).is_zero]
+        theirs = [t for t in p.terms if not _num(t.coef, p.defaults).is_zero]
+        if len(mine) != len(theirs):
+            continue
+        used: set[int] = set()
+        ok = True
+        for t in mine:
+            found = False
+            for j, u in enumerate(theirs):
+                if j in used or t.link != u.link or t.normalized != u.normalized:
+                    continue
+                if not same_structure(t.structure, u.structure):
+                    continue
+                pairs = [(t.coef, u.coef), (t.scale, u.scale), (t.shift, u.shift)]
+                pairs += [(t.link_params.get(k, 0), v) for k, v in u.link_params]
+                if all(
+                    sympy.simplify(_num(sympy.sympify(x), p.defaults) - _num(y, p.defaults)).is_zero for x, y in pairs
+                ):
+                    used.add(j)
+                    found = True
+                    break
+            if not found:
+                ok = False
+                break
+        if ok:
+            whole.append(name)
+    return {"terms": per_term, "program": whole}
+
+
+def report(d: Decompiled) -> dict:
+    """JSON-ready description: each term's link, β, γ, structure parts and ρ; catalog matches."""
+    from dpalogic.syntax import to_ascii
+
+    m = matches(d)
+    terms = []
+    for t, names in zip(d.terms, m["terms"]):
+        core, given, additive = t.structure.readable_triple()
+        terms.append(
+            {
+                "link": t.link,
+                "coef": str(t.coef),
+                "beta": str(t.scale),
+                "gamma": str(t.shift),
+                "link_params": {k: str(v) for k, v in t.link_params.items()},
+                "normalized": t.normalized,
+                "structure": t.structure.text("ascii"),
+                "core": to_ascii(core),
+                "given": to_ascii(given),
+                "additive": to_ascii(additive),
+                "top": to_ascii(t.structure.top_formula),
+                "bottom": to_ascii(t.structure.bottom_formula),
+                "rho": str(rho_sympy(t.structure)),
+                "same_structure_as": names,
+                "source": t.source,
+            }
+        )
+    return {"equation": d.equation, "terms": terms, "constant": str(d.constant), "matches": m["program"]}
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def decompile_spec(spec: str) -> dict:
+    """``dpalogic decompile EXPR|NAME``: a catalog name is decompiled from its own closed form."""
+    from dpalogic.catalog import _alias_map, lookup
+
+    key = spec.strip().lower().replace("-", "_")
+    if key in _alias_map() or (key.isidentifier() and not key.startswith(("logp", "ref_", "p_", "len"))):
+        entry = lookup(key)
+        out = report(decompile(program_equation(entry.program)))
+        out["name"] = entry.name
+        return out
+    return report(decompile(spec))
+
+
+def _run(args) -> int:
+    import json
+
+    info = decompile_spec(args.expr)
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    from rich.console import Console
+
+    c = Console(highlight=False, soft_wrap=True)
+    c.print(f"[bold]{info.get('name', info['equation'])}[/bold]")
+    for k, term in enumerate(info["terms"], 1):
+        params = "".join(f", {a}={b}" for a, b in term["link_params"].items())
+        weights = "per-token (length-normalized)" if term["normalized"] else "sequence"
+        c.print(f"term {k}: {term['coef']} · {term['link']}{params} of z = {term['beta']}·log ρ − ({term['gamma']})")
+        c.print(f"  structure   {term['structure']}")
+        c.print(f"  ✓ / ✗       {term['top']}  /  {term['bottom']}")
+        c.print(f"  ρ           {term['rho']}   ({weights} weights)")
+        c.print(f"  same structure as: {', '.join(term['same_structure_as']) or '(no catalog loss)'}")
+    if info["constant"] != "0":
+        c.print(f"constant (does not depend on the model): {info['constant']}")
+    c.print(f"same program as: {', '.join(info['matches']) or '(no catalog loss)'}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("decompile", help="a loss equation (or catalog name) back to its structures")
+    p.add_argument("expr", help='e.g. "-log(sigmoid(beta*((logp_w - ref_logp_w) - (logp_l - ref_logp_l))))"')
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run)
+
+
+__all__ = ["Decompiled", "OutsideFragmentError", "decompile", "matches", "program_equation", "report"]
