@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("a")
     cmp_.add_argument("b")
     cmp_.add_argument("--json", action="store_true")
+    cmp_.add_argument("--plot", metavar="FILE.png", help="draw both losses and their gradients against the margin")
+    cmp_.add_argument("--base", type=float, default=-5.0, help="log-prob around which the plot's slice is taken")
     for op in ("meet", "join"):
         m = sub.add_parser(op, help=f"the {op} of two structures in the entailment lattice")
         m.add_argument("a")
@@ -279,6 +281,48 @@ def compare(a: str, b: str) -> dict[str, Any]:
     for key, p in (("structure_a", pa), ("structure_b", pb)):
         out[key] = p.structure.text("ascii") if p.structure is not None else None
     return out
+
+
+def plot_compare(a: str, b: str, path: str, base: float = -5.0) -> str:
+    """Both losses and d(loss)/dδ along the slice ``log p_w = b + δ/2, log p_l = b − δ/2`` (references at b).
+
+    On this slice DPO's and CPO's log-ratio is exactly δ; losses that see absolute probabilities (ORPO, CE, …)
+    depend on ``b`` too, which is why it is a flag. Lengths are 1, so normalized and summed weights coincide.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from dpalogic.catalog import resolve
+    from dpalogic.torch_loss import PreferenceLoss
+
+    if not path.lower().endswith((".png", ".svg", ".pdf")):
+        raise DPALogicError(f"--plot writes .png, .svg or .pdf, not {path!r}")
+    half = min(10.0, -base) if base < 0 else 0.0
+    if half <= 0:
+        raise DPALogicError("--base must be negative (a log-probability)")
+    delta = torch.linspace(-2 * half, 2 * half, 401, dtype=torch.float64, requires_grad=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for spec in (a, b):
+        loss_fn = PreferenceLoss(resolve(spec), reduction="none")
+        bb = torch.full_like(delta, base)
+        lw, ll = bb + delta / 2, bb - delta / 2
+        ones = torch.ones_like(delta)
+        y = loss_fn(lw, ll, bb, bb, chosen_lengths=ones, rejected_lengths=ones)
+        (g,) = torch.autograd.grad(y.sum(), delta)
+        ax1.plot(delta.detach(), y.detach(), label=spec)
+        ax2.plot(delta.detach(), g, label=spec)
+    ax1.set(xlabel="margin δ = log πθ(yw) − log πθ(yl)", ylabel="loss", title=f"loss (log-probs around {base:g})")
+    ax2.set(xlabel="margin δ", ylabel="d loss / d δ", title="gradient")
+    for ax in (ax1, ax2):
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def lattice_op(op: str, a: str, b: str) -> dict[str, Any]:
@@ -358,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_show(info)
         elif args.command == "compare":
             info = compare(args.a, args.b)
+            if args.plot:
+                info["plot"] = plot_compare(args.a, args.b, args.plot, base=args.base)
             print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_compare(info)
         elif args.command in ("meet", "join"):
             info = lattice_op(args.command, args.a, args.b)

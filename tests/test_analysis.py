@@ -98,3 +98,11 @@ def test_adding_the_reference_strengthens_nothing_away():
     # DPO and CPO live on different atom sets: compared on the union, they are incomparable
     assert relation(S("dpo"), S("cpo")) == "incomparable"
     assert relation(Structure.parse("M(yw) & Ref(yl)"), Structure.parse("M(yw)")) == "stronger"
+
+
+def test_compare_plot_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "cmp.png"
+    assert main(["compare", "dpo", "ipo", "--plot", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plot"] == str(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["compare", "dpo", "ipo", "--plot", str(tmp_path / "cmp.txt")]) == 2
