@@ -223,11 +223,6 @@ def lookup(name: str) -> Entry:
     raise unknown("loss name", name, list(amap) + list(OUTSIDE))
 
 
-def is_name(text: str) -> bool:
-    key = text.strip().lower().replace("-", "_")
-    return key in _alias_map() or key in OUTSIDE or all(c.isalnum() or c in "_-" for c in text.strip())
-
-
 def resolve(spec) -> Program:
     """A catalog name, structure text, :class:`Structure` or :class:`Program` → a :class:`Program`."""
     from dpalogic.semantics import single_structure_program
