@@ -174,6 +174,15 @@ def compare(a: Program, b: Program, name_a: str = "A", name_b: str = "B") -> Com
         )
         if same_rho and not same:
             notes.append(f"equal ρ, but the programs differ (link {t1.link} vs {t2.link}, or hyperparameters/terms)")
+        a1, a2 = align(s1, s2)
+        (c1, g1, x1), (c2, g2, x2) = a1.readable_triple(), a2.readable_triple()
+        if rel != "equivalent" and c1 == c2:
+            from dpalogic.syntax import to_unicode
+
+            notes.append(
+                f"same core formula P = {to_unicode(c1)} under different conditioning: "
+                f"P_C = {to_unicode(g1)} vs {to_unicode(g2)}, P_A = {to_unicode(x1)} vs {to_unicode(x2)}"
+            )
         if rel == "equivalent" and links[0] != links[1]:
             notes.append(
                 f"same structure, different links ({links[0]} vs {links[1]}): the same meaning, trained differently"

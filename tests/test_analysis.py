@@ -106,3 +106,9 @@ def test_compare_plot_writes_a_png(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["plot"] == str(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["compare", "dpo", "ipo", "--plot", str(tmp_path / "cmp.txt")]) == 2
+
+
+def test_cpo_and_orpo_share_a_core_formula():
+    c = compare(entries()["cpo"].program, entries()["orpo"].program, "cpo", "orpo")
+    assert c.relation == "incomparable"
+    assert any("same core formula P = M(yl) → M(yw)" in n for n in c.notes)
