@@ -1,0 +1,535 @@
+"""The landscape of preference structures (SEMANTICS §2, §5): how many loss functions, and what lies between two.
+
+* ``landscape(n)`` — over ``n`` atoms there are ``4^(2^n)`` structures; for ``n ≤ 3`` it counts the distinct
+  non-degenerate loss functions exactly (187 for ``n = 2``) and the degenerate classes.
+* ``explore(a, b)`` — the structures strictly between two comparable losses, smallest first, with the catalog's
+  names and closed forms: the paper's way of deriving new losses from first principles.
+
+**Same loss function, decided exactly by evaluation.** Two structures give the same loss exactly when
+``ρ1 ≡ ρ2`` as rational functions, i.e. when ``C = N1·D2 − N2·D1 ≡ 0`` with ``N = WMC(✓)``, ``D = WMC(✗)``
+(multilinear, so ``C`` has degree ≤ 2 in each variable). Every atom probability is evaluated on the product grid
+``{1/4, 1/2, 3/4}^n``: three distinct values per variable, so ``C`` vanishes on the grid only if ``C ≡ 0`` (a
+non-zero polynomial of degree ≤ d_i in x_i cannot vanish on a product grid with d_i + 1 values per variable,
+by induction on the variables). Inside the open unit cube a non-empty side has ``WMC > 0``, so ``ρ`` is a
+positive rational at every grid point and ``C(x) = 0 ⇔ ρ1(x) = ρ2(x)``. Hence the tuple of ``ρ`` values on the
+grid, each reduced to lowest terms, is a canonical key: equal keys ⇔ the same loss function. Not probabilistic.
+Scaled by ``4^n`` each ``WMC`` is an integer (a world's weight is a product of 1s, 2s and 3s), so the key needs
+only small-integer arithmetic: no SymPy, no ``cancel``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from operator import add
+from typing import Any
+
+from dpalogic.errors import DPALogicError
+from dpalogic.structure import Structure, align, common_atoms, full_mask, readable
+from dpalogic.syntax import Atom
+
+# the grid values are a/Q with a ∈ GRID: three distinct interior points per variable (see the module docstring)
+GRID = (1, 2, 3)
+Q = 4
+MAX_EXACT_ATOMS = 3  # 4^(2^4) ≈ 4.3e9 structures: the exact count stops at three atoms
+MAX_ATOMS = 8
+MAX_INTERVAL = 1 << 18  # explore enumerates at most this many structures
+
+
+# --------------------------------------------------------------------------------------------------- loss keys
+
+
+@cache
+def _world_weights(n: int) -> tuple[tuple[int, ...], ...]:
+    """``Q^n ×`` the weight of each world at each grid point: ``Π_i (a_i if atom i is true else Q − a_i)``."""
+    points = list(itertools.product(GRID, repeat=n))
+    out = []
+    for w in range(1 << n):
+        row = []
+        for pt in points:
+            v = 1
+            for i, a in enumerate(pt):
+                v *= a if (w >> i) & 1 else Q - a
+            row.append(v)
+        out.append(tuple(row))
+    return tuple(out)
+
+
+def wmc_vector(mask: int, n: int) -> tuple[int, ...]:
+    """``Q^n · WMC(mask)`` at every grid point (integers; all positive when the mask is non-empty)."""
+    ws = _world_weights(n)
+    acc = [0] * len(ws[0])
+    for w in range(1 << n):
+        if (mask >> w) & 1:
+            acc = list(map(add, acc, ws[w]))
+    return tuple(acc)
+
+
+def _subset_vectors(base: int, free: int, n: int) -> list[tuple[int, tuple[int, ...]]]:
+    """``(mask, wmc_vector(mask))`` for ``mask = base | sub`` over every ``sub ⊆ free``, one vector add each."""
+    ws = _world_weights(n)
+    bits = [w for w in range(1 << n) if (free >> w) & 1]
+    masks = [base]
+    vecs = [wmc_vector(base, n)]
+    for k in range(1, 1 << len(bits)):
+        low = (k & -k).bit_length() - 1  # k = (k with its lowest bit cleared) + that bit's world
+        prev = k & (k - 1)
+        masks.append(masks[prev] | (1 << bits[low]))
+        vecs.append(tuple(map(add, vecs[prev], ws[bits[low]])))
+    return list(zip(masks, vecs))
+
+
+@lru_cache(maxsize=4)
+def _ratio_ids(n: int) -> list[int]:
+    """``ids[a·(T+1) + b]`` = a canonical integer for the fraction ``a/b`` (``1 ≤ a, b ≤ T = Q^n``).
+
+    The reduced fraction ``a'/b'`` is encoded as ``a'·(T+1) + b'``, injective because ``b' ≤ T``.
+    """
+    t = Q**n
+    ids = [0] * ((t + 1) * (t + 1))
+    for a in range(1, t + 1):
+        for b in range(1, t + 1):
+            g = math.gcd(a, b)
+            ids[a * (t + 1) + b] = (a // g) * (t + 1) + b // g
+    return ids
+
+
+def _key(top_vec: tuple[int, ...], bottom_vec: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """The canonical loss key of a non-degenerate structure from its two WMC vectors."""
+    if n <= 4:
+        ids, t1 = _ratio_ids(n), Q**n + 1
+        return tuple(ids[a * t1 + b] for a, b in zip(top_vec, bottom_vec))
+    out = []
+    for a, b in zip(top_vec, bottom_vec):
+        g = math.gcd(a, b)
+        out.extend((a // g, b // g))
+    return tuple(out)
+
+
+def loss_key(s: Structure) -> tuple:
+    """A canonical key of a structure's loss function over its atoms: equal keys ⇔ ``ρ1 ≡ ρ2`` (exact).
+
+    Compare keys of structures over the same atoms (``align`` them first); degenerate structures get the
+    markers ``("infinite",)``, ``("zero",)`` and ``("undefined",)``.
+    """
+    if s.top == 0 or s.bottom == 0:
+        return ("undefined",) if s.top == s.bottom else ("infinite",) if s.top == 0 else ("zero",)
+    return _key(wmc_vector(s.top, s.n), wmc_vector(s.bottom, s.n), s.n)
+
+
+# --------------------------------------------------------------------------------------------------- landscape
+
+
+def landscape_atoms(n: int) -> tuple[Atom, ...]:
+    """The atoms used to print examples: ``M(yw), M(yl)`` for a pair, ``M(y1) … M(yn)`` beyond two."""
+    if n <= 2:
+        return (Atom("M", "yw"), Atom("M", "yl"))[:n]
+    return tuple(Atom("M", f"y{i}") for i in range(1, n + 1))
+
+
+@dataclass
+class Landscape:
+    atoms: int
+    structures: int
+    non_degenerate_structures: int
+    loss_functions: int | None  # distinct non-degenerate loss functions (None above MAX_EXACT_ATOMS)
+    degenerate: list[dict[str, Any]]
+    class_sizes: dict[int, int]  # structures per loss function → how many loss functions have that many
+    largest: list[list[tuple[int, int]]]  # the largest classes, as (✓, ✗) masks
+
+    def as_dict(self, example_atoms: tuple[Atom, ...]) -> dict[str, Any]:
+        return {
+            "atoms": self.atoms,
+            "atom_names": [a.name for a in example_atoms],
+            "worlds": 1 << self.atoms,
+            "structures": self.structures,
+            "non_degenerate_structures": self.non_degenerate_structures,
+            "loss_functions": self.loss_functions,
+            "degenerate": self.degenerate,
+            "classes": None if self.loss_functions is None else self.loss_functions + len(self.degenerate),
+            "class_sizes": {str(k): v for k, v in sorted(self.class_sizes.items())},
+            "largest_classes": [
+                [Structure(example_atoms, t, b).text("ascii") for t, b in members] for members in self.largest
+            ],
+        }
+
+
+def loss_classes(n: int) -> tuple[dict[tuple[int, ...], list[tuple[int, int]]], dict[str, int]]:
+    """Every structure over ``n ≤ 3`` atoms, grouped by loss function: ``{key: [(✓, ✗), …]}``, and the counts of
+    the degenerate ones (``empty ✓``, ``empty ✗``, ``both empty``), all found by enumerating the ``4^(2^n)`` pairs.
+    """
+    if n > MAX_EXACT_ATOMS:
+        raise DPALogicError(f"the exact landscape enumerates structures: at most {MAX_EXACT_ATOMS} atoms, got {n}")
+    sides = 1 << (1 << n)
+    degenerate = {"empty ✓": 0, "empty ✗": 0, "both empty": 0}
+    vecs = _subset_vectors(0, full_mask(n), n)  # every truth table with its WMC vector
+    ids, t1 = _ratio_ids(n), Q**n + 1
+    lookup = ids.__getitem__
+    classes: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for top, vt in vecs:
+        if top == 0:
+            degenerate["both empty"] += 1
+            degenerate["empty ✓"] += sides - 1
+            continue
+        degenerate["empty ✗"] += 1
+        scaled = [a * t1 for a in vt]
+        for bottom, vb in vecs:
+            if bottom == 0:
+                continue
+            # ids[a·(T+1) + b] at every grid point: the reduced values of ρ, i.e. the canonical key
+            key = tuple(map(lookup, map(add, scaled, vb)))
+            members = classes.get(key)
+            if members is None:
+                classes[key] = [(top, bottom)]
+            else:
+                members.append((top, bottom))
+    return classes, degenerate
+
+
+def landscape(n: int, examples: int = 3) -> Landscape:
+    """Count the structures over ``n`` atoms and, for ``n ≤ 3``, their distinct loss functions (exact)."""
+    if not isinstance(n, int) or n < 1 or n > MAX_ATOMS:
+        raise DPALogicError(f"--atoms must be an integer from 1 to {MAX_ATOMS}, got {n!r}")
+    sides = 1 << (1 << n)  # truth tables per side
+    if n > MAX_EXACT_ATOMS:
+        counts = {"empty ✓": sides - 1, "empty ✗": sides - 1, "both empty": 1}
+        return Landscape(n, sides * sides, (sides - 1) ** 2, None, _degenerate_rows(counts), {}, [])
+    classes, counts = loss_classes(n)
+    sizes = Counter(len(m) for m in classes.values())
+    largest = sorted(classes.values(), key=lambda m: (-len(m), sorted(m)))[:examples]
+    return Landscape(
+        n,
+        sides * sides,
+        sum(len(m) for m in classes.values()),
+        len(classes),
+        _degenerate_rows(counts),
+        dict(sizes),
+        [sorted(m) for m in largest],
+    )
+
+
+def _degenerate_rows(counts: dict[str, int]) -> list[dict[str, Any]]:
+    meaning = {
+        "empty ✓": "WMC(✓) = 0: loss +∞ everywhere",
+        "empty ✗": "WMC(✗) = 0: loss 0 everywhere",
+        "both empty": "0/0: no loss at all",
+    }
+    return [{"kind": k, "loss": meaning[k], "structures": v} for k, v in counts.items()]
+
+
+# --------------------------------------------------------------------------------------------------- explore
+
+
+def _leaves(e) -> int:
+    """Atom occurrences in a formula."""
+    if e.is_Symbol:
+        return 1
+    return sum(_leaves(a) for a in e.args)
+
+
+@lru_cache(maxsize=65536)
+def _mask_size(mask: int, atoms: tuple[Atom, ...]) -> int:
+    """Atom occurrences in the readable formula of a truth table (constants: 0)."""
+    if mask == 0 or mask == full_mask(len(atoms)):
+        return 0
+    return _leaves(readable(mask, atoms))
+
+
+@lru_cache(maxsize=65536)
+def _mask_size_bound(mask: int, atoms: tuple[Atom, ...]) -> int:
+    """A lower bound on ``_mask_size``, exact whenever the readable search's small-formula table has the mask.
+
+    That table holds every truth table expressible with ≤ 3 atom occurrences (≤ 2 from five atoms on), so a
+    mask outside it needs at least one more — computing it exactly would take SymPy's minimizer.
+    """
+    from dpalogic.structure import _small_formulas
+
+    n = len(atoms)
+    if mask == 0 or mask == full_mask(n):
+        return 0
+    if n > 6:
+        return 1
+    if mask in _small_formulas(n):
+        return _mask_size(mask, atoms)
+    return 4 if n <= 4 else 3
+
+
+def _parts(top: int, bottom: int, full: int) -> tuple[int, int, int]:
+    """The readable triple's truth tables ``(✗ → ✓, ✓ ∨ ✗, ✓ ∧ ✗)``."""
+    return (full & ~bottom) | top, top | bottom, top & bottom
+
+
+def structure_size(s: Structure) -> int:
+    """Atom occurrences in the printed readable triple (the parts ``P_C = true``/``P_A = false`` have none)."""
+    return sum(_mask_size(m, s.atoms) for m in _parts(s.top, s.bottom, full_mask(s.n)))
+
+
+def _sort_key(top: int, bottom: int, atoms: tuple[Atom, ...], exact: bool) -> tuple:
+    full = full_mask(len(atoms))
+    core, given, additive = _parts(top, bottom, full)
+    size_of = _mask_size if exact else _mask_size_bound
+    size = size_of(core, atoms) + size_of(given, atoms) + size_of(additive, atoms)
+    # fewer printed parts first (a bare formula before a conditioned one), then a fixed order
+    parts = 1 + (given != full or additive != 0) + (additive != 0)
+    return (size, parts, top, bottom)
+
+
+def _in_size_order(cands: list[tuple[int, int]], atoms: tuple[Atom, ...]):
+    """Yield ``(sort key, (✓, ✗))`` in exact size order, computing exact sizes lazily (best-first on bounds).
+
+    Each exact key is ≥ its bound, so once the smallest exact key seen is ≤ the next bound, it is the minimum.
+    """
+    bounded = sorted((_sort_key(t, b, atoms, exact=False), (t, b)) for t, b in cands)
+    heap: list = []
+    i = 0
+    while i < len(bounded) or heap:
+        while i < len(bounded) and (not heap or bounded[i][0] <= heap[0][0]):
+            t, b = bounded[i][1]
+            heapq.heappush(heap, (_sort_key(t, b, atoms, exact=True), (t, b)))
+            i += 1
+        yield heapq.heappop(heap)
+
+
+def _structure_of(spec: str) -> Structure:
+    from dpalogic.catalog import resolve
+
+    p = resolve(spec)
+    if p.structure is None:
+        raise DPALogicError(
+            f"{spec!r} has several structures ({len(p.structures)} preference terms); explore needs "
+            "single-structure losses"
+        )
+    return p.structure
+
+
+def _parse_atoms(texts: list[str] | None) -> tuple[Atom, ...]:
+    from dpalogic.syntax import atoms_of, parse_formula
+
+    out: list[Atom] = []
+    for chunk in texts or []:
+        for text in (t.strip() for t in chunk.split(",")):
+            if not text:
+                continue
+            e = parse_formula(text)
+            if not e.is_Symbol:
+                raise DPALogicError(f"--atoms takes atoms such as M(yw) or Ref(yl), got the formula {text!r}")
+            out.extend(atoms_of(e))
+    return tuple(out)
+
+
+def _catalog_index(atoms: tuple[Atom, ...]) -> tuple[dict, dict]:
+    """Catalog single structures over (a subset of) ``atoms``: by ``(✓, ✗)`` and by loss key."""
+    from dpalogic.catalog import entries
+
+    by_sides: dict[tuple[int, int], list[str]] = {}
+    by_key: dict[tuple, list[str]] = {}
+    for name, e in entries().items():
+        s = e.program.structure
+        if s is None or not set(s.atoms) <= set(atoms):
+            continue
+        s = s.over(atoms)
+        by_sides.setdefault((s.top, s.bottom), []).append(name)
+        by_key.setdefault(loss_key(s), []).append(name)
+    return by_sides, by_key
+
+
+def explore(
+    a: str | Structure,
+    b: str | Structure,
+    atoms: list[str] | tuple[Atom, ...] | None = None,
+    limit: int = 20,
+    distinct: bool = False,
+    closed_forms: bool = True,
+) -> dict[str, Any]:
+    """The structures strictly between two comparable losses, smallest readable triple first.
+
+    With ``A`` stronger than ``B`` the interval is ``✓_A ⊆ ✓ ⊆ ✓_B`` and ``✗_B ⊆ ✗ ⊆ ✗_A`` (SEMANTICS §5);
+    the endpoints are left out. ``distinct`` keeps the smallest structure of each loss function.
+    """
+    from dpalogic.analysis import join, meet, relation
+    from dpalogic.semantics import rho_sympy, semantic_loss_sympy
+    from dpalogic.syntax import to_ascii
+
+    if limit < 0:
+        raise DPALogicError(f"--limit must be ≥ 0, got {limit}")
+    name_a = a if isinstance(a, str) else a.text("ascii")
+    name_b = b if isinstance(b, str) else b.text("ascii")
+    sa = _structure_of(a) if isinstance(a, str) else a.check()
+    sb = _structure_of(b) if isinstance(b, str) else b.check()
+    extra = atoms if isinstance(atoms, tuple) else _parse_atoms(atoms)
+    if extra:  # explore over more atoms than the two losses mention
+        target = common_atoms(sa, sb, Structure(extra, 0, 0))
+        sa, sb = sa.over(target), sb.over(target)
+    else:
+        sa, sb = align(sa, sb)
+    rel = relation(sa, sb)
+    swapped = False
+    if rel == "weaker":
+        sa, sb, name_a, name_b, swapped = sb, sa, name_b, name_a, True
+    elif rel == "equivalent":
+        raise DPALogicError(f"{name_a} and {name_b} have the same structure: nothing lies strictly between them")
+    elif rel == "incomparable":
+        m, j = meet(sa, sb), join(sa, sb)
+        raise DPALogicError(
+            f"{name_a} and {name_b} are incomparable, so no interval lies between them; both lie between their "
+            f"meet {m.text('ascii')!r} and their join {j.text('ascii')!r} (try: dpalogic explore --between "
+            f"'{m.text('ascii')}' '{j.text('ascii')}')"
+        )
+    at, n, full = sa.atoms, sa.n, full_mask(sa.n)
+    free_top = sb.top & ~sa.top & full
+    free_bottom = sa.bottom & ~sb.bottom & full
+    free = free_top.bit_count() + free_bottom.bit_count()
+    if 1 << free > MAX_INTERVAL:
+        raise DPALogicError(
+            f"the interval between {name_a} and {name_b} holds 2^{free} structures, more than explore enumerates "
+            f"(2^{MAX_INTERVAL.bit_length() - 1}); pick closer losses or fewer --atoms"
+        )
+    tops = _subset_vectors(sa.top, free_top, n)
+    bottoms = _subset_vectors(sb.bottom, free_bottom, n)
+    endpoints = {(sa.top, sa.bottom), (sb.top, sb.bottom)}
+    keys: dict[tuple[int, int], tuple] = {}
+    for t, vt in tops:
+        for b_, vb in bottoms:
+            if (t, b_) not in endpoints and t and b_:
+                keys[(t, b_)] = _key(vt, vb, n)
+    by_sides, by_key = _catalog_index(at)
+    members = Counter(keys.values())
+    listed: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+    for sort_key, (t, b_) in _in_size_order(list(keys), at) if limit else ():
+        k = keys[(t, b_)]
+        if distinct and k in seen:
+            continue
+        seen.add(k)
+        s = Structure(at, t, b_)
+        core, given, additive = s.readable_triple()
+        row: dict[str, Any] = {
+            "structure": s.text("ascii"),
+            "structure_unicode": s.text("unicode"),
+            "core": to_ascii(core),
+            "given": to_ascii(given),
+            "additive": to_ascii(additive),
+            "top": to_ascii(s.top_formula),
+            "bottom": to_ascii(s.bottom_formula),
+            "size": sort_key[0],
+            "catalog": by_sides.get((t, b_), []),
+            "same_loss_as": by_key.get(k, []),
+            "structures_with_this_loss": members[k],
+        }
+        if closed_forms:
+            row["rho"] = str(rho_sympy(s))
+            row["loss"] = str(semantic_loss_sympy(s))
+        listed.append(row)
+        if len(listed) >= limit:
+            break
+    # catalog losses inside the interval, smallest structure first; equivalent ones (cpo = slic = …) grouped
+    inside = sorted((sides for sides in by_sides if sides in keys), key=lambda sd: _sort_key(*sd, at, exact=True))
+    catalog_groups = [by_sides[sides] for sides in inside]
+    return {
+        "stronger": name_a,
+        "weaker": name_b,
+        "swapped": swapped,
+        "atoms": [x.name for x in at],
+        "stronger_structure": sa.text("ascii"),
+        "weaker_structure": sb.text("ascii"),
+        "interval": 1 << free,
+        "strictly_between": len(keys),
+        "distinct_losses": len(members),
+        "catalog_between": [name for group in catalog_groups for name in group],
+        "catalog_between_groups": catalog_groups,
+        "distinct": distinct,
+        "listed": listed,
+    }
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def _print_landscape(info: dict[str, Any]) -> None:
+    n = info["atoms"]
+    print(f"atoms          {n} ({', '.join(info['atom_names'])}; the counts do not depend on the names)")
+    print(f"worlds         2^{n} = {info['worlds']}")
+    print(f"structures     4^(2^{n}) = {info['structures']}  (each world: on ✓, on ✗, both or neither)")
+    print(f"non-degenerate {info['non_degenerate_structures']}  (✓ and ✗ both satisfiable)")
+    if info["loss_functions"] is None:
+        print(f"loss functions not counted: the exact count enumerates structures, up to {MAX_EXACT_ATOMS} atoms")
+    else:
+        print(f"loss functions {info['loss_functions']} distinct non-degenerate (ρ1 ≡ ρ2 as rational functions)")
+    print("degenerate     " + "; ".join(f"{d['kind']}: {d['structures']} ({d['loss']})" for d in info["degenerate"]))
+    if info["class_sizes"]:
+        sizes = ", ".join(f"{v}×{k}" for k, v in info["class_sizes"].items())
+        print(f"class sizes    {sizes}  (loss functions × structures each)")
+    for members in info["largest_classes"]:
+        shown = members[:6]
+        more = f", … ({len(members)} in all)" if len(members) > len(shown) else ""
+        print(f"same loss      {' = '.join(shown)}{more}")
+
+
+def _print_explore(info: dict[str, Any]) -> None:
+    if info["swapped"]:
+        print(f"(swapped: {info['stronger']} is the stronger of the two)")
+    print(
+        f"{info['stronger']} is stronger than {info['weaker']}: {info['strictly_between']} structures lie strictly "
+        f"between them over {', '.join(info['atoms'])} ({info['interval']} in the closed interval), "
+        f"{info['distinct_losses']} distinct loss functions"
+    )
+    print(f"  {info['stronger']}: {info['stronger_structure']}")
+    print(f"  {info['weaker']}: {info['weaker_structure']}")
+    groups = ", ".join(" = ".join(g) for g in info["catalog_between_groups"])
+    print(f"catalog losses strictly between: {groups or '(none)'}")
+    for k, row in enumerate(info["listed"], 1):
+        names = ", ".join(row["catalog"])
+        same = [x for x in row["same_loss_as"] if x not in row["catalog"]]
+        tag = f"  [{names}]" if names else "  (new)"
+        if same:
+            tag += f"  same loss as {', '.join(same)}"
+        print(f"{k:>3}. {row['structure_unicode']}{tag}   size {row['size']}")
+        print(f"     ✓ {row['top']}    ✗ {row['bottom']}")
+        if "rho" in row:
+            print(f"     ρ = {row['rho']}")
+            print(f"     loss = {row['loss']}")
+    shown = len(info["listed"])
+    total = info["distinct_losses"] if info["distinct"] else info["strictly_between"]
+    if shown < total:
+        print(f"({shown} of {total} shown; --limit K for more)")
+
+
+def _run_landscape(args: argparse.Namespace) -> int:
+    n = args.atoms
+    info = landscape(n, examples=args.examples).as_dict(landscape_atoms(n))
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+    else:
+        _print_landscape(info)
+    return 0
+
+
+def _run_explore(args: argparse.Namespace) -> int:
+    info = explore(args.between[0], args.between[1], args.atoms, args.limit, args.distinct)
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+    else:
+        _print_explore(info)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``landscape`` and ``explore`` to the ``dpalogic`` command."""
+    p = subparsers.add_parser("landscape", help="how many structures and distinct loss functions over N atoms")
+    p.add_argument("--atoms", type=int, required=True, metavar="N", help=f"number of atoms (1–{MAX_ATOMS})")
+    p.add_argument("--examples", type=int, default=3, metavar="K", help="show the K largest same-loss classes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run_landscape)
+    e = subparsers.add_parser("explore", help="the structures strictly between two comparable losses")
+    e.add_argument("--between", nargs=2, required=True, metavar=("A", "B"), help="two losses (names or structures)")
+    e.add_argument("--atoms", nargs="+", metavar="ATOM", help="extra atoms to explore over, e.g. 'Ref(yw)'")
+    e.add_argument("--limit", type=int, default=20, metavar="K", help="list at most K structures (default 20)")
+    e.add_argument("--distinct", action="store_true", help="one structure per loss function (the smallest)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(run=_run_explore)

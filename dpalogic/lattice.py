@@ -1,0 +1,505 @@
+"""The entailment lattice of losses (SEMANTICS §5) as a Hasse diagram: build it, lay it out, export it.
+
+``build_lattice(specs)`` returns a ``networkx.DiGraph`` whose nodes are structures (losses with equivalent
+structures merged into one node, named by their first name) and whose edges go from the stronger loss to the
+weaker one, transitively reduced. Losses are grouped by atom set — reference-free (only ``M`` atoms) and with a
+reference model (``Ref`` atoms) — and compared within their group over the group's atoms; no edge joins two groups
+(a reference-free loss is not a reference loss with ``πref`` ignored; the paper draws them apart).
+
+Exports by file extension: ``.json``, ``.dot``, ``.graphml``, ``.png``/``.svg`` (a layered drawing made with
+matplotlib's Agg backend, no graphviz needed) and ``.html`` (a self-contained page: inline SVG, no scripts).
+
+networkx and matplotlib are imported lazily: registering the CLI command costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import json
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dpalogic.errors import DPALogicError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import networkx as nx
+
+    from dpalogic.semantics import Program
+    from dpalogic.structure import Structure
+
+REFERENCE_FREE = "reference-free"
+WITH_REFERENCE = "with reference"
+ID_NOTE = "each node's id is the first of its names; edges are [stronger, weaker] pairs of node ids"
+EXTENSIONS = (".json", ".dot", ".graphml", ".png", ".svg", ".html")
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+
+def _group_of(s: Structure) -> str:
+    return WITH_REFERENCE if any(a.pred == "Ref" for a in s.atoms) else REFERENCE_FREE
+
+
+def _named_programs(specs) -> list[tuple[str, Program]]:
+    """``(name, program)`` for each spec: catalog names keep their canonical name, structures their text."""
+    from dpalogic.catalog import entries, lookup, resolve
+    from dpalogic.semantics import Program
+    from dpalogic.structure import Structure
+
+    if specs is None:
+        return [(name, e.program) for name, e in entries().items()]
+    out: list[tuple[str, Program]] = []
+    for spec in specs:
+        if isinstance(spec, Program):
+            name = spec.name or (spec.structure.text("ascii") if spec.structure is not None else "program")
+        elif isinstance(spec, Structure):
+            name = spec.text("ascii")
+        elif isinstance(spec, str) and spec.strip() and "(" not in spec.strip():
+            name = lookup(spec).name  # aliases (sigmoid, mdpo) become the catalog name
+        elif isinstance(spec, str):
+            name = spec.strip()
+        else:
+            raise DPALogicError(
+                f"expected a loss name, structure text, Structure or Program, got {type(spec).__name__}"
+            )
+        if name not in (n for n, _ in out):
+            out.append((name, resolve(spec)))
+    return out
+
+
+def build_lattice(specs=None) -> nx.DiGraph:
+    """The Hasse diagram of the given losses (default: every single-structure catalog entry).
+
+    Nodes carry ``names`` (merged equivalent structures, in the order given), ``group``, ``atoms`` (the group's),
+    the readable triple (``core``, ``given``, ``additive``), ``structure`` (its text), ``top``/``bottom`` (✓/✗),
+    ``rho`` and ``rank`` (0 = strongest layer, by longest path). Edges go from stronger to weaker. Programs with
+    several structures are skipped, with a note in ``graph["notes"]``.
+    """
+    import networkx as nx
+
+    from dpalogic.analysis import relation
+    from dpalogic.semantics import rho_sympy
+    from dpalogic.structure import common_atoms
+    from dpalogic.syntax import to_ascii, to_unicode
+
+    named = _named_programs(specs)
+    notes: list[str] = []
+    skipped = [name for name, p in named if p.structure is None]
+    if skipped:
+        notes.append(
+            f"skipped {', '.join(skipped)}: programs with several structures have no single place in the lattice"
+        )
+    groups: dict[str, list[tuple[str, Structure]]] = {}
+    for name, p in named:
+        if p.structure is not None:
+            groups.setdefault(_group_of(p.structure), []).append((name, p.structure))
+
+    g = nx.DiGraph(id_note=ID_NOTE, notes=notes, groups={})
+    for group in (REFERENCE_FREE, WITH_REFERENCE):  # fixed order: reference-free first, as in the paper
+        members = groups.get(group)
+        if not members:
+            continue
+        atoms = common_atoms(*(s for _, s in members))
+        g.graph["groups"][group] = [a.name for a in atoms]
+        merged: dict[tuple[int, int], list[str]] = {}  # (✓, ✗) over the group's atoms → names
+        shapes: dict[tuple[int, int], Structure] = {}
+        for name, s in members:
+            s = s.over(atoms)
+            merged.setdefault((s.top, s.bottom), []).append(name)
+            shapes[(s.top, s.bottom)] = s
+        sub = nx.DiGraph()
+        for sides, names in merged.items():
+            s = shapes[sides]
+            core, given, additive = s.readable_triple()
+            sub.add_node(
+                names[0],
+                names=list(names),
+                group=group,
+                atoms=[a.name for a in atoms],
+                structure=s.text("unicode"),
+                structure_ascii=s.text("ascii"),
+                core=to_ascii(core),
+                given=to_ascii(given),
+                additive=to_ascii(additive),
+                top=to_ascii(s.top_formula),
+                bottom=to_ascii(s.bottom_formula),
+                rho=str(rho_sympy(s)),
+                label_parts=[to_unicode(core), to_unicode(given), to_unicode(additive)],
+                _structure=s,
+            )
+        for u, v in ((u, v) for u in sub for v in sub if u != v):
+            if relation(sub.nodes[u]["_structure"], sub.nodes[v]["_structure"]) == "stronger":
+                sub.add_edge(u, v)
+        hasse = nx.transitive_reduction(sub)  # the strict order is acyclic: equivalent structures were merged
+        hasse.add_nodes_from(sub.nodes(data=True))
+        for v in nx.topological_sort(hasse):  # longest path from the strongest layer
+            preds = [hasse.nodes[u]["rank"] for u in hasse.predecessors(v)]
+            hasse.nodes[v]["rank"] = 1 + max(preds) if preds else 0
+        # nodes strongest layer first (then in the order given): networkx lists edges in node order
+        place = {v: (d["rank"], i) for i, (v, d) in enumerate(hasse.nodes(data=True))}
+        for v in sorted(hasse, key=place.__getitem__):
+            data = dict(hasse.nodes[v])
+            data.pop("_structure")
+            g.add_node(v, **data)
+        g.add_edges_from(sorted(hasse.edges(), key=lambda e: (place[e[0]], place[e[1]])), relation="stronger")  # noqa: B023
+    return g
+
+
+# --------------------------------------------------------------------------------------------------- views
+
+
+def to_json(g: nx.DiGraph) -> dict[str, Any]:
+    """``{"id_note", "groups", "nodes": [...], "edges": [[stronger, weaker], ...], "notes"}``."""
+    keys = ("names", "group", "rank", "structure", "core", "given", "additive", "top", "bottom", "rho", "atoms")
+    return {
+        "id_note": g.graph["id_note"],
+        "groups": g.graph["groups"],
+        "nodes": [{"id": v, **{k: d[k] for k in keys}} for v, d in g.nodes(data=True)],
+        "edges": [[u, v] for u, v in g.edges()],
+        "notes": g.graph["notes"],
+    }
+
+
+def text_summary(g: nx.DiGraph) -> str:
+    """The lattice as text: each group's layers (strongest first) and Hasse edges."""
+    lines: list[str] = []
+    for group, atoms in g.graph["groups"].items():
+        nodes = [v for v, d in g.nodes(data=True) if d["group"] == group]
+        edges = [(u, v) for u, v in g.edges() if u in nodes]
+        lines.append(f"{group} (atoms {', '.join(atoms)}): {len(nodes)} nodes, {len(edges)} Hasse edges")
+        width = max(len(" = ".join(g.nodes[v]["names"])) for v in nodes)
+        for v in sorted(nodes, key=lambda v: (g.nodes[v]["rank"], nodes.index(v))):
+            d = g.nodes[v]
+            lines.append(f"  rank {d['rank']}  {' = '.join(d['names']):<{width}}  {d['structure']}")
+        if edges:
+            lines.append("  stronger → weaker: " + ", ".join(f"{u} → {v}" for u, v in edges))
+    lines.extend(f"note: {n}" for n in g.graph["notes"])
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- layout
+
+
+Route = tuple[str, str, list[tuple[float, float]]]
+
+
+def _layers(g: nx.DiGraph) -> list[tuple[str, list[list[Any]], dict[tuple[str, str], list[Any]]]]:
+    """Per group: its ordered layers (node ids and virtual points) and each edge's chain through them.
+
+    Layers are the longest-path ranks; an edge that skips layers gets a virtual point on each layer it crosses
+    (so it is routed between boxes, not through them), and each layer is ordered by barycenter sweeps, down then
+    up, to reduce crossings.
+    """
+    out = []
+    for group in g.graph["groups"]:
+        nodes = [v for v, d in g.nodes(data=True) if d["group"] == group]
+        rank: dict[Any, int] = {v: g.nodes[v]["rank"] for v in nodes}
+        up: dict[Any, list[Any]] = {v: [] for v in nodes}  # neighbours one layer up / down
+        down: dict[Any, list[Any]] = {v: [] for v in nodes}
+        chains: dict[tuple[str, str], list[Any]] = {}
+        for u, v in g.edges():
+            if u not in rank:
+                continue
+            chain: list[Any] = [u, *(("virtual", u, v, r) for r in range(rank[u] + 1, rank[v])), v]
+            for point in chain[1:-1]:
+                rank[point] = point[3]
+                up[point], down[point] = [], []
+            for a, b in zip(chain, chain[1:]):
+                down[a].append(b)
+                up[b].append(a)
+            chains[(u, v)] = chain
+        layers: dict[int, list[Any]] = {}
+        for v in rank:  # nodes first, in insertion order, then virtual points
+            layers.setdefault(rank[v], []).append(v)
+        depth = max(layers) + 1
+        for sweep in range(8):
+            downward = sweep % 2 == 0
+            for r in range(1, depth) if downward else range(depth - 2, -1, -1):
+                nbrs = up if downward else down
+                index = {v: i for lay in layers.values() for i, v in enumerate(lay)}
+                bary = {
+                    v: sum(index[w] for w in nbrs[v]) / len(nbrs[v]) if nbrs[v] else float(i)
+                    for i, v in enumerate(layers[r])
+                }
+                layers[r].sort(key=lambda v: bary[v])
+        out.append((group, [layers[r] for r in range(depth)], chains))
+    return out
+
+
+def layout(
+    g: nx.DiGraph,
+    sizes: dict[str, tuple[float, float]] | None = None,
+    gap: float = 0.3,
+    virtual_width: float = 0.15,
+) -> tuple[dict[str, tuple[float, float]], list[Route]]:
+    """A layered top-to-bottom layout: node centres and, per Hasse edge, its polyline (virtual points included).
+
+    ``sizes`` gives each node's box (width, height) in any unit (default 1 × 0.5); boxes in a layer sit side by
+    side ``gap`` apart, centred on their group; layers are one box height plus ``2·gap`` apart; groups sit side by
+    side. y grows upwards, so the strongest layer is on top.
+    """
+    sizes = sizes or {v: (1.0, 0.5) for v in g}
+    step = max((h for _, h in sizes.values()), default=0.5) + 2 * gap
+    pos: dict[str, tuple[float, float]] = {}
+    routes: list[Route] = []
+    x0 = 0.0
+    for _group, layers, chains in _layers(g):
+
+        def width(v: Any) -> float:
+            return virtual_width if isinstance(v, tuple) else sizes[v][0]
+
+        # start with each layer centred, then pull every item towards the mean of its neighbours (a few sweeps),
+        # keeping the layer's order and spacing: x = (leftmost feasible + rightmost feasible) / 2 stays feasible
+        where: dict[Any, list[float]] = {}
+        totals = [sum(width(v) for v in lay) + gap * (len(lay) - 1) for lay in layers]
+        for r, (lay, total) in enumerate(zip(layers, totals)):
+            x = -total / 2
+            for v in lay:
+                where[v] = [x + width(v) / 2, -r * step]
+                x += width(v) + gap
+        nbrs = {v: [] for v in where}
+        for chain in chains.values():
+            for a, b in zip(chain, chain[1:]):
+                nbrs[a].append(b)
+                nbrs[b].append(a)
+        for _ in range(6):
+            for lay in layers:
+                want = [sum(where[w][0] for w in nbrs[v]) / len(nbrs[v]) if nbrs[v] else where[v][0] for v in lay]
+                sep = [(width(a) + width(b)) / 2 + gap for a, b in zip(lay, lay[1:])]
+                lo, hi = want[:], want[:]
+                for i in range(1, len(lay)):
+                    lo[i] = max(want[i], lo[i - 1] + sep[i - 1])
+                for i in range(len(lay) - 2, -1, -1):
+                    hi[i] = min(want[i], hi[i + 1] - sep[i])
+                for v, a, b in zip(lay, lo, hi):
+                    where[v][0] = (a + b) / 2
+        left = min(where[v][0] - width(v) / 2 for v in where)
+        right = max(where[v][0] + width(v) / 2 for v in where)
+        for xy in where.values():
+            xy[0] += x0 - left
+        pos.update({v: (xy[0], xy[1]) for v, xy in where.items() if not isinstance(v, tuple)})
+        routes.extend((u, v, [(where[c][0], where[c][1]) for c in chain]) for (u, v), chain in chains.items())
+        x0 += right - left + 2 * gap
+    return pos, routes
+
+
+def _label(d: dict[str, Any]) -> str:
+    """A node's label: its names (wrapped), then ``P``, and ``P_C``/``P_A`` when they are not the defaults."""
+    names = textwrap.fill(", ".join(d["names"]), width=34, break_long_words=False)
+    core, given, additive = d["label_parts"]
+    lines = [names, core]
+    if d["given"] != "true" or d["additive"] != "false":
+        lines.append("given " + given)
+    if d["additive"] != "false":
+        lines.append("also ✗ " + additive)
+    return "\n".join(lines)
+
+
+_COLORS = {REFERENCE_FREE: "#dbe9f6", WITH_REFERENCE: "#fbe3cf"}
+_TEXT = {"ha": "center", "va": "center", "fontsize": 8.5, "linespacing": 1.35}
+_BOX = {"boxstyle": "round,pad=0.45", "ec": "#555555", "lw": 0.9}
+
+
+def draw(g: nx.DiGraph, path: str | Path | None = None, fmt: str | None = None) -> bytes:
+    """Draw the lattice with matplotlib (Agg) as PNG or SVG; writes ``path`` if given and returns the bytes.
+
+    Boxes are measured first, then laid out in inches (one data unit = one inch), so long labels never overlap.
+    SVG keeps its text as text (``svg.fonttype = none``): names stay searchable and selectable.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fmt = fmt or (Path(path).suffix.lstrip(".") if path else "svg")
+    if g.number_of_nodes() == 0:
+        raise DPALogicError("the lattice is empty: give at least one single-structure loss")
+    labels = {v: _label(d) for v, d in g.nodes(data=True)}
+    with matplotlib.rc_context({"svg.fonttype": "none", "font.family": "DejaVu Sans", "svg.hashsalt": "dpalogic"}):
+        # 1. measure every box (Figure + Agg canvas directly: no pyplot state, no GUI backend)
+        probe = Figure(dpi=100)
+        canvas = FigureCanvasAgg(probe)
+        texts = {v: probe.text(0.5, 0.5, labels[v], bbox={**_BOX, "fc": "white"}, **_TEXT) for v in labels}
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        sizes = {}
+        for v, t in texts.items():
+            ext = t.get_bbox_patch().get_window_extent(renderer)
+            sizes[v] = (ext.width / probe.dpi, ext.height / probe.dpi)
+        # 2. lay out in inches and draw
+        pos, routes = layout(g, sizes, gap=0.35)
+        margin, title = 0.25, 0.45
+        xs = [p[0] for _, _, pts in routes for p in pts]  # virtual points may stick out of the boxes' span
+        left = min([x - sizes[v][0] / 2 for v, (x, _) in pos.items()] + xs) - margin
+        right = max([x + sizes[v][0] / 2 for v, (x, _) in pos.items()] + xs) + margin
+        bottom = min(y - sizes[v][1] / 2 for v, (_, y) in pos.items()) - margin - 0.2
+        top = max(y + sizes[v][1] / 2 for v, (_, y) in pos.items()) + margin + title
+        fig = Figure(figsize=(right - left, top - bottom), dpi=150)
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.set_xlim(left, right)
+        ax.set_ylim(bottom, top)
+        ax.axis("off")
+        boxes = {}
+        for v, (x, y) in pos.items():
+            d = g.nodes[v]
+            boxes[v] = ax.text(x, y, labels[v], zorder=3, gid=f"node-{v}", bbox={**_BOX, "fc": _COLORS[d["group"]]},
+                               **_TEXT)  # fmt: skip
+        for group in g.graph["groups"]:
+            gx = [
+                (pos[v][0] - sizes[v][0] / 2, pos[v][0] + sizes[v][0] / 2) for v in pos if g.nodes[v]["group"] == group
+            ]
+            ax.text((min(a for a, _ in gx) + max(b for _, b in gx)) / 2, top - margin, group, ha="center",
+                    va="top", fontsize=10, fontweight="bold", color="#333333")  # fmt: skip
+        fig.canvas.draw()  # the boxes' patches get their size here; arrows are clipped to them
+        for u, v, pts in routes:
+            if len(pts) > 2:  # through the virtual points, under the boxes
+                ax.plot([p[0] for p in pts[:-1]], [p[1] for p in pts[:-1]], color="#666666", lw=1.1, zorder=1)
+            ax.annotate("", xy=pts[-1], xytext=pts[-2], zorder=2,
+                        arrowprops={"arrowstyle": "-|>", "color": "#666666", "lw": 1.1, "shrinkA": 2, "shrinkB": 3,
+                                    "patchA": boxes[u].get_bbox_patch() if len(pts) == 2 else None,
+                                    "patchB": boxes[v].get_bbox_patch(), "mutation_scale": 12})  # fmt: skip
+        ax.text(left + 0.1, bottom + 0.08, "arrows: stronger → weaker (its loss is ≥ under a shared monotone link)",
+                fontsize=7, color="#666666", va="bottom")  # fmt: skip
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+    data = buf.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def to_dot(g: nx.DiGraph) -> str:
+    """Graphviz DOT text, one cluster per group (written by hand: no pydot/pygraphviz needed)."""
+
+    def q(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    lines = ["digraph dpalogic_lattice {", "  rankdir=TB;", '  node [shape=box, style="rounded,filled"];']
+    for k, (group, atoms) in enumerate(g.graph["groups"].items()):
+        lines.append(f"  subgraph cluster_{k} {{")
+        lines.append(f"    label={q(group + ' (' + ', '.join(atoms) + ')')};")
+        for v, d in g.nodes(data=True):
+            if d["group"] == group:
+                lines.append(f"    {q(v)} [label={q(_label(d))}, fillcolor={q(_COLORS[group])}];")
+        lines.append("  }")
+    for u, v in g.edges():
+        lines.append(f"  {q(u)} -> {q(v)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write_graphml(g: nx.DiGraph, path: str | Path) -> None:
+    """GraphML: list attributes become comma-separated strings (GraphML has only scalar types)."""
+    import networkx as nx
+
+    h = nx.DiGraph()
+    for v, d in g.nodes(data=True):
+        h.add_node(v, **{k: ", ".join(x) if isinstance(x, list) else x for k, x in d.items()})
+    h.add_edges_from(g.edges(data=True))
+    h.graph["id_note"] = g.graph["id_note"]
+    nx.write_graphml(h, str(path))
+
+
+def to_html(g: nx.DiGraph) -> str:
+    """A self-contained page: the drawing as inline SVG, then the nodes and edges as tables. No scripts."""
+    svg = draw(g, fmt="svg").decode("utf-8")
+    svg = svg[svg.index("<svg") :]  # drop the XML prolog and DOCTYPE: inline SVG lives in the HTML document
+    e = html.escape
+    rows = "\n".join(
+        f"<tr><td>{e(v)}</td><td>{e(', '.join(d['names']))}</td><td>{e(d['group'])}</td><td>{d['rank']}</td>"
+        f"<td><code>{e(d['structure'])}</code></td><td><code>{e(d['top'])}</code></td>"
+        f"<td><code>{e(d['bottom'])}</code></td><td><code>{e(d['rho'])}</code></td></tr>"
+        for v, d in g.nodes(data=True)
+    )
+    edges = "\n".join(f"<li>{e(u)} → {e(v)}</li>" for u, v in g.edges()) or "<li>(none)</li>"
+    notes = "".join(f"<p class='note'>{e(n)}</p>" for n in g.graph["notes"])
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>dpalogic: the lattice of preference losses</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }}
+figure {{ margin: 1em 0; overflow-x: auto; }}
+figure svg {{ max-width: 100%; height: auto; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }}
+th {{ background: #f3f3f3; }}
+.note {{ color: #666; }}
+</style>
+</head>
+<body>
+<h1>The lattice of preference losses</h1>
+<p>Each box is a preference structure (losses with the same structure share a box, named by the first). An arrow
+goes from a <em>stronger</em> loss to a <em>weaker</em> one: ✓<sub>1</sub> ⊨ ✓<sub>2</sub> and
+✗<sub>2</sub> ⊨ ✗<sub>1</sub>, so under a shared monotone link the stronger loss is at least as large on every
+input. Only the Hasse edges are drawn; the order is their transitive closure.</p>
+<figure>
+{svg}
+</figure>
+<h2>Nodes</h2>
+<p>{e(g.graph["id_note"])}.</p>
+<table>
+<tr><th>id</th><th>names</th><th>group</th><th>rank</th><th>structure</th><th>✓</th><th>✗</th><th>ρ</th></tr>
+{rows}
+</table>
+<h2>Hasse edges (stronger → weaker)</h2>
+<ul>
+{edges}
+</ul>
+{notes}
+</body>
+</html>
+"""
+
+
+def export(g: nx.DiGraph, path: str | Path) -> Path:
+    """Write the lattice in the format named by ``path``'s extension (one of ``EXTENSIONS``)."""
+    p = Path(path)
+    ext = p.suffix.lower()
+    if ext not in EXTENSIONS:
+        raise DPALogicError(f"cannot write {str(path)!r}: the extension must be one of {', '.join(EXTENSIONS)}")
+    if not p.parent.exists():
+        raise DPALogicError(f"cannot write {str(path)!r}: the folder {str(p.parent)!r} does not exist")
+    try:
+        if ext == ".json":
+            p.write_text(json.dumps(to_json(g), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        elif ext == ".dot":
+            p.write_text(to_dot(g), encoding="utf-8")
+        elif ext == ".graphml":
+            write_graphml(g, p)
+        elif ext in (".png", ".svg"):
+            draw(g, p, ext[1:])
+        else:
+            p.write_text(to_html(g), encoding="utf-8")
+    except OSError as err:
+        raise DPALogicError(f"cannot write {str(path)!r}: {err.strerror or err}") from err
+    return p
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def _run(args: argparse.Namespace) -> int:
+    g = build_lattice(args.specs or None)
+    if args.out:
+        export(g, args.out)
+    if args.json:
+        print(json.dumps(to_json(g), indent=2, ensure_ascii=False))
+    else:
+        print(text_summary(g))
+        if args.out:
+            print(f"wrote {args.out} ({g.number_of_nodes()} nodes, {g.number_of_edges()} Hasse edges)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``lattice`` to the ``dpalogic`` command."""
+    p = subparsers.add_parser("lattice", help="the Hasse diagram of losses ordered by strength")
+    p.add_argument("specs", nargs="*", metavar="SPEC", help="loss names or structures (default: the whole catalog)")
+    p.add_argument("--out", metavar="FILE", help=f"write the lattice; format by extension: {', '.join(EXTENSIONS)}")
+    p.add_argument("--json", action="store_true", help="print nodes and [stronger, weaker] edges as JSON")
+    p.set_defaults(run=_run)
