@@ -26,6 +26,7 @@ __all__ = [
     "DPALogicError",
     "DegenerateStructureError",
     "FormulaSyntaxError",
+    "FusedLinearPreferenceLoss",
     "PreferenceLoss",
     "Program",
     "Structure",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from dpalogic.fused import FusedLinearPreferenceLoss
     from dpalogic.torch_loss import PreferenceLoss
 
 
@@ -44,4 +46,8 @@ def __getattr__(name: str):
         from dpalogic.torch_loss import PreferenceLoss
 
         return PreferenceLoss
+    if name == "FusedLinearPreferenceLoss":
+        from dpalogic.fused import FusedLinearPreferenceLoss
+
+        return FusedLinearPreferenceLoss
     raise AttributeError(f"module 'dpalogic' has no attribute {name!r}")

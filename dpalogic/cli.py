@@ -365,7 +365,12 @@ def _print_compare(info: dict[str, Any]) -> None:
 
 # Commands that live beside their stage register themselves: each module has ``register(subparsers)`` which adds
 # its parser(s) with ``set_defaults(run=fn)``, ``fn(args) -> int``. Modules must import heavy packages lazily.
-COMMAND_MODULES: list[str] = ["dpalogic.decompile", "dpalogic.lattice", "dpalogic.landscape"]
+COMMAND_MODULES: list[str] = [
+    "dpalogic.decompile",
+    "dpalogic.lattice",
+    "dpalogic.landscape",
+    "dpalogic.codegen",
+]
 
 
 def _register_plugins(p: argparse.ArgumentParser) -> None:

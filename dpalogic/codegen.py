@@ -1,0 +1,1000 @@
+"""Compiler backend: a loss program becomes a self-contained Python module with a fused Triton kernel.
+
+For every program ``loss = Σ_k c_k · f_k(β_k · log ρ_k − γ_k)`` the generator writes straight-line code, once for
+Triton and once for torch (the *twin*, same statements, torch functions), that computes the per-pair loss **and** its
+derivative with respect to every log-probability input in one pass:
+
+* each side's ``log WMC`` comes from its log-space plan (:func:`dpalogic.semantics.log_wmc_plan`): a positive literal
+  is the log-prob itself, a negative one ``log1mexp`` of it, a product a sum and a genuine sum ``logaddexp`` — DPO's
+  kernel is one logistic of four log-probs, ORPO's needs two ``log1mexp`` and no enumeration of worlds;
+* derivatives are the chain rule run backwards through the same plan (reverse mode, emitted as straight-line code):
+  ``∂/∂a logaddexp(a, b) = σ(a − b)``, ``∂/∂x log1mexp(x) = −eˣ/(1 − eˣ)`` and each link's ``f′(z)`` in a stable
+  closed form (checked against SymPy's derivative of :data:`dpalogic.semantics.LINKS` in the tests);
+* hyperparameters are kernel arguments (floats); token counts are inputs where a term is length-normalized.
+
+The generated module holds ``loss_and_grads_torch`` (the twin), ``loss_and_grads_triton`` (launches the kernel), a
+``torch.autograd.Function`` that saves the gradients and scales them by ``grad_output`` in backward, and
+``per_pair_loss(..., backend=)``. It imports triton lazily (guarded), so it imports and runs its torch twin on machines
+without triton. Output is deterministic (no timestamps, sorted names): ``dpalogic compile --catalog`` rewrites
+``generated/`` byte for byte.
+
+This module imports only SymPy and dpalogic's symbolic stages; torch is needed only to *load* a generated module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import keyword
+import linecache
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sympy
+
+from dpalogic.errors import DPALogicError
+from dpalogic.semantics import LINKS, Program, Term, log_wmc_plan, plan_text
+from dpalogic.syntax import Atom
+
+REGENERATE = "dpalogic compile --catalog"
+BLOCK = 1024  # pairs per Triton program: the kernel is elementwise, so any power of two that fills a warp works
+
+# --------------------------------------------------------------------------------------------------- names
+
+
+def input_name(atom: Atom) -> str:
+    """The argument that carries an atom's summed log-probability: ``M(yw)`` → ``chosen_logps``."""
+    fixed = {
+        "M(yw)": "chosen_logps",
+        "M(yl)": "rejected_logps",
+        "Ref(yw)": "ref_chosen_logps",
+        "Ref(yl)": "ref_rejected_logps",
+    }
+    if atom.name in fixed:
+        return fixed[atom.name]
+    return ("logps_" if atom.pred == "M" else "ref_logps_") + atom.answer
+
+
+def length_name(answer: str) -> str:
+    """The argument that carries an answer's token count: ``yw`` → ``chosen_lengths``."""
+    return {"yw": "chosen_lengths", "yl": "rejected_lengths"}.get(answer, f"lengths_{answer}")
+
+
+def _var(atom: Atom) -> str:
+    """The kernel variable of an atom's log-weight: ``M(yw)`` → ``m_yw``, ``Ref(yl)`` → ``ref_yl``."""
+    return ("m_" if atom.pred == "M" else "ref_") + atom.answer
+
+
+def _ident(name: str) -> str:
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise DPALogicError(f"module name {name!r} must be a Python identifier (letters, digits, underscores)")
+    return name
+
+
+# --------------------------------------------------------------------------------------------------- numbers
+
+
+def _py(e: sympy.Expr, prec: int = 0) -> str:
+    """A SymPy expression in hyperparameters as Python/Triton source, spaced as ``ruff format`` spaces it.
+
+    ``prec`` is the binding strength of the context: 0 top, 1 a sum, 2 a product, 3 a unary minus or power.
+    """
+    e = sympy.sympify(e)
+    if e.is_Symbol:
+        return e.name
+    if e.is_Number:
+        v = float(e)
+        s = repr(v)
+        return f"({s})" if v < 0 and prec >= 2 else s
+    if e.could_extract_minus_sign() and not e.is_Add:
+        s = "-" + _py(-e, 3)
+        return f"({s})" if prec >= 2 else s
+    num, den = e.as_numer_denom()
+    if den != 1:
+        s = f"{_py(num, 2)} / {_py(den, 3)}"
+        return f"({s})" if prec >= 3 else s
+    if e.is_Add:
+        terms = e.as_ordered_terms()
+        s = _py(terms[0], 1)
+        for t in terms[1:]:
+            s += f" - {_py(-t, 2)}" if t.could_extract_minus_sign() else f" + {_py(t, 2)}"
+        return f"({s})" if prec >= 2 else s
+    if e.is_Mul:
+        s = " * ".join(_py(f, 2) for f in e.as_ordered_factors())
+        return f"({s})" if prec >= 3 else s
+    if e.is_Pow and e.exp.is_Integer and e.exp > 0:
+        s = " * ".join([_py(e.base, 2)] * int(e.exp))
+        return f"({s})" if prec >= 3 else s
+    raise DPALogicError(f"cannot compile the hyperparameter expression {e} (only rational functions are supported)")
+
+
+def _is_one(e: sympy.Expr) -> bool:
+    return sympy.sympify(e) == 1
+
+
+def _is_zero(e: sympy.Expr) -> bool:
+    return sympy.sympify(e) == 0
+
+
+# --------------------------------------------------------------------------------------------------- emitter
+
+
+@dataclass
+class _Body:
+    """Straight-line statements for one flavor (``""`` torch, ``"_tl"`` Triton); helper names carry the suffix."""
+
+    sfx: str
+    lines: list[str] = field(default_factory=list)
+    l1m: dict[str, str] = field(default_factory=dict)  # input variable → its log1mexp variable
+    grads: dict[str, list[str]] = field(default_factory=dict)  # variable → signed adjoint contributions
+    counter: int = 0
+
+    def emit(self, line: str) -> None:
+        self.lines.append(line)
+
+    def helper(self, name: str) -> str:
+        return f"_{name}{self.sfx}"
+
+    def fresh(self, stem: str) -> str:
+        self.counter += 1
+        return f"{stem}{self.counter}"
+
+    def contribute(self, var: str, term: str) -> None:
+        self.grads.setdefault(var, []).append(term)
+
+
+def _scale(adj: str, factor: str) -> str:
+    return factor if adj == "1.0" else f"{adj} * {factor}"
+
+
+def _plan_forward(body: _Body, node, names: list[str]) -> tuple[str, tuple]:
+    """Emit the forward code of a plan node; returns (expression, tape) where the tape drives the backward pass."""
+    kind = node[0]
+    if kind == "zero":
+        return "zero", ("zero",)
+    if kind == "lit":
+        v = names[node[1]]
+        if node[2]:
+            return v, ("var", v)
+        if v not in body.l1m:
+            lv, dv = f"l1m_{v}", f"dl1m_{v}"
+            body.emit(f"{lv}, {dv} = {body.helper('log1mexp')}({v}, TINY)")
+            body.l1m[v] = lv
+        return body.l1m[v], ("var", body.l1m[v])
+    if kind == "add":
+        parts = [_plan_forward(body, c, names) for c in node[1:]]
+        return " + ".join(p[0] for p in parts), ("add", [p[1] for p in parts])
+    a, ta = _plan_forward(body, node[1], names)
+    b, tb = _plan_forward(body, node[2], names)
+    s = body.fresh("s")
+    body.emit(f"{s}, {s}_wa, {s}_wb = {body.helper('logaddexp')}({a}, {b})")
+    return s, ("lae", s, ta, tb)
+
+
+def _plan_backward(body: _Body, tape, adj: str, sign: str) -> None:
+    """Push the adjoint ``sign·adj`` of a plan node down to the input variables (reverse-mode chain rule)."""
+    kind = tape[0]
+    if kind == "zero":
+        return
+    if kind == "var":
+        body.contribute(tape[1], sign + adj)
+        return
+    if kind == "add":
+        for t in tape[1]:
+            _plan_backward(body, t, adj, sign)
+        return
+    s = tape[1]
+    _plan_backward(body, tape[2], _scale(adj, f"{s}_wa"), sign)
+    _plan_backward(body, tape[3], _scale(adj, f"{s}_wb"), sign)
+
+
+def _sum_terms(terms: list[str]) -> str:
+    out = ""
+    for t in terms:
+        if t.startswith("-"):
+            out += f" - {t[1:]}" if out else t
+        else:
+            out += f" + {t[1:]}" if out else t[1:]
+    return out
+
+
+_LINK_ARGS = {"hinge": ("margin",), "exo": ("epsilon",), "discopop": ("tau",)}
+_LINK_DEFAULTS = {"margin": 1}
+
+
+def _term_comment(k: int, t: Term) -> list[str]:
+    s = t.structure
+    top = plan_text(log_wmc_plan(s.top, s.n), s.atoms)
+    bot = plan_text(log_wmc_plan(s.bottom, s.n), s.atoms)
+    out = [f"# term {k}: {t.text()}{' (per token)' if t.normalized else ''}"]
+    out.append(f"#   log WMC(top) = {top}")
+    out.append(f"#   log WMC(bottom) = {bot}")
+    return out
+
+
+def _body(program: Program, sfx: str) -> _Body:
+    """The straight-line loss-and-gradient statements of a program, for one flavor.
+
+    Inputs are the variables ``m_yw``, ``ref_yl``, … (log-probs in the compute dtype) and ``n_yw``, … (token counts
+    clamped to ≥ 1); outputs are ``loss`` and ``d_<input name>`` for every atom.
+    """
+    body = _Body(sfx)
+    atoms = program.atoms
+    normalized_vars: dict[str, tuple[str, str]] = {}  # token-level variable → (sequence variable, length variable)
+    constants: list[str] = []
+    const_cache: dict[str, str] = {}
+
+    def const(e: sympy.Expr, stem: str) -> str:
+        """An inline constant, or a named scalar computed once from the hyperparameters."""
+        e = sympy.sympify(e)
+        if e.is_Symbol or e.is_Number:
+            return _py(e, 2)
+        text = _py(e)
+        if text not in const_cache:
+            name = f"{stem}{len(const_cache) + 1}"
+            const_cache[text] = name
+            constants.append(f"{name} = {text}")
+        return const_cache[text]
+
+    # length-normalized weights first (shared by every term that uses them)
+    for t in program.terms:
+        if t.normalized:
+            for a in t.structure.atoms:
+                v = _var(a) + "_tok"
+                if v not in normalized_vars:
+                    normalized_vars[v] = (_var(a), f"n_{a.answer}")
+    for v, (seq, n) in sorted(normalized_vars.items()):
+        body.emit(f"{v} = {seq} / {n}  # per-token log-weight (length-normalized)")
+
+    needs_zero = any(
+        log_wmc_plan(m, t.structure.n) == ("zero",)
+        for t in program.terms
+        for m in (t.structure.top, t.structure.bottom)
+    )
+    if needs_zero:
+        first = _var(atoms[0])
+        body.emit(f"zero = {first} * 0.0  # log 1: a side that holds in every world")
+
+    loss_parts: list[str] = []
+    for k, t in enumerate(program.terms, 1):
+        s = t.structure
+        names = [_var(a) + ("_tok" if t.normalized else "") for a in s.atoms]
+        for c in _term_comment(k, t):
+            body.emit(c)
+        top, top_tape = _plan_forward(body, log_wmc_plan(s.top, s.n), names)
+        bot, bot_tape = _plan_forward(body, log_wmc_plan(s.bottom, s.n), names)
+        body.emit(f"top{k} = {top}")
+        body.emit(f"bot{k} = {bot}")
+        scale = const(t.scale, "k") if not _is_one(t.scale) else None
+        z = f"{scale} * (top{k} - bot{k})" if scale else f"top{k} - bot{k}"
+        shift = sympy.sympify(t.shift)
+        if not _is_zero(shift):
+            if shift.could_extract_minus_sign():
+                z += f" + {const(-shift, 'g')}"
+            else:
+                z += f" - {const(shift, 'g')}"
+        body.emit(f"z{k} = {z}")
+        params = dict(t.link_params)
+        args = [f"z{k}"] + [const(params.get(p, _LINK_DEFAULTS.get(p, 0)), "p") for p in _LINK_ARGS.get(t.link, ())]
+        link = "sigmoid_link" if t.link == "sigmoid" else t.link
+        body.emit(f"f{k}, df{k} = {body.helper(link)}({', '.join(args)})")
+        coef = sympy.sympify(t.coef)
+        grad_factor = f"{scale} * df{k}" if scale else f"df{k}"
+        if coef.free_symbols:
+            # a coefficient may vanish (label smoothing 0, alpha 0): the term then contributes exactly nothing
+            c = const(coef, "c")
+            loss_parts.append(f"{body.helper('scaled')}({c}, f{k})")
+            body.emit(f"a{k} = {body.helper('scaled')}({c}, {grad_factor})  # d loss / d log rho_{k}")
+        elif _is_one(coef):
+            loss_parts.append(f"f{k}")
+            body.emit(f"a{k} = {grad_factor}  # d loss / d log rho_{k}")
+        else:
+            c = _py(coef, 2)
+            loss_parts.append(f"{c} * f{k}")
+            body.emit(f"a{k} = {c} * {grad_factor}  # d loss / d log rho_{k}")
+        _plan_backward(body, top_tape, f"a{k}", "+")
+        _plan_backward(body, bot_tape, f"a{k}", "-")
+
+    body.emit("loss = " + " + ".join(loss_parts))
+    body.emit("# backward: the chain rule through the plans, collected per input")
+    # log1mexp variables first: their adjoints flow into the variable they were computed from
+    for v, lv in sorted(body.l1m.items()):
+        if lv in body.grads:
+            body.emit(f"g_{lv} = {_sum_terms(body.grads[lv])}")
+            body.contribute(v, f"+g_{lv} * d{lv}")
+    for v in sorted(normalized_vars):
+        if v in body.grads:
+            body.emit(f"g_{v} = {_sum_terms(body.grads[v])}")
+    for a in atoms:
+        v = _var(a)
+        parts = list(body.grads.get(v, []))
+        tok = v + "_tok"
+        if tok in normalized_vars and tok in body.grads:
+            parts.append(f"+g_{tok} / n_{a.answer}")
+        rhs = _sum_terms(parts) if parts else f"{v} * 0.0"
+        body.emit(f"d_{input_name(a)} = {rhs}")
+    body.lines = constants + body.lines
+    return body
+
+
+# --------------------------------------------------------------------------------------------------- helpers (text)
+
+# Each helper exists twice: torch (no suffix) and Triton (``_tl``). Triton's core language has no log1p/expm1 that
+# also runs in the interpreter, so the Triton helpers build them from series near 0 and exp/log elsewhere.
+
+_TORCH_HELPERS: dict[str, str] = {
+    "softplus": '''
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) without overflow (torch's fused kernel; linear beyond 20, relative error below e^-20)."""
+    return torch.nn.functional.softplus(x)
+''',
+    "scaled": '''
+def _scaled(c: float, v: torch.Tensor) -> torch.Tensor:
+    """c * v, and exactly 0 when c == 0 (a switched-off term contributes nothing, not 0 * inf)."""
+    return c * v if c != 0.0 else torch.zeros_like(v)
+''',
+    "log1mexp": '''
+def _log1mexp(x: torch.Tensor, tiny: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(1 - e^x) and its derivative -e^x / (1 - e^x), accurate on both sides of -log 2.
+
+    x is clamped just below 0 (p = 1 gives a large finite value); the derivative is 0 where the clamp is active.
+    """
+    xc = torch.clamp(x, max=-tiny)
+    u = torch.exp(xc)
+    near0 = xc > -LN2
+    q = torch.where(near0, -torch.expm1(xc), 1.0 - u)  # 1 - e^x without cancellation
+    value = torch.where(near0, torch.log(q), torch.log1p(-u))
+    grad = torch.where(x <= -tiny, -u / q, 0.0)
+    return value, grad
+''',
+    "logaddexp": '''
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log(e^a + e^b) and its partial derivatives sigma(a - b), sigma(b - a)."""
+    return torch.logaddexp(a, b), torch.sigmoid(a - b), torch.sigmoid(b - a)
+''',
+    "logistic": '''
+def _logistic(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log sigma(z) and its derivative -sigma(-z)."""
+    return _softplus(-z), -torch.sigmoid(-z)
+''',
+    "hinge": '''
+def _hinge(z: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """max(0, margin - z) and its derivative (0 where the hinge is flat, as torch.relu's)."""
+    h = margin - z
+    return torch.relu(h), -(h > 0.0).to(z.dtype)
+''',
+    "squared": '''
+def _squared(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z^2 and 2z."""
+    return z * z, 2.0 * z
+''',
+    "sigmoid_link": '''
+def _sigmoid_link(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigma(-z) and its derivative -sigma(z) sigma(-z)."""
+    s = torch.sigmoid(-z)
+    return s, -s * torch.sigmoid(z)
+''',
+    "exponential": '''
+def _exponential(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e^(-z) and -e^(-z)."""
+    e = torch.exp(-z)
+    return e, -e
+''',
+    "exo": '''
+def _exo(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(Bernoulli(sigma(z)) || Bernoulli(1 - eps)) and its derivative sigma(z) sigma(-z) (z - log(1 - eps) + log eps)."""
+    lq, lnq = -_softplus(-z), -_softplus(z)
+    q, nq = torch.exp(lq), torch.exp(lnq)
+    a, b = math.log1p(-eps), math.log(eps)
+    return q * (lq - a) + nq * (lnq - b), q * nq * (z - a + b)
+''',
+    "discopop": '''
+def _discopop(z: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - sigma(z/tau)) (-log sigma(z)) + sigma(z/tau) e^(-z), the second part in log space, and its derivative."""
+    sn, sp = torch.sigmoid(-z / tau), torch.sigmoid(z / tau)
+    lg = _softplus(-z)
+    e = torch.exp(-_softplus(-z / tau) - z)
+    return sn * lg + e, -sp * sn / tau * lg - sn * torch.sigmoid(-z) + e * (sn / tau - 1.0)
+''',
+}
+
+_TRITON_HELPERS: dict[str, str] = {
+    "log1p": '''
+    @triton.jit
+    def _log1p_tl(u):
+        """log(1 + u): 2 atanh(u / (2 + u)) as a series for |u| < 0.1 (no cancellation), the plain log elsewhere."""
+        s = u / (2.0 + u)
+        s2 = s * s
+        series = 2.0 * s * (1.0 + s2 * (1.0 / 3 + s2 * (0.2 + s2 * (1.0 / 7 + s2 * (1.0 / 9 + s2 * (1.0 / 11))))))
+        return tl.where(tl.abs(u) < 0.1, series, tl.log(1.0 + u))
+''',
+    "sigmoid": '''
+    @triton.jit
+    def _sigmoid_tl(x):
+        """sigma(x) from e^(-|x|) <= 1: no overflow for any x."""
+        e = tl.exp(-tl.abs(x))
+        return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+''',
+    "softplus": '''
+    @triton.jit
+    def _softplus_tl(x):
+        """log(1 + e^x) without overflow."""
+        return tl.maximum(x, 0.0) + _log1p_tl(tl.exp(-tl.abs(x)))
+''',
+    "scaled": '''
+    @triton.jit
+    def _scaled_tl(c, v):
+        """c * v, and exactly 0 when c == 0 (a switched-off term contributes nothing, not 0 * inf)."""
+        return tl.where(c != 0.0, c * v, 0.0)
+''',
+    "log1mexp": '''
+    @triton.jit
+    def _log1mexp_tl(x, TINY: tl.constexpr):
+        """log(1 - e^x) and its derivative -e^x / (1 - e^x); x is clamped just below 0, as in the torch twin."""
+        xc = tl.minimum(x, -TINY)
+        u = tl.exp(xc)
+        # 1 - e^x: -expm1(x) by its Taylor series in Horner form for x > -0.1 (no cancellation), directly elsewhere
+        h = 1.0 + xc / 12
+        h = 1.0 + xc / 11 * h
+        h = 1.0 + xc / 10 * h
+        h = 1.0 + xc / 9 * h
+        h = 1.0 + xc / 8 * h
+        h = 1.0 + xc / 7 * h
+        h = 1.0 + xc / 6 * h
+        h = 1.0 + xc / 5 * h
+        h = 1.0 + xc / 4 * h
+        h = 1.0 + xc / 3 * h
+        h = 1.0 + xc / 2 * h
+        q = tl.where(xc > -0.1, -xc * h, 1.0 - u)
+        value = tl.where(xc > -0.6931471805599453, tl.log(q), _log1p_tl(-u))  # -log 2
+        grad = tl.where(x <= -TINY, -u / q, 0.0)
+        return value, grad
+''',
+    "logaddexp": '''
+    @triton.jit
+    def _logaddexp_tl(a, b):
+        """log(e^a + e^b) and its partial derivatives sigma(a - b), sigma(b - a)."""
+        d = a - b
+        e = tl.exp(-tl.abs(d))
+        big, small = 1.0 / (1.0 + e), e / (1.0 + e)
+        return tl.maximum(a, b) + _log1p_tl(e), tl.where(d >= 0.0, big, small), tl.where(d >= 0.0, small, big)
+''',
+    "logistic": '''
+    @triton.jit
+    def _logistic_tl(z):
+        """-log sigma(z) and its derivative -sigma(-z)."""
+        return _softplus_tl(-z), -_sigmoid_tl(-z)
+''',
+    "hinge": '''
+    @triton.jit
+    def _hinge_tl(z, margin):
+        """max(0, margin - z) and its derivative (0 where the hinge is flat)."""
+        h = margin - z
+        return tl.maximum(h, 0.0), tl.where(h > 0.0, -1.0, 0.0)
+''',
+    "squared": '''
+    @triton.jit
+    def _squared_tl(z):
+        """z^2 and 2z."""
+        return z * z, 2.0 * z
+''',
+    "sigmoid_link": '''
+    @triton.jit
+    def _sigmoid_link_tl(z):
+        """sigma(-z) and its derivative -sigma(z) sigma(-z)."""
+        s = _sigmoid_tl(-z)
+        return s, -s * _sigmoid_tl(z)
+''',
+    "exponential": '''
+    @triton.jit
+    def _exponential_tl(z):
+        """e^(-z) and -e^(-z)."""
+        e = tl.exp(-z)
+        return e, -e
+''',
+    "exo": '''
+    @triton.jit
+    def _exo_tl(z, eps):
+        """KL(Bernoulli(sigma(z)) || Bernoulli(1 - eps)) and its derivative sigma(z) sigma(-z) (z - log(1 - eps) + log eps)."""
+        lq = -_softplus_tl(-z)
+        lnq = -_softplus_tl(z)
+        q = tl.exp(lq)
+        nq = tl.exp(lnq)
+        a = _log1p_tl(-eps)
+        b = tl.log(eps)
+        return q * (lq - a) + nq * (lnq - b), q * nq * (z - a + b)
+''',
+    "discopop": '''
+    @triton.jit
+    def _discopop_tl(z, tau):
+        """(1 - sigma(z/tau)) (-log sigma(z)) + sigma(z/tau) e^(-z), the second part in log space, and its derivative."""
+        sn = _sigmoid_tl(-z / tau)
+        sp = _sigmoid_tl(z / tau)
+        lg = _softplus_tl(-z)
+        e = tl.exp(-_softplus_tl(-z / tau) - z)
+        return sn * lg + e, -sp * sn / tau * lg - sn * _sigmoid_tl(-z) + e * (sn / tau - 1.0)
+''',
+}
+
+# what each helper calls (so only the helpers a program needs are emitted, in dependency order)
+_TRITON_DEPS = {
+    "softplus": ("log1p",),
+    "log1mexp": ("log1p",),
+    "logaddexp": ("log1p",),
+    "logistic": ("softplus", "sigmoid"),
+    "sigmoid_link": ("sigmoid",),
+    "exo": ("softplus", "log1p"),
+    "discopop": ("softplus", "sigmoid"),
+}
+_TORCH_DEPS = {"logistic": ("softplus",), "exo": ("softplus",), "discopop": ("softplus",)}
+_ORDER = (
+    "log1p",
+    "sigmoid",
+    "softplus",
+    "scaled",
+    "log1mexp",
+    "logaddexp",
+    "logistic",
+    "hinge",
+    "squared",
+    "sigmoid_link",
+    "exponential",
+    "exo",
+    "discopop",
+)
+
+
+def _closure(names: set[str], deps: dict[str, tuple[str, ...]]) -> list[str]:
+    out = set()
+    todo = list(names)
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(deps.get(n, ()))
+    return [n for n in _ORDER if n in out]
+
+
+# --------------------------------------------------------------------------------------------------- the module
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A generated module's source and what it was generated from."""
+
+    name: str
+    source: str
+    program: Program
+    atoms: tuple[Atom, ...]
+    inputs: tuple[str, ...]
+    answers: tuple[str, ...]  # answers whose token counts some length-normalized term needs
+    hyperparameters: dict[str, float]
+
+
+def _indent(lines: list[str], n: int) -> list[str]:
+    pad = " " * n
+    return [pad + ln if ln else ln for ln in lines]
+
+
+def _docstring_header(
+    name: str, program: Program, title: str | None, citation: str | None, origin: str, command: str
+) -> list[str]:
+    atoms = program.atoms
+    out = [f'"""Generated by dpalogic from {origin}. Do not edit: regenerate with `{command}`.', ""]
+    if title:
+        out.append(f"{name}: {title}" + (f" ({citation})" if citation else ""))
+        out.append("")
+    out.append("program  " + " + ".join(f"[{t.text()}]" for t in program.terms))
+    for k, t in enumerate(program.terms, 1):
+        s = t.structure
+        out.append(f"term {k}   {t.text()}" + ("   (per-token log-probs)" if t.normalized else "") + f"   [{t.role}]")
+        out.append(f"         structure {s.text('ascii')}")
+        from dpalogic.syntax import to_ascii
+
+        out.append(f"         top    {to_ascii(s.top_formula)}")
+        out.append(f"         bottom {to_ascii(s.bottom_formula)}")
+        out.append(
+            "         log rho = "
+            + plan_text(log_wmc_plan(s.top, s.n), s.atoms)
+            + " - ("
+            + plan_text(log_wmc_plan(s.bottom, s.n), s.atoms)
+            + ")"
+        )
+    out.append("inputs   " + ", ".join(f"{input_name(a)} = log {a.name}" for a in atoms))
+    hp = ", ".join(f"{k}={v!r}" for k, v in sorted(program.defaults.items()))
+    out.append(f"hyperparameters (defaults)  {hp or '(none)'}")
+    out.append("")
+    out.append("Inputs are per-sequence summed log-probs [B]; length-normalized terms divide them by the token counts")
+    out.append("(clamped to >= 1). `per_pair_loss` returns the loss of every pair; its backward scales gradients that")
+    out.append("the forward pass already computed (one fused pass: Triton on CUDA, the torch twin elsewhere).")
+    out.append('"""')
+    return out
+
+
+def _lit(x) -> str:
+    """A Python literal with double-quoted strings (what ``ruff format`` would write)."""
+    if isinstance(x, str):
+        return '"' + x.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(x, tuple):
+        if len(x) == 1:
+            return f"({_lit(x[0])},)"
+        return "(" + ", ".join(_lit(v) for v in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{_lit(k)}: {_lit(v)}" for k, v in x.items()) + "}"
+    return repr(x)
+
+
+LINE = 120
+
+
+def _wrap_call(indent: int, head: str, args: list[str], tail: str = ")") -> list[str]:
+    """``head(args)tail`` laid out as ruff format lays it out: one line, one indented line, or one per line."""
+    pad = " " * indent
+    one = f"{pad}{head}{', '.join(args)}{tail}"
+    if len(one) <= LINE:
+        return [one]
+    inner = f"{pad}    {', '.join(args)}"
+    if len(inner) <= LINE:
+        return [f"{pad}{head}", inner, f"{pad}{tail}"]
+    return [f"{pad}{head}", *[f"{pad}    {x}," for x in args], f"{pad}{tail}"]
+
+
+def _wrap_body(lines: list[str], indent: int) -> list[str]:
+    """Indent straight-line statements; an assignment too long for a line is split before its + and − operators."""
+    pad = " " * indent
+    out = []
+    for ln in lines:
+        full = pad + ln
+        if len(full) <= LINE or ln.startswith("#") or " = " not in ln:
+            out.append(full)
+            continue
+        lhs, rhs = ln.split(" = ", 1)
+        if len(pad) + 4 + len(rhs) <= LINE:
+            out += [f"{pad}{lhs} = (", f"{pad}    {rhs}", f"{pad})"]
+            continue
+        parts, depth, cur = [], 0, ""
+        i = 0
+        while i < len(rhs):
+            c = rhs[i]
+            depth += c in "([" and 1 or 0
+            depth -= c in ")]" and 1 or 0
+            if depth == 0 and rhs[i : i + 3] in (" + ", " - "):
+                parts.append(cur)
+                cur = rhs[i + 1]
+                i += 3
+                cur += " "
+                continue
+            cur += c
+            i += 1
+        parts.append(cur)
+        out += [f"{pad}{lhs} = (", *[f"{pad}    {p}" for p in parts], f"{pad})"]
+    return out
+
+
+def compile_program(
+    program: Program,
+    name: str,
+    *,
+    title: str | None = None,
+    citation: str | None = None,
+    origin: str | None = None,
+    command: str = REGENERATE,
+) -> Compiled:
+    """Generate the module source for a program (deterministic: the same program gives the same bytes)."""
+    name = _ident(name)
+    atoms = program.atoms
+    if not program.terms or not atoms:
+        raise DPALogicError("the program has no terms over atoms: nothing to compile")
+    for t in program.terms:
+        t.structure.check()
+        if t.link not in LINKS:  # pragma: no cover - Term validates its link
+            raise DPALogicError(f"unknown link {t.link!r}")
+    inputs = tuple(input_name(a) for a in atoms)
+    answers = tuple(
+        sorted(
+            {a.answer for t in program.terms if t.normalized for a in t.structure.atoms},
+            key=lambda s: Atom("M", s).sort_key,
+        )
+    )
+    lengths = tuple(length_name(a) for a in answers)
+    hp = dict(sorted(program.defaults.items()))
+    origin = origin or (f"the catalog program {program.name!r}" if program.name else "a derived program")
+
+    torch_body = _body(program, "")
+    tl_body = _body(program, "_tl")
+    need = {"sigmoid_link" if t.link == "sigmoid" else t.link for t in program.terms}
+    if any("_scaled(" in ln for ln in torch_body.lines):
+        need.add("scaled")
+    if torch_body.l1m:
+        need.add("log1mexp")
+    if any("_logaddexp(" in ln for ln in torch_body.lines):
+        need.add("logaddexp")
+
+    args = list(inputs + lengths)
+    kernel = f"{name}_fwd_bwd"
+    rule = "# " + "-" * 100
+
+    L: list[str] = _docstring_header(name, program, title, citation, origin, command)
+    L += [
+        "",
+        "from __future__ import annotations",
+        "",
+        "import math",
+        "import os",
+        "",
+        "import torch",
+        "",
+        "try:  # triton is optional: without it the torch twin below still runs",
+        "    import triton",
+        "    import triton.language as tl",
+        "except ImportError:  # pragma: no cover",
+        "    triton = None",
+        "",
+        "try:",
+        "    from dpalogic.errors import DPALogicError as _InputError",
+        "except ImportError:  # pragma: no cover - the module also works without dpalogic",
+        "    _InputError = ValueError",
+        "",
+        f"NAME = {_lit(name)}",
+        f"ATOMS = {_lit(tuple(a.name for a in atoms))}",
+        f"INPUTS = {_lit(inputs)}",
+        f"LENGTHS = {_lit(lengths)}",
+        f"HYPERPARAMETERS = {_lit(hp)}",
+        f"BLOCK = {BLOCK}",
+        "LN2 = math.log(2.0)",
+        "",
+        f"{rule} torch twin",
+    ]
+    for n in _closure(need, _TORCH_DEPS):
+        L += ["", "", *_TORCH_HELPERS[n].strip("\n").split("\n")]
+
+    sig = [f"    {x}: torch.Tensor," for x in args]
+    if hp:
+        sig += ["    *,", *[f"    {k}: float," for k in hp]]
+    L += ["", "", "def loss_and_grads_torch(", *sig, ") -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:"]
+    L += [
+        '    """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""',
+        f"    dt = torch.float64 if {inputs[0]}.dtype == torch.float64 else torch.float32",
+    ]
+    if torch_body.l1m:
+        L.append("    TINY = torch.finfo(dt).tiny")
+    L += [f"    {_var(a)} = {x}.to(dt)" for a, x in zip(atoms, inputs)]
+    L += [f"    n_{ans} = {ln}.to(dt).clamp(min=1.0)" for ans, ln in zip(answers, lengths)]
+    L += _wrap_body(torch_body.lines, 4)
+    grads = [f"d_{x}" for x in inputs]
+    L += _wrap_call(4, "return loss, (", grads, ")") if len(grads) > 1 else [f"    return loss, (d_{inputs[0]},)"]
+
+    L += ["", "", f"{rule} Triton kernel", "", "if triton is not None:", ""]
+    helpers = _closure(need, _TRITON_DEPS)
+    for i, n in enumerate(helpers):
+        if i:
+            L.append("")
+        L += _TRITON_HELPERS[n].strip("\n").split("\n")
+    if helpers:
+        L.append("")
+    kargs = [f"{x}_ptr" for x in args] + ["loss_ptr"] + [f"d_{x}_ptr" for x in inputs] + ["n_pairs"]
+    kargs += list(hp) + ["TINY: tl.constexpr", "BLOCK: tl.constexpr"]
+    L += ["    @triton.jit", f"    def {kernel}(", *[f"        {a}," for a in kargs], "    ):"]
+    L += [
+        '        """BLOCK pairs per program: loads the log-probs, writes loss[B] and d loss / d log-prob of each input."""',
+        "        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+        "        mask = offs < n_pairs",
+        "        dt = loss_ptr.dtype.element_ty",
+    ]
+    L += [f"        {_var(a)} = tl.load({x}_ptr + offs, mask=mask, other=-1.0).to(dt)" for a, x in zip(atoms, inputs)]
+    L += [
+        f"        n_{ans} = tl.maximum(tl.load({ln}_ptr + offs, mask=mask, other=1).to(dt), 1.0)"
+        for ans, ln in zip(answers, lengths)
+    ]
+    L += _wrap_body(tl_body.lines, 8)
+    L.append("        tl.store(loss_ptr + offs, loss, mask=mask)")
+    L += [f"        tl.store(d_{x}_ptr + offs, d_{x}, mask=mask)" for x in inputs]
+    L += ["", f"    KERNEL = {kernel}", "else:  # pragma: no cover", "    KERNEL = None"]
+    L += [
+        "",
+        "",
+        "def triton_available(device: torch.device) -> bool:",
+        '    """Can the kernel run on this device: CUDA with triton, or any device under TRITON_INTERPRET=1."""',
+        "    if KERNEL is None:",
+        "        return False",
+        '    if device.type == "cuda":',
+        "        return True",
+        '    return os.environ.get("TRITON_INTERPRET") == "1" and type(KERNEL).__name__ == "InterpretedFunction"',
+        "",
+        "",
+        "def loss_and_grads_triton(",
+        *sig,
+        ") -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:",
+        '    """The same as `loss_and_grads_torch`, from one launch of the fused kernel (inputs: contiguous, 1-D)."""',
+        f"    if not triton_available({inputs[0]}.device):",
+        "        raise _InputError(",
+        '            "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton and this module "',
+        '            "are imported (the CPU interpreter)"',
+        "        )",
+        f"    dt = torch.float64 if {inputs[0]}.dtype == torch.float64 else torch.float32",
+        f"    n = {inputs[0]}.numel()",
+        f"    loss = torch.empty(n, dtype=dt, device={inputs[0]}.device)",
+        f"    grads = tuple(torch.empty_like(loss) for _ in range({len(inputs)}))",
+        "    if n:",
+        "        grid = (triton.cdiv(n, BLOCK),)",
+    ]
+    launch = [*args, "loss", "*grads", "n", *[f"float({k})" for k in hp], "TINY=torch.finfo(dt).tiny", "BLOCK=BLOCK"]
+    L += _wrap_call(8, "KERNEL[grid](", launch)
+    L.append("    return loss, grads")
+
+    L += [
+        "",
+        "",
+        "class LossFunction(torch.autograd.Function):",
+        '    """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""',
+        "",
+        "    @staticmethod",
+        "    def forward(ctx, use_triton: bool, hyperparameters: dict, *tensors: torch.Tensor) -> torch.Tensor:",
+        '        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape."""',
+        "        impl = loss_and_grads_triton if use_triton else loss_and_grads_torch",
+        "        loss, grads = impl(*[t.reshape(-1).contiguous() for t in tensors], **hyperparameters)",
+        "        ctx.save_for_backward(*grads)",
+        "        ctx.meta = (tensors[0].shape, [t.dtype for t in tensors[: len(INPUTS)]])",
+        "        return loss.reshape(tensors[0].shape)",
+        "",
+        "    @staticmethod",
+        "    def backward(ctx, grad_loss: torch.Tensor):",
+        "        shape, dtypes = ctx.meta",
+        "        g = grad_loss.reshape(-1)",
+        "        out = [",
+        "            (g * d).reshape(shape).to(dt) if need else None",
+        "            for d, dt, need in zip(ctx.saved_tensors, dtypes, ctx.needs_input_grad[2:])",
+        "        ]",
+        "        return None, None, *out, *[None] * len(LENGTHS)",
+    ]
+    pp = [f"    {x}: torch.Tensor," for x in args]
+    pp += ["    *,", *[f"    {k}: float = {v!r}," for k, v in hp.items()], '    backend: str = "auto",']
+    hp_dict = "{" + ", ".join(f"{_lit(k)}: {k}" for k in hp) + "}"
+    L += [
+        "",
+        "",
+        "def per_pair_loss(",
+        *pp,
+        ") -> torch.Tensor:",
+        '    """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.',
+        "",
+        '    backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".',
+        '    """',
+        '    if backend not in ("auto", "triton", "torch"):',
+        "        raise _InputError(f\"backend must be 'auto', 'triton' or 'torch', got {backend!r}\")",
+        *_wrap_call(4, "tensors = torch.broadcast_tensors(", args),
+        "    device = tensors[0].device",
+        "    if any(t.device != device for t in tensors):",
+        '        raise _InputError("all inputs must be on the same device")',
+        '    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and KERNEL is not None)',
+        f"    return LossFunction.apply(use_triton, {hp_dict}, *tensors)",
+    ]
+    src = "\n".join(L).rstrip("\n") + "\n"
+    return Compiled(name, src, program, atoms, inputs, answers, hp)
+
+
+# --------------------------------------------------------------------------------------------------- catalog & loading
+
+
+def compile_catalog_entry(name: str) -> Compiled:
+    from dpalogic.catalog import lookup
+
+    e = lookup(name)
+    return compile_program(e.program, e.name, title=e.title, citation=e.citation)
+
+
+def compile_spec(spec, name: str | None = None, command: str | None = None) -> Compiled:
+    """A catalog name, structure text, Structure or Program → its compiled module source.
+
+    ``command`` is the command line written into the header as the way to regenerate the file.
+    """
+    from dpalogic.catalog import entries, resolve
+
+    key = spec.strip().lower().replace("-", "_") if isinstance(spec, str) else None
+    if key in entries() and name in (None, key):
+        return compile_catalog_entry(key)
+    program = resolve(spec)
+    origin = None
+    if isinstance(spec, str) and program.name is None:
+        origin = f"the structure {spec.strip()!r}"
+    name = name or program.name or "derived"
+    command = command or (
+        f"dpalogic compile {_shell_quote(spec.strip())} --name {name}" if isinstance(spec, str) else REGENERATE
+    )
+    return compile_program(program, name, origin=origin, command=command)
+
+
+def _shell_quote(text: str) -> str:
+    return text if text.replace("_", "").isalnum() else '"' + text.replace('"', '\\"') + '"'
+
+
+_LOADED: dict[str, types.ModuleType] = {}
+
+
+def load(compiled: Compiled) -> types.ModuleType:
+    """Import a generated module from its source (cached by content); triton sees its source through linecache."""
+    digest = hashlib.sha256(compiled.source.encode()).hexdigest()[:16]
+    # @triton.jit picks the interpreter or the compiler when the module is executed: one module per mode
+    mode = "interpret" if os.environ.get("TRITON_INTERPRET") == "1" else "jit"
+    key = f"{digest}_{mode}"
+    if key in _LOADED:
+        return _LOADED[key]
+    modname = f"dpalogic_generated_{compiled.name}_{key}"
+    filename = f"<dpalogic-generated {compiled.name} {key}>"
+    linecache.cache[filename] = (len(compiled.source), None, compiled.source.splitlines(True), filename)
+    mod = types.ModuleType(modname)
+    mod.__file__ = filename
+    sys.modules[modname] = mod
+    exec(compile(compiled.source, filename, "exec"), mod.__dict__)
+    _LOADED[key] = mod
+    return mod
+
+
+def module_for(program: Program) -> types.ModuleType:
+    """The loaded generated module of a program (what ``PreferenceLoss(backend=...)`` runs)."""
+    return load(compile_program(program, _ident_from(program.name)))
+
+
+def _ident_from(name: str | None) -> str:
+    if not name:
+        return "derived"
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return out if out.isidentifier() and not keyword.iskeyword(out) else "derived"
+
+
+def write_catalog(out_dir: Path) -> list[Path]:
+    """Write ``<out_dir>/<name>.py`` for every catalog loss; returns the paths written."""
+    from dpalogic.catalog import entries
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in sorted(entries()):
+        path = out_dir / f"{name}.py"
+        path.write_text(compile_catalog_entry(name).source, encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.catalog:
+        if args.spec is not None or args.out is not None or args.name is not None:
+            raise DPALogicError("--catalog compiles every catalog loss: give no SPEC, --name or --out (use --out-dir)")
+        paths = write_catalog(Path(args.out_dir))
+        for p in paths:
+            print(p)
+        return 0
+    if args.spec is None:
+        raise DPALogicError("give a loss name or structure to compile, or --catalog")
+    command = f"dpalogic compile {_shell_quote(args.spec)}" + (f" --name {args.name}" if args.name else "")
+    command += f" --out {args.out}" if args.out else ""
+    compiled = compile_spec(args.spec, args.name, command)
+    if args.out is None:
+        sys.stdout.write(compiled.source)
+        return 0
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise DPALogicError(f"the folder {str(out.parent)!r} does not exist")
+    out.write_text(compiled.source, encoding="utf-8")
+    print(out)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``dpalogic compile`` to the CLI."""
+    p = subparsers.add_parser(
+        "compile",
+        help="generate a fused Triton kernel + torch twin module for a loss",
+        description="Generate Python with a fused forward+backward Triton kernel and a torch twin for a loss.",
+    )
+    p.add_argument("spec", nargs="?", help='a catalog name ("dpo") or structure text "(M(yl) -> M(yw), M(yw) | M(yl))"')
+    p.add_argument("--name", help="module/kernel name for a derived structure (a Python identifier)")
+    p.add_argument("--out", help="write the module here (default: print it)")
+    p.add_argument("--catalog", action="store_true", help="write OUT_DIR/<name>.py for every catalog loss")
+    p.add_argument("--out-dir", default="generated", help="folder for --catalog (default: ./generated)")
+    p.set_defaults(run=_run)

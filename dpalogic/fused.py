@@ -1,0 +1,332 @@
+"""A preference loss fused with the LM head: from hidden states to the loss without full-vocabulary logits.
+
+``FusedLinearPreferenceLoss(spec)`` takes the last hidden states of chosen and rejected answers (stacked on the batch
+dimension, chosen first, as Liger-Kernel's fused linear preference losses do), the LM head ``weight [V, H]`` (and
+bias) and the labels, and returns the program's loss. It never holds the logits of the whole batch: rows are processed
+one chunk of pairs at a time, and each chunk's gradients for the hidden states, the weight and the bias are computed
+in the forward pass (the backward only scales them by ``grad_output``):
+
+1. ``logits = h @ Wᵀ + b`` for the chunk's ``2·chunk_size·T`` token rows, in one float32 buffer;
+2. in place: gather the label logits, subtract the row max, exponentiate, sum → ``logsumexp``; the buffer now holds
+   ``exp(logit − max)``, and the token log-probs ``logit[label] − logsumexp`` (ignored labels count 0);
+3. per-sequence sums ``log π(y)`` and token counts → the per-pair loss and ``∂loss/∂log π`` from the program
+   (:class:`~dpalogic.torch_loss.PreferenceLoss`, so length-normalized and reference terms follow the catalog);
+4. in place: the buffer becomes ``∂loss/∂logits = c_t · (onehot(label) − softmax)`` with ``c_t = ∂loss/∂log π`` of
+   the token's sequence (0 for ignored tokens); then ``∂h = G W``, ``∂W += Gᵀ h`` (float32) and ``∂b += Σ G``.
+
+So the chunk costs one logits buffer and three matmuls (forward, ∂h, ∂W), as a fused forward+backward should. Labels
+are used as given: position ``t`` of ``hidden`` predicts ``labels[:, t]`` (shift them before calling, as for Liger's
+``LigerFusedLinear*Loss``). Inputs in bfloat16/float16 accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpalogic.errors import DPALogicError
+from dpalogic.torch_loss import PreferenceLoss
+
+_PAIR_ATOMS = {"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"}
+
+
+def _rows(B: int, start: int, end: int, device: torch.device) -> torch.Tensor:
+    """Row indices of a chunk of pairs in the stacked batch: chosen ``start:end`` then rejected ``B+start:B+end``."""
+    r = torch.arange(start, end, device=device)
+    return torch.cat([r, r + B])
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float64 stays float64, everything else is accumulated in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buf: torch.Tensor) -> torch.Tensor:
+    """``h @ Wᵀ + b`` into the accumulation-dtype buffer ``buf`` (computed in the input dtype)."""
+    if h.dtype == buf.dtype:
+        if bias is None:
+            return torch.mm(h, weight.t(), out=buf)
+        return torch.addmm(bias, h, weight.t(), out=buf)
+    logits = h @ weight.t()
+    if bias is not None:
+        logits += bias
+    buf.copy_(logits)  # the low-precision logits die here: one float32 buffer is what stays alive
+    return buf
+
+
+def _token_logps_inplace(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs at ``labels``; leaves ``exp(logits − max)`` in ``logits`` and returns the row sums.
+
+    Everything is in place on the float32 buffer: no second vocabulary-sized tensor is allocated.
+    """
+    label_logit = logits.gather(1, labels[:, None]).squeeze(1)
+    mx = logits.amax(dim=1)
+    logits.sub_(mx[:, None]).exp_()
+    total = logits.sum(dim=1)
+    return label_logit - mx - total.log(), total
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    chunk_rows: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label log-probs ``[N]`` and token counts ``[N]`` of every row of ``hidden [N, T, H]``, no gradients.
+
+    Used for the reference model; processes ``chunk_rows`` sequences at a time (one float32 logits buffer).
+    """
+    N, T, H = hidden.shape
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    acc = _acc_dtype(hidden.dtype)
+    out = torch.empty(N, dtype=acc, device=hidden.device)
+    buf = torch.empty(min(N, chunk_rows) * T, weight.shape[0], dtype=acc, device=hidden.device)
+    with torch.no_grad():
+        for s in range(0, N, chunk_rows):
+            e = min(N, s + chunk_rows)
+            rows = (e - s) * T
+            logits = _chunk_logits(hidden[s:e].reshape(rows, H), weight, bias, buf[:rows])
+            tok, _ = _token_logps_inplace(logits, safe[s:e].reshape(rows))
+            out[s:e] = (tok * valid[s:e].reshape(rows)).view(e - s, T).sum(1)
+    return out, valid.sum(1)
+
+
+class _FusedLinearPreference(torch.autograd.Function):
+    """Loss and all gradients in the forward pass, chunk by chunk; backward scales them by ``grad_output``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_chosen, ref_rejected, loss_fn, ignore_index, chunk, reduction):
+        N, T, H = hidden.shape
+        B = N // 2
+        V = weight.shape[0]
+        dev = hidden.device
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, 0)
+        lengths = valid.sum(1)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = _acc_dtype(hidden.dtype)
+        grad_w = torch.zeros(V, H, dtype=acc, device=dev) if need_w else None
+        grad_b = torch.zeros(V, dtype=acc, device=dev) if need_b else None
+        seq_logps = torch.empty(N, dtype=acc, device=dev)
+        losses = torch.empty(B, dtype=acc, device=dev)
+        buf = torch.empty(2 * min(B, chunk) * T, V, dtype=acc, device=dev)
+        scale = 1.0 / B if reduction == "mean" else 1.0
+        for s in range(0, B, chunk):
+            e = min(B, s + chunk)
+            c = e - s
+            rows_idx = _rows(B, s, e, dev)
+            rows = 2 * c * T
+            h = hidden.index_select(0, rows_idx).reshape(rows, H)
+            lbl = safe.index_select(0, rows_idx).reshape(rows)
+            mask = valid.index_select(0, rows_idx).reshape(rows)
+            logits = _chunk_logits(h, weight, bias, buf[:rows])
+            tok, total = _token_logps_inplace(logits, lbl)
+            seq = (tok * mask).view(2 * c, T).sum(1)
+            seq_logps[rows_idx] = seq
+            # the program's per-pair loss and its gradient w.r.t. the summed log-probs of this chunk's sequences
+            with torch.enable_grad():
+                lc, lr = seq[:c].detach().requires_grad_(), seq[c:].detach().requires_grad_()
+                per = loss_fn(
+                    lc,
+                    lr,
+                    None if ref_chosen is None else ref_chosen[s:e],
+                    None if ref_rejected is None else ref_rejected[s:e],
+                    chosen_lengths=lengths[s:e],
+                    rejected_lengths=lengths[B + s : B + e],
+                )
+                per_sum = per.sum()
+                if per_sum.requires_grad:
+                    gc, gr = torch.autograd.grad(per_sum, [lc, lr], allow_unused=True)
+                else:  # a loss that ignores the policy entirely (constant ratio): no gradient
+                    gc = gr = None
+            losses[s:e] = per.detach()
+            if not (need_h or need_w or need_b):
+                continue
+            g = torch.cat(
+                [gc if gc is not None else torch.zeros_like(lc), gr if gr is not None else torch.zeros_like(lr)]
+            )
+            coef = (g.detach().to(acc) * scale).repeat_interleave(T) * mask  # ∂loss/∂(token log-prob)
+            # buffer: exp(logit − max) → softmax → −c·softmax → c·(onehot − softmax) = ∂loss/∂logits
+            logits.mul_((-coef / total)[:, None])
+            logits.scatter_add_(1, lbl[:, None], coef[:, None])
+            G = logits if h.dtype == acc else logits.to(h.dtype)
+            if need_h:
+                gh = (G @ weight).view(2 * c, T, H)
+                grad_h.index_copy_(0, rows_idx, gh.to(grad_h.dtype))
+            if need_w:
+                grad_w.addmm_(logits.t(), h if h.dtype == acc else h.to(acc))  # accumulated in float32/64
+            if need_b:
+                grad_b += logits.sum(0)
+        loss = losses.sum() * scale
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(seq_logps, losses)
+        return loss, seq_logps, losses, lengths
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        if grad_loss.item() != 1.0:  # the usual loss.backward() needs no scaling, and no second V×H buffer
+            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_loss
+            grad_b = None if grad_b is None else grad_b * grad_loss
+        gw = None if grad_w is None else grad_w.to(w_dtype)
+        gb = None if grad_b is None else grad_b.to(b_dtype)
+        return grad_h, gw, gb, None, None, None, None, None, None, None
+
+
+class FusedLinearPreferenceLoss(torch.nn.Module):
+    """The LM head and a preference loss in one: ``(hidden, lm_head_weight, labels) → (loss, metrics)``.
+
+    >>> fused = FusedLinearPreferenceLoss("dpo", beta=0.1)
+    >>> loss, metrics = fused(hidden, lm_head.weight, labels, ref_hidden=ref_hidden)  # doctest: +SKIP
+
+    ``hidden [2B, T, H]`` holds the chosen answers' hidden states stacked over the rejected ones' (chosen first);
+    ``labels [2B, T]`` the target token of each position (already shifted; ``ignore_index`` marks prompt/padding).
+    Log-probs are summed per sequence; length-normalized terms (SimPO, IPO, ORPO, the NLL terms) divide by the
+    number of non-ignored labels. Programs with a reference model take either ``ref_chosen_logps``/
+    ``ref_rejected_logps`` (summed, ``[B]``) or ``ref_hidden`` (with ``ref_weight``/``ref_bias``; by default the
+    policy's head), from which the reference log-probs are computed chunk by chunk without gradients.
+
+    ``chunk_size`` is the number of pairs per chunk (the logits buffer holds ``2·chunk_size·T`` rows). ``backend``
+    picks the per-pair loss implementation (see :class:`~dpalogic.torch_loss.PreferenceLoss`); this chunked path
+    itself is torch (matmuls and in-place elementwise ops) on any device.
+    """
+
+    def __init__(
+        self,
+        spec,
+        *,
+        ignore_index: int = -100,
+        chunk_size: int = 1,
+        reduction: str = "mean",
+        backend: str = "auto",
+        **hyperparameters: float,
+    ) -> None:
+        super().__init__()
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise DPALogicError(f"chunk_size must be a positive integer (pairs per chunk), got {chunk_size!r}")
+        if reduction not in ("mean", "sum"):
+            raise DPALogicError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.loss_fn = PreferenceLoss(spec, reduction="none", backend=backend, **hyperparameters)
+        self.program = self.loss_fn.program
+        extra = sorted(a.name for a in self.program.atoms if a.name not in _PAIR_ATOMS)
+        if extra:
+            raise DPALogicError(
+                f"the fused LM-head loss takes chosen/rejected pairs; this program also mentions {', '.join(extra)}"
+            )
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+        self.reduction = reduction
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        return self.loss_fn.hyperparameters
+
+    def extra_repr(self) -> str:
+        return f"{self.loss_fn.extra_repr()}, chunk_size={self.chunk_size}, ignore_index={self.ignore_index}"
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        lm_head_weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._check(hidden, lm_head_weight, labels, bias)
+        B = hidden.shape[0] // 2
+        ref_c, ref_r = ref_chosen_logps, ref_rejected_logps
+        if self.loss_fn.needs_reference and (ref_c is None or ref_r is None):
+            if ref_hidden is None:
+                raise DPALogicError(
+                    f"{self.program.name or 'this loss'} uses a reference model: pass ref_chosen_logps and "
+                    "ref_rejected_logps, or ref_hidden (with ref_weight/ref_bias if the reference head differs)"
+                )
+            if ref_hidden.shape != hidden.shape:
+                raise DPALogicError(f"ref_hidden must have the shape of hidden {tuple(hidden.shape)}")
+            if ref_weight is None:
+                ref_weight, ref_bias = lm_head_weight, bias if ref_bias is None else ref_bias
+            ref, _ = sequence_logps(
+                ref_hidden.detach(),
+                ref_weight.detach(),
+                labels,
+                None if ref_bias is None else ref_bias.detach(),
+                ignore_index=self.ignore_index,
+                chunk_rows=2 * self.chunk_size,
+            )
+            ref_c, ref_r = ref[:B], ref[B:]
+        for name, t in (("ref_chosen_logps", ref_c), ("ref_rejected_logps", ref_r)):
+            if t is not None and tuple(t.shape) != (B,):
+                raise DPALogicError(f"{name} must have shape [B] = ({B},), got {tuple(t.shape)}")
+        loss, seq, losses, lengths = _FusedLinearPreference.apply(
+            hidden,
+            lm_head_weight,
+            bias,
+            labels,
+            None if ref_c is None else ref_c.detach(),
+            None if ref_r is None else ref_r.detach(),
+            self.loss_fn,
+            self.ignore_index,
+            self.chunk_size,
+            self.reduction,
+        )
+        return loss, self._metrics(seq, lengths, losses, ref_c, ref_r)
+
+    def _check(self, hidden, weight, labels, bias) -> None:
+        if hidden.dim() != 3 or hidden.shape[0] % 2:
+            raise DPALogicError(f"hidden must be [2B, T, H] (chosen stacked over rejected), got {tuple(hidden.shape)}")
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+            raise DPALogicError(f"lm_head_weight must be [V, H] with H = {hidden.shape[2]}, got {tuple(weight.shape)}")
+        if tuple(labels.shape) != tuple(hidden.shape[:2]):
+            raise DPALogicError(f"labels must be [2B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise DPALogicError(f"labels must be integer token ids, got {labels.dtype}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise DPALogicError(f"bias must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if weight.dtype != hidden.dtype:
+            raise DPALogicError(f"hidden ({hidden.dtype}) and lm_head_weight ({weight.dtype}) must share a dtype")
+        valid = labels != self.ignore_index
+        if valid.any():
+            lo, hi = int(labels[valid].min()), int(labels[valid].max())
+            if lo < 0 or hi >= weight.shape[0]:
+                raise DPALogicError(
+                    f"labels must be token ids in [0, {weight.shape[0]}) or ignore_index={self.ignore_index}; "
+                    f"found {lo if lo < 0 else hi}"
+                )
+
+    def _metrics(self, seq, lengths, losses, ref_c, ref_r) -> dict[str, torch.Tensor]:
+        """Per-sequence log-probs, rewards, margins and accuracy (detached), named as TRL/Liger log them."""
+        B = seq.shape[0] // 2
+        pref = next((t for t in self.loss_fn.terms if t.coef != 0.0), None)
+        beta = pref.scale if pref is not None else 1.0
+        normalized = pref.normalized if pref is not None else False
+        n = lengths.float().clamp(min=1.0)
+        lp = seq / n if normalized else seq
+        if ref_c is not None and ref_r is not None:
+            ref = torch.cat([ref_c, ref_r]).to(seq.dtype)
+            lp = lp - (ref / n if normalized else ref)
+        rewards = beta * lp
+        out = {
+            "chosen_logps": seq[:B],
+            "rejected_logps": seq[B:],
+            "chosen_lengths": lengths[:B],
+            "rejected_lengths": lengths[B:],
+            "chosen_rewards": rewards[:B],
+            "rejected_rewards": rewards[B:],
+            "margins": rewards[:B] - rewards[B:],
+            "accuracy": (rewards[:B] > rewards[B:]).float().mean(),
+            "losses": losses,
+        }
+        if ref_c is not None:
+            out["ref_chosen_logps"], out["ref_rejected_logps"] = ref_c.detach(), ref_r.detach()
+        return out

@@ -1,0 +1,224 @@
+"""FusedLinearPreferenceLoss against a plain full-logits reference (values and gradients of hidden, weight, bias),
+and against Liger-Kernel's own fused linear DPO/ORPO/SimPO/CPO losses (compiled=False, called as a library)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpalogic import DPALogicError, FusedLinearPreferenceLoss, PreferenceLoss
+from dpalogic.catalog import entries
+
+
+def make(B=3, T=47, H=31, V=123, seed=0, dtype=torch.float64, bias=True, ignore_frac=0.3, ref=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * B, T, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype)
+    b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.1).to(dtype) if bias else None
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[torch.rand(2 * B, T, generator=g) < ignore_frac] = -100
+    labels[:, :3] = -100  # a "prompt"
+    extra = {}
+    if ref:
+        extra["ref_hidden"] = hidden + 0.1 * torch.randn(2 * B, T, H, generator=g, dtype=torch.float64).to(dtype)
+        extra["ref_weight"] = weight + 0.05 * torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype)
+    return hidden, weight, b, labels, extra
+
+
+def full_logits_reference(
+    spec, hidden, weight, bias, labels, ref_hidden=None, ref_weight=None, ignore_index=-100, **hp
+):
+    """Plain PyTorch: materialize all logits, log_softmax, gather, sum per sequence, PreferenceLoss, autograd."""
+
+    def seq_logps(h, w, b):
+        logits = h @ w.t()
+        if b is not None:
+            logits = logits + b
+        lp = F.log_softmax(logits.double(), dim=-1)
+        valid = labels != ignore_index
+        tok = lp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
+        return (tok * valid).sum(-1), valid.sum(-1)
+
+    B = hidden.shape[0] // 2
+    lp, n = seq_logps(hidden, weight, bias)
+    ref_c = ref_r = None
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref, _ = seq_logps(ref_hidden, ref_weight, None)
+        ref_c, ref_r = ref[:B], ref[B:]
+    return PreferenceLoss(spec, **hp)(lp[:B], lp[B:], ref_c, ref_r, chosen_lengths=n[:B], rejected_lengths=n[B:])
+
+
+def run_both(spec, data, chunk_size=1, hp=None, atol=1e-9):
+    hp = hp or {}
+    hidden, weight, bias, labels, extra = data
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    fused = FusedLinearPreferenceLoss(spec, chunk_size=chunk_size, **hp)
+    b = leaves[2] if bias is not None else None
+    loss, metrics = fused(leaves[0], leaves[1], labels, b, **extra)
+    loss.backward()
+    rb = ref_leaves[2] if bias is not None else None
+    want = full_logits_reference(spec, ref_leaves[0], ref_leaves[1], rb, labels, **extra, **hp)
+    want.backward()
+    return loss, want, leaves, ref_leaves, metrics
+
+
+# every catalog loss (NLL terms, length normalization, reference models, smoothing) through the fused path
+@pytest.mark.parametrize("name", sorted(entries()))
+def test_fused_matches_full_logits_reference(name):
+    hp = {"label_smoothing": 0.1} if "label_smoothing" in entries()[name].program.defaults else {}
+    if name == "exo_pair":
+        hp = {"label_smoothing": 1e-3}
+    data = make(B=3, T=47, H=31, V=123, seed=1)
+    loss, want, leaves, ref_leaves, _ = run_both(name, data, chunk_size=2, hp=hp)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+    for got, exp, what in zip((x.grad for x in leaves), (x.grad for x in ref_leaves), ("hidden", "weight", "bias")):
+        torch.testing.assert_close(got, exp, rtol=1e-7, atol=1e-10, msg=what)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5])
+def test_chunk_sizes_and_all_ignored_rows(chunk_size):
+    data = make(B=4, T=9, H=8, V=50, seed=2)
+    hidden, weight, bias, labels, extra = data
+    labels[1] = -100  # a chosen answer with no tokens at all
+    labels[4 + 2] = -100  # and a rejected one
+    for spec in ("dpo", "simpo", "orpo"):
+        loss, want, leaves, ref_leaves, metrics = run_both(spec, (hidden, weight, bias, labels, extra), chunk_size)
+        assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-9)
+        for got, exp in zip((x.grad for x in leaves), (x.grad for x in ref_leaves)):
+            torch.testing.assert_close(got, exp, rtol=1e-7, atol=1e-10)
+        assert metrics["chosen_lengths"][1].item() == 0 and metrics["chosen_logps"][1].item() == 0.0
+        assert leaves[0].grad[1].abs().max().item() == 0.0  # no token, no gradient
+
+
+def test_length_normalization_uses_non_ignored_tokens():
+    hidden, weight, bias, labels, _ = make(B=2, T=12, H=6, V=20, seed=3, ref=False)
+    _, m = FusedLinearPreferenceLoss("simpo")(hidden, weight, labels, bias)
+    lp = F.log_softmax(hidden @ weight.t() + bias, -1)
+    valid = labels != -100
+    tok = lp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1) * valid
+    torch.testing.assert_close(m["chosen_logps"].double(), tok[:2].sum(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m["chosen_lengths"], valid[:2].sum(-1))
+    # SimPO's reward is β times the per-token (normalized) log-prob
+    want = 0.1 * tok[:2].sum(-1) / valid[:2].sum(-1)
+    torch.testing.assert_close(m["chosen_rewards"].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_logps_given_directly_equal_ref_hidden():
+    hidden, weight, bias, labels, extra = make(B=2, T=10, H=8, V=30, seed=4)
+    fused = FusedLinearPreferenceLoss("dpo", beta=0.3)
+    a, ma = fused(hidden, weight, labels, bias, **extra)
+    b, _ = fused(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ref_chosen_logps=ma["ref_chosen_logps"],
+        ref_rejected_logps=ma["ref_rejected_logps"],
+    )
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    assert ma["margins"].shape == (2,) and 0.0 <= ma["accuracy"].item() <= 1.0
+    # rewards: β (log πθ − log πref)
+    want = 0.3 * (ma["chosen_logps"] - ma["ref_chosen_logps"])
+    torch.testing.assert_close(ma["chosen_rewards"], want)
+
+
+def test_bf16_accumulates_in_float32():
+    hidden, weight, bias, labels, _ = make(B=2, T=16, H=32, V=64, seed=5, dtype=torch.float32, ref=False)
+    h16, w16, b16 = (t.bfloat16().requires_grad_() for t in (hidden, weight, bias))
+    loss, _ = FusedLinearPreferenceLoss("cpo")(h16, w16, labels, b16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and w16.grad.dtype == torch.bfloat16 and h16.grad.dtype == torch.bfloat16
+    h, w, b = (t.detach().float().requires_grad_() for t in (h16, w16, b16))
+    want = full_logits_reference("cpo", h, w, b, labels)
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=2e-2)
+    for got, exp in ((h16.grad, h.grad), (w16.grad, w.grad), (b16.grad, b.grad)):
+        assert torch.nn.functional.cosine_similarity(got.float().flatten(), exp.flatten(), dim=0) > 0.999
+
+
+def test_grad_output_is_scaled_and_frozen_head():
+    hidden, weight, bias, labels, extra = make(B=2, T=8, H=5, V=17, seed=6)
+    h = hidden.clone().requires_grad_()
+    loss, _ = FusedLinearPreferenceLoss("dpo")(h, weight, labels, bias, **extra)  # weight, bias frozen
+    (3.0 * loss).backward()
+    h2 = hidden.clone().requires_grad_()
+    want = full_logits_reference("dpo", h2, weight, bias, labels, **extra)
+    (3.0 * want).backward()
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(hidden=torch.zeros(3, 4, 5)), "hidden must be [2B, T, H]"),
+        (dict(weight=torch.zeros(7, 6)), "lm_head_weight must be [V, H]"),
+        (dict(labels=torch.zeros(4, 3, dtype=torch.long)), "labels must be [2B, T]"),
+        (dict(labels=torch.full((4, 4), 9)), "labels must be token ids in [0, 7)"),
+        (dict(labels=torch.zeros(4, 4)), "integer token ids"),
+        (dict(bias=torch.zeros(3)), "bias must be [V]"),
+    ],
+)
+def test_bad_input_is_reported(kwargs, fragment):
+    args = dict(hidden=torch.zeros(4, 4, 5), weight=torch.zeros(7, 5), labels=torch.zeros(4, 4, dtype=torch.long))
+    args.update(kwargs)
+    with pytest.raises(DPALogicError) as info:
+        FusedLinearPreferenceLoss("cpo")(args["hidden"], args["weight"], args["labels"], args.get("bias"))
+    assert fragment in str(info.value)
+
+
+def test_bad_configuration_is_reported():
+    with pytest.raises(DPALogicError, match="chunk_size"):
+        FusedLinearPreferenceLoss("dpo", chunk_size=0)
+    with pytest.raises(DPALogicError, match="reference model"):
+        FusedLinearPreferenceLoss("dpo")(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(DPALogicError, match="M\\(y3\\)"):
+        FusedLinearPreferenceLoss("M(y3) -> M(yw)")
+
+
+# --------------------------------------------------------------------------------------------------- Liger-Kernel
+
+
+def liger_case(name):
+    from liger_kernel.chunked_loss import (
+        LigerFusedLinearCPOLoss,
+        LigerFusedLinearDPOLoss,
+        LigerFusedLinearORPOLoss,
+        LigerFusedLinearSimPOLoss,
+    )
+
+    if name == "dpo":
+        return LigerFusedLinearDPOLoss(beta=0.1, compiled=False, use_ref_model=True, average_log_prob=False), True
+    if name == "orpo":  # Liger's ORPO averages log-probs and adds alpha·NLL (alpha = 1)
+        return LigerFusedLinearORPOLoss(beta=0.1, compiled=False), False
+    if name == "simpo":
+        return LigerFusedLinearSimPOLoss(beta=0.1, gamma=0.5, compute_nll_loss=False, compiled=False), False
+    return LigerFusedLinearCPOLoss(beta=0.1, alpha=1.0, compiled=False, average_log_prob=False), False
+
+
+@pytest.mark.parametrize("name", ["dpo", "orpo", "simpo", "cpo"])
+def test_fused_matches_liger(name):
+    pytest.importorskip("liger_kernel")
+    liger, uses_ref = liger_case(name)
+    B, T, H, V = 3, 21, 16, 97
+    hidden, weight, bias, labels, extra = make(B=B, T=T, H=H, V=V, seed=7, dtype=torch.float32, ref=uses_ref)
+    # Liger averages the NLL over all chosen tokens of the batch, dpalogic per pair: equal for equal chosen lengths
+    labels[:B] = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(8))
+    labels[:B, :4] = -100
+    ours = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    theirs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, metrics = FusedLinearPreferenceLoss(name)(ours[0], ours[1], labels, ours[2], **extra)
+    loss.backward()
+    if uses_ref:
+        out = liger(theirs[1], theirs[0], labels, theirs[2], extra["ref_hidden"], extra["ref_weight"], None)
+    else:
+        out = liger(theirs[1], theirs[0], labels, theirs[2])
+    out[0].backward()
+    assert loss.item() == pytest.approx(out[0].item(), rel=1e-5)
+    for a, b, what in zip(ours, theirs, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=what)
+    # Liger reports per-sequence log-probs (averaged where it averages): ours are sums with token counts
+    chosen = metrics["chosen_logps"] / (metrics["chosen_lengths"] if name in ("orpo", "simpo") else 1)
+    torch.testing.assert_close(chosen, out[1][0], rtol=1e-5, atol=1e-5)
