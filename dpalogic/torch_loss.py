@@ -54,7 +54,8 @@ def _link(name: str, z: torch.Tensor, params: Mapping[str, float]) -> torch.Tens
     if name == "squared":
         return z * z
     if name == "sigmoid":
-        return torch.sigmoid(-z)
+        # exp(log σ(−z)) rather than σ(−z): autograd's σ' = s(1 − s) cancels when s ≈ 1, log σ's derivative does not
+        return torch.exp(F.logsigmoid(-z))
     if name == "exponential":
         return torch.exp(-z)
     if name == "exo":
