@@ -370,6 +370,7 @@ COMMAND_MODULES: list[str] = [
     "dpalogic.lattice",
     "dpalogic.landscape",
     "dpalogic.codegen",
+    "dpalogic.training.cli",
 ]
 
 

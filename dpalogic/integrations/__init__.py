@@ -1,0 +1,1 @@
+"""Adapters that plug dpalogic losses into other training libraries (imported on demand, e.g. ``.trl``)."""

@@ -1,0 +1,406 @@
+"""Preference data: reading, validating, tokenizing and batching rows of ``prompt`` / ``chosen`` / ``rejected``.
+
+Rows follow TRL's conventions: the three fields are either strings (``"prompt": "2+2=", "chosen": "4"``) or chat
+message lists (``"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", ...}]``); rows
+whose ``chosen``/``rejected`` are whole conversations may omit ``prompt`` (the shared leading messages become it).
+
+Malformed rows are reported with their row numbers (1-based; line numbers for JSONL) and skipped, or are fatal with
+``strict=True``. A batch stacks the B chosen sequences over the B rejected ones (``[2B, T]``, right-padded) with
+``labels = -100`` outside the answers, so the loss only ever sees answer tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpalogic.errors import DPALogicError
+
+FIELDS = ("prompt", "chosen", "rejected")
+IGNORE_INDEX = -100
+MAX_LISTED_ISSUES = 20
+
+
+@dataclass(frozen=True)
+class RowIssue:
+    """One malformed row: where it is (1-based) and what is wrong with it."""
+
+    row: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row}: {self.reason}"
+
+
+@dataclass
+class PreferenceRows:
+    """The valid rows of a source (normalized to ``prompt``/``chosen``/``rejected``) and the skipped ones."""
+
+    source: str
+    rows: list[dict[str, Any]]
+    row_numbers: list[int]
+    issues: list[RowIssue] = field(default_factory=list)
+
+    def summary(self, what: str = "data") -> str:
+        """``"train data prefs.jsonl: 98 rows used, 2 skipped"`` plus one line per skipped row (at most 20)."""
+        lines = [f"{what} {self.source}: {len(self.rows)} rows used, {len(self.issues)} skipped"]
+        lines += [f"  {i}" for i in self.issues[:MAX_LISTED_ISSUES]]
+        if len(self.issues) > MAX_LISTED_ISSUES:
+            lines.append(f"  … and {len(self.issues) - MAX_LISTED_ISSUES} more")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+def _read_jsonl(path: Path) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
+    records, issues = [], []
+    with path.open("rb") as f:  # bytes: one undecodable line must not make the whole file unreadable
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                issues.append(RowIssue(lineno, f"undecodable text (invalid UTF-8 at byte {e.start})"))
+                continue
+            try:
+                records.append((lineno, json.loads(text)))
+            except json.JSONDecodeError as e:
+                issues.append(RowIssue(lineno, f"not valid JSON ({e.msg}, column {e.colno})"))
+    return records, issues
+
+
+def _read_json(path: Path) -> list[tuple[int, Any]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DPALogicError(f"{path}: undecodable text (invalid UTF-8 at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DPALogicError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    if isinstance(data, dict):  # a column-oriented object {"prompt": [...], "chosen": [...], ...}
+        cols = {k: v for k, v in data.items() if isinstance(v, list)}
+        if not cols or len({len(v) for v in cols.values()}) != 1:
+            raise DPALogicError(f"{path}: expected a list of rows or an object of equally long columns")
+        n = len(next(iter(cols.values())))
+        data = [{k: v[i] for k, v in cols.items()} for i in range(n)]
+    if not isinstance(data, list):
+        raise DPALogicError(f"{path}: expected a list of rows, got {type(data).__name__}")
+    return list(enumerate(data, 1))
+
+
+def _read_parquet(path: Path) -> list[tuple[int, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow comes with datasets
+        raise DPALogicError("reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DPALogicError(f"{path}: not a readable Parquet file ({e})") from None
+    return list(enumerate(table.to_pylist(), 1))
+
+
+EVAL_SPLITS = ("test", "validation", "eval", "dev")
+
+
+def _read_datasets_folder(path: Path, split: str | None) -> list[tuple[int, Any]]:
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:  # pragma: no cover
+        raise DPALogicError(f"{path} is a folder: reading a saved dataset needs `pip install datasets`") from None
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError for folders that are not saved datasets
+        raise DPALogicError(f"{path}: not a dataset saved with `save_to_disk` ({e})") from None
+    if isinstance(ds, DatasetDict):
+        names = list(ds.keys())
+        wanted = [split] if split else ["train"]
+        pick = next((s for s in wanted if s in ds), None)
+        if split == "eval":  # the evaluation file defaults to the first held-out split present
+            pick = next((s for s in EVAL_SPLITS if s in ds), None)
+        if pick is None:
+            looked_for = EVAL_SPLITS if split == "eval" else wanted
+            raise DPALogicError(f"{path} has splits {names}; none of them is {' or '.join(looked_for)}")
+        ds = ds[pick]
+    return list(enumerate(ds.to_list(), 1))
+
+
+def read_records(path: str | os.PathLike, split: str | None = None) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
+    """Raw records ``(row number, record)`` and the rows that could not even be decoded."""
+    p = Path(path)
+    if not p.exists():
+        raise DPALogicError(f"data file {p} does not exist")
+    if p.is_dir():
+        return _read_datasets_folder(p, split), []
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(p)
+    if suffix == ".json":
+        return _read_json(p), []
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(p), []
+    raise DPALogicError(
+        f"{p}: unknown data format {suffix or '(no extension)'}; use .jsonl, .json, .parquet or a `datasets` folder"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _undecodable(x: Any) -> bool:
+    """True when a string (or a message's content) holds lone surrogates, i.e. cannot be encoded as UTF-8."""
+    texts = [x] if isinstance(x, str) else [m.get("content") for m in x if isinstance(m.get("content"), str)]
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+    return False
+
+
+def _is_empty(x: Any) -> bool:
+    if isinstance(x, str):
+        return not x.strip()
+    return not x or all(not str(m.get("content") or "").strip() for m in x)
+
+
+def _implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
+    """Split whole conversations into the shared leading messages (the prompt) and the two different endings."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    # the answers start at the last differing assistant turn: back off to it if the shared part ends mid-turn
+    while n > 0 and chosen[n - 1].get("role") == "assistant" and n == min(len(chosen), len(rejected)):
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def normalize_row(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """A valid row as ``{"prompt", "chosen", "rejected"}`` (strings or message lists), or the reason it is not."""
+    if not isinstance(rec, dict):
+        return None, f"expected an object with {', '.join(FIELDS)}, got {type(rec).__name__}"
+    for f in ("chosen", "rejected"):
+        if f not in rec or rec[f] is None:
+            return None, f"missing {f!r}"
+    chosen, rejected = rec["chosen"], rec["rejected"]
+    prompt = rec.get("prompt")
+    if prompt is None:
+        if not (_is_messages(chosen) and _is_messages(rejected)):
+            return None, "missing 'prompt' (only conversational rows may leave it implicit)"
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    for f, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if not (isinstance(v, str) or _is_messages(v)):
+            return None, f"{f!r} must be a string or a list of chat messages with 'role' and 'content'"
+        if _undecodable(v):
+            return None, f"undecodable text in {f!r} (not valid Unicode)"
+    kinds = {isinstance(v, str) for v in (prompt, chosen, rejected)}
+    if len(kinds) != 1:
+        return None, "mixes plain strings and chat messages across prompt/chosen/rejected"
+    for f, v in (("chosen", chosen), ("rejected", rejected)):
+        if _is_empty(v):
+            return None, f"empty {f!r} answer"
+    if chosen == rejected:
+        return None, "chosen and rejected are identical (no preference to learn)"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
+
+
+def _fatal(source: str, issues: Sequence[RowIssue]) -> DPALogicError:
+    listed = "\n".join(f"  {i}" for i in issues[:MAX_LISTED_ISSUES])
+    more = f"\n  … and {len(issues) - MAX_LISTED_ISSUES} more" if len(issues) > MAX_LISTED_ISSUES else ""
+    return DPALogicError(f"{source}: {len(issues)} malformed row(s) (drop --strict-data to skip them):\n{listed}{more}")
+
+
+def load_preferences(path: str | os.PathLike, *, strict: bool = False, split: str | None = None) -> PreferenceRows:
+    """Read and validate a preference file; malformed rows are skipped (or, with ``strict``, fatal)."""
+    records, issues = read_records(path, split)
+    rows, numbers = [], []
+    for n, rec in records:
+        row, why = normalize_row(rec)
+        if row is None:
+            issues.append(RowIssue(n, why))
+        else:
+            rows.append(row)
+            numbers.append(n)
+    issues.sort(key=lambda i: i.row)
+    if strict and issues:
+        raise _fatal(str(path), issues)
+    if not rows:
+        raise DPALogicError(f"{path}: no usable rows" + (f" ({len(issues)} malformed)" if issues else ""))
+    return PreferenceRows(str(path), rows, numbers, issues)
+
+
+def from_records(records: Sequence[dict[str, Any]], source: str = "<rows>", strict: bool = False) -> PreferenceRows:
+    """Validate in-memory rows (e.g. the synthetic demo task) exactly like rows read from a file."""
+    rows, numbers, issues = [], [], []
+    for n, rec in enumerate(records, 1):
+        row, why = normalize_row(rec)
+        if row is None:
+            issues.append(RowIssue(n, why))
+        else:
+            rows.append(row)
+            numbers.append(n)
+    if strict and issues:
+        raise _fatal(source, issues)
+    if not rows:
+        raise DPALogicError(f"{source}: no usable rows")
+    return PreferenceRows(source, rows, numbers, issues)
+
+
+# --------------------------------------------------------------------------------------------------- tokenization
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized pair; ``index`` is its position in the dataset (the key of cached reference log-probs)."""
+
+    index: int
+    row: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class TokenizedData:
+    examples: list[Example]
+    issues: list[RowIssue]
+    truncated: int
+
+    def summary(self) -> str:
+        parts = [f"{len(self.examples)} pairs tokenized"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated")
+        if self.issues:
+            parts.append(f"{len(self.issues)} dropped")
+        lines = ["  " + ", ".join(parts)] + [f"  {i}" for i in self.issues[:MAX_LISTED_ISSUES]]
+        return "\n".join(lines)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def tokenize_pair(tokenizer, row: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt_ids, chosen_ids, rejected_ids)``: the answers are what follows the prompt in prompt+answer.
+
+    Tokenizing prompt+answer jointly (as TRL does) keeps tokens that merge across the boundary correct; the answer
+    starts where the two tokenizations diverge. Plain-string answers get the EOS token so the model learns to stop.
+    """
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if isinstance(chosen, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DPALogicError("conversational rows need a tokenizer with a chat template; this one has none")
+        p_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        c_text = tokenizer.apply_chat_template(prompt + chosen, tokenize=False)
+        r_text = tokenizer.apply_chat_template(prompt + rejected, tokenize=False)
+        p, c, r = (_ids(tokenizer, t, False) for t in (p_text, c_text, r_text))
+    else:
+        p, c, r = (_ids(tokenizer, t, True) for t in (prompt, prompt + chosen, prompt + rejected))
+    n = min(_common_prefix(p, c), _common_prefix(p, r))
+    eos = tokenizer.eos_token_id
+    answers = []
+    for full in (c, r):
+        ans = full[n:]
+        if isinstance(chosen, str) and eos is not None and (not ans or ans[-1] != eos):
+            ans = ans + [eos]
+        answers.append(ans)
+    return p[:n], answers[0], answers[1]
+
+
+def tokenize_rows(
+    data: PreferenceRows,
+    tokenizer,
+    *,
+    max_length: int | None = 1024,
+    max_prompt_length: int | None = 512,
+    strict: bool = False,
+) -> TokenizedData:
+    """Tokenize every row and apply the truncation rules.
+
+    The prompt keeps its *end* (the part next to the answer) within ``max_prompt_length``; each answer keeps its
+    start within ``max_length − len(prompt)``. A row whose prompt leaves no room for an answer is dropped (reported).
+    """
+    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+        raise DPALogicError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+    examples, issues, truncated = [], [], 0
+    for i, (row, n) in enumerate(zip(data.rows, data.row_numbers)):
+        try:
+            p, c, r = tokenize_pair(tokenizer, row)
+        except DPALogicError:
+            raise
+        except Exception as e:  # a template or tokenizer failure on one row should not end the run
+            issues.append(RowIssue(n, f"could not tokenize ({type(e).__name__}: {e})"))
+            continue
+        cut = False
+        if max_prompt_length is not None and len(p) > max_prompt_length:
+            p, cut = p[len(p) - max_prompt_length :], True
+        if max_length is not None:
+            room = max_length - len(p)
+            if room < 1:
+                issues.append(RowIssue(n, f"prompt of {len(p)} tokens leaves no room for an answer (max_length)"))
+                continue
+            if len(c) > room or len(r) > room:
+                c, r, cut = c[:room], r[:room], True
+        if not c or not r:
+            issues.append(RowIssue(n, "an answer has no tokens after tokenization"))
+            continue
+        truncated += cut
+        examples.append(Example(i, n, p, c, r))
+    if strict and issues:
+        raise _fatal(data.source, issues)
+    if not examples:
+        raise DPALogicError(f"{data.source}: no pair survived tokenization")
+    return TokenizedData(examples, issues, truncated)
+
+
+def pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:
+    """Stack chosen over rejected: ``input_ids``/``attention_mask``/``labels`` ``[2B, T]``, lengths ``[B]``."""
+    import torch
+
+    seqs, labels = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for ex in examples:
+            ans = getattr(ex, side)
+            seqs.append(ex.prompt_ids + ans)
+            labels.append([IGNORE_INDEX] * len(ex.prompt_ids) + ans)
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    label_t = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(seqs, labels)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        label_t[i, : len(s)] = torch.tensor(lab)
+        attn[i, : len(s)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attn,
+        "labels": label_t,
+        "chosen_lengths": torch.tensor([len(ex.chosen_ids) for ex in examples]),
+        "rejected_lengths": torch.tensor([len(ex.rejected_ids) for ex in examples]),
+        "index": torch.tensor([ex.index for ex in examples]),
+    }

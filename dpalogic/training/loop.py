@@ -1,0 +1,713 @@
+"""The training loop: any dpalogic loss on a causal LM, resumable exactly, on one process or under DDP.
+
+One optimizer step sees a *global batch* of ``batch_size × world_size × grad_accum`` pairs. The pairs of epoch ``e``
+are a permutation drawn from ``(seed, e)`` alone, so the data position is just the global step: a resumed run (same
+global batch) meets the same batches, and a 2-process run meets the same global batches as one process with twice the
+per-device batch. Checkpoints hold the weights, AdamW and scheduler state, every rank's RNG states and the step.
+
+Under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE > 1`` in the environment) the model is wrapped in
+``DistributedDataParallel`` (NCCL on GPU, gloo on CPU); each rank takes its slice of the global batch, and since the
+loss is a mean over pairs, DDP's averaged gradient is the gradient of the global-batch mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpalogic.errors import DPALogicError
+from dpalogic.training.config import TrainConfig
+from dpalogic.training.data import (
+    Example,
+    PreferenceRows,
+    TokenizedData,
+    collate,
+    load_preferences,
+    pad_id,
+    tokenize_rows,
+)
+from dpalogic.training.model import cached_reference_logps, load_model_and_tokenizer, sequence_logps
+
+CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "log.jsonl"
+
+
+class TrainingStopped(DPALogicError):
+    """The run stopped early (non-finite loss); the message names the last good checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+
+def setup_distributed(device: str) -> Dist:
+    """One process, or one rank of a ``torchrun``/``accelerate launch`` group (read from the environment)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DPALogicError("device cuda was asked for but no CUDA GPU is visible")
+    if world <= 1:
+        return Dist(0, 1, torch.device("cuda" if use_cuda else "cpu"), False)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    owns = not torch.distributed.is_initialized()
+    if owns:
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), dev, owns)
+
+
+# --------------------------------------------------------------------------------------------------- pieces
+
+
+def lr_lambda(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup to 1, then a cosine down to ``min_ratio`` at ``total`` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the pairs in ``epoch``: a function of ``(seed, epoch)`` only (so resume needs no sampler state)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class _Policy(torch.nn.Module):
+    """The model's forward as DDP sees it: all parameters used for the loss go through this ``forward``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_only: bool = False):
+        if hidden_only:  # the fused path: final hidden states, the LM head is applied inside the fused loss
+            backbone = getattr(self.model, self.model.base_model_prefix)
+            return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+# --------------------------------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    """Holds one run's state; :func:`train` is the entry point."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        train_rows: PreferenceRows | None = None,
+        eval_rows: PreferenceRows | None = None,
+        model=None,
+        tokenizer=None,
+        callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        from dpalogic.torch_loss import PreferenceLoss
+
+        cfg.validate()
+        self.cfg = cfg
+        self.callbacks = list(callbacks or [])
+        self.dist = setup_distributed(cfg.device)
+        self.quiet = quiet or not self.dist.main
+        self.out = Path(cfg.out)
+        seed_everything(cfg.seed)
+
+        self.loss_fn = PreferenceLoss(cfg.loss, reduction="none", **cfg.hp)
+        self.needs_ref = self.loss_fn.needs_reference
+        self.fused = None
+        if cfg.fused:
+            try:
+                from dpalogic.fused import FusedLinearPreferenceLoss
+            except ImportError as e:
+                raise DPALogicError(f"--fused needs dpalogic.fused, which is not available here ({e})") from None
+            self.fused = FusedLinearPreferenceLoss(cfg.loss, **cfg.hp)
+
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed, dropout=cfg.dropout)
+        elif tokenizer is None:
+            raise DPALogicError("pass the tokenizer together with the model")
+        self.tokenizer = tokenizer
+        self.pad = pad_id(tokenizer)
+
+        # data: every rank reads and tokenizes (cheap next to training); only rank 0 reports
+        if train_rows is None:
+            if not cfg.data:
+                raise DPALogicError("no training data: pass --data FILE (JSONL, JSON, Parquet or a datasets folder)")
+            train_rows = load_preferences(cfg.data, strict=cfg.strict_data)
+        if eval_rows is None and cfg.eval:
+            eval_rows = load_preferences(cfg.eval, strict=cfg.strict_data, split="eval")
+        self.train_data = self._tokenize(train_rows, "train data")
+        self.eval_data = self._tokenize(eval_rows, "eval data") if eval_rows is not None else None
+
+        # the last incomplete global batch of an epoch is dropped, so every rank gets equally many pairs
+        b = cfg.batch_size * self.dist.world
+        self.global_batch = b * cfg.grad_accum
+        self.steps_per_epoch = len(self.train_data.examples) // b // cfg.grad_accum
+        if self.steps_per_epoch == 0:
+            raise DPALogicError(
+                f"{len(self.train_data.examples)} training pairs are fewer than one global batch "
+                f"({cfg.batch_size} per device × {self.dist.world} processes × {cfg.grad_accum} accumulation steps)"
+            )
+
+        # precision: bf16 autocast on GPUs that have it; float32 otherwise
+        bf16 = str(cfg.bf16).lower()
+        if bf16 == "true" and self.dist.device.type != "cuda":
+            raise DPALogicError("bf16 autocast needs a CUDA GPU (this run is on CPU)")
+        self.use_bf16 = self.dist.device.type == "cuda" and (
+            bf16 == "true" or (bf16 == "auto" and torch.cuda.is_bf16_supported())
+        )
+
+        # the reference is built from the *initial* weights, before a checkpoint is loaded
+        self.ref_model = None
+        self.ref_train = self.ref_eval = None
+        if self.needs_ref:
+            self._setup_reference(model)
+
+        self.model = model.to(self.dist.device)
+        self.model.train()
+        self.policy: torch.nn.Module = _Policy(self.model)
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            self.policy = DistributedDataParallel(self.policy, device_ids=ids)
+
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        )
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, warmup, cfg.min_lr_ratio)
+        )
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self._stop_signal = False
+        self.history: list[dict[str, Any]] = []
+        self.tb = None
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+
+    def _tokenize(self, rows: PreferenceRows, what: str) -> TokenizedData:
+        tok = tokenize_rows(
+            rows,
+            self.tokenizer,
+            max_length=self.cfg.max_length,
+            max_prompt_length=self.cfg.max_prompt_length,
+            strict=self.cfg.strict_data,
+        )
+        self.say(rows.summary(what))
+        if tok.truncated or tok.issues:
+            self.say(tok.summary())
+        return tok
+
+    def _autocast(self):
+        if self.use_bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _setup_reference(self, model) -> None:
+        cfg = self.cfg
+        if cfg.ref_model:
+            ref, _ = load_model_and_tokenizer(cfg.ref_model)
+        else:
+            ref = copy.deepcopy(model)  # a frozen copy of the initial policy
+        ref.requires_grad_(False)
+        ref.eval()
+        if cfg.reference == "model":
+            self.ref_model = ref.to(self.dist.device)
+            return
+        # "cache": one pass over train and eval data with the reference, kept on disk (keyed by a fingerprint of the
+        # reference weights and the tokenized data); rank 0 computes, the other ranks read the same file
+        ref = ref.to(self.dist.device)
+        kw = dict(
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            pad_token_id=self.pad,
+            device=self.dist.device,
+            autocast=self._autocast,
+        )
+        sets = [("train", self.train_data)] + ([("eval", self.eval_data)] if self.eval_data is not None else [])
+        results = {}
+        for name, data in sets:
+            path = self.out / f"ref_logps-{name}.pt"
+            if self.dist.main:
+                t0 = time.perf_counter()
+                lp, hit = cached_reference_logps(path, ref, data.examples, compute=True, **kw)
+                self.say(
+                    f"reference log-probs ({name}): {'read from' if hit else 'computed and saved to'} {path}"
+                    + ("" if hit else f" in {time.perf_counter() - t0:.1f}s")
+                )
+            self.dist.barrier()
+            if not self.dist.main:
+                lp, _ = cached_reference_logps(path, ref, data.examples, compute=False, **kw)
+            results[name] = lp
+        self.ref_train = results["train"]
+        self.ref_eval = results.get("eval")
+        del ref
+
+    # ------------------------------------------------------------------ forward
+
+    def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.dist.device) for k, v in collate(examples, self.pad).items()}
+
+    def _ref(self, batch: dict[str, torch.Tensor], cache: torch.Tensor | None) -> tuple:
+        if not self.needs_ref:
+            return None, None
+        if cache is not None:
+            lp = cache[batch["index"].cpu()].to(self.dist.device)
+            return lp[:, 0], lp[:, 1]
+        with torch.no_grad(), self._autocast():
+            logits = self.ref_model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
+        lp = sequence_logps(logits, batch["labels"])
+        n = lp.shape[0] // 2
+        return lp[:n], lp[n:]
+
+    def _pair_losses(self, module, batch: dict[str, torch.Tensor], cache: torch.Tensor | None):
+        """Per-pair losses ``[B]`` (or the fused mean loss) and the per-pair log-probs for metrics."""
+        ref_c, ref_r = self._ref(batch, cache)
+        if self.fused is not None:
+            with self._autocast():
+                hidden = module(batch["input_ids"], batch["attention_mask"], hidden_only=True)
+            head = self.model.get_output_embeddings()
+            # the fused loss scores hidden[t] against labels[t] as given: shift so hidden[t] predicts token t+1, as
+            # sequence_logps does with logits; under autocast the head is cast to the hidden states' dtype
+            weight = head.weight.to(hidden.dtype)
+            bias = head.bias.to(hidden.dtype) if head.bias is not None else None
+            loss, metrics = self.fused(
+                hidden[:, :-1],
+                weight,
+                batch["labels"][:, 1:],
+                bias=bias,
+                ref_chosen_logps=ref_c,
+                ref_rejected_logps=ref_r,
+            )
+            chosen = metrics.get("chosen_logps") if isinstance(metrics, dict) else None
+            rejected = metrics.get("rejected_logps") if isinstance(metrics, dict) else None
+            return loss, chosen, rejected, ref_c, ref_r
+        with self._autocast():
+            logits = module(batch["input_ids"], batch["attention_mask"])
+        lp = sequence_logps(logits, batch["labels"])
+        n = lp.shape[0] // 2
+        chosen, rejected = lp[:n], lp[n:]
+        per = self.loss_fn(
+            chosen, rejected, ref_c, ref_r, batch["chosen_lengths"].float(), batch["rejected_lengths"].float()
+        )
+        return per, chosen, rejected, ref_c, ref_r
+
+    @staticmethod
+    def _pair_stats(chosen, rejected, ref_c, ref_r) -> torch.Tensor:
+        """Sums over pairs of: chosen log-prob, rejected log-prob, reward accuracy, reward margin, log-prob accuracy.
+
+        The reward is ``log π − log π_ref`` when the loss uses a reference (DPO's implicit reward), else ``log π``.
+        """
+        c, r = chosen.detach().float(), rejected.detach().float()
+        rc, rr = (c - ref_c.float(), r - ref_r.float()) if ref_c is not None else (c, r)
+        return torch.stack(
+            [c.sum(), r.sum(), (rc > rr).float().sum(), (rc - rr).sum(), (c > r).float().sum()]
+        )  # fmt: skip
+
+    STAT_NAMES = ("logps_chosen", "logps_rejected", "reward_accuracy", "reward_margin", "logp_accuracy")
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss and metrics over the whole eval set (split across ranks, summed exactly)."""
+        assert self.eval_data is not None
+        module = self.policy.module if hasattr(self.policy, "module") else self.policy
+        self.model.eval()
+        ex = self.eval_data.examples
+        mine = ex[self.dist.rank :: self.dist.world]
+        bs = self.cfg.eval_batch_size or self.cfg.batch_size
+        totals = torch.zeros(7, dtype=torch.float64, device=self.dist.device)
+        try:
+            for s in range(0, len(mine), bs):
+                batch = self._batch(mine[s : s + bs])
+                per, c, r, rc, rr = self._pair_losses(module, batch, self.ref_eval)
+                n = batch["index"].numel()
+                loss_sum = per.float().sum() if per.dim() else per.float() * n
+                totals += torch.cat([torch.stack([loss_sum, loss_sum.new_tensor(n)]), self._stat_or_zero(c, r, rc, rr)])
+        finally:
+            self.model.train()
+        self.dist.sum_(totals)
+        n = totals[1].item()
+        out = {"loss": totals[0].item() / n}
+        if self.fused is None or totals[2:].abs().sum() > 0:
+            out.update({k: totals[2 + i].item() / n for i, k in enumerate(self.STAT_NAMES)})
+        out["pairs"] = int(n)
+        return out
+
+    def _stat_or_zero(self, c, r, rc, rr) -> torch.Tensor:
+        if c is None or r is None:
+            return torch.zeros(5, dtype=torch.float64, device=self.dist.device)
+        return self._pair_stats(c, r, rc, rr).double()
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.dist.main:
+            with (self.out / LOG_FILE).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                        self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+        for cb in self.callbacks:
+            cb(record)
+
+    def _open_logs(self) -> None:
+        if not self.dist.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = self.out / LOG_FILE
+        if log.exists():  # a resumed run continues the log: drop what an interrupted run wrote after its checkpoint
+            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            log.write_text("".join(line + "\n" for line in kept))
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "global_batch": self.global_batch,
+            "train_pairs": len(self.train_data.examples),
+            "world_size": self.dist.world,
+            "config": asdict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """``out/checkpoints/step-N``: written to a temporary folder and renamed, so a crash never leaves half of one."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingStopped(
+                f"the weights became non-finite at step {self.step}; not saving them. {self._last_good()}"
+            )
+        root = self.out / CHECKPOINT_DIR
+        final = root / f"step-{self.step}"
+        tmp = root / f"step-{self.step}.tmp"
+        # every rank reaches here at the same step (the stop flag is all-reduced), so the barriers cannot hang
+        if self.dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        torch.save(rng_state(), tmp / f"rng-{self.dist.rank}.pt")  # each rank's own RNG streams
+        self.dist.barrier()
+        if self.dist.main:
+            torch.save(self._checkpoint_state(), tmp / "state.pt")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            (root / "latest.tmp").write_text(final.name + "\n")
+            os.replace(root / "latest.tmp", root / "latest")
+            done = sorted(
+                (p for p in root.glob("step-*") if not p.name.endswith(".tmp")), key=lambda p: int(p.name[5:])
+            )
+            for old in done[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        self.last_checkpoint = final
+        return final
+
+    def _last_good(self) -> str:
+        advice = "Lower the learning rate or check the loss's hyperparameters."
+        if self.last_checkpoint is None:
+            return f"No checkpoint was saved before it. {advice}"
+        return f"The last good checkpoint is {self.last_checkpoint} (continue with --resume {self.last_checkpoint}). {advice}"
+
+    def _find_resume(self) -> Path | None:
+        r = self.cfg.resume
+        if not r:
+            return None
+        if r == "auto":
+            latest = self.out / CHECKPOINT_DIR / "latest"
+            if not latest.exists():
+                self.say(f"resume=auto: no checkpoint in {self.out / CHECKPOINT_DIR}, starting fresh")
+                return None
+            return self.out / CHECKPOINT_DIR / latest.read_text().strip()
+        p = Path(r)
+        if (p / CHECKPOINT_DIR / "latest").exists():  # a run folder: its latest checkpoint
+            p = p / CHECKPOINT_DIR / (p / CHECKPOINT_DIR / "latest").read_text().strip()
+        if not (p / "state.pt").exists():
+            raise DPALogicError(f"{r} is not a checkpoint folder (no state.pt)")
+        return p
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        if state["global_batch"] != self.global_batch or state["train_pairs"] != len(self.train_data.examples):
+            raise DPALogicError(
+                f"{path} was saved with a global batch of {state['global_batch']} pairs over {state['train_pairs']} "
+                f"training pairs; this run has {self.global_batch} over {len(self.train_data.examples)}, so it would "
+                "not continue the same run (keep batch_size × processes × grad_accum and the data unchanged)"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        rng_file = path / f"rng-{self.dist.rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        self.last_checkpoint = path
+        self.say(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ signals
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self._stop_signal = True
+        self.say("interrupt: finishing this step and saving a checkpoint (press Ctrl-C again to abort)")
+
+    # ------------------------------------------------------------------ the loop
+
+    def _micro_batches(self, step: int) -> list[list[Example]]:
+        """This rank's micro-batches for optimizer step ``step`` (its slice of each global micro-batch)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.train_data.examples), self.cfg.seed, epoch)
+        b, w, r = self.cfg.batch_size, self.dist.world, self.dist.rank
+        out = []
+        for a in range(self.cfg.grad_accum):
+            m = k * self.cfg.grad_accum + a
+            glob = order[m * b * w : (m + 1) * b * w]
+            out.append([self.train_data.examples[i] for i in glob[r * b : (r + 1) * b]])
+        return out
+
+    def _train_step(self) -> dict[str, Any]:
+        totals = torch.zeros(8, dtype=torch.float64, device=self.dist.device)
+        micro = self._micro_batches(self.step)
+        for a, examples in enumerate(micro):
+            batch = self._batch(examples)
+            last = a == len(micro) - 1
+            sync = self.policy.no_sync() if (self.dist.world > 1 and not last) else nullcontext()
+            with sync:
+                per, c, r, rc, rr = self._pair_losses(self.policy, batch, self.ref_train)
+                loss = per.mean() if per.dim() else per
+                (loss / len(micro)).backward()
+            n = len(examples)
+            totals[0] += loss.detach().double() * n
+            totals[1] += n
+            totals[2:7] += self._stat_or_zero(c, r, rc, rr)
+        totals[7] = float(self._stop_signal)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.dist.sum_(totals)  # one all-reduce: loss, metrics and the stop flag of every rank
+        n = totals[1].item()
+        record = {"split": "train", "step": self.step + 1, "loss": totals[0].item() / n}
+        record.update({k: totals[2 + i].item() / n for i, k in enumerate(self.STAT_NAMES)})
+        record["grad_norm"] = float(grad_norm)
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        self._stop_signal = self._stop_signal or totals[7].item() > 0
+        if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+            self.optimizer.zero_grad(set_to_none=True)
+            bad = "loss" if not math.isfinite(record["loss"]) else "gradient norm"
+            raise TrainingStopped(
+                f"the {bad} became {record['loss'] if bad == 'loss' else record['grad_norm']} at step {self.step + 1}; "
+                f"training stopped without updating the weights. {self._last_good()}"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record["epoch"] = self.step / self.steps_per_epoch
+        return record
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (or until interrupted); returns the final metrics and paths."""
+        from tqdm import tqdm
+
+        resume_from = self._find_resume()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self._open_logs()
+        cfg = self.cfg
+        self.say(
+            f"training {cfg.loss!r} on {self.dist.world} process(es), device {self.dist.device}: "
+            f"{len(self.train_data.examples)} pairs, global batch {self.global_batch}, {self.total_steps} steps"
+            + (f", reference {cfg.reference}" if self.needs_ref else ", reference-free")
+            + (", bf16" if self.use_bf16 else "")
+        )
+        if self.eval_data is not None and self.step == 0:
+            self._log({"split": "eval", "step": 0, "epoch": 0.0, **self.evaluate()})
+        handlers = {}
+        if _main_thread():  # signal handlers can only be installed from the main thread
+            for s in (signal.SIGINT, signal.SIGTERM):
+                handlers[s] = signal.signal(s, self._on_signal)
+        # a live bar on a terminal; in a log file (no TTY) one line per evaluation instead of bar redraws
+        show_bar = not self.quiet and cfg.progress and sys.stderr.isatty()
+        text_progress = not self.quiet and cfg.progress and not show_bar
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, disable=not show_bar, desc=f"{cfg.loss}", file=sys.stderr,
+            dynamic_ncols=True,
+        )  # fmt: skip
+        interrupted = False
+        try:
+            while self.step < self.total_steps:
+                rec = self._train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['reward_accuracy']:.2f}")
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self._log(rec)
+                if self.eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    ev = self.evaluate()
+                    self._log({"split": "eval", "step": self.step, "epoch": rec["epoch"], **ev})
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", eval_acc=f"{ev.get('reward_accuracy', 0):.2f}")
+                    if text_progress:
+                        self.say(
+                            f"step {self.step}/{self.total_steps}: train loss {rec['loss']:.4f}, eval loss "
+                            f"{ev['loss']:.4f}, eval reward accuracy {ev.get('reward_accuracy', float('nan')):.3f}"
+                        )
+                if self._stop_signal:
+                    interrupted = True
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        ckpt = self.save_checkpoint()
+        result: dict[str, Any] = {"step": self.step, "checkpoint": str(ckpt), "interrupted": interrupted}
+        if interrupted:
+            self.say(f"interrupted at step {self.step}: saved {ckpt}; continue with --resume {ckpt}")
+            return result
+        if self.eval_data is not None and not (cfg.eval_every and self.step % cfg.eval_every == 0):
+            self._log(
+                {"split": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()}
+            )
+        final = self.out / "final"
+        if self.dist.main:
+            from transformers.utils import logging as hf_logging
+
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the run's output
+            try:
+                self.model.save_pretrained(final)
+                self.tokenizer.save_pretrained(final)
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+            evals = [h for h in self.history if h["split"] == "eval"]
+            result["eval"] = evals[-1] if evals else None
+            result["final_model"] = str(final)
+            (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+            self.say(f"done: {self.step} steps; model saved to {final}")
+        self.dist.barrier()
+        return result
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.dist.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: TrainConfig, **kw: Any) -> dict[str, Any]:
+    """Run one training job (see :class:`Trainer` for the keyword arguments); returns final metrics and paths."""
+    trainer = Trainer(cfg, **kw)
+    try:
+        out = trainer.run()
+        out["history"] = trainer.history
+        return out
+    finally:
+        trainer.close()
