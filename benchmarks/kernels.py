@@ -8,7 +8,9 @@
     (the plain torch expression TRL/Liger use) vs torch.compile of that expression.
 (b) the fused LM-head path from hidden states (DPO, ORPO, SimPO, CPO): FusedLinearPreferenceLoss vs a full-logits
     reference (materialize [2B·T, V], log_softmax, autograd) vs Liger's LigerFusedLinear*Loss(compiled=False) vs a
-    TRL-style path (full logits, TRL's selective_log_softmax, loss, autograd): time and peak memory.
+    TRL-style path (full logits, TRL's selective_log_softmax, loss, autograd): time and peak memory. On CUDA "ours" is
+    backend="auto", i.e. the Triton kernels of dpalogic/fused_kernels.py on each chunk's logits, and one more column
+    compares it with the same chunked path in torch ops (backend="torch").
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated over the call; on CPU the torch profiler's allocator events
 (profile_memory=True): the running sum of allocations minus frees during the call, its maximum. Both count the
@@ -231,6 +233,8 @@ def bench_fused(shapes: list[tuple[int, int, int, int]], repeat: int) -> str:
         rows += [_fused_case(name, data, repeat) for name in ("dpo", "orpo", "simpo", "cpo")]
     header = ["loss", "B×T×H×V", "ours ms", "ours peak MiB"]
     header += ["time / Liger", "time / full", "time / TRL-style", "mem / Liger", "mem / full", "mem / TRL-style"]
+    if DEV.type == "cuda":
+        header += ["time / ours in torch ops"]
     return table(header, rows)
 
 
@@ -239,7 +243,8 @@ def _fused_case(name: str, d: dict, repeat: int) -> list[str]:
     N, T, H = hidden.shape
     B, V = N // 2, weight.shape[0]
     uses_ref = name == "dpo"
-    fused = FusedLinearPreferenceLoss(name, chunk_size=1)
+    fused = FusedLinearPreferenceLoss(name, chunk_size=1)  # backend="auto": the Triton kernels on CUDA
+    fused_torch = FusedLinearPreferenceLoss(name, chunk_size=1, backend="torch")
     liger = liger_module(name)
     plain = PreferenceLoss(name)
 
@@ -252,10 +257,10 @@ def _fused_case(name: str, d: dict, repeat: int) -> list[str]:
         for t in params:
             t.grad = None
 
-    def run_ours():
+    def run_ours(module=fused):
         h, w, b = leaves()
         kw = {"ref_hidden": ref_hidden, "ref_weight": weight} if uses_ref else {}
-        fused(h, w, labels, b, **kw)[0].backward()
+        module(h, w, labels, b, **kw)[0].backward()
         done()
 
     def run_liger():
@@ -281,6 +286,8 @@ def _fused_case(name: str, d: dict, repeat: int) -> list[str]:
         "liger": run_liger,
         "trl": lambda: run_full(True),
     }
+    if DEV.type == "cuda":  # on the CPU both would be the torch path
+        runs["ours_torch"] = lambda: run_ours(fused_torch)
     results = {k: (timeit(fn, repeat), peak_bytes(fn)) for k, fn in runs.items()}
     t0, m0 = results["ours"]
     print(f"  (b) {name} {B}x{T}x{H}x{V}: ours {t0 * 1e3:.0f} ms {m0 / 2**20:.0f} MiB", flush=True)
@@ -291,6 +298,7 @@ def _fused_case(name: str, d: dict, repeat: int) -> list[str]:
         f"{m0 / 2**20:.0f}",
         *(f"{t0 / results[k][0]:.2f}" for k in ("liger", "full", "trl")),
         *(f"{m0 / results[k][1]:.2f}" for k in ("liger", "full", "trl")),
+        *([f"{t0 / results['ours_torch'][0]:.2f}"] if "ours_torch" in results else []),
     ]
 
 
@@ -318,7 +326,8 @@ def main() -> int:
     if DEV.type == "cpu":
         print(
             "\nnote: CPU run with small shapes; the issue's shapes (e.g. B=4, T=1024, H=4096, V=128k) need a GPU: "
-            "on CUDA this script runs them (Triton kernel for (a); the chunked path for (b))."
+            "on CUDA this script runs them (the generated Triton kernel for (a); for (b) the chunked path with the Triton "
+            "logsumexp/gradient kernels, and the same path in torch ops for comparison)."
         )
     return 0
 

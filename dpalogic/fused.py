@@ -14,17 +14,22 @@ in the forward pass (the backward only scales them by ``grad_output``):
 4. in place: the buffer becomes ``∂loss/∂logits = c_t · (onehot(label) − softmax)`` with ``c_t = ∂loss/∂log π`` of
    the token's sequence (0 for ignored tokens); then ``∂h = G W``, ``∂W += Gᵀ h`` (float32) and ``∂b += Σ G``.
 
-So the chunk costs one logits buffer and three matmuls (forward, ∂h, ∂W), as a fused forward+backward should. Labels
+So the chunk costs one logits buffer and three matmuls (forward, ∂h, ∂W), as a fused forward+backward should. Steps 2
+and 4 are torch ops, or on CUDA two Triton kernels (:mod:`dpalogic.fused_kernels`: an online-max logsumexp and the
+label log-probs in one pass over the vocabulary; then the in-place ``c_t · (onehot − softmax)``), chosen by
+``backend`` as :class:`~dpalogic.torch_loss.PreferenceLoss` chooses its kernel. Labels
 are used as given: position ``t`` of ``hidden`` predicts ``labels[:, t]`` (shift them before calling, as for Liger's
 ``LigerFusedLinear*Loss``). Inputs in bfloat16/float16 accumulate in float32.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dpalogic.errors import DPALogicError
-from dpalogic.torch_loss import PreferenceLoss
+from dpalogic.torch_loss import PreferenceLoss, _triton_installed
 
 _PAIR_ATOMS = {"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"}
 
@@ -65,6 +70,26 @@ def _token_logps_inplace(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return label_logit - mx - total.log(), total
 
 
+def use_triton_kernels(backend: str, tensor: torch.Tensor) -> bool:
+    """Whether the fused path runs :mod:`dpalogic.fused_kernels`: the rule of ``PreferenceLoss(backend=...)``.
+
+    ``"torch"``: never; ``"auto"``: CUDA tensors with triton installed; ``"triton"``: always, but on the CPU only in
+    Triton's interpreter (``TRITON_INTERPRET=1``), and a :class:`DPALogicError` says so otherwise.
+    """
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return tensor.is_cuda and _triton_installed()
+    if not _triton_installed():
+        raise DPALogicError("backend='triton' needs the triton package (pip install triton)")
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise DPALogicError(
+            "backend='triton' needs CUDA tensors; on the CPU it runs only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported (or use backend='torch')"
+        )
+    return True
+
+
 def sequence_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -73,10 +98,13 @@ def sequence_logps(
     *,
     ignore_index: int = -100,
     chunk_rows: int = 2,
+    use_triton: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label log-probs ``[N]`` and token counts ``[N]`` of every row of ``hidden [N, T, H]``, no gradients.
 
-    Used for the reference model; processes ``chunk_rows`` sequences at a time (one float32 logits buffer).
+    Used for the reference model; processes ``chunk_rows`` sequences at a time (one float32 logits buffer). With
+    ``use_triton`` the label log-probs come from :func:`dpalogic.fused_kernels.label_logprobs` (the buffer is only
+    read), otherwise from in-place torch ops.
     """
     N, T, H = hidden.shape
     valid = labels != ignore_index
@@ -89,7 +117,12 @@ def sequence_logps(
             e = min(N, s + chunk_rows)
             rows = (e - s) * T
             logits = _chunk_logits(hidden[s:e].reshape(rows, H), weight, bias, buf[:rows])
-            tok, _ = _token_logps_inplace(logits, safe[s:e].reshape(rows))
+            if use_triton:
+                from dpalogic import fused_kernels
+
+                _, tok = fused_kernels.label_logprobs(logits, labels[s:e].reshape(rows).contiguous(), ignore_index)
+            else:
+                tok, _ = _token_logps_inplace(logits, safe[s:e].reshape(rows))
             out[s:e] = (tok * valid[s:e].reshape(rows)).view(e - s, T).sum(1)
     return out, valid.sum(1)
 
@@ -98,7 +131,11 @@ class _FusedLinearPreference(torch.autograd.Function):
     """Loss and all gradients in the forward pass, chunk by chunk; backward scales them by ``grad_output``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_chosen, ref_rejected, loss_fn, ignore_index, chunk, reduction):
+    def forward(
+        ctx, hidden, weight, bias, labels, ref_chosen, ref_rejected, loss_fn, ignore_index, chunk, reduction, use_triton
+    ):
+        if use_triton:  # imported here: the torch path never imports triton
+            from dpalogic import fused_kernels
         N, T, H = hidden.shape
         B = N // 2
         V = weight.shape[0]
@@ -124,7 +161,11 @@ class _FusedLinearPreference(torch.autograd.Function):
             lbl = safe.index_select(0, rows_idx).reshape(rows)
             mask = valid.index_select(0, rows_idx).reshape(rows)
             logits = _chunk_logits(h, weight, bias, buf[:rows])
-            tok, total = _token_logps_inplace(logits, lbl)
+            if use_triton:  # the buffer keeps the raw logits; the kernel returns logsumexp for the gradient phase
+                raw = labels.index_select(0, rows_idx).reshape(rows)  # ignore_index kept: the kernel masks those rows
+                lse, tok = fused_kernels.label_logprobs(logits, raw, ignore_index)
+            else:
+                tok, total = _token_logps_inplace(logits, lbl)
             seq = (tok * mask).view(2 * c, T).sum(1)
             seq_logps[rows_idx] = seq
             # the program's per-pair loss and its gradient w.r.t. the summed log-probs of this chunk's sequences
@@ -150,9 +191,12 @@ class _FusedLinearPreference(torch.autograd.Function):
                 [gc if gc is not None else torch.zeros_like(lc), gr if gr is not None else torch.zeros_like(lr)]
             )
             coef = (g.detach().to(acc) * scale).repeat_interleave(T) * mask  # ∂loss/∂(token log-prob)
-            # buffer: exp(logit − max) → softmax → −c·softmax → c·(onehot − softmax) = ∂loss/∂logits
-            logits.mul_((-coef / total)[:, None])
-            logits.scatter_add_(1, lbl[:, None], coef[:, None])
+            if use_triton:  # buffer: logits → c·(onehot − exp(logit − logsumexp)) = ∂loss/∂logits, in one kernel
+                fused_kernels.logprob_grad_inplace(logits, raw, lse, coef.contiguous(), ignore_index)
+            else:
+                # buffer: exp(logit − max) → softmax → −c·softmax → c·(onehot − softmax) = ∂loss/∂logits
+                logits.mul_((-coef / total)[:, None])
+                logits.scatter_add_(1, lbl[:, None], coef[:, None])
             G = logits if h.dtype == acc else logits.to(h.dtype)
             if need_h:
                 gh = (G @ weight).view(2 * c, T, H)
@@ -177,7 +221,7 @@ class _FusedLinearPreference(torch.autograd.Function):
             grad_b = None if grad_b is None else grad_b * grad_loss
         gw = None if grad_w is None else grad_w.to(w_dtype)
         gb = None if grad_b is None else grad_b.to(b_dtype)
-        return grad_h, gw, gb, None, None, None, None, None, None, None
+        return grad_h, gw, gb, None, None, None, None, None, None, None, None
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):
@@ -194,8 +238,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     policy's head), from which the reference log-probs are computed chunk by chunk without gradients.
 
     ``chunk_size`` is the number of pairs per chunk (the logits buffer holds ``2·chunk_size·T`` rows). ``backend``
-    picks the per-pair loss implementation (see :class:`~dpalogic.torch_loss.PreferenceLoss`); this chunked path
-    itself is torch (matmuls and in-place elementwise ops) on any device.
+    picks, by the rule of :class:`~dpalogic.torch_loss.PreferenceLoss`, both the per-pair loss implementation and
+    the vocabulary-wide work on each chunk's logits buffer: ``"auto"`` runs the Triton kernels of
+    :mod:`dpalogic.fused_kernels` on CUDA tensors when triton is installed and torch ops otherwise; ``"triton"``
+    always the kernels (on the CPU only under ``TRITON_INTERPRET=1``); ``"torch"`` always torch ops. The matmuls are
+    torch's either way.
     """
 
     def __init__(
@@ -223,6 +270,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
         self.reduction = reduction
+        self.backend = backend  # validated by PreferenceLoss above
 
     @property
     def hyperparameters(self) -> dict[str, float]:
@@ -244,6 +292,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ref_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(hidden, lm_head_weight, labels, bias)
+        use_triton = use_triton_kernels(self.backend, hidden)
         B = hidden.shape[0] // 2
         ref_c, ref_r = ref_chosen_logps, ref_rejected_logps
         if self.loss_fn.needs_reference and (ref_c is None or ref_r is None):
@@ -263,6 +312,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 None if ref_bias is None else ref_bias.detach(),
                 ignore_index=self.ignore_index,
                 chunk_rows=2 * self.chunk_size,
+                use_triton=use_triton,
             )
             ref_c, ref_r = ref[:B], ref[B:]
         for name, t in (("ref_chosen_logps", ref_c), ("ref_rejected_logps", ref_r)):
@@ -279,6 +329,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             self.ignore_index,
             self.chunk_size,
             self.reduction,
+            use_triton,
         )
         return loss, self._metrics(seq, lengths, losses, ref_c, ref_r)
 
