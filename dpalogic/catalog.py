@@ -236,6 +236,7 @@ def resolve(spec) -> Program:
 
         raise DPALogicError(f"expected a loss name, structure text, Structure or Program, got {type(spec).__name__}")
     text = spec.strip()
-    if text and all(c.isalnum() or c in "_-" for c in text) and "(" not in text:
+    constants = {"true", "True", "false", "False"}
+    if text and all(c.isalnum() or c in "_-" for c in text) and text not in constants:
         return lookup(text).program
     return single_structure_program(Structure.parse(text).check())

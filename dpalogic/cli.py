@@ -55,6 +55,9 @@ def catalog_matches(s) -> tuple[list[str], list[str]]:
     from dpalogic.structure import align
 
     equivalent, same = [], []
+    catalog_atoms = {a for e in entries().values() for t in e.program.terms for a in t.structure.atoms}
+    if not set(s.atoms) <= catalog_atoms:  # an atom no catalog loss has (y3, …): nothing can match
+        return equivalent, same
     for name, e in entries().items():
         other = e.program.structure
         if other is None:
@@ -385,14 +388,7 @@ def _register_plugins(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _register_plugins(parser)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if (
-        len(argv) >= 2
-        and argv[0] == "decompile"
-        and argv[1].startswith("-")
-        and argv[1] not in ("-h", "--help", "--json")
-    ):
-        argv = [argv[0], *argv[2:], "--", argv[1]]  # an equation such as "-log(p_w)" is not an option
+    argv = _protect_leading_minus(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     try:
         if getattr(args, "run", None) is not None:
@@ -417,7 +413,46 @@ def main(argv: list[str] | None = None) -> int:
     except DPALogicError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dpalogic list --json | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # an output path that cannot be written (missing folder, a folder named like the file …)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
+
+
+# options that take a value, per command whose positional may start with "-" (an equation such as "-log(p_w)")
+_VALUE_OPTIONS = {"derive": {"--given", "--additive"}, "decompile": set()}
+
+
+def _protect_leading_minus(argv: list[str]) -> list[str]:
+    """Move a positional that starts with '-' (``-log(p_w)``, ``-M(yw) | …``) behind ``--`` so argparse keeps it."""
+    if not argv or argv[0] not in _VALUE_OPTIONS or "--" in argv:
+        return argv
+    takes_value = _VALUE_OPTIONS[argv[0]]
+    out, moved, skip, glued = [argv[0]], [], False, set()
+    for i, arg in enumerate(argv):
+        if i == 0 or i in glued:
+            continue
+        if skip:
+            out.append(arg)
+            skip = False
+        elif arg in takes_value:
+            out.append(arg)
+            skip = True
+            if i + 1 < len(argv) and argv[i + 1].startswith("-"):  # --given "-M(yl)": glue the value on
+                out[-1] = f"{arg}={argv[i + 1]}"
+                skip = False
+                glued.add(i + 1)
+        elif arg.startswith("-") and arg not in ("-h", "--help", "--json") and not arg.startswith("--"):
+            moved.append(arg)
+        else:
+            out.append(arg)
+    return out + (["--", *moved] if moved else [])
 
 
 if __name__ == "__main__":  # pragma: no cover

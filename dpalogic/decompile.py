@@ -86,7 +86,14 @@ def parse_equation(text: str) -> sympy.Expr:
 
         known = ["log", "exp", "sigmoid", "logsigmoid", "softplus", "log1mexp", "relu", "Max", "log1p", "expm1"]
         raise unknown("function", str(bad[0].func), known)
-    # unknown plain names are hyperparameters: make them positive so that logs and powers simplify as expected
+    # unknown plain names are hyperparameters: make them positive so that logs and powers simplify as expected;
+    # but a name that looks like a variable (logp_q, ref_p_x, len_y) is a typo, not a hyperparameter
+    variable_names = sorted(v.name for v in VARIABLES)
+    for s in expr.free_symbols:
+        if s not in VARIABLES and s.name.startswith(("logp_", "ref_logp_", "p_", "ref_p_", "r_", "len_")):
+            from dpalogic.errors import unknown
+
+            raise unknown("variable", s.name, variable_names, "variables end in _w (chosen) or _l (rejected)")
     reps = {s: sympy.Symbol(s.name, positive=True) for s in expr.free_symbols if s not in VARIABLES}
     return _simplify_logs(expr.xreplace(reps))
 

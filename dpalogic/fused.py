@@ -334,8 +334,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         return loss, self._metrics(seq, lengths, losses, ref_c, ref_r)
 
     def _check(self, hidden, weight, labels, bias) -> None:
-        if hidden.dim() != 3 or hidden.shape[0] % 2:
-            raise DPALogicError(f"hidden must be [2B, T, H] (chosen stacked over rejected), got {tuple(hidden.shape)}")
+        if hidden.dim() != 3 or hidden.shape[0] % 2 or hidden.shape[0] == 0:
+            raise DPALogicError(
+                f"hidden must be [2B, T, H] with B ≥ 1 (chosen stacked over rejected), got {tuple(hidden.shape)}"
+            )
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
             raise DPALogicError(f"lm_head_weight must be [V, H] with H = {hidden.shape[2]}, got {tuple(weight.shape)}")
         if tuple(labels.shape) != tuple(hidden.shape[:2]):

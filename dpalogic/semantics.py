@@ -394,7 +394,12 @@ class Program:
                 from dpalogic.errors import unknown
 
                 raise unknown("hyperparameter", k, values or ["(none: this loss has no hyperparameters)"])
-            values[k] = float(v)
+            try:
+                values[k] = float(v)
+            except (TypeError, ValueError):
+                from dpalogic.errors import DPALogicError
+
+                raise DPALogicError(f"hyperparameter {k} must be a number, got {v!r}") from None
         return values
 
     def sympy(self) -> sympy.Expr:

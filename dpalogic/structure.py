@@ -15,10 +15,14 @@ from functools import cache, lru_cache
 import sympy
 from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Equivalent, Implies, Not, Or, Xor
 
-from dpalogic.errors import DegenerateStructureError
+from dpalogic.errors import DegenerateStructureError, DPALogicError
 from dpalogic.syntax import Atom, atoms_of, parse_structure_text, to_ascii, to_latex, to_unicode
 
 # --------------------------------------------------------------------------------------------------- truth tables
+
+
+MAX_ATOMS = 12  # 2^12 worlds: truth tables, plans and polynomials stay fast
+MINIMIZE_ATOMS = 6  # readable minimal formulas up to here; larger parsed structures print as written
 
 
 def full_mask(n: int) -> int:
@@ -227,6 +231,11 @@ class Structure:
         given = sympy.true if given is None else given
         additional = sympy.false if additional is None else additional
         atoms = atoms or atoms_of(core, given, additional)
+        if len(atoms) > MAX_ATOMS:
+            raise DPALogicError(
+                f"{len(atoms)} atoms: dpalogic enumerates the 2^n worlds of a structure, so it takes at most "
+                f"{MAX_ATOMS} atoms (M and Ref of each answer count separately)"
+            )
         p, c, a = (truth_table(e, atoms) for e in (core, given, additional))
         full = full_mask(len(atoms))
         top = p & c
@@ -249,6 +258,12 @@ class Structure:
 
         ps = parse_structure_text(text)
         core, g, a, lit_false = ps.core, ps.given, ps.additional, ps.given_is_literal_false
+        if given is not None and g is not None:
+            raise DPALogicError(f"P_C is given twice: in the structure text ({to_ascii(g)}) and by --given ({given})")
+        if additional is not None and a is not None:
+            raise DPALogicError(
+                f"P_A is given twice: in the structure text ({to_ascii(a)}) and by --additive ({additional})"
+            )
         if given is not None:
             g = parse_formula(given)
             lit_false = isinstance(g, BooleanFalse)
@@ -268,15 +283,29 @@ class Structure:
         return Structure(atoms, extend_mask(self.top, self.atoms, atoms), extend_mask(self.bottom, self.atoms, atoms))
 
     @property
+    def _as_written(self) -> bool:
+        """Beyond MINIMIZE_ATOMS atoms, minimizing formulas (Quine–McCluskey) costs seconds to minutes, so a parsed
+        structure is shown as written instead."""
+        return self.n > MINIMIZE_ATOMS and self.source is not None
+
+    @property
     def top_formula(self) -> Boolean:
+        if self._as_written:
+            core, given, _ = self.source
+            return And(core, given)
         return readable(self.top, self.atoms)
 
     @property
     def bottom_formula(self) -> Boolean:
+        if self._as_written:
+            core, given, additional = self.source
+            return Or(And(Not(core), given), additional)
         return readable(self.bottom, self.atoms)
 
     def readable_triple(self) -> tuple[Boolean, Boolean, Boolean]:
         """The paper's triple ``(✗ → ✓, ✓ ∨ ✗, ✓ ∧ ✗)``, each part in its simplest form (SEMANTICS §2)."""
+        if self._as_written:
+            return self.source
         full = full_mask(self.n)
         t, b = self.top, self.bottom
         core = (full & ~b) | t

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from dpalogic.semantics import Program, Term, log_wmc_plan
 from dpalogic.syntax import Atom
 
 LN2 = math.log(2.0)
+_ATOM_NAME = re.compile(r"(M|Ref)\((yw|yl|y[1-9][0-9]*)\)")
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -112,12 +114,20 @@ class BoundTerm:
 def bind_term(term: Term, values: Mapping[str, float]) -> BoundTerm:
     subs = {sympy.Symbol(k): v for k, v in values.items()}
 
-    def num(e: sympy.Expr) -> float:
+    def num(e: sympy.Expr, what: str) -> float:
         v = e.subs(subs)
         if v.free_symbols:
             raise DPALogicError(f"hyperparameter(s) {sorted(s.name for s in v.free_symbols)} have no value")
+        if not (v.is_real and v.is_finite):  # e.g. IPO's 1/(2β) at β = 0, robust's 1/(1 − 2ε) at ε = 1/2
+            hp = ", ".join(f"{k}={x:g}" for k, x in values.items())
+            raise DPALogicError(f"with {hp} the {what} {e} = {v} is not a finite number: choose other hyperparameters")
         return float(v)
 
+    params = {k: num(v, f"link parameter {k}") for k, v in term.link_params}
+    if term.link == "exo" and not 0.0 < params.get("epsilon", 0.5) < 1.0:
+        raise DPALogicError(f"EXO's ε (label_smoothing) must lie strictly between 0 and 1, got {params['epsilon']:g}")
+    if term.link == "discopop" and not params.get("tau", 1.0) > 0.0:
+        raise DPALogicError(f"DiscoPOP's τ (discopop_tau) must be positive, got {params['tau']:g}")
     s = term.structure
     s.check()
     return BoundTerm(
@@ -125,10 +135,10 @@ def bind_term(term: Term, values: Mapping[str, float]) -> BoundTerm:
         log_wmc_plan(s.top, s.n),
         log_wmc_plan(s.bottom, s.n),
         term.link,
-        num(term.coef),
-        num(term.scale),
-        num(term.shift),
-        {k: num(v) for k, v in term.link_params},
+        num(term.coef, "coefficient"),
+        num(term.scale, "scale β"),
+        num(term.shift, "shift γ"),
+        params,
         term.normalized,
     )
 
@@ -209,6 +219,9 @@ class PreferenceLoss(torch.nn.Module):
             ans_len["yw"] = chosen_lengths
         if rejected_lengths is not None:
             ans_len["yl"] = rejected_lengths
+        if not atom_lp:
+            raise DPALogicError("no log-probabilities given")
+        self._check_inputs(atom_lp, ans_len)
         if self._use_triton(atom_lp):
             return self._reduce(self._per_pair_generated(atom_lp, ans_len))
         return self._reduce(self.per_pair(atom_lp, ans_len))
@@ -264,6 +277,7 @@ class PreferenceLoss(torch.nn.Module):
         """The loss of every pair, ``[B]``, from log-probs keyed by atom name and lengths keyed by answer."""
         if not atom_lp:
             raise DPALogicError("no log-probabilities given")
+        self._check_inputs(atom_lp, ans_len)  # cheap: shapes and types only, no device sync
         first = next(iter(atom_lp.values()))
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         cache: dict[tuple[str, bool], torch.Tensor] = {}
@@ -300,6 +314,28 @@ class PreferenceLoss(torch.nn.Module):
         if total is None:
             return torch.zeros_like(first, dtype=dtype)
         return total
+
+    def _check_inputs(self, atom_lp: Mapping[str, torch.Tensor], ans_len: Mapping[str, torch.Tensor]) -> None:
+        """Every input a tensor of one shape [B] (no silent broadcasting), every key a known atom/answer."""
+        known = {a.name for a in self.atoms}
+        shape = None
+        for kind, mapping in (("log-probs", atom_lp), ("lengths", ans_len)):
+            for k, v in mapping.items():
+                if not isinstance(v, torch.Tensor):
+                    raise DPALogicError(f"{kind} for {k} must be a torch.Tensor, got {type(v).__name__}")
+                if kind == "log-probs" and k not in known and not _ATOM_NAME.fullmatch(k):
+                    # unused atoms are fine (a reference passed to a reference-free loss); a misspelled key is not
+                    from dpalogic.errors import unknown
+
+                    raise unknown("atom", k, sorted(known), f"this loss's atoms are {', '.join(sorted(known))}")
+                if kind == "log-probs" and not (v.is_floating_point()):
+                    raise DPALogicError(f"log-probs for {k} must be floating point, got {v.dtype}")
+                if shape is None:
+                    shape = v.shape
+                elif v.shape != shape:
+                    raise DPALogicError(
+                        f"all inputs must have the same shape [B]: {k} has {tuple(v.shape)}, another has {tuple(shape)}"
+                    )
 
     def _missing(self, atom: Atom) -> str:
         arg = {

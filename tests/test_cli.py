@@ -102,3 +102,44 @@ def test_symbolic_commands_do_not_import_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["compare", "cpo", "orpo", "--plot", "/nonexistent-dir/x.png"], "cannot write"),
+        (["derive", "(M(yw), M(yl))", "--given", "M(yw)"], "P_C is given twice"),
+        (["derive", "(M(yw), M(yl), M(yw))", "--additive", "M(yl)"], "P_A is given twice"),
+        (["compare", "false", "cpo"], "degenerate structure"),
+        (["decompile", "-log(sigmoid(beta*(logp_w - logp_q)))"], "unknown variable 'logp_q'"),
+        (["derive", " & ".join(f"M(y{i})" for i in range(1, 14))], "at most 12 atoms"),
+        (["derive", "~M(yw)", "--given", "-M(yl)"], "unexpected character '-'"),
+    ],
+)
+def test_more_user_mistakes_exit_2(argv, fragment):
+    proc = subprocess.run([sys.executable, "-m", "dpalogic", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_equation_starting_with_minus_and_json_in_any_order(capsys):
+    assert main(["decompile", "--json", "-log(p_w)"]) == 0
+    assert json.loads(capsys.readouterr().out)["terms"][0]["top"] == "M(yw)"
+    assert main(["decompile", "-log(p_w)", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["terms"][0]["top"] == "M(yw)"
+
+
+def test_broken_pipe_is_not_a_traceback():
+    proc = subprocess.run(
+        f"{sys.executable} -m dpalogic list --json | head -c 10", shell=True, capture_output=True, text=True
+    )
+    assert proc.stdout == '[\n  {\n    "'[:10]
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_many_atoms_print_as_written(capsys):
+    formula = " ^ ".join(f"M(y{i})" for i in range(1, 9))  # 8 atoms: beyond minimization, shown as written
+    assert main(["derive", formula, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["core"].count("^") == 7 and out["equivalent_to"] == []

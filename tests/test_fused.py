@@ -222,3 +222,12 @@ def test_fused_matches_liger(name):
     # Liger reports per-sequence log-probs (averaged where it averages): ours are sums with token counts
     chosen = metrics["chosen_logps"] / (metrics["chosen_lengths"] if name in ("orpo", "simpo") else 1)
     torch.testing.assert_close(chosen, out[1][0], rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_is_reported():
+    from dpalogic import DPALogicError, FusedLinearPreferenceLoss
+
+    with pytest.raises(DPALogicError, match="B ≥ 1"):
+        FusedLinearPreferenceLoss("cpo")(
+            torch.zeros(0, 5, 8, requires_grad=True), torch.zeros(11, 8), torch.zeros(0, 5, dtype=torch.long)
+        )

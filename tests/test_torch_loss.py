@@ -163,3 +163,36 @@ def test_missing_inputs_are_reported():
         PreferenceLoss("simpo")(lp[0], lp[1])
     with pytest.raises(DPALogicError, match=r"logps\['M\(y3\)'\]"):
         PreferenceLoss("M(y3) -> M(y1)")(logps={"M(y1)": lp[0]})
+
+
+@pytest.mark.parametrize(
+    "spec,hp,fragment",
+    [
+        ("ipo", {"beta": 0}, "not a finite number"),
+        ("robust", {"label_smoothing": 0.5}, "not a finite number"),
+        ("exo_pair", {"label_smoothing": 0.0}, "strictly between 0 and 1"),
+        ("discopop", {"discopop_tau": 0.0}, "must be positive"),
+        ("dpo", {"beta": "abc"}, "must be a number"),
+    ],
+)
+def test_hyperparameters_out_of_range_are_reported_at_construction(spec, hp, fragment):
+    with pytest.raises(DPALogicError) as info:
+        PreferenceLoss(spec, **hp)
+    assert fragment in str(info.value)
+
+
+def test_inputs_are_checked():
+    a = -torch.rand(4, dtype=torch.float64)
+    loss_fn = PreferenceLoss("dpo", reduction="none")
+    with pytest.raises(DPALogicError, match="same shape"):
+        loss_fn(a[:, None], a, a, a)  # would broadcast to [4, 4] silently
+    with pytest.raises(DPALogicError, match="torch.Tensor"):
+        PreferenceLoss("cpo", alpha=0.0)(0.5, a)
+    with pytest.raises(DPALogicError, match="floating point"):
+        PreferenceLoss("cpo", alpha=0.0)(torch.tensor([-1, -2]), torch.tensor([-1, -2]))
+    with pytest.raises(DPALogicError, match="unknown atom 'Foo'"):
+        PreferenceLoss("cpo", alpha=0.0)(logps={"Foo": a, "M(yw)": a, "M(yl)": a})
+    # a reference passed to a reference-free loss is fine (training loops pass it to every loss)
+    torch.testing.assert_close(
+        PreferenceLoss("cpo", alpha=0.0)(a, a.flip(0), a, a), PreferenceLoss("cpo", alpha=0.0)(a, a.flip(0))
+    )
