@@ -361,7 +361,7 @@ def _print_compare(info: dict[str, Any]) -> None:
         c.print(f"- {n}")
     for w in info["witnesses"]:
         lp = ", ".join(f"log {k} = {v:g}" for k, v in w["logps"].items())
-        c.print(f"witness: {lp}: loss {info['a']} = {w['loss_a']:.4f}, loss {info['b']} = {w['loss_b']:.4f}")
+        c.print(f"witness: {lp}: −log σ(log ρ) of {info['a']} = {w['loss_a']:.4f}, of {info['b']} = {w['loss_b']:.4f}")
     for t in info["terms"]:
         c.print(f"term {t['term']}: {t['relation']}{' (same loss)' if t['same_loss'] else ''}")
 

@@ -620,7 +620,8 @@ def _run(args) -> int:
     for k, term in enumerate(info["terms"], 1):
         params = "".join(f", {a}={b}" for a, b in term["link_params"].items())
         weights = "per-token (length-normalized)" if term["normalized"] else "sequence"
-        c.print(f"term {k}: {term['coef']} · {term['link']}{params} of z = {term['beta']}·log ρ − ({term['gamma']})")
+        coef = term["coef"] if term["coef"].replace("_", "").replace(".", "").isalnum() else f"({term['coef']})"
+        c.print(f"term {k}: {coef} · {term['link']}{params} of z = {term['beta']}·log ρ − ({term['gamma']})")
         c.print(f"  structure   {term['structure']}")
         c.print(f"  ✓ / ✗       {term['top']}  /  {term['bottom']}")
         c.print(f"  ρ           {term['rho']}   ({weights} weights)")
