@@ -124,3 +124,24 @@ def test_same_loss_as_trls_own_implementation(setup, tmp_path, dpalogic_name, tr
         b = theirs.compute_loss(theirs.model, batch)
     assert abs(a.item() - {"sigmoid": 0.6931, "ipo": (1 / 0.6) ** 2, "hinge": 1.0}[trl_type]) > 1e-3
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_logged_rewards_use_the_losss_beta(setup, tmp_path):
+    tok, ds = setup
+    model = build_tiny_model(tok, seed=0)
+    initial = copy.deepcopy(model)
+    trainer = DPALogicDPOTrainer(  # DPOConfig keeps TRL's default beta 0.1; the loss's beta is 0.5
+        model=model,
+        args=config(tmp_path),
+        train_dataset=ds,
+        processing_class=tok,
+        loss="ccpo",
+        loss_kwargs={"beta": 0.5},
+    )
+    batch = first_batch(trainer)
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    logged = [v for mode in trainer._metrics.values() for v in mode.get("rewards/chosen", [])]
+    c, _ = plain_logps(initial, batch)
+    assert logged[-1] == pytest.approx(0.5 * c.mean().item(), rel=1e-4)  # reference-free reward: β·log π(yw)

@@ -113,7 +113,9 @@ class DPALogicDPOTrainer(DPOTrainer):
         with torch.no_grad():
             c, r = chosen_logps.detach(), rejected_logps.detach()
             rc, rr = (c - ref_chosen, r - ref_rejected) if ref_chosen is not None else (c, r)
-            rc, rr = self.beta * rc, self.beta * rr
+            # β of the dpalogic loss when it has one (TRL's DPOConfig.beta need not be the loss's β)
+            beta = self.dpalogic_loss.hyperparameters.get("beta", self.beta)
+            rc, rr = beta * rc, beta * rr
             gather = self.accelerator.gather
             m = self._metrics[mode]
             m["rewards/chosen"].append(gather(rc).mean().item())

@@ -190,6 +190,16 @@ class Trainer:
         seed_everything(cfg.seed)
 
         self.loss_fn = PreferenceLoss(cfg.loss, reduction="none", **cfg.hp)
+        # pairs only: a formula over y1 … yK (or one without a policy atom) cannot train on chosen/rejected rows,
+        # so say so now, before the data, the model and the reference pass are loaded
+        pair_atoms = {"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"}
+        names = {a.name for a in self.loss_fn.atoms}
+        if not names <= pair_atoms:
+            raise DPALogicError(
+                f"training data has pairs (chosen yw, rejected yl), but this loss uses {', '.join(sorted(names - pair_atoms))}"
+            )
+        if not names & {"M(yw)", "M(yl)"}:
+            raise DPALogicError("this loss has no policy atom M(yw) or M(yl): it would not train the model")
         self.needs_ref = self.loss_fn.needs_reference
         self.fused = None
         if cfg.fused:
