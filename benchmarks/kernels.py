@@ -47,16 +47,24 @@ def sync() -> None:
 
 def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
     """Best wall time of ``fn()`` over ``repeat`` runs, in seconds (the minimum: least disturbed by other load)."""
-    for _ in range(warmup):
-        fn()
+    return timeit_interleaved({"fn": fn}, repeat, warmup)["fn"]
+
+
+def timeit_interleaved(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
+    """Best wall time of each function, the functions taking turns (round robin) so that a burst of load from other
+    jobs on a shared machine slows all of them alike instead of skewing one ratio."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    ts = []
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
 
 
 def peak_bytes(fn) -> int:
@@ -168,10 +176,11 @@ def _per_pair_case(name: str, B: int) -> list[str]:
     except Exception as e:  # noqa: BLE001 - torch.compile may be unavailable (no C++ compiler on the machine)
         print(f"  torch.compile skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
     repeat = 20 if B <= 4096 else 7
-    t_gen = timeit(generated, repeat)
-    t_auto = timeit(autograd, repeat)
-    t_lig = timeit(liger, repeat)
-    t_comp = timeit(compiled, repeat) if compiled else float("nan")
+    fns = {"gen": generated, "auto": autograd, "liger": liger}
+    if compiled:
+        fns["comp"] = compiled
+    t = timeit_interleaved(fns, repeat)
+    t_gen, t_auto, t_lig, t_comp = t["gen"], t["auto"], t["liger"], t.get("comp", float("nan"))
     print(f"  (a) {name} B={B}: generated {t_gen * 1e3:.3f} ms", flush=True)
     return [
         name,
@@ -231,20 +240,23 @@ def bench_fused(shapes: list[tuple[int, int, int, int]], repeat: int) -> str:
         data["labels"][:, : T // 4] = -100  # the prompt
         data["ref_hidden"] = (data["hidden"] + 0.01 * torch.randn(2 * B, T, H, generator=g).to(DEV)).contiguous()
         rows += [_fused_case(name, data, repeat) for name in ("dpo", "orpo", "simpo", "cpo")]
-    header = ["loss", "B×T×H×V", "ours ms", "ours peak MiB"]
+        if B < 4:  # one pair is over a quarter of the batch: also the low-memory mode, a quarter of a pair per slice
+            rows += [_fused_case(name, data, repeat, max_tokens=T // 2) for name in ("dpo", "orpo", "simpo", "cpo")]
+    header = ["loss", "ours: chunk", "B×T×H×V", "ours ms", "ours peak MiB"]
     header += ["time / Liger", "time / full", "time / TRL-style", "mem / Liger", "mem / full", "mem / TRL-style"]
     if DEV.type == "cuda":
         header += ["time / ours in torch ops"]
     return table(header, rows)
 
 
-def _fused_case(name: str, d: dict, repeat: int) -> list[str]:
+def _fused_case(name: str, d: dict, repeat: int, max_tokens: int | None = None) -> list[str]:
     hidden, weight, bias, labels, ref_hidden = d["hidden"], d["weight"], d["bias"], d["labels"], d["ref_hidden"]
     N, T, H = hidden.shape
     B, V = N // 2, weight.shape[0]
     uses_ref = name == "dpo"
-    fused = FusedLinearPreferenceLoss(name, chunk_size=1)  # backend="auto": the Triton kernels on CUDA
-    fused_torch = FusedLinearPreferenceLoss(name, chunk_size=1, backend="torch")
+    # backend="auto": the Triton kernels on CUDA
+    fused = FusedLinearPreferenceLoss(name, chunk_size=1, max_chunk_tokens=max_tokens)
+    fused_torch = FusedLinearPreferenceLoss(name, chunk_size=1, max_chunk_tokens=max_tokens, backend="torch")
     liger = liger_module(name)
     plain = PreferenceLoss(name)
 
@@ -288,11 +300,14 @@ def _fused_case(name: str, d: dict, repeat: int) -> list[str]:
     }
     if DEV.type == "cuda":  # on the CPU both would be the torch path
         runs["ours_torch"] = lambda: run_ours(fused_torch)
-    results = {k: (timeit(fn, repeat), peak_bytes(fn)) for k, fn in runs.items()}
+    times = timeit_interleaved(runs, repeat)
+    results = {k: (times[k], peak_bytes(fn)) for k, fn in runs.items()}
     t0, m0 = results["ours"]
-    print(f"  (b) {name} {B}x{T}x{H}x{V}: ours {t0 * 1e3:.0f} ms {m0 / 2**20:.0f} MiB", flush=True)
+    mode = "1 pair" if max_tokens is None else f"{max_tokens} tokens"
+    print(f"  (b) {name} {B}x{T}x{H}x{V} ({mode}): ours {t0 * 1e3:.0f} ms {m0 / 2**20:.0f} MiB", flush=True)
     return [
         name,
+        mode,
         f"{B}×{T}×{H}×{V // 1000}k",
         f"{t0 * 1e3:.0f}",
         f"{m0 / 2**20:.0f}",
@@ -320,7 +335,8 @@ def main() -> int:
             shapes = shapes[:1]
     print("(a) per-pair loss on log-probs, forward + backward; ratios are time / the generated module's time\n")
     print(bench_per_pair(sizes), "\n", flush=True)
-    print("(b) fused LM head + loss from hidden states, forward + backward (chunk_size = 1 pair for ours and Liger)")
+    print("(b) fused LM head + loss from hidden states, forward + backward (chunk_size = 1 pair for ours and Liger;")
+    print("    ours: chunk '64 tokens' is max_chunk_tokens=64, two passes over quarter-pair slices)")
     print("    ratios are ours / theirs: below 1 means dpalogic is faster or smaller\n")
     print(bench_fused(shapes, repeat))
     if DEV.type == "cpu":

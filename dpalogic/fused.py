@@ -58,16 +58,18 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return buf
 
 
-def _token_logps_inplace(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token log-probs at ``labels``; leaves ``exp(logits − max)`` in ``logits`` and returns the row sums.
+def _token_logps_inplace(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token log-probs at ``labels``, the row sums of ``exp(logits − max)`` and ``logsumexp``.
 
-    Everything is in place on the float32 buffer: no second vocabulary-sized tensor is allocated.
+    Leaves ``exp(logits − max)`` in ``logits``: everything is in place on the float32 buffer, no second
+    vocabulary-sized tensor is allocated.
     """
     label_logit = logits.gather(1, labels[:, None]).squeeze(1)
     mx = logits.amax(dim=1)
     logits.sub_(mx[:, None]).exp_()
     total = logits.sum(dim=1)
-    return label_logit - mx - total.log(), total
+    lse = mx + total.log()
+    return label_logit - lse, total, lse
 
 
 def use_triton_kernels(backend: str, tensor: torch.Tensor) -> bool:
@@ -98,33 +100,108 @@ def sequence_logps(
     *,
     ignore_index: int = -100,
     chunk_rows: int = 2,
+    max_chunk_tokens: int | None = None,
     use_triton: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label log-probs ``[N]`` and token counts ``[N]`` of every row of ``hidden [N, T, H]``, no gradients.
 
-    Used for the reference model; processes ``chunk_rows`` sequences at a time (one float32 logits buffer). With
-    ``use_triton`` the label log-probs come from :func:`dpalogic.fused_kernels.label_logprobs` (the buffer is only
-    read), otherwise from in-place torch ops.
+    Used for the reference model. The token rows are processed ``chunk_rows·T`` at a time (at most
+    ``max_chunk_tokens``) in one float32 logits buffer. With ``use_triton`` the label log-probs come from
+    :func:`dpalogic.fused_kernels.label_logprobs` (the buffer is only read), otherwise from in-place torch ops.
     """
     N, T, H = hidden.shape
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, 0)
+    flat_h = hidden.reshape(N * T, H)
+    flat_labels = labels.reshape(N * T)
+    safe = torch.where(valid, labels, 0).reshape(N * T)
     acc = _acc_dtype(hidden.dtype)
-    out = torch.empty(N, dtype=acc, device=hidden.device)
-    buf = torch.empty(min(N, chunk_rows) * T, weight.shape[0], dtype=acc, device=hidden.device)
+    tok = torch.zeros(N * T, dtype=acc, device=hidden.device)
+    step = max(1, min(N * T, chunk_rows * T, max_chunk_tokens or N * T))
+    buf = torch.empty(step, weight.shape[0], dtype=acc, device=hidden.device)
     with torch.no_grad():
-        for s in range(0, N, chunk_rows):
-            e = min(N, s + chunk_rows)
-            rows = (e - s) * T
-            logits = _chunk_logits(hidden[s:e].reshape(rows, H), weight, bias, buf[:rows])
+        for a in range(0, N * T, step):
+            b = min(N * T, a + step)
+            logits = _chunk_logits(flat_h[a:b], weight, bias, buf[: b - a])
             if use_triton:
                 from dpalogic import fused_kernels
 
-                _, tok = fused_kernels.label_logprobs(logits, labels[s:e].reshape(rows).contiguous(), ignore_index)
+                tok[a:b] = fused_kernels.label_logprobs(logits, flat_labels[a:b].contiguous(), ignore_index)[1]
             else:
-                tok, _ = _token_logps_inplace(logits, safe[s:e].reshape(rows))
-            out[s:e] = (tok * valid[s:e].reshape(rows)).view(e - s, T).sum(1)
-    return out, valid.sum(1)
+                tok[a:b] = _token_logps_inplace(logits, safe[a:b])[0]
+    return (tok.view(N, T) * valid).sum(1), valid.sum(1)
+
+
+def _logps_phase(logits, lbl, raw, ignore_index, use_triton):
+    """Token log-probs and ``logsumexp`` of a logits buffer (and, on the torch path, the row sums of
+    ``exp(logit − max)`` the buffer is left holding; the Triton kernel leaves the raw logits and returns None)."""
+    if use_triton:  # imported here: the torch path never imports triton
+        from dpalogic import fused_kernels
+
+        lse, tok = fused_kernels.label_logprobs(logits, raw, ignore_index)
+        return tok, lse, None
+    tok, total, lse = _token_logps_inplace(logits, lbl)
+    return tok, lse, total
+
+
+def _grad_phase(logits, lbl, raw, lse, total, coef, ignore_index, use_triton) -> None:
+    """Turn the buffer into ``∂loss/∂logits = c_t · (onehot(label) − softmax)``, in place.
+
+    The buffer holds the raw logits (Triton path, or a recomputed slice: ``total`` is None) or ``exp(logit − max)``
+    with row sums ``total`` (torch path, one pass).
+    """
+    if use_triton:
+        from dpalogic import fused_kernels
+
+        fused_kernels.logprob_grad_inplace(logits, raw, lse, coef.contiguous(), ignore_index)
+        return
+    if total is None:  # raw logits → softmax = exp(logit − logsumexp) → −c·softmax
+        logits.sub_(lse[:, None]).exp_().mul_(-coef[:, None])
+    else:  # exp(logit − max) → softmax → −c·softmax
+        logits.mul_((-coef / total)[:, None])
+    logits.scatter_add_(1, lbl[:, None], coef[:, None])
+
+
+def _pair_loss_and_grads(loss_fn, seq, c, s, e, B, lengths, ref_chosen, ref_rejected):
+    """The program's per-pair loss for pairs ``s:e`` and its gradient w.r.t. their summed log-probs ``seq``."""
+    with torch.enable_grad():
+        lc, lr = seq[:c].detach().requires_grad_(), seq[c:].detach().requires_grad_()
+        per = loss_fn(
+            lc,
+            lr,
+            None if ref_chosen is None else ref_chosen[s:e],
+            None if ref_rejected is None else ref_rejected[s:e],
+            chosen_lengths=lengths[s:e],
+            rejected_lengths=lengths[B + s : B + e],
+        )
+        per_sum = per.sum()
+        gc = gr = None
+        if per_sum.requires_grad:
+            gc, gr = torch.autograd.grad(per_sum, [lc, lr], allow_unused=True)
+    # a loss that ignores the policy entirely (constant ratio) has no gradient
+    gc = torch.zeros_like(lc) if gc is None else gc
+    gr = torch.zeros_like(lr) if gr is None else gr
+    return per.detach(), gc.detach(), gr.detach()
+
+
+class _Grads:
+    """The gradient accumulators of the hidden states, the weight and the bias, fed one ∂logits buffer at a time."""
+
+    def __init__(self, weight, grad_h, grad_w, grad_b) -> None:
+        self.weight, self.grad_h, self.grad_w, self.grad_b = weight, grad_h, grad_w, grad_b
+
+    def add(self, dlogits, h, rows_idx, n_seq, T, gh_out=None) -> None:
+        """``∂h = G W`` (into the sequences ``rows_idx`` of ``grad_h``, or into ``gh_out``), ``∂W += Gᵀ h``, ``∂b += Σ G``."""
+        G = dlogits if h.dtype == dlogits.dtype else dlogits.to(h.dtype)
+        if self.grad_h is not None:
+            gh = G @ self.weight
+            if gh_out is not None:
+                gh_out.copy_(gh)
+            else:
+                self.grad_h.index_copy_(0, rows_idx, gh.view(n_seq, T, -1).to(self.grad_h.dtype))
+        if self.grad_w is not None:  # accumulated in float32/64
+            self.grad_w.addmm_(dlogits.t(), h if h.dtype == dlogits.dtype else h.to(dlogits.dtype))
+        if self.grad_b is not None:
+            self.grad_b += dlogits.sum(0)
 
 
 class _FusedLinearPreference(torch.autograd.Function):
@@ -132,10 +209,20 @@ class _FusedLinearPreference(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, labels, ref_chosen, ref_rejected, loss_fn, ignore_index, chunk, reduction, use_triton
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        ref_chosen,
+        ref_rejected,
+        loss_fn,
+        ignore_index,
+        chunk,
+        max_tokens,
+        reduction,
+        use_triton,
     ):
-        if use_triton:  # imported here: the torch path never imports triton
-            from dpalogic import fused_kernels
         N, T, H = hidden.shape
         B = N // 2
         V = weight.shape[0]
@@ -144,13 +231,17 @@ class _FusedLinearPreference(torch.autograd.Function):
         valid = labels != ignore_index
         safe = torch.where(valid, labels, 0)
         lengths = valid.sum(1)
-        grad_h = torch.empty_like(hidden) if need_h else None
         acc = _acc_dtype(hidden.dtype)
-        grad_w = torch.zeros(V, H, dtype=acc, device=dev) if need_w else None
-        grad_b = torch.zeros(V, dtype=acc, device=dev) if need_b else None
+        grads = _Grads(
+            weight,
+            grad_h=torch.empty_like(hidden) if need_h else None,
+            grad_w=torch.zeros(V, H, dtype=acc, device=dev) if need_w else None,
+            grad_b=torch.zeros(V, dtype=acc, device=dev) if need_b else None,
+        )
         seq_logps = torch.empty(N, dtype=acc, device=dev)
         losses = torch.empty(B, dtype=acc, device=dev)
-        buf = torch.empty(2 * min(B, chunk) * T, V, dtype=acc, device=dev)
+        rows_per_chunk = 2 * min(B, chunk) * T
+        buf = torch.empty(min(rows_per_chunk, max_tokens or rows_per_chunk), V, dtype=acc, device=dev)
         scale = 1.0 / B if reduction == "mean" else 1.0
         for s in range(0, B, chunk):
             e = min(B, s + chunk)
@@ -159,54 +250,50 @@ class _FusedLinearPreference(torch.autograd.Function):
             rows = 2 * c * T
             h = hidden.index_select(0, rows_idx).reshape(rows, H)
             lbl = safe.index_select(0, rows_idx).reshape(rows)
+            raw = labels.index_select(0, rows_idx).reshape(rows)  # ignore_index kept: the kernels mask those rows
             mask = valid.index_select(0, rows_idx).reshape(rows)
-            logits = _chunk_logits(h, weight, bias, buf[:rows])
-            if use_triton:  # the buffer keeps the raw logits; the kernel returns logsumexp for the gradient phase
-                raw = labels.index_select(0, rows_idx).reshape(rows)  # ignore_index kept: the kernel masks those rows
-                lse, tok = fused_kernels.label_logprobs(logits, raw, ignore_index)
-            else:
-                tok, total = _token_logps_inplace(logits, lbl)
+            rows_fit = rows <= buf.shape[0]
+            if rows_fit:  # one pass: the buffer keeps what the gradient phase needs
+                logits = _chunk_logits(h, weight, bias, buf[:rows])
+                tok, lse, total = _logps_phase(logits, lbl, raw, ignore_index, use_triton)
+            else:  # two passes: log-probs slice by slice now, the logits are recomputed for the gradients below
+                tok = torch.empty(rows, dtype=acc, device=dev)
+                lse = torch.empty(rows, dtype=acc, device=dev)
+                slices = [(a, min(rows, a + buf.shape[0])) for a in range(0, rows, buf.shape[0])]
+                for a, z in slices:
+                    logits = _chunk_logits(h[a:z], weight, bias, buf[: z - a])
+                    tok[a:z], lse[a:z], total = _logps_phase(logits, lbl[a:z], raw[a:z], ignore_index, use_triton)
             seq = (tok * mask).view(2 * c, T).sum(1)
             seq_logps[rows_idx] = seq
-            # the program's per-pair loss and its gradient w.r.t. the summed log-probs of this chunk's sequences
-            with torch.enable_grad():
-                lc, lr = seq[:c].detach().requires_grad_(), seq[c:].detach().requires_grad_()
-                per = loss_fn(
-                    lc,
-                    lr,
-                    None if ref_chosen is None else ref_chosen[s:e],
-                    None if ref_rejected is None else ref_rejected[s:e],
-                    chosen_lengths=lengths[s:e],
-                    rejected_lengths=lengths[B + s : B + e],
-                )
-                per_sum = per.sum()
-                if per_sum.requires_grad:
-                    gc, gr = torch.autograd.grad(per_sum, [lc, lr], allow_unused=True)
-                else:  # a loss that ignores the policy entirely (constant ratio): no gradient
-                    gc = gr = None
-            losses[s:e] = per.detach()
+            per, gc, gr = _pair_loss_and_grads(loss_fn, seq, c, s, e, B, lengths, ref_chosen, ref_rejected)
+            losses[s:e] = per
             if not (need_h or need_w or need_b):
                 continue
-            g = torch.cat(
-                [gc if gc is not None else torch.zeros_like(lc), gr if gr is not None else torch.zeros_like(lr)]
-            )
-            coef = (g.detach().to(acc) * scale).repeat_interleave(T) * mask  # ∂loss/∂(token log-prob)
-            if use_triton:  # buffer: logits → c·(onehot − exp(logit − logsumexp)) = ∂loss/∂logits, in one kernel
-                fused_kernels.logprob_grad_inplace(logits, raw, lse, coef.contiguous(), ignore_index)
+            coef = (torch.cat([gc, gr]).to(acc) * scale).repeat_interleave(T) * mask  # ∂loss/∂(token log-prob)
+            if rows_fit:
+                _grad_phase(logits, lbl, raw, lse, total, coef, ignore_index, use_triton)
+                grads.add(logits, h, rows_idx, 2 * c, T)
             else:
-                # buffer: exp(logit − max) → softmax → −c·softmax → c·(onehot − softmax) = ∂loss/∂logits
-                logits.mul_((-coef / total)[:, None])
-                logits.scatter_add_(1, lbl[:, None], coef[:, None])
-            G = logits if h.dtype == acc else logits.to(h.dtype)
-            if need_h:
-                gh = (G @ weight).view(2 * c, T, H)
-                grad_h.index_copy_(0, rows_idx, gh.to(grad_h.dtype))
-            if need_w:
-                grad_w.addmm_(logits.t(), h if h.dtype == acc else h.to(acc))  # accumulated in float32/64
-            if need_b:
-                grad_b += logits.sum(0)
+                gh = torch.empty_like(h) if need_h else None
+                # the last slice is still in the buffer as the first pass left it: it goes first, without a matmul
+                for i, (a, z) in enumerate(reversed(slices)):
+                    if i:
+                        logits = _chunk_logits(h[a:z], weight, bias, buf[: z - a])
+                    _grad_phase(
+                        logits,
+                        lbl[a:z],
+                        raw[a:z],
+                        lse[a:z],
+                        total if i == 0 else None,
+                        coef[a:z],
+                        ignore_index,
+                        use_triton,
+                    )
+                    grads.add(logits, h[a:z], None, None, None, gh_out=None if gh is None else gh[a:z])
+                if need_h:
+                    grads.grad_h.index_copy_(0, rows_idx, gh.view(2 * c, T, H))
         loss = losses.sum() * scale
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(grads.grad_h, grads.grad_w, grads.grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(seq_logps, losses)
         return loss, seq_logps, losses, lengths
@@ -221,7 +308,7 @@ class _FusedLinearPreference(torch.autograd.Function):
             grad_b = None if grad_b is None else grad_b * grad_loss
         gw = None if grad_w is None else grad_w.to(w_dtype)
         gb = None if grad_b is None else grad_b.to(b_dtype)
-        return grad_h, gw, gb, None, None, None, None, None, None, None, None
+        return grad_h, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):
@@ -237,7 +324,12 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     ``ref_rejected_logps`` (summed, ``[B]``) or ``ref_hidden`` (with ``ref_weight``/``ref_bias``; by default the
     policy's head), from which the reference log-probs are computed chunk by chunk without gradients.
 
-    ``chunk_size`` is the number of pairs per chunk (the logits buffer holds ``2·chunk_size·T`` rows). ``backend``
+    ``chunk_size`` is the number of pairs per chunk (the logits buffer holds ``2·chunk_size·T`` rows), as in Liger.
+    ``max_chunk_tokens`` caps the buffer's rows below one pair's ``2·T`` when memory is tighter than that (few pairs,
+    long answers): a chunk with more token rows is done in two passes over slices of at most ``max_chunk_tokens``
+    rows, the first for the log-probs (the loss needs whole sequences before any gradient is known), the second
+    recomputing each slice's logits for the gradients (all but the last slice, which is still in the buffer): up to
+    four matmuls per token instead of three. ``backend``
     picks, by the rule of :class:`~dpalogic.torch_loss.PreferenceLoss`, both the per-pair loss implementation and
     the vocabulary-wide work on each chunk's logits buffer: ``"auto"`` runs the Triton kernels of
     :mod:`dpalogic.fused_kernels` on CUDA tensors when triton is installed and torch ops otherwise; ``"triton"``
@@ -251,6 +343,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         *,
         ignore_index: int = -100,
         chunk_size: int = 1,
+        max_chunk_tokens: int | None = None,
         reduction: str = "mean",
         backend: str = "auto",
         **hyperparameters: float,
@@ -258,6 +351,13 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         super().__init__()
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise DPALogicError(f"chunk_size must be a positive integer (pairs per chunk), got {chunk_size!r}")
+        if max_chunk_tokens is not None and (
+            not isinstance(max_chunk_tokens, int) or isinstance(max_chunk_tokens, bool) or max_chunk_tokens < 1
+        ):
+            raise DPALogicError(
+                f"max_chunk_tokens must be a positive integer (token rows per logits buffer) or None, "
+                f"got {max_chunk_tokens!r}"
+            )
         if reduction not in ("mean", "sum"):
             raise DPALogicError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.loss_fn = PreferenceLoss(spec, reduction="none", backend=backend, **hyperparameters)
@@ -269,6 +369,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             )
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
+        self.max_chunk_tokens = max_chunk_tokens
         self.reduction = reduction
         self.backend = backend  # validated by PreferenceLoss above
 
@@ -277,7 +378,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         return self.loss_fn.hyperparameters
 
     def extra_repr(self) -> str:
-        return f"{self.loss_fn.extra_repr()}, chunk_size={self.chunk_size}, ignore_index={self.ignore_index}"
+        tokens = "" if self.max_chunk_tokens is None else f", max_chunk_tokens={self.max_chunk_tokens}"
+        return f"{self.loss_fn.extra_repr()}, chunk_size={self.chunk_size}{tokens}, ignore_index={self.ignore_index}"
 
     def forward(
         self,
@@ -312,6 +414,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 None if ref_bias is None else ref_bias.detach(),
                 ignore_index=self.ignore_index,
                 chunk_rows=2 * self.chunk_size,
+                max_chunk_tokens=self.max_chunk_tokens,
                 use_triton=use_triton,
             )
             ref_c, ref_r = ref[:B], ref[B:]
@@ -328,6 +431,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             self.loss_fn,
             self.ignore_index,
             self.chunk_size,
+            self.max_chunk_tokens,
             self.reduction,
             use_triton,
         )

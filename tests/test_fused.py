@@ -50,12 +50,12 @@ def full_logits_reference(
     return PreferenceLoss(spec, **hp)(lp[:B], lp[B:], ref_c, ref_r, chosen_lengths=n[:B], rejected_lengths=n[B:])
 
 
-def run_both(spec, data, chunk_size=1, hp=None, atol=1e-9):
+def run_both(spec, data, chunk_size=1, hp=None, atol=1e-9, max_chunk_tokens=None):
     hp = hp or {}
     hidden, weight, bias, labels, extra = data
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
-    fused = FusedLinearPreferenceLoss(spec, chunk_size=chunk_size, **hp)
+    fused = FusedLinearPreferenceLoss(spec, chunk_size=chunk_size, max_chunk_tokens=max_chunk_tokens, **hp)
     b = leaves[2] if bias is not None else None
     loss, metrics = fused(leaves[0], leaves[1], labels, b, **extra)
     loss.backward()
@@ -91,6 +91,67 @@ def test_chunk_sizes_and_all_ignored_rows(chunk_size):
             torch.testing.assert_close(got, exp, rtol=1e-7, atol=1e-10)
         assert metrics["chosen_lengths"][1].item() == 0 and metrics["chosen_logps"][1].item() == 0.0
         assert leaves[0].grad[1].abs().max().item() == 0.0  # no token, no gradient
+
+
+class BufferSpy:
+    """Records the row count of every logits buffer the fused path fills (policy and reference)."""
+
+    def __init__(self, monkeypatch):
+        import dpalogic.fused as fused_module
+
+        self.rows: list[int] = []
+        real = fused_module._chunk_logits
+
+        def spy(h, weight, bias, buf):
+            self.rows.append(buf.shape[0])
+            return real(h, weight, bias, buf)
+
+        monkeypatch.setattr(fused_module, "_chunk_logits", spy)
+
+
+# max_chunk_tokens below a pair's 2·T rows: two passes over token slices (log-probs, then recomputed gradients)
+@pytest.mark.parametrize("chunk_size,max_tokens", [(1, 1), (1, 7), (1, 93), (2, 50), (2, 100), (2, 188), (3, 10**6)])
+def test_token_slices_match_full_logits(monkeypatch, chunk_size, max_tokens):
+    B, T = 3, 47
+    hidden, weight, bias, labels, extra = make(B=B, T=T, H=31, V=123, seed=21)
+    labels[2] = -100  # a chosen answer without tokens
+    for spec in ("dpo", "orpo", "simpo", "cpo"):
+        data = (hidden, weight, bias, labels, extra if spec == "dpo" else {})
+        spy = BufferSpy(monkeypatch)
+        loss, want, leaves, ref_leaves, metrics = run_both(
+            spec, data, chunk_size=chunk_size, max_chunk_tokens=max_tokens
+        )
+        assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12), spec
+        for got, exp, what in zip((x.grad for x in leaves), (x.grad for x in ref_leaves), ("hidden", "weight", "bias")):
+            torch.testing.assert_close(got, exp, rtol=1e-7, atol=1e-10, msg=f"{spec}: {what}")
+        assert leaves[0].grad[2].abs().max().item() == 0.0
+        # the memory promise: no logits buffer holds more than max_chunk_tokens (or one chunk of pairs) rows
+        assert max(spy.rows) <= min(max_tokens, 2 * chunk_size * T)
+        # a chunk of pairs that fits is one buffer fill; one that does not fills one buffer per slice for the
+        # log-probs, then again for the gradients except the last slice (still in the buffer)
+        policy = 0
+        for s in range(0, B, chunk_size):
+            rows = 2 * min(chunk_size, B - s) * T
+            policy += 1 if rows <= max_tokens else 2 * -(-rows // max_tokens) - 1
+        ref_slices = -(-2 * B * T // min(max_tokens, 2 * chunk_size * T)) if spec == "dpo" else 0
+        assert len(spy.rows) == policy + ref_slices, spec
+
+
+def test_token_slices_bf16_and_equal_to_one_pass():
+    hidden, weight, bias, labels, _ = make(B=2, T=16, H=32, V=64, seed=22, dtype=torch.float32, ref=False)
+    h16, w16, b16 = (t.bfloat16() for t in (hidden, weight, bias))
+    out = {}
+    for tokens in (None, 5):
+        leaves = [t.clone().requires_grad_() for t in (h16, w16, b16)]
+        loss, m = FusedLinearPreferenceLoss("orpo", max_chunk_tokens=tokens)(leaves[0], leaves[1], labels, leaves[2])
+        loss.backward()
+        assert loss.dtype == torch.float32 and all(x.grad.dtype == torch.bfloat16 for x in leaves)
+        out[tokens] = (loss, m["chosen_logps"], [x.grad for x in leaves])
+    # the same float32 logits (the same bf16 matmuls), summed in a different order
+    assert out[5][0].item() == pytest.approx(out[None][0].item(), rel=1e-5)
+    torch.testing.assert_close(out[5][1], out[None][1], rtol=1e-5, atol=1e-4)
+    for a, b in zip(out[5][2], out[None][2]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3)
 
 
 def test_length_normalization_uses_non_ignored_tokens():
@@ -172,6 +233,10 @@ def test_bad_input_is_reported(kwargs, fragment):
 def test_bad_configuration_is_reported():
     with pytest.raises(DPALogicError, match="chunk_size"):
         FusedLinearPreferenceLoss("dpo", chunk_size=0)
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(DPALogicError, match="max_chunk_tokens"):
+            FusedLinearPreferenceLoss("dpo", max_chunk_tokens=bad)
+    assert "max_chunk_tokens=64" in repr(FusedLinearPreferenceLoss("dpo", max_chunk_tokens=64))
     with pytest.raises(DPALogicError, match="reference model"):
         FusedLinearPreferenceLoss("dpo")(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(DPALogicError, match="M\\(y3\\)"):
