@@ -20,6 +20,7 @@ memory a call allocates beyond its inputs (gradients included), not the Python p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -67,6 +68,20 @@ def timeit_interleaved(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
     return best
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ side prints start/stop lines there, whatever the log level)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def peak_bytes(fn) -> int:
     """Peak memory allocated by ``fn()`` beyond what was allocated before it."""
     if DEV.type == "cuda":
@@ -78,7 +93,7 @@ def peak_bytes(fn) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(
         (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
