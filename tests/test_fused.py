@@ -4,11 +4,16 @@ and against Liger-Kernel's own fused linear DPO/ORPO/SimPO/CPO losses (compiled=
 from __future__ import annotations
 
 import pytest
+import sympy
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from dpalogic import DPALogicError, FusedLinearPreferenceLoss, PreferenceLoss
+from dpalogic import DPALogicError, FusedLinearPreferenceLoss, PreferenceLoss, Program, Structure, Term
 from dpalogic.catalog import entries
+from dpalogic.structure import full_mask
+from dpalogic.syntax import Atom
 
 
 def make(B=3, T=47, H=31, V=123, seed=0, dtype=torch.float64, bias=True, ignore_frac=0.3, ref=True):
@@ -296,3 +301,41 @@ def test_empty_batch_is_reported():
         FusedLinearPreferenceLoss("cpo")(
             torch.zeros(0, 5, 8, requires_grad=True), torch.zeros(11, 8), torch.zeros(0, 5, dtype=torch.long)
         )
+
+
+# --------------------------------------------------------------------------------------------------- derived losses
+
+PAIR_ATOM_SETS = [
+    (Atom("M", "yw"), Atom("M", "yl")),
+    (Atom("M", "yw"), Atom("M", "yl"), Atom("Ref", "yl")),
+    (Atom("M", "yw"), Atom("M", "yl"), Atom("Ref", "yw"), Atom("Ref", "yl")),
+]
+
+
+@st.composite
+def pair_programs(draw):
+    """A random structure over the pair's atoms through a random link, sometimes length-normalized."""
+    atoms = PAIR_ATOM_SETS[draw(st.integers(0, len(PAIR_ATOM_SETS) - 1))]
+    full = full_mask(len(atoms))
+    s = Structure(atoms, draw(st.integers(1, full)), draw(st.integers(1, full)))
+    link = draw(st.sampled_from(["logistic", "hinge", "squared", "sigmoid", "exponential"]))
+    params = (("margin", 1),) if link == "hinge" else ()
+    term = Term(s, link, scale=sympy.Symbol("beta"), link_params=params, normalized=draw(st.booleans()))
+    return Program((term,), (("beta", draw(st.sampled_from([0.1, 0.7]))),))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    program=pair_programs(),
+    chunk_size=st.integers(1, 2),
+    max_tokens=st.sampled_from([None, 1, 4, 9]),
+    seed=st.integers(0, 1000),
+)
+def test_derived_structures_through_the_fused_path(program, chunk_size, max_tokens, seed):
+    """Any derived program over chosen/rejected pairs, not only the catalog's, against the full-logits reference."""
+    uses_ref = any(a.pred == "Ref" for a in program.atoms)
+    data = make(B=3, T=5, H=6, V=13, seed=seed, ref=uses_ref)
+    loss, want, leaves, ref_leaves, _ = run_both(program, data, chunk_size=chunk_size, max_chunk_tokens=max_tokens)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+    for got, exp in zip((x.grad for x in leaves), (x.grad for x in ref_leaves)):
+        torch.testing.assert_close(got, exp, rtol=1e-7, atol=1e-10)
