@@ -242,22 +242,23 @@ def seq_logps_full(h, w, b, labels, trl_style: bool):
     return (tok * valid).sum(-1), valid.sum(-1)
 
 
-def bench_fused(shapes: list[tuple[int, int, int, int]], repeat: int) -> str:
+def bench_fused(shapes: list[tuple[int, int, int, int]], repeat: int, dtype: torch.dtype) -> str:
     rows = []
     for B, T, H, V in shapes:
         g = torch.Generator().manual_seed(0)
         data = {
-            "hidden": torch.randn(2 * B, T, H, generator=g).to(DEV),
-            "weight": (torch.randn(V, H, generator=g) / H**0.5).to(DEV),
-            "bias": (torch.randn(V, generator=g) * 0.01).to(DEV),
+            "hidden": torch.randn(2 * B, T, H, generator=g).to(DEV, dtype),
+            "weight": (torch.randn(V, H, generator=g) / H**0.5).to(DEV, dtype),
+            "bias": (torch.randn(V, generator=g) * 0.01).to(DEV, dtype),
             "labels": torch.randint(0, V, (2 * B, T), generator=g).to(DEV),
         }
         data["labels"][:, : T // 4] = -100  # the prompt
-        data["ref_hidden"] = (data["hidden"] + 0.01 * torch.randn(2 * B, T, H, generator=g).to(DEV)).contiguous()
+        noise = 0.01 * torch.randn(2 * B, T, H, generator=g).to(DEV, dtype)
+        data["ref_hidden"] = (data["hidden"] + noise).contiguous()
         rows += [_fused_case(name, data, repeat) for name in ("dpo", "orpo", "simpo", "cpo")]
         if B < 4:  # one pair is over a quarter of the batch: also the low-memory mode, a quarter of a pair per slice
             rows += [_fused_case(name, data, repeat, max_tokens=T // 2) for name in ("dpo", "orpo", "simpo", "cpo")]
-    header = ["loss", "ours: chunk", "B×T×H×V", "ours ms", "ours peak MiB"]
+    header = ["loss", "ours: chunk", "B×T×H×V", "ours ms", "ours peak MiB", "matmul floor ms", "time / floor"]
     header += ["time / Liger", "time / full", "time / TRL-style", "mem / Liger", "mem / full", "mem / TRL-style"]
     if DEV.type == "cuda":
         header += ["time / ours in torch ops"]
@@ -307,8 +308,24 @@ def _fused_case(name: str, d: dict, repeat: int, max_tokens: int | None = None) 
         plain(lp[:B], lp[B:], ref_c, ref_r, chosen_lengths=n[:B], rejected_lengths=n[B:]).backward()
         done()
 
+    fbuf = torch.empty(2 * T, V, dtype=hidden.dtype, device=DEV)
+    hbuf = torch.empty(2 * T, H, dtype=hidden.dtype, device=DEV)
+    wbuf = torch.zeros(V, H, dtype=hidden.dtype, device=DEV)
+
+    def run_floor():
+        """The LM-head matmuls any exact forward + backward does, at one pair's rows: logits, ∂h, ∂W (and the
+        reference model's logits): the floor the fused path is measured against."""
+        for s in range(B):
+            rows = torch.cat([hidden[s], hidden[B + s]])
+            torch.mm(rows, weight.t(), out=fbuf)
+            torch.mm(fbuf, weight, out=hbuf)
+            wbuf.addmm_(fbuf.t(), rows)
+            if uses_ref:
+                torch.mm(torch.cat([ref_hidden[s], ref_hidden[B + s]]), weight.t(), out=fbuf)
+
     runs = {
         "ours": run_ours,
+        "floor": run_floor,
         "full": lambda: run_full(False),
         "liger": run_liger,
         "trl": lambda: run_full(True),
@@ -316,7 +333,7 @@ def _fused_case(name: str, d: dict, repeat: int, max_tokens: int | None = None) 
     if DEV.type == "cuda":  # on the CPU both would be the torch path
         runs["ours_torch"] = lambda: run_ours(fused_torch)
     times = timeit_interleaved(runs, repeat)
-    results = {k: (times[k], peak_bytes(fn)) for k, fn in runs.items()}
+    results = {k: (times[k], peak_bytes(fn) if k != "floor" else 0) for k, fn in runs.items()}
     t0, m0 = results["ours"]
     mode = "1 pair" if max_tokens is None else f"{max_tokens} tokens"
     print(f"  (b) {name} {B}x{T}x{H}x{V} ({mode}): ours {t0 * 1e3:.0f} ms {m0 / 2**20:.0f} MiB", flush=True)
@@ -326,6 +343,8 @@ def _fused_case(name: str, d: dict, repeat: int, max_tokens: int | None = None) 
         f"{B}×{T}×{H}×{V // 1000}k",
         f"{t0 * 1e3:.0f}",
         f"{m0 / 2**20:.0f}",
+        f"{results['floor'][0] * 1e3:.0f}",
+        f"{t0 / results['floor'][0]:.2f}",
         *(f"{t0 / results[k][0]:.2f}" for k in ("liger", "full", "trl")),
         *(f"{m0 / results[k][1]:.2f}" for k in ("liger", "full", "trl")),
         *([f"{t0 / results['ours_torch'][0]:.2f}"] if "ours_torch" in results else []),
@@ -335,13 +354,20 @@ def _fused_case(name: str, d: dict, repeat: int, max_tokens: int | None = None) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="bfloat16" if DEV.type == "cuda" else "float32",
+        help="hidden states and LM head in (b) (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(f"device: {machine()}")
-    print(f"command: python benchmarks/kernels.py{' --quick' if args.quick else ''}\n", flush=True)
+    print(f"command: python benchmarks/kernels.py{' --quick' if args.quick else ''} --dtype {args.dtype}\n", flush=True)
     sizes = [1024, 65536] if args.quick else [1024, 4096, 16384, 65536]
     if DEV.type == "cuda":
-        shapes = [(4, 1024, 4096, 32000), (4, 1024, 4096, 128256), (8, 512, 2048, 128256)]
+        shapes = [(4, 1024, 4096, 32000), (4, 1024, 4096, 128256), (8, 512, 2048, 128256), (1, 4096, 4096, 128256)]
         repeat = 5
     else:
         shapes = [(2, 128, 256, 32000), (8, 64, 128, 32000), (2, 128, 256, 128000)]
@@ -353,7 +379,8 @@ def main() -> int:
     print("(b) fused LM head + loss from hidden states, forward + backward (chunk_size = 1 pair for ours and Liger;")
     print("    ours: chunk '64 tokens' is max_chunk_tokens=64, two passes over quarter-pair slices)")
     print("    ratios are ours / theirs: below 1 means dpalogic is faster or smaller\n")
-    print(bench_fused(shapes, repeat))
+    print(f"    hidden states and LM head in {args.dtype}\n")
+    print(bench_fused(shapes, repeat, dtype))
     if DEV.type == "cpu":
         print(
             "\nnote: CPU run with small shapes; the issue's shapes (e.g. B=4, T=1024, H=4096, V=128k) need a GPU: "
