@@ -635,7 +635,7 @@ def _run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("decompile", help="a loss equation (or catalog name) back to its structures")
     p.add_argument("expr", help='e.g. "-log(sigmoid(beta*((logp_w - ref_logp_w) - (logp_l - ref_logp_l))))"')
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(run=_run)
 
 

@@ -502,6 +502,8 @@ def _print_explore(info: dict[str, Any]) -> None:
 
 def _run_landscape(args: argparse.Namespace) -> int:
     n = args.atoms
+    if args.examples < 0:
+        raise DPALogicError(f"--examples must be ≥ 0, got {args.examples}")
     info = landscape(n, examples=args.examples).as_dict(landscape_atoms(n))
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
@@ -524,12 +526,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("landscape", help="how many structures and distinct loss functions over N atoms")
     p.add_argument("--atoms", type=int, required=True, metavar="N", help=f"number of atoms (1–{MAX_ATOMS})")
     p.add_argument("--examples", type=int, default=3, metavar="K", help="show the K largest same-loss classes")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(run=_run_landscape)
     e = subparsers.add_parser("explore", help="the structures strictly between two comparable losses")
     e.add_argument("--between", nargs=2, required=True, metavar=("A", "B"), help="two losses (names or structures)")
     e.add_argument("--atoms", nargs="+", metavar="ATOM", help="extra atoms to explore over, e.g. 'Ref(yw)'")
     e.add_argument("--limit", type=int, default=20, metavar="K", help="list at most K structures (default 20)")
     e.add_argument("--distinct", action="store_true", help="one structure per loss function (the smallest)")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print a JSON object")
     e.set_defaults(run=_run_explore)

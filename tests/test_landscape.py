@@ -152,6 +152,10 @@ def test_landscape_cli(capsys):
     assert "187" in capsys.readouterr().out
     assert main(["landscape", "--atoms", "0"]) == 2
     assert "--atoms" in capsys.readouterr().err
+    assert main(["landscape", "--atoms", "2", "--examples", "-1"]) == 2
+    assert "--examples must be ≥ 0" in capsys.readouterr().err
+    assert main(["landscape", "--atoms", "2", "--examples", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["largest_classes"] == []
 
 
 # --------------------------------------------------------------------------------------------------- explore
