@@ -7,8 +7,9 @@
     the fused Triton kernel on CUDA) vs PreferenceLoss's autograd evaluation vs Liger-Kernel's preference_loss_fn
     (the plain torch expression TRL/Liger use) vs torch.compile of that expression.
 (b) the fused LM-head path from hidden states (DPO, ORPO, SimPO, CPO): FusedLinearPreferenceLoss vs a full-logits
-    reference (materialize [2B·T, V], log_softmax, autograd) vs Liger's LigerFusedLinear*Loss(compiled=False) vs a
-    TRL-style path (full logits, TRL's selective_log_softmax, loss, autograd): time and peak memory. On CUDA "ours" is
+    reference (materialize [2B·T, V], log_softmax, autograd) vs Liger's LigerFusedLinear*Loss(compiled=False) vs
+    TRL's chunked log-prob path (trl.kernels.ChunkedLogProbFunction, which DPOTrainer's fused LM head runs) plus the
+    loss: time and peak memory, and the LM-head matmuls alone as the floor. On CUDA "ours" is
     backend="auto", i.e. the Triton kernels of dpalogic/fused_kernels.py on each chunk's logits, and one more column
     compares it with the same chunked path in torch ops (backend="torch").
 
@@ -226,20 +227,27 @@ def liger_module(name: str):
     }[name]()
 
 
-def seq_logps_full(h, w, b, labels, trl_style: bool):
-    """Per-sequence summed log-probs from full logits: plain log_softmax, or TRL's selective_log_softmax."""
+def seq_logps_full(h, w, b, labels):
+    """Per-sequence summed log-probs from the full logits ``[2B, T, V]``: log_softmax, gather, autograd."""
     logits = h @ w.t()
     if b is not None:
         logits = logits + b
     valid = labels != -100
     safe = torch.where(valid, labels, 0)
-    if trl_style:
-        from trl.trainer.utils import selective_log_softmax
-
-        tok = selective_log_softmax(logits, safe)
-    else:
-        tok = F.log_softmax(logits.float(), -1).gather(-1, safe[..., None]).squeeze(-1)
+    tok = F.log_softmax(logits.float(), -1).gather(-1, safe[..., None]).squeeze(-1)
     return (tok * valid).sum(-1), valid.sum(-1)
+
+
+def seq_logps_trl_chunked(h, w, b, labels):
+    """Per-sequence summed log-probs from TRL's chunked log-prob function (what DPOTrainer's fused LM head runs): an
+    online logsumexp over vocabulary tiles, the logits recomputed in its backward."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    N, T, H = h.shape
+    valid = labels != -100
+    targets = torch.where(valid, labels, 0).reshape(-1)
+    tok = ChunkedLogProbFunction.apply(h.reshape(N * T, H), w, b, targets, 1.0, 32768, None, 1.0, ())[0]
+    return (tok.view(N, T) * valid).sum(-1), valid.sum(-1)
 
 
 def bench_fused(shapes: list[tuple[int, int, int, int]], repeat: int, dtype: torch.dtype) -> str:
@@ -259,7 +267,7 @@ def bench_fused(shapes: list[tuple[int, int, int, int]], repeat: int, dtype: tor
         if B < 4:  # one pair is over a quarter of the batch: also the low-memory mode, a quarter of a pair per slice
             rows += [_fused_case(name, data, repeat, max_tokens=T // 2) for name in ("dpo", "orpo", "simpo", "cpo")]
     header = ["loss", "ours: chunk", "B×T×H×V", "ours ms", "ours peak MiB", "matmul floor ms", "time / floor"]
-    header += ["time / Liger", "time / full", "time / TRL-style", "mem / Liger", "mem / full", "mem / TRL-style"]
+    header += ["time / Liger", "time / full", "time / TRL chunked", "mem / Liger", "mem / full", "mem / TRL chunked"]
     if DEV.type == "cuda":
         header += ["time / ours in torch ops"]
     return table(header, rows)
@@ -297,13 +305,16 @@ def _fused_case(name: str, d: dict, repeat: int, max_tokens: int | None = None) 
         out[0].backward()
         done()
 
-    def run_full(trl_style: bool):
+    def run_full(trl_chunked: bool):
         h, w, b = leaves()
-        lp, n = seq_logps_full(h, w, b, labels, trl_style)
+        lp, n = seq_logps_trl_chunked(h, w, b, labels) if trl_chunked else seq_logps_full(h, w, b, labels)
         ref_c = ref_r = None
         if uses_ref:
             with torch.no_grad():
-                ref, _ = seq_logps_full(ref_hidden, weight, None, labels, trl_style)
+                if trl_chunked:
+                    ref, _ = seq_logps_trl_chunked(ref_hidden, weight, None, labels)
+                else:
+                    ref, _ = seq_logps_full(ref_hidden, weight, None, labels)
             ref_c, ref_r = ref[:B], ref[B:]
         plain(lp[:B], lp[B:], ref_c, ref_r, chosen_lengths=n[:B], rejected_lengths=n[B:]).backward()
         done()

@@ -339,3 +339,39 @@ def test_derived_structures_through_the_fused_path(program, chunk_size, max_toke
     assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
     for got, exp in zip((x.grad for x in leaves), (x.grad for x in ref_leaves)):
         torch.testing.assert_close(got, exp, rtol=1e-7, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------- TRL
+
+
+@pytest.mark.parametrize("name", ["dpo", "orpo", "simpo", "ipo"])
+def test_fused_matches_trl_chunked_logprobs(name):
+    """Per-sequence log-probs from TRL's own chunked log-prob function (what DPOTrainer's fused LM head runs, float32
+    statistics), summed and fed to the loss, against the fused path: loss and gradients."""
+    chunked = pytest.importorskip("trl.kernels").ChunkedLogProbFunction
+    B, T, H, V = 3, 19, 12, 71
+    uses_ref = name in ("dpo", "ipo")
+    hidden, weight, bias, labels, extra = make(B=B, T=T, H=H, V=V, seed=41, dtype=torch.float32, ref=uses_ref)
+
+    def trl_seq_logps(h, w, b):
+        valid = labels != -100
+        targets = torch.where(valid, labels, 0).reshape(-1)
+        tok = chunked.apply(h.reshape(-1, H), w, b, targets, 1.0, 32, None, 1.0, ())[0]  # vocabulary tiles of 32
+        return (tok.view(2 * B, T) * valid).sum(-1), valid.sum(-1)
+
+    theirs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    lp, n = trl_seq_logps(*theirs)
+    ref_c = ref_r = None
+    if uses_ref:
+        with torch.no_grad():
+            ref, _ = trl_seq_logps(extra["ref_hidden"], extra["ref_weight"], None)
+        ref_c, ref_r = ref[:B], ref[B:]
+    want = PreferenceLoss(name)(lp[:B], lp[B:], ref_c, ref_r, chosen_lengths=n[:B], rejected_lengths=n[B:])
+    want.backward()
+    ours = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, metrics = FusedLinearPreferenceLoss(name, max_chunk_tokens=11)(ours[0], ours[1], labels, ours[2], **extra)
+    loss.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(metrics["chosen_logps"], lp[:B].detach(), rtol=1e-5, atol=1e-4)
+    for a, b, what in zip(ours, theirs, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=what)

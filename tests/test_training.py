@@ -226,12 +226,27 @@ def test_fused_switch_matches_the_plain_path(tmp_path, task_files):
     pytest.importorskip("dpalogic.fused")
     plain = train(small_cfg(tmp_path / "plain", task_files, max_steps=3, loss="simpo"))
     fused = train(small_cfg(tmp_path / "fused", task_files, max_steps=3, loss="simpo", fused=True))
-    for a, b in zip(plain["history"], fused["history"]):
-        assert (a["split"], a["step"]) == (b["split"], b["step"])
-        for key in ("loss", "logps_chosen", "logps_rejected"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
-    a, b = final_state(tmp_path / "plain"), final_state(tmp_path / "fused")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # two pairs per chunk, split into token slices of 7 rows (two passes)
+    sliced = train(
+        small_cfg(
+            tmp_path / "sliced",
+            task_files,
+            max_steps=3,
+            loss="simpo",
+            fused=True,
+            fused_chunk_size=2,
+            fused_max_chunk_tokens=7,
+        )
+    )
+    for run in (fused, sliced):
+        for a, b in zip(plain["history"], run["history"]):
+            assert (a["split"], a["step"]) == (b["split"], b["step"])
+            for key in ("loss", "logps_chosen", "logps_rejected"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
+    a = final_state(tmp_path / "plain")
+    for name in ("fused", "sliced"):
+        b = final_state(tmp_path / name)
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
 
 
 # --------------------------------------------------------------------------------------------------- resume
@@ -344,6 +359,8 @@ def test_formula_atoms_are_checked_before_anything_loads(tmp_path, task_files, c
         (["train", "--loss", "dpoo", "--data", "x.jsonl"], "unknown loss"),
         (["train", "--model", "/no/such/model", "--loss", "cpo", "--data", "x.jsonl"], "no model folder"),
         (["train", "--hp", "beta", "--data", "x.jsonl"], "KEY=VALUE"),
+        (["train", "--fused", "--fused-max-chunk-tokens", "0", "--data", "x.jsonl"], "fused_max_chunk_tokens must be"),
+        (["train", "--fused", "--fused-chunk-size", "-1", "--data", "x.jsonl"], "fused_chunk_size must be"),
         (["demo", "--losses", "dpo,(M(yw)"], "unbalanced"),
     ],
 )

@@ -39,6 +39,8 @@ HELP = {
     "max_prompt_length": "maximum prompt tokens (the prompt keeps its end)",
     "reference": "'cache': reference log-probs computed once and stored in the run folder; 'model': a frozen copy",
     "fused": "use dpalogic.fused's fused LM-head loss (needs dpalogic.fused)",
+    "fused_chunk_size": "pairs per chunk of the fused loss (its logits buffer holds 2·N·T rows)",
+    "fused_max_chunk_tokens": "cap the fused loss's logits buffer at N token rows (two passes when a chunk is larger)",
     "bf16": "bf16 autocast: auto (GPUs that support it), true, false",
     "strict_data": "stop at malformed rows instead of skipping them",
     "log_every": "log training metrics every N steps",

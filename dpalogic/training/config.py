@@ -34,6 +34,8 @@ class TrainConfig:
     max_prompt_length: int | None = 512
     reference: str = "cache"  # "cache": log-probs computed once and kept on disk; "model": a frozen copy in memory
     fused: bool = False  # dpalogic.fused's FusedLinearPreferenceLoss instead of logits → log-probs → PreferenceLoss
+    fused_chunk_size: int = 1  # pairs per chunk of the fused loss
+    fused_max_chunk_tokens: int | None = None  # cap on the fused loss's logits rows (two passes beyond it)
     bf16: str = "auto"  # "auto" (on when the GPU supports it), "true", "false"
     strict_data: bool = False  # a malformed row is fatal instead of skipped
     log_every: int = 10
@@ -73,6 +75,10 @@ class TrainConfig:
             positive(n)
         for n in ("max_steps", "eval_batch_size", "max_length", "max_prompt_length"):
             positive(n)
+        for n in ("fused_chunk_size", "fused_max_chunk_tokens"):
+            v = getattr(self, n)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise DPALogicError(f"{n} must be a positive integer, got {v!r}")
         for n in ("weight_decay", "max_grad_norm", "eval_every", "save_every", "min_lr_ratio", "dropout"):
             positive(n, allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:

@@ -207,7 +207,9 @@ class Trainer:
                 from dpalogic.fused import FusedLinearPreferenceLoss
             except ImportError as e:
                 raise DPALogicError(f"--fused needs dpalogic.fused, which is not available here ({e})") from None
-            self.fused = FusedLinearPreferenceLoss(cfg.loss, **cfg.hp)
+            self.fused = FusedLinearPreferenceLoss(
+                cfg.loss, chunk_size=cfg.fused_chunk_size, max_chunk_tokens=cfg.fused_max_chunk_tokens, **cfg.hp
+            )
 
         if model is None:
             model, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed, dropout=cfg.dropout)
