@@ -45,12 +45,31 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# torch.mm/addmm(..., out_dtype=torch.float32) on bfloat16/float16 inputs: the tensor-core product accumulated and
+# written in float32, with no rounding to the inputs' dtype in between (CUDA only, torch ≥ 2.8)
+_MM_OUT_DTYPE = torch.__version__ >= "2.8"
+
+
+def _fp32_out_matmul(a: torch.Tensor) -> bool:
+    """Whether a matmul of low-precision ``a`` can write float32 directly (``out_dtype``)."""
+    return _MM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16)
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buf: torch.Tensor) -> torch.Tensor:
-    """``h @ Wᵀ + b`` into the accumulation-dtype buffer ``buf`` (computed in the input dtype)."""
+    """``h @ Wᵀ + b`` into the accumulation-dtype buffer ``buf``.
+
+    float32/float64 inputs: one (add)mm into the buffer. bfloat16/float16 inputs on CUDA: the tensor-core product
+    written to the float32 buffer directly; elsewhere computed in the input dtype, then copied into the buffer.
+    """
     if h.dtype == buf.dtype:
         if bias is None:
             return torch.mm(h, weight.t(), out=buf)
         return torch.addmm(bias, h, weight.t(), out=buf)
+    if _fp32_out_matmul(h):
+        torch.mm(h, weight.t(), out_dtype=buf.dtype, out=buf)
+        if bias is not None:
+            buf.add_(bias)
+        return buf
     logits = h @ weight.t()
     if bias is not None:
         logits += bias
@@ -199,7 +218,10 @@ class _Grads:
             else:
                 self.grad_h.index_copy_(0, rows_idx, gh.view(n_seq, T, -1).to(self.grad_h.dtype))
         if self.grad_w is not None:  # accumulated in float32/64
-            self.grad_w.addmm_(dlogits.t(), h if h.dtype == dlogits.dtype else h.to(dlogits.dtype))
+            if G is not dlogits and _fp32_out_matmul(G):  # bf16 tensor cores, float32 accumulation and output
+                torch.addmm(self.grad_w, G.t(), h, out_dtype=torch.float32, out=self.grad_w)
+            else:  # float32/64 inputs, or low precision off CUDA: the float32 buffer times h in float32
+                self.grad_w.addmm_(dlogits.t(), h if h.dtype == dlogits.dtype else h.to(dlogits.dtype))
         if self.grad_b is not None:
             self.grad_b += dlogits.sum(0)
 
