@@ -5,7 +5,7 @@
 
 (a) per-pair loss on log-probs, forward + backward, B = 1k … 64k: dpalogic's generated module (its torch twin on CPU,
     the fused Triton kernel on CUDA) vs PreferenceLoss's autograd evaluation vs Liger-Kernel's preference_loss_fn
-    (the plain torch expression TRL/Liger use) vs torch.compile of that expression.
+    (the plain torch expression TRL/Liger use) vs torch.compile of that expression vs TRL's own ORPO loss method.
 (b) the fused LM-head path from hidden states (DPO, ORPO, SimPO, CPO): FusedLinearPreferenceLoss vs a full-logits
     reference (materialize [2B·T, V], log_softmax, autograd) vs Liger's LigerFusedLinear*Loss(compiled=False) vs
     TRL's chunked log-prob path (trl.kernels.ChunkedLogProbFunction, which DPOTrainer's fused LM head runs) plus the
@@ -139,6 +139,7 @@ def bench_per_pair(sizes: list[int]) -> str:
         "PreferenceLoss autograd ×",
         "Liger expr ×",
         "torch.compile(Liger expr) ×",
+        "TRL expr ×",
     ]
     return table(header, rows)
 
@@ -181,6 +182,20 @@ def _per_pair_case(name: str, B: int) -> list[str]:
     def liger():
         liger_expr(*leaves).backward()
 
+    trl = None
+    if name == "orpo":  # TRL 1.16's DPO sigmoid loss is inline in DPOTrainer._compute_loss (Liger's expression)
+        import warnings
+        from types import SimpleNamespace
+
+        with warnings.catch_warnings():  # TRLExperimentalWarning
+            warnings.simplefilter("ignore")
+            from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+        stub = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device=DEV))  # what the method reads of self
+
+        def trl():
+            losses = ORPOTrainer.odds_ratio_loss(stub, leaves[0] / nc, leaves[1] / nr)[0]
+            (-losses.mean()).backward()  # TRL returns β·log σ(log odds), the negated loss
+
     compiled = None
     try:
         compiled_fn = torch.compile(liger_expr)
@@ -195,6 +210,8 @@ def _per_pair_case(name: str, B: int) -> list[str]:
     fns = {"gen": generated, "auto": autograd, "liger": liger}
     if compiled:
         fns["comp"] = compiled
+    if trl:
+        fns["trl"] = trl
     t = timeit_interleaved(fns, repeat)
     t_gen, t_auto, t_lig, t_comp = t["gen"], t["auto"], t["liger"], t.get("comp", float("nan"))
     print(f"  (a) {name} B={B}: generated {t_gen * 1e3:.3f} ms", flush=True)
@@ -205,6 +222,7 @@ def _per_pair_case(name: str, B: int) -> list[str]:
         f"{t_auto / t_gen:.2f}",
         f"{t_lig / t_gen:.2f}",
         f"{t_comp / t_gen:.2f}" if compiled else "n/a",
+        f"{t['trl'] / t_gen:.2f}" if trl else "n/a",
     ]
 
 
