@@ -961,19 +961,45 @@ def write_catalog(out_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------------- CLI
 
 
+def _check(expected: dict[Path, str]) -> int:
+    """``--check``: compare what would be written with the files; 0 when all are identical, 1 otherwise."""
+    stale = []
+    for path, source in expected.items():
+        if not path.is_file():
+            stale.append(f"missing  {path}")
+        elif path.read_text(encoding="utf-8") != source:
+            stale.append(f"stale    {path}")
+    for line in stale:
+        print(line)
+    if stale:
+        print(f"{len(stale)} of {len(expected)} generated module(s) differ: rerun the command without --check")
+        return 1
+    print(f"{len(expected)} generated module(s) up to date")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.catalog:
         if args.spec is not None or args.out is not None or args.name is not None:
             raise DPALogicError("--catalog compiles every catalog loss: give no SPEC, --name or --out (use --out-dir)")
+        if args.check:
+            from dpalogic.catalog import entries
+
+            out_dir = Path(args.out_dir)
+            return _check({out_dir / f"{n}.py": compile_catalog_entry(n).source for n in sorted(entries())})
         paths = write_catalog(Path(args.out_dir))
         for p in paths:
             print(p)
         return 0
     if args.spec is None:
         raise DPALogicError("give a loss name or structure to compile, or --catalog")
+    if args.check and args.out is None:
+        raise DPALogicError("--check compares with a file: give --out FILE (or --catalog)")
     command = f"dpalogic compile {_shell_quote(args.spec)}" + (f" --name {args.name}" if args.name else "")
     command += f" --out {args.out}" if args.out else ""
     compiled = compile_spec(args.spec, args.name, command)
+    if args.check:
+        return _check({Path(args.out): compiled.source})
     if args.out is None:
         sys.stdout.write(compiled.source)
         return 0
@@ -997,4 +1023,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="write the module here (default: print it)")
     p.add_argument("--catalog", action="store_true", help="write OUT_DIR/<name>.py for every catalog loss")
     p.add_argument("--out-dir", default="generated", help="folder for --catalog (default: ./generated)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the files (--out, or --catalog's) differ from what would be generated",
+    )
     p.set_defaults(run=_run)

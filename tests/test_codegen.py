@@ -111,6 +111,28 @@ def test_cli_compile_writes_the_same_bytes(tmp_path, capsys):
     assert capsys.readouterr().out.endswith((GENERATED / "orpo.py").read_text())
 
 
+def test_cli_compile_check(tmp_path, capsys, monkeypatch):
+    assert cli_main(["compile", "--catalog", "--check", "--out-dir", str(GENERATED)]) == 0
+    assert f"{len(NAMES)} generated module(s) up to date" in capsys.readouterr().out
+    # a copy with one edited module and one missing: both named, exit 1, nothing written
+    for n in NAMES:
+        (tmp_path / f"{n}.py").write_bytes((GENERATED / f"{n}.py").read_bytes())
+    (tmp_path / "dpo.py").write_text((GENERATED / "dpo.py").read_text().replace("beta", "beta2", 1))
+    (tmp_path / "orpo.py").unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert cli_main(["compile", "--catalog", "--check", "--out-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"stale    {tmp_path / 'dpo.py'}" in out and f"missing  {tmp_path / 'orpo.py'}" in out
+    assert "2 of" in out and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # one derived module, checked against the file its own header names
+    out_file = f"generated/{DERIVED[1]}.py"
+    argv = ["compile", DERIVED[0], "--name", DERIVED[1], "--out", out_file, "--check"]
+    monkeypatch.chdir(GENERATED.parent)
+    assert cli_main(argv) == 0
+    assert cli_main(["compile", "dpo", "--check"]) == 2
+    assert "give --out FILE" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv,fragment",
     [
