@@ -14,12 +14,19 @@ in the forward pass (the backward only scales them by ``grad_output``):
 4. in place: the buffer becomes ``∂loss/∂logits = c_t · (onehot(label) − softmax)`` with ``c_t = ∂loss/∂log π`` of
    the token's sequence (0 for ignored tokens); then ``∂h = G W``, ``∂W += Gᵀ h`` (float32) and ``∂b += Σ G``.
 
-So the chunk costs one logits buffer and three matmuls (forward, ∂h, ∂W), as a fused forward+backward should. Steps 2
-and 4 are torch ops, or on CUDA two Triton kernels (:mod:`dpalogic.fused_kernels`: an online-max logsumexp and the
-label log-probs in one pass over the vocabulary; then the in-place ``c_t · (onehot − softmax)``), chosen by
-``backend`` as :class:`~dpalogic.torch_loss.PreferenceLoss` chooses its kernel. Labels
-are used as given: position ``t`` of ``hidden`` predicts ``labels[:, t]`` (shift them before calling, as for Liger's
-``LigerFusedLinear*Loss``). Inputs in bfloat16/float16 accumulate in float32.
+So the chunk costs one logits buffer and three matmuls (forward, ∂h, ∂W), as a fused forward+backward should.
+
+When one chunk's ``2·chunk_size·T`` rows exceed ``max_chunk_tokens``, the buffer holds a slice of them instead and
+the chunk takes two passes: steps 1–2 slice by slice, keeping only each row's ``logsumexp`` and label log-prob; step
+3; then step 4 slice by slice, recomputing each slice's logits (except the last slice's, still in the buffer) and
+turning them into ``c_t · (onehot − exp(logit − logsumexp))``. The loss needs whole sequences before any gradient is
+known, so this is the price of a buffer smaller than one pair: up to one more matmul per token.
+
+Steps 2 and 4 are torch ops, or on CUDA two Triton kernels (:mod:`dpalogic.fused_kernels`: an online-max logsumexp
+and the label log-probs in one pass over the vocabulary; then the in-place ``c_t · (onehot − softmax)``), chosen by
+``backend`` as :class:`~dpalogic.torch_loss.PreferenceLoss` chooses its kernel. Labels are used as given: position
+``t`` of ``hidden`` predicts ``labels[:, t]`` (shift them before calling, as for Liger's ``LigerFusedLinear*Loss``).
+Inputs in bfloat16/float16 accumulate in float32 (on CUDA the logits and ``∂W`` matmuls write float32 directly).
 """
 
 from __future__ import annotations
