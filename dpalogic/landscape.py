@@ -354,7 +354,7 @@ def explore(
     """
     from dpalogic.analysis import join, meet, relation
     from dpalogic.semantics import rho_sympy, semantic_loss_sympy
-    from dpalogic.syntax import to_ascii
+    from dpalogic.syntax import to_ascii, to_unicode
 
     if limit < 0:
         raise DPALogicError(f"--limit must be ≥ 0, got {limit}")
@@ -417,6 +417,8 @@ def explore(
             "additive": to_ascii(additive),
             "top": to_ascii(s.top_formula),
             "bottom": to_ascii(s.bottom_formula),
+            "top_unicode": to_unicode(s.top_formula),
+            "bottom_unicode": to_unicode(s.bottom_formula),
             "size": sort_key[0],
             "catalog": by_sides.get((t, b_), []),
             "same_loss_as": by_key.get(k, []),
@@ -438,6 +440,8 @@ def explore(
         "atoms": [x.name for x in at],
         "stronger_structure": sa.text("ascii"),
         "weaker_structure": sb.text("ascii"),
+        "stronger_structure_unicode": sa.text("unicode"),
+        "weaker_structure_unicode": sb.text("unicode"),
         "interval": 1 << free,
         "strictly_between": len(keys),
         "distinct_losses": len(members),
@@ -479,8 +483,8 @@ def _print_explore(info: dict[str, Any]) -> None:
         f"between them over {', '.join(info['atoms'])} ({info['interval']} in the closed interval), "
         f"{info['distinct_losses']} distinct loss functions"
     )
-    print(f"  {info['stronger']}: {info['stronger_structure']}")
-    print(f"  {info['weaker']}: {info['weaker_structure']}")
+    print(f"  {info['stronger']}: {info['stronger_structure_unicode']}")
+    print(f"  {info['weaker']}: {info['weaker_structure_unicode']}")
     groups = ", ".join(" = ".join(g) for g in info["catalog_between_groups"])
     print(f"catalog losses strictly between: {groups or '(none)'}")
     for k, row in enumerate(info["listed"], 1):
@@ -490,7 +494,7 @@ def _print_explore(info: dict[str, Any]) -> None:
         if same:
             tag += f"  same loss as {', '.join(same)}"
         print(f"{k:>3}. {row['structure_unicode']}{tag}   size {row['size']}")
-        print(f"     ✓ {row['top']}    ✗ {row['bottom']}")
+        print(f"     ✓ {row['top_unicode']}    ✗ {row['bottom_unicode']}")
         if "rho" in row:
             print(f"     ρ = {row['rho']}")
             print(f"     loss = {row['loss']}")
