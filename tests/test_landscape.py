@@ -271,9 +271,11 @@ def test_explore_cli(capsys):
     assert main(["explore", "--between", "ceunl", "ccpo", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["strictly_between"] == 6 and len(out["listed"]) == 6
+    assert out["listed"][1]["top"] == "M(yw) & ~M(yl)" and out["listed"][1]["top_unicode"] == "M(yw) ∧ ¬M(yl)"
     assert main(["explore", "--between", "ceunl", "ccpo"]) == 0
     text = capsys.readouterr().out
     assert "cunl" in text and "ρ = p_w/p_l" in text
+    assert "✓ M(yw) ∧ ¬M(yl)    ✗ ¬M(yw)" in text and "ccpo: (M(yl) → M(yw), M(yw) ∨ M(yl))" in text
     assert main(["explore", "--between", "cpo", "orpo"]) == 2
     err = capsys.readouterr().err
     assert "incomparable" in err and "meet" in err
