@@ -20,22 +20,12 @@ from dpalogic.errors import DPALogicError
 
 def _structure_info(s) -> dict[str, Any]:
     from dpalogic.semantics import latex_names, log_wmc_plan, plan_text, rho_sympy, semantic_loss_sympy
-    from dpalogic.syntax import to_ascii, to_unicode
 
-    core, given, additive = s.readable_triple()
     rho = rho_sympy(s)
     loss = semantic_loss_sympy(s)
     names = latex_names(s.atoms)
     return {
-        "structure": s.text("ascii"),
-        "structure_unicode": s.text("unicode"),
-        "core": to_ascii(core),
-        "given": to_ascii(given),
-        "additive": to_ascii(additive),
-        "top": to_ascii(s.top_formula),
-        "bottom": to_ascii(s.bottom_formula),
-        "top_unicode": to_unicode(s.top_formula),
-        "bottom_unicode": to_unicode(s.bottom_formula),
+        **s.text_fields(),
         "atoms": [a.name for a in s.atoms],
         "rho": str(rho),
         "rho_latex": sympy.latex(rho, symbol_names=names),

@@ -354,7 +354,6 @@ def explore(
     """
     from dpalogic.analysis import join, meet, relation
     from dpalogic.semantics import rho_sympy, semantic_loss_sympy
-    from dpalogic.syntax import to_ascii, to_unicode
 
     if limit < 0:
         raise DPALogicError(f"--limit must be ≥ 0, got {limit}")
@@ -408,17 +407,8 @@ def explore(
             continue
         seen.add(k)
         s = Structure(at, t, b_)
-        core, given, additive = s.readable_triple()
         row: dict[str, Any] = {
-            "structure": s.text("ascii"),
-            "structure_unicode": s.text("unicode"),
-            "core": to_ascii(core),
-            "given": to_ascii(given),
-            "additive": to_ascii(additive),
-            "top": to_ascii(s.top_formula),
-            "bottom": to_ascii(s.bottom_formula),
-            "top_unicode": to_unicode(s.top_formula),
-            "bottom_unicode": to_unicode(s.bottom_formula),
+            **s.text_fields(),
             "size": sort_key[0],
             "catalog": by_sides.get((t, b_), []),
             "same_loss_as": by_key.get(k, []),

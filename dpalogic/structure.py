@@ -326,6 +326,21 @@ class Structure:
             return fmt(core)
         return "(" + ", ".join(fmt(p) for p in parts) + ")"
 
+    def text_fields(self) -> dict[str, str]:
+        """The structure, its readable triple and ✓/✗ as text: the fields ``derive --json`` and ``explore`` share."""
+        core, given, additive = self.readable_triple()
+        return {
+            "structure": self.text("ascii"),
+            "structure_unicode": self.text("unicode"),
+            "core": to_ascii(core),
+            "given": to_ascii(given),
+            "additive": to_ascii(additive),
+            "top": to_ascii(self.top_formula),
+            "bottom": to_ascii(self.bottom_formula),
+            "top_unicode": to_unicode(self.top_formula),
+            "bottom_unicode": to_unicode(self.bottom_formula),
+        }
+
     def __str__(self) -> str:
         return self.text("unicode")
 
