@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_codegen import hp_for, inputs
-from test_fused import full_logits_reference, liger_case, make
+from test_fused import full_logits_reference, fused_and_liger, liger_case, make
 
 from dpalogic import FusedLinearPreferenceLoss, PreferenceLoss
 from dpalogic.catalog import entries
@@ -112,17 +112,7 @@ def test_fused_matches_liger_on_cuda(compiled_mode, name):
     hidden, weight, bias, labels, extra = make(B=B, T=T, H=H, V=V, seed=32, dtype=torch.float32, ref=uses_ref)
     labels[:B] = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(33))  # equal chosen lengths
     labels[:B, :4] = -100
-    labels = labels.cuda()
-    extra = {k: v.cuda() for k, v in extra.items()}
-    ours = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
-    theirs = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
-    loss, _ = FusedLinearPreferenceLoss(name)(ours[0], ours[1], labels, ours[2], **extra)  # auto: Triton on CUDA
-    loss.backward()
-    if uses_ref:
-        out = liger(theirs[1], theirs[0], labels, theirs[2], extra["ref_hidden"], extra["ref_weight"], None)
-    else:
-        out = liger(theirs[1], theirs[0], labels, theirs[2])
-    out[0].backward()
+    loss, _, ours, out, theirs = fused_and_liger(name, liger, uses_ref, hidden, weight, bias, labels, extra, "cuda")
     assert loss.item() == pytest.approx(out[0].item(), rel=1e-4)
     for a, b, what in zip(ours, theirs, ("hidden", "weight", "bias")):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=what)

@@ -268,6 +268,25 @@ def liger_case(name):
     return LigerFusedLinearCPOLoss(beta=0.1, alpha=1.0, compiled=False, average_log_prob=False), False
 
 
+def fused_and_liger(name, liger, uses_ref, hidden, weight, bias, labels, extra, device="cpu"):
+    """Loss and gradients of FusedLinearPreferenceLoss and of Liger's fused loss on the same inputs, on ``device``.
+
+    Returns ``(loss, metrics, our leaves, Liger's outputs, Liger's leaves)``; the leaves are (hidden, weight, bias).
+    """
+    labels = labels.to(device)
+    extra = {k: v.to(device) for k, v in extra.items()}
+    ours = [t.to(device).clone().requires_grad_() for t in (hidden, weight, bias)]
+    theirs = [t.to(device).clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, metrics = FusedLinearPreferenceLoss(name)(ours[0], ours[1], labels, ours[2], **extra)  # auto: Triton on CUDA
+    loss.backward()
+    if uses_ref:
+        out = liger(theirs[1], theirs[0], labels, theirs[2], extra["ref_hidden"], extra["ref_weight"], None)
+    else:
+        out = liger(theirs[1], theirs[0], labels, theirs[2])
+    out[0].backward()
+    return loss, metrics, ours, out, theirs
+
+
 @pytest.mark.parametrize("name", ["dpo", "orpo", "simpo", "cpo"])
 def test_fused_matches_liger(name):
     pytest.importorskip("liger_kernel")
@@ -277,15 +296,7 @@ def test_fused_matches_liger(name):
     # Liger averages the NLL over all chosen tokens of the batch, dpalogic per pair: equal for equal chosen lengths
     labels[:B] = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(8))
     labels[:B, :4] = -100
-    ours = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    theirs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    loss, metrics = FusedLinearPreferenceLoss(name)(ours[0], ours[1], labels, ours[2], **extra)
-    loss.backward()
-    if uses_ref:
-        out = liger(theirs[1], theirs[0], labels, theirs[2], extra["ref_hidden"], extra["ref_weight"], None)
-    else:
-        out = liger(theirs[1], theirs[0], labels, theirs[2])
-    out[0].backward()
+    loss, metrics, ours, out, theirs = fused_and_liger(name, liger, uses_ref, hidden, weight, bias, labels, extra)
     assert loss.item() == pytest.approx(out[0].item(), rel=1e-5)
     for a, b, what in zip(ours, theirs, ("hidden", "weight", "bias")):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=what)
