@@ -215,15 +215,10 @@ class _Grads:
     def __init__(self, weight, grad_h, grad_w, grad_b) -> None:
         self.weight, self.grad_h, self.grad_w, self.grad_b = weight, grad_h, grad_w, grad_b
 
-    def add(self, dlogits, h, rows_idx, n_seq, T, gh_out=None) -> None:
-        """``∂h = G W`` (into the sequences ``rows_idx`` of ``grad_h``, or into ``gh_out``), ``∂W += Gᵀ h``, ``∂b += Σ G``."""
+    def add(self, dlogits, h) -> torch.Tensor | None:
+        """``∂W += Gᵀ h`` and ``∂b += Σ G``; returns ``∂h = G W`` for these rows (None if not needed)."""
         G = dlogits if h.dtype == dlogits.dtype else dlogits.to(h.dtype)
-        if self.grad_h is not None:
-            gh = G @ self.weight
-            if gh_out is not None:
-                gh_out.copy_(gh)
-            else:
-                self.grad_h.index_copy_(0, rows_idx, gh.view(n_seq, T, -1).to(self.grad_h.dtype))
+        gh = G @ self.weight if self.grad_h is not None else None
         if self.grad_w is not None:  # accumulated in float32/64
             if G is not dlogits and _fp32_out_matmul(G):  # bf16 tensor cores, float32 accumulation and output
                 torch.addmm(self.grad_w, G.t(), h, out_dtype=torch.float32, out=self.grad_w)
@@ -231,6 +226,7 @@ class _Grads:
                 self.grad_w.addmm_(dlogits.t(), h if h.dtype == dlogits.dtype else h.to(dlogits.dtype))
         if self.grad_b is not None:
             self.grad_b += dlogits.sum(0)
+        return gh
 
 
 class _FusedLinearPreference(torch.autograd.Function):
@@ -301,7 +297,7 @@ class _FusedLinearPreference(torch.autograd.Function):
             coef = (torch.cat([gc, gr]).to(acc) * scale).repeat_interleave(T) * mask  # ∂loss/∂(token log-prob)
             if rows_fit:
                 _grad_phase(logits, lbl, raw, lse, total, coef, ignore_index, use_triton)
-                grads.add(logits, h, rows_idx, 2 * c, T)
+                gh = grads.add(logits, h)
             else:
                 gh = torch.empty_like(h) if need_h else None
                 # the last slice is still in the buffer as the first pass left it: it goes first, without a matmul
@@ -318,9 +314,11 @@ class _FusedLinearPreference(torch.autograd.Function):
                         ignore_index,
                         use_triton,
                     )
-                    grads.add(logits, h[a:z], None, None, None, gh_out=None if gh is None else gh[a:z])
-                if need_h:
-                    grads.grad_h.index_copy_(0, rows_idx, gh.view(2 * c, T, H))
+                    gh_slice = grads.add(logits, h[a:z])
+                    if gh is not None:
+                        gh[a:z] = gh_slice
+            if gh is not None:
+                grads.grad_h.index_copy_(0, rows_idx, gh.view(2 * c, T, H).to(grads.grad_h.dtype))
         loss = losses.sum() * scale
         ctx.save_for_backward(grads.grad_h, grads.grad_w, grads.grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
