@@ -4,7 +4,9 @@ structures. The link derivatives the generator hard-codes are checked against Sy
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"
 NAMES = sorted(entries())
 DERIVED = ("(M(yl) -> M(yw), M(yw) | M(yl))", "ccpo_derived")
-DERIVED_COMMAND = f'dpalogic compile "{DERIVED[0]}" --name {DERIVED[1]} --out generated/{DERIVED[1]}.py'
+DERIVED_COMMAND = f"dpalogic compile '{DERIVED[0]}' --name {DERIVED[1]} --out generated/{DERIVED[1]}.py"
 
 # hyperparameters that switch every term on (label smoothing 0 would silence the smoothing terms)
 HP = {"label_smoothing": 0.1, "alpha": 0.7, "gamma": 0.3, "beta": 0.2, "discopop_tau": 0.05}
@@ -109,6 +111,56 @@ def test_cli_compile_writes_the_same_bytes(tmp_path, capsys):
     assert body == (GENERATED / f"{DERIVED[1]}.py").read_text().split("\n", 1)[1]
     assert cli_main(["compile", "orpo"]) == 0
     assert capsys.readouterr().out.endswith((GENERATED / "orpo.py").read_text())
+
+
+HOSTILE_NAMES = [
+    "a\\N{x}.py",
+    'q"""q.py',
+    "q'''q.py",
+    "back\\.py",
+    "new\nline.py",
+    "tab\t.py",
+    "ünï ☃.py",
+    'end\\"\\.py',
+]
+
+
+@pytest.mark.parametrize("filename", HOSTILE_NAMES)
+def test_cli_compile_hostile_out_path_yields_an_importable_module(tmp_path, filename, capsys):
+    """A path with docstring-breaking characters is written into the header escaped, not verbatim."""
+    out = tmp_path / filename
+    assert cli_main(["compile", "(M(yl) -> M(yw),  M(yw) | M(yl))", "--name", "x", "--out", str(out)]) == 0
+    capsys.readouterr()
+    tree = ast.parse(out.read_text(encoding="utf-8"))  # parse only: nothing from the file runs here
+    assert shlex.quote(str(out)) in ast.get_docstring(
+        tree, clean=False
+    )  # the docstring reads back as the command given
+    spec = importlib.util.spec_from_file_location("hostile_out", out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.NAME == "x"
+    x = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+    y = torch.tensor([-3.0, -0.5], dtype=torch.float64)
+    torch.testing.assert_close(mod.per_pair_loss(x, y, beta=1.0), PreferenceLoss("ccpo", reduction="none")(x, y))
+
+
+def test_cli_compile_never_clobbers_a_file_it_did_not_generate(tmp_path, capsys):
+    mine = tmp_path / "mine.py"
+    mine.write_text("precious = 1\n")
+    assert cli_main(["compile", "dpo", "--out", str(mine)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert mine.read_text() == "precious = 1\n"
+    # the catalog refuses before writing anything
+    (tmp_path / "orpo.py").write_text("mine\n")
+    assert cli_main(["compile", "--catalog", "--out-dir", str(tmp_path)]) == 2
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.py", "orpo.py"]
+    assert (tmp_path / "orpo.py").read_text() == "mine\n"
+    # --overwrite replaces anything; a module dpalogic generated is simply regenerated
+    assert cli_main(["compile", "dpo", "--out", str(mine), "--overwrite"]) == 0
+    assert mine.read_text() == (GENERATED / "dpo.py").read_text()
+    assert cli_main(["compile", "orpo", "--out", str(mine)]) == 0
+    assert mine.read_text() == (GENERATED / "orpo.py").read_text()
 
 
 def test_cli_compile_check(tmp_path, capsys, monkeypatch):
