@@ -218,8 +218,8 @@ def test_cached_reference_equals_live_reference_model(tmp_path, task_files):
     la = [h["loss"] for h in a["history"]]
     lb = [h["loss"] for h in b["history"]]
     assert la == pytest.approx(lb, abs=1e-5)
-    assert (tmp_path / "cache" / "ref_logps-train.pt").exists()
-    assert not (tmp_path / "live" / "ref_logps-train.pt").exists()
+    assert (tmp_path / "cache" / "ref_logps-train.safetensors").exists()
+    assert not (tmp_path / "live" / "ref_logps-train.safetensors").exists()
 
 
 def test_fused_switch_matches_the_plain_path(tmp_path, task_files):
@@ -256,7 +256,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, task_files):
     # dropout makes the result depend on the RNG state, so this also checks that RNG states are restored
     full = tmp_path / "full"
     train(small_cfg(full, task_files, save_every=3, dropout=0.1))
-    assert (full / "checkpoints" / "step-3" / "state.pt").exists()
+    assert (full / "checkpoints" / "step-3" / "manifest.json").exists()
     part = tmp_path / "part"
     train(small_cfg(part, task_files, dropout=0.1, resume=str(full / "checkpoints" / "step-3")))
     a, b = final_state(full), final_state(part)
@@ -304,8 +304,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, task
     msg = str(e.value)
     assert "became nan at step 4" in msg and "checkpoints/step-2" in msg and "--resume" in msg
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-2"]
-    state = torch.load(run / "checkpoints" / "step-2" / "state.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "checkpoints" / "step-2" / "model.safetensors")
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-2"
 
     # weights that turn non-finite right before a save are never written over the last good checkpoint
@@ -334,7 +336,7 @@ def test_config_file_and_flags(tmp_path, task_files, capsys):
     assert main(["train", "--config", str(cfg), "--max-steps", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 3  # the flag wins over the file
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-3" / "state.pt", weights_only=False)["config"]
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step-3" / "state.json").read_text())["config"]
     assert saved["loss"] == "ccpo" and saved["hp"] == {"beta": 2.0} and saved["lr"] == 0.001
 
     cfg.write_text("lossy: dpo\n")

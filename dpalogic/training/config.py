@@ -43,6 +43,7 @@ class TrainConfig:
     save_every: int = 500  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     resume: str | None = None  # "auto" (the latest checkpoint in out/) or a checkpoint folder
+    overwrite: bool = False  # replace a run already in out/ (log, checkpoints, final model) instead of refusing
     dropout: float = 0.0  # attention dropout of the tiny model
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
@@ -87,6 +88,8 @@ class TrainConfig:
             raise DPALogicError(f"reference must be 'cache' or 'model', got {self.reference!r}")
         if str(self.bf16).lower() not in ("auto", "true", "false"):
             raise DPALogicError(f"bf16 must be auto, true or false, got {self.bf16!r}")
+        if not isinstance(self.overwrite, bool):
+            raise DPALogicError(f"overwrite must be true or false, got {self.overwrite!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise DPALogicError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not isinstance(self.hp, dict):

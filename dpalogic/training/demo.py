@@ -125,6 +125,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
             log_every=1,
             save_every=0,
             keep_checkpoints=1,
+            overwrite=True,  # the demo's runs are scratch work: running it again replaces them with its table
             max_length=64,
             max_prompt_length=32,
             seed=cfg.seed,

@@ -13,6 +13,7 @@ loss is a mean over pairs, DDP's averaged gradient is the gradient of the global
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from dpalogic.errors import DPALogicError
+from dpalogic.training import checkpoint as ckpt
 from dpalogic.training.config import TrainConfig
 from dpalogic.training.data import (
     Example,
@@ -40,7 +42,7 @@ from dpalogic.training.data import (
     pad_id,
     tokenize_rows,
 )
-from dpalogic.training.model import cached_reference_logps, load_model_and_tokenizer, sequence_logps
+from dpalogic.training.model import fingerprint, load_model_and_tokenizer, reference_logps, sequence_logps
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"
@@ -162,6 +164,37 @@ class _Policy(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def read_reference_cache(path: Path, fp: str, n: int) -> tuple[torch.Tensor | None, str | None]:
+    """Reference log-probs ``[n, 2]`` from ``path`` if it holds them for these inputs (fingerprint ``fp``).
+
+    Returns ``(logps, None)``, or ``(None, why)``: missing (``why`` is then ``""``), stale, or damaged.
+    """
+    if not path.exists():
+        return None, ""
+    try:
+        blob = ckpt.read_tensors(path)
+        lp = blob["logps"]
+        if blob["fingerprint"] != fp:
+            return None, f"{path} was computed for another reference model or other data"
+        if tuple(lp.shape) != (n, 2) or lp.dtype != torch.float32 or blob["sha256"] != _digest(lp):
+            return None, f"{path} is damaged (its log-probs do not match their size or checksum)"
+        return lp, None
+    except ckpt.CheckpointError as e:
+        return None, str(e)
+    except (KeyError, TypeError, AttributeError):
+        return None, f"{path} is damaged (not a reference log-prob cache)"
+
+
+def write_reference_cache(path: Path, fp: str, lp: torch.Tensor) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    ckpt.write_tensors(tmp, {"fingerprint": fp, "sha256": _digest(lp), "logps": lp})
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
 # --------------------------------------------------------------------------------------------------- the run
 
 
@@ -210,6 +243,10 @@ class Trainer:
             self.fused = FusedLinearPreferenceLoss(
                 cfg.loss, chunk_size=cfg.fused_chunk_size, max_chunk_tokens=cfg.fused_max_chunk_tokens, **cfg.hp
             )
+        # which checkpoint to resume from, verified, and whether out/ may be written: decided before anything loads
+        found, replace = self._on_main(self._find_resume)
+        self.resume_from = Path(found) if found is not None else None
+        self._replace = [Path(p) for p in replace]
 
         if model is None:
             model, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed, dropout=cfg.dropout)
@@ -326,17 +363,26 @@ class Trainer:
         sets = [("train", self.train_data)] + ([("eval", self.eval_data)] if self.eval_data is not None else [])
         results = {}
         for name, data in sets:
-            path = self.out / f"ref_logps-{name}.pt"
+            path = self.out / f"ref_logps-{name}.safetensors"
+            fp = fingerprint(ref, data.examples)
             if self.dist.main:
                 t0 = time.perf_counter()
-                lp, hit = cached_reference_logps(path, ref, data.examples, compute=True, **kw)
+                lp, why = read_reference_cache(path, fp, len(data.examples))
+                if why:
+                    self.say(f"reference log-probs ({name}): {why}; recomputing them")
+                if lp is None:
+                    lp = reference_logps(ref, data.examples, **kw)
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    write_reference_cache(path, fp, lp)
                 self.say(
-                    f"reference log-probs ({name}): {'read from' if hit else 'computed and saved to'} {path}"
-                    + ("" if hit else f" in {time.perf_counter() - t0:.1f}s")
+                    f"reference log-probs ({name}): {'read from' if why is None else 'computed and saved to'} {path}"
+                    + ("" if why is None else f" in {time.perf_counter() - t0:.1f}s")
                 )
             self.dist.barrier()
             if not self.dist.main:
-                lp, _ = cached_reference_logps(path, ref, data.examples, compute=False, **kw)
+                lp, why = read_reference_cache(path, fp, len(data.examples))
+                if lp is None:
+                    raise DPALogicError(f"reference log-prob cache {path}: {why or 'missing'}")
             results[name] = lp
         self.ref_train = results["train"]
         self.ref_eval = results.get("eval")
@@ -461,8 +507,26 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         log = self.out / LOG_FILE
         if log.exists():  # a resumed run continues the log: drop what an interrupted run wrote after its checkpoint
-            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            log.write_text("".join(line + "\n" for line in kept))
+            kept, bad, later = [], [], 0
+            for i, line in enumerate(log.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, TypeError, KeyError):
+                    step = None
+                if not isinstance(step, int) or isinstance(step, bool):
+                    bad.append(i)
+                elif step <= self.step:
+                    kept.append(line)
+                else:
+                    later += 1
+            if bad:  # a kill in the middle of a write leaves half a line: it is dropped, never fatal
+                lines = ", ".join(map(str, bad))
+                self.say(f"{log}: dropped unreadable line(s) {lines} (a write was cut off, or the file was edited)")
+            if later:
+                self.say(f"{log}: dropped {later} line(s) logged after step {self.step}, which is resumed")
+            ckpt.atomic_write_text(log, "".join(line + "\n" for line in kept))
         if self.cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -473,20 +537,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "global_batch": self.global_batch,
-            "train_pairs": len(self.train_data.examples),
-            "world_size": self.dist.world,
-            "config": asdict(self.cfg),
-        }
-
     def save_checkpoint(self) -> Path:
-        """``out/checkpoints/step-N``: written to a temporary folder and renamed, so a crash never leaves half of one."""
+        """``out/checkpoints/step-N`` (see :mod:`dpalogic.training.checkpoint`): every rank writes its RNG states into
+        a temporary folder, rank 0 the weights, optimizer, scheduler and step, then the manifest, and renames it."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingStopped(
                 f"the weights became non-finite at step {self.step}; not saving them. {self._last_good()}"
@@ -499,19 +552,24 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
-        torch.save(rng_state(), tmp / f"rng-{self.dist.rank}.pt")  # each rank's own RNG streams
+        ckpt.write_tensors(tmp / f"rng-{self.dist.rank}.safetensors", rng_state())  # each rank's own RNG streams
         self.dist.barrier()
         if self.dist.main:
-            torch.save(self._checkpoint_state(), tmp / "state.pt")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            (root / "latest.tmp").write_text(final.name + "\n")
-            os.replace(root / "latest.tmp", root / "latest")
-            done = sorted(
-                (p for p in root.glob("step-*") if not p.name.endswith(".tmp")), key=lambda p: int(p.name[5:])
+            ckpt.write_tensors(tmp / "model.safetensors", self.model.state_dict())
+            ckpt.write_tensors(tmp / "optimizer.safetensors", self.optimizer.state_dict())
+            ckpt.write_json(
+                tmp / "state.json",
+                {
+                    "step": self.step,
+                    "global_batch": self.global_batch,
+                    "train_pairs": len(self.train_data.examples),
+                    "world_size": self.dist.world,
+                    "scheduler": self.scheduler.state_dict(),
+                    "config": asdict(self.cfg),
+                },
             )
-            for old in done[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            ckpt.write_manifest(tmp)  # last: a folder with a manifest is complete
+            ckpt.publish(tmp, final, self.cfg.keep_checkpoints)
         self.dist.barrier()
         self.last_checkpoint = final
         return final
@@ -522,38 +580,97 @@ class Trainer:
             return f"No checkpoint was saved before it. {advice}"
         return f"The last good checkpoint is {self.last_checkpoint} (continue with --resume {self.last_checkpoint}). {advice}"
 
-    def _find_resume(self) -> Path | None:
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0 only (it reads and hashes files); every rank gets its result or raises its error."""
+        if self.dist.world <= 1:
+            return fn()
+        box: list[Any] = [None, None]
+        if self.dist.main:
+            try:
+                box[0] = fn()
+            except DPALogicError as e:
+                box[1] = str(e)
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise DPALogicError(box[1])
+        return box[0]
+
+    def _newest_intact(self, root: Path) -> tuple[Path | None, list[str]]:
+        """The newest checkpoint of ``root`` that passes verification, and the damaged ones skipped on the way."""
+        folders, notes = ckpt.newest_first(root)
+        for n in notes:
+            self.say(f"resume: {n}")
+        skipped = []
+        for folder in folders:
+            try:
+                ckpt.verify(folder)
+                return folder, skipped
+            except ckpt.CheckpointError as e:
+                skipped.append(str(e))
+                self.say(f"resume: skipping {folder.name}: {e}")
+        return None, skipped
+
+    def _find_resume(self) -> tuple[str | None, list[str]]:
+        """The verified checkpoint to resume from (``None``: a fresh start) and what of ``out`` it will replace.
+
+        Starting fresh (or from another run's checkpoint) over a run already in ``out`` is refused without
+        ``--overwrite``, so a reused ``--out`` never loses a run's log, checkpoints or final model.
+        """
         r = self.cfg.resume
-        if not r:
-            return None
-        if r == "auto":
-            latest = self.out / CHECKPOINT_DIR / "latest"
-            if not latest.exists():
-                self.say(f"resume=auto: no checkpoint in {self.out / CHECKPOINT_DIR}, starting fresh")
-                return None
-            return self.out / CHECKPOINT_DIR / latest.read_text().strip()
-        p = Path(r)
-        if (p / CHECKPOINT_DIR / "latest").exists():  # a run folder: its latest checkpoint
-            p = p / CHECKPOINT_DIR / (p / CHECKPOINT_DIR / "latest").read_text().strip()
-        if not (p / "state.pt").exists():
-            raise DPALogicError(f"{r} is not a checkpoint folder (no state.pt)")
-        return p
+        here = self.out / CHECKPOINT_DIR
+        found: Path | None = None
+        if r == "auto" or (r and (Path(r) / CHECKPOINT_DIR).is_dir()):  # a run folder: its newest intact checkpoint
+            root = here if r == "auto" else Path(r) / CHECKPOINT_DIR
+            found, skipped = self._newest_intact(root)
+            if found is None and skipped:
+                raise DPALogicError(
+                    f"no intact checkpoint in {root} to resume from:\n  " + "\n  ".join(skipped)
+                    + "\npass --overwrite (without --resume) to start this run again"
+                )  # fmt: skip
+            if found is None:
+                self.say(f"resume: no checkpoint in {root}, starting fresh")
+            elif skipped:
+                self.say(f"resume: {found} is the newest intact checkpoint; resuming from it")
+        elif r:
+            found = Path(r)
+            if not found.is_dir():
+                raise DPALogicError(f"--resume {r}: no such checkpoint or run folder")
+            ckpt.verify(found)  # an explicit checkpoint that is damaged is an error, not a fallback
+        # starting fresh, or from another run's checkpoint, would overwrite what is in out/: only with --overwrite
+        inside = found is not None and found.resolve().parent == here.resolve()
+        present = [] if inside else self._run_files()
+        if present and not self.cfg.overwrite:
+            what = ", ".join(p.name + ("/" if p.is_dir() else "") for p in present)
+            if found is not None:
+                hint = "resume into a new --out folder, or pass --overwrite to replace it"
+            elif r == "auto":
+                hint = "it has no checkpoint to resume from; pass --overwrite to start it again"
+            else:
+                hint = "pass --resume auto to continue it, or --overwrite to replace it"
+            raise DPALogicError(f"{self.out} already holds a run ({what}); {hint}")
+        return (str(found) if found is not None else None), [str(p) for p in present]
+
+    def _run_files(self) -> list[Path]:
+        """What a run writes to ``out`` (the reference log-prob cache is keyed by its inputs, so it is not included)."""
+        names = (LOG_FILE, CHECKPOINT_DIR, "final", "summary.json", "tensorboard")
+        return [self.out / n for n in names if (self.out / n).exists()]
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        """Restore weights, optimizer, scheduler, step and RNG states from a verified checkpoint folder."""
+        state = ckpt.read_json(path / "state.json")
         if state["global_batch"] != self.global_batch or state["train_pairs"] != len(self.train_data.examples):
             raise DPALogicError(
                 f"{path} was saved with a global batch of {state['global_batch']} pairs over {state['train_pairs']} "
                 f"training pairs; this run has {self.global_batch} over {len(self.train_data.examples)}, so it would "
                 "not continue the same run (keep batch_size × processes × grad_accum and the data unchanged)"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.load_state_dict(ckpt.read_tensors(path / "model.safetensors"))
+        self.optimizer.load_state_dict(ckpt.read_tensors(path / "optimizer.safetensors"))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        rng_file = path / f"rng-{self.dist.rank}.pt"
+        rng_file = path / f"rng-{self.dist.rank}.safetensors"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+            set_rng_state(ckpt.read_tensors(rng_file))
         self.last_checkpoint = path
         self.say(f"resumed from {path} at step {self.step}")
 
@@ -622,9 +739,13 @@ class Trainer:
         """Train to ``total_steps`` (or until interrupted); returns the final metrics and paths."""
         from tqdm import tqdm
 
-        resume_from = self._find_resume()
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
+        if self.dist.main and self._replace:  # --overwrite: the previous run's files go only now, as training starts
+            self.say(f"--overwrite: replacing {', '.join(str(p) for p in self._replace)}")
+            for p in self._replace:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.dist.barrier()
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
         self._open_logs()
         cfg = self.cfg
         self.say(
