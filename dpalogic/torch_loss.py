@@ -25,6 +25,7 @@ from dpalogic.syntax import Atom
 LN2 = math.log(2.0)
 _ATOM_NAME = re.compile(r"(M|Ref)\((yw|yl|y[1-9][0-9]*)\)")
 BACKENDS = ("auto", "triton", "torch")
+POSITIVE_SLACK = 1e-2  # log-probs up to this far above 0 are taken as rounding noise, not as an input mistake
 
 
 def _triton_installed() -> bool:
@@ -46,6 +47,31 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     x_near = torch.where(near0, x, torch.full_like(x, -LN2))
     x_far = torch.where(near0, torch.full_like(x, -LN2 - 1.0), x)
     return torch.where(near0, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
+
+
+class _ComputeIn(torch.autograd.Function):
+    """``x.to(dtype)`` whose backward saturates the gradient at the largest finite value of ``x``'s dtype.
+
+    Near ``log p = 0`` the exact gradient of a ``log1mexp(log p)`` factor is about ``1/|log p|`` (1e6 at −1e-6):
+    finite in float32, but beyond float16's range (65504). Autograd's own cast would return ±inf there.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.in_dtype = x.dtype
+        return x.to(dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        big = torch.finfo(ctx.in_dtype).max
+        return g.clamp(-big, big).to(ctx.in_dtype), None
+
+
+def compute_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the compute dtype; gradients come back finite in ``x``'s own dtype (saturated, never ±inf)."""
+    if x.dtype == dtype or not x.requires_grad or torch.finfo(x.dtype).max >= torch.finfo(dtype).max:
+        return x.to(dtype)
+    return _ComputeIn.apply(x, dtype)
 
 
 def _link(name: str, z: torch.Tensor, params: Mapping[str, float]) -> torch.Tensor:
@@ -288,7 +314,7 @@ class PreferenceLoss(torch.nn.Module):
                 return cache[key]
             if atom.name not in atom_lp:
                 raise DPALogicError(self._missing(atom))
-            x = atom_lp[atom.name].to(dtype)
+            x = compute_in(atom_lp[atom.name], dtype)
             if normalized:
                 if atom.answer not in ans_len:
                     arg = {"yw": "chosen_lengths", "yl": "rejected_lengths"}.get(
@@ -330,6 +356,13 @@ class PreferenceLoss(torch.nn.Module):
                     raise unknown("atom", k, sorted(known), f"this loss's atoms are {', '.join(sorted(known))}")
                 if kind == "log-probs" and not (v.is_floating_point()):
                     raise DPALogicError(f"log-probs for {k} must be floating point, got {v.dtype}")
+                if kind == "log-probs" and v.numel() and bool((v > POSITIVE_SLACK).any()):
+                    # probabilities or logits passed by mistake; a hair above 0 is rounding in a log-softmax sum
+                    worst = float(v.detach().max())
+                    raise DPALogicError(
+                        f"log-probabilities must be <= 0: {k} has {worst:.6g} (pass summed log-probs, "
+                        "not probabilities or logits)"
+                    )
                 if shape is None:
                     shape = v.shape
                 elif v.shape != shape:

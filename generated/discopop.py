@@ -234,8 +234,10 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         shape, dtypes = ctx.meta
         g = grad_loss.reshape(-1)
+        # saturate at the input dtype's largest finite value: near log p = 0 the float32 gradient of a
+        # log1mexp(log p) factor (about 1/|log p|) is finite but exceeds float16's range
         out = [
-            (g * d).reshape(shape).to(dt) if need else None
+            (g * d).reshape(shape).clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt) if need else None
             for d, dt, need in zip(ctx.saved_tensors, dtypes, ctx.needs_input_grad[2:])
         ]
         return None, None, *out, *[None] * len(LENGTHS)

@@ -39,7 +39,7 @@ def test_gradients_match_finite_differences(name):
 EXTREMES = torch.tensor([0.0, -1e-12, -1e-6, -1e-3, -0.5, -0.6931, -0.7, -5.0, -80.0, -700.0, -1e3, -1e4])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", NAMES)
 def test_finite_values_and_gradients_at_extremes(name, dtype):
     # every combination of extreme chosen/rejected values, with the reference at extremes too
@@ -179,6 +179,51 @@ def test_hyperparameters_out_of_range_are_reported_at_construction(spec, hp, fra
     with pytest.raises(DPALogicError) as info:
         PreferenceLoss(spec, **hp)
     assert fragment in str(info.value)
+
+
+NEAR_ZERO = torch.tensor([-1e-7, -1e-6, -3e-6, -1e-5, -1e-4, -0.01, -1.0, -20.0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "generated twin"])
+@pytest.mark.parametrize("name", ["ceunl", "orpo", "cunl", "uncpo", "modified_dpo"])
+def test_float16_gradients_saturate_instead_of_overflowing(name, backend):
+    """Near log p = 0 the exact gradient (about 1/|log p|) exceeds float16's range: it saturates at ±65504."""
+    n = len(NEAR_ZERO)
+    grid = [NEAR_ZERO.repeat_interleave(n), NEAR_ZERO.repeat(n)]
+    grid += [grid[1].flip(0), grid[0].flip(0)]  # the reference, also near 0
+    lengths = [torch.full((n * n,), 1), torch.full((n * n,), 1)]
+    loss_fn = PreferenceLoss(name, reduction="sum")
+    half = [x.to(torch.float16).requires_grad_() for x in grid]
+    exact = [x.detach().double().requires_grad_() for x in half]  # the same inputs, in float64
+    call(loss_fn, exact, lengths).backward()
+    if backend == "torch":
+        call(loss_fn, half, lengths).backward()
+    else:
+        from dpalogic.codegen import module_for
+
+        mod = module_for(loss_fn.program)
+        args = {"M(yw)": half[0], "M(yl)": half[1], "Ref(yw)": half[2], "Ref(yl)": half[3]}
+        counts = [torch.ones(n * n, dtype=torch.long) for _ in mod.LENGTHS]
+        mod.per_pair_loss(*[args[a] for a in mod.ATOMS], *counts, backend="torch").sum().backward()
+    big = torch.finfo(torch.float16).max
+    saturated = 0
+    for h, e in zip(half, exact):
+        if e.grad is None:
+            continue
+        assert h.grad.dtype == torch.float16 and torch.isfinite(h.grad).all()
+        want = e.grad.clamp(-big, big)
+        torch.testing.assert_close(h.grad.double(), want, rtol=2e-2, atol=1e-3)
+        saturated += int((e.grad.abs() > big).sum())
+    assert saturated > 0  # the grid does reach the saturation
+
+
+def test_positive_log_probabilities_are_refused():
+    a = -torch.rand(4, dtype=torch.float64)
+    loss_fn = PreferenceLoss("dpo")
+    with pytest.raises(DPALogicError, match="log-probabilities must be <= 0.*M\\(yl\\).*0.5"):
+        loss_fn(a, torch.tensor([-1.0, 0.5, -2.0, -3.0], dtype=torch.float64), a, a)
+    # rounding noise just above 0 (a log-softmax sum in low precision) is accepted as log p = 0
+    assert torch.isfinite(loss_fn(a, torch.full_like(a, 1e-4), a, a))
 
 
 def test_inputs_are_checked():
