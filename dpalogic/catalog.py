@@ -213,14 +213,18 @@ def lookup(name: str) -> Entry:
     amap = _alias_map()
     if key in amap:
         return entries()[amap[key]]
-    for o in OUTSIDE.values():
-        if key == o.name or key in o.aliases:
-            from dpalogic.errors import DPALogicError
+    o = outside(name)
+    if o is not None:
+        from dpalogic.errors import DPALogicError
 
-            raise DPALogicError(
-                f"{name!r} is a known loss outside dpalogic's program fragment: {o.reason} ({o.citation})"
-            )
+        raise DPALogicError(f"{name!r} is a known loss outside dpalogic's program fragment: {o.reason} ({o.citation})")
     raise unknown("loss name", name, list(amap) + list(OUTSIDE))
+
+
+def outside(name: str) -> OutsideFragment | None:
+    """The known loss outside the fragment called ``name`` (or one of its aliases), else None."""
+    key = name.strip().lower().replace("-", "_")
+    return next((o for o in OUTSIDE.values() if key == o.name or key in o.aliases), None)
 
 
 def resolve(spec) -> Program:

@@ -62,8 +62,15 @@ def catalog_matches(s) -> tuple[list[str], list[str]]:
 
 def derive(text: str, given: str | None = None, additive: str | None = None) -> dict[str, Any]:
     """Everything ``dpalogic derive`` reports about a structure, as a JSON-ready dict."""
+    from dpalogic.catalog import _alias_map, outside
     from dpalogic.structure import Structure
 
+    key = text.strip().lower().replace("-", "_")
+    if key in _alias_map() or outside(key) is not None:  # a loss name is never a formula (atoms have parentheses)
+        raise DPALogicError(
+            f"{text.strip()!r} is a loss name, not a formula; try `dpalogic show {text.strip()}`"
+            ' (derive takes a formula or structure, e.g. "M(yl) -> M(yw)")'
+        )
     s = Structure.parse(text, given=given, additional=additive).check()
     info = _structure_info(s)
     info["equivalent_to"], info["same_loss_as"] = catalog_matches(s)
@@ -71,14 +78,68 @@ def derive(text: str, given: str | None = None, additive: str | None = None) -> 
     return info
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``1 node``, ``2 nodes``."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
+_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def rho_names(p) -> tuple[list[str], list[tuple[str, Any, str | None]]]:
+    """Each term's name for its ratio, and what each name stands for: ``(name, structure, reciprocal_of)``.
+
+    Terms of one structure all read ``ρ``, with no legend. Otherwise the structures are named ``ρ₁, ρ₂, …`` in order of
+    first use: ``σ(−(β·log ρ)) + σ(−(β·log ρ))`` over two structures reads like a typo. A structure that is an earlier
+    one reversed (label smoothing's companion term) is named as that one's reciprocal, ``ρ₂ = 1/ρ₁``.
+    """
+    distinct: list[Any] = []
+    for t in p.terms:
+        if t.structure not in distinct:
+            distinct.append(t.structure)
+    if len(distinct) == 1:
+        return ["ρ"] * len(p.terms), []
+    names = [f"ρ{k}".translate(_SUBSCRIPT) for k in range(1, len(distinct) + 1)]
+    legend = []
+    for k, s in enumerate(distinct):
+        back = next((names[j] for j in range(k) if distinct[j] == s.reversed()), None)
+        legend.append((names[k], s, back))
+    return [names[distinct.index(t.structure)] for t in p.terms], legend
+
+
+def term_texts(p) -> list[str]:
+    """Each term of a program as text, its ratio named as :func:`rho_names` says."""
+    names, _ = rho_names(p)
+    return [t.text().replace("log ρ", f"log {n}") for t, n in zip(p.terms, names)]
+
+
+def legend_text(p, code: str = "") -> list[str]:
+    """``ρ₁: (M(yw), …)``, ``ρ₂ = 1/ρ₁``: what each ratio name of a program stands for (``code`` quotes structures)."""
+    return [f"{n} = 1/{back}" if back else f"{n}: {code}{s.text('unicode')}{code}" for n, s, back in rho_names(p)[1]]
+
+
+def outside_info(o) -> dict[str, Any]:
+    """What ``show`` says about a known loss outside the fragment: it is known, and why it has no program."""
+    return {
+        "name": o.name,
+        "aliases": list(o.aliases),
+        "in_fragment": False,
+        "reason": o.reason,
+        "citation": o.citation,
+    }
+
+
 def show(name: str) -> dict[str, Any]:
-    from dpalogic.catalog import lookup
+    from dpalogic.catalog import lookup, outside
     from dpalogic.semantics import LINKS, latex_names, rho_sympy
 
+    o = outside(name)
+    if o is not None:  # a known loss: showing it is not an error, even though it has no program
+        return outside_info(o)
     e = lookup(name)
     p = e.program
     terms = []
-    for k, t in enumerate(p.terms, 1):
+    for k, (t, text) in enumerate(zip(p.terms, term_texts(p)), 1):
         info = _structure_info(t.structure)
         info.update(
             index=k,
@@ -90,7 +151,7 @@ def show(name: str) -> dict[str, Any]:
             shift=str(t.shift),
             link_params={k2: str(v) for k2, v in t.link_params},
             normalized=t.normalized,
-            term=t.text(),
+            term=text,
         )
         terms.append(info)
     rhos = [sympy.Symbol(f"rho_{k}") for k in range(1, len(p.terms) + 1)]
@@ -101,12 +162,14 @@ def show(name: str) -> dict[str, Any]:
     return {
         "name": e.name,
         "aliases": list(e.aliases),
+        "in_fragment": True,
         "title": e.title,
         "citation": e.citation,
         "trl_name": e.trl_name,
         "verified_by": e.verified_by,
         "hyperparameters": p.defaults,
         "program": " + ".join(f"[{t['term']}]" if len(p.terms) > 1 else t["term"] for t in terms),
+        "ratios": legend_text(p),
         "program_sympy": str(program_expr),
         "structure": p.structure.text("ascii") if p.structure is not None else None,
         "rho": str(rho_sympy(p.structure)) if p.structure is not None else None,
@@ -119,7 +182,8 @@ def show(name: str) -> dict[str, Any]:
 
 
 def catalog_rows() -> list[dict[str, Any]]:
-    from dpalogic.catalog import entries
+    """The catalog (``in_fragment: true``), then the known losses outside the fragment (``in_fragment: false``)."""
+    from dpalogic.catalog import OUTSIDE, entries
 
     rows = []
     for name, e in entries().items():
@@ -128,6 +192,7 @@ def catalog_rows() -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
+                "in_fragment": True,
                 "title": e.title,
                 "structure": s.text("unicode") if s is not None else f"{len(p.structures)} structures",
                 "links": sorted({t.link for t in p.preference_terms}),
@@ -137,16 +202,54 @@ def catalog_rows() -> list[dict[str, Any]]:
                 "verified_by": e.verified_by,
             }
         )
-    return rows
+    return rows + [outside_info(o) for o in OUTSIDE.values()]
+
+
+def catalog_markdown() -> str:
+    """The README's catalog table (``dpalogic list --markdown``; a test checks that the README holds it)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        "| name | structure (✓/✗ canonical, readable) | terms | defaults | source | verified against |",
+        "|---|---|---|---|---|---|",
+    ]
+    from dpalogic.catalog import entries
+
+    for name, e in entries().items():
+        p = e.program
+        aliases = f" ({', '.join(e.aliases)})" if e.aliases else ""
+        legend = legend_text(p, code="`")
+        structure = "<br>".join(legend) if legend else f"`{p.terms[0].structure.text('unicode')}`"
+        terms = []
+        for k, (t, text) in enumerate(zip(p.terms, term_texts(p))):
+            text = f"[{text}]" if k and text.startswith("−") else text  # "a + −log σ(…)" reads like a typo too
+            terms.append(text + (" *(per token)*" if t.normalized else ""))
+        defaults = ", ".join(f"{k}={v:g}" for k, v in p.defaults.items())
+        row = [f"`{name}`{aliases}", structure, " + ".join(terms), defaults, e.citation, e.verified_by]
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------- rendering
 
 
 def _console():
+    """A rich console that wraps only on a terminal: a file or pipe gets whole lines (LaTeX stays one piece), without
+    the padding rich adds to fill the last column."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    if sys.stdout.isatty():
+        return Console(highlight=False, soft_wrap=True)
+
+    class Unwrapped(Console):
+        def print(self, *objects: Any, **kwargs: Any) -> None:
+            with self.capture() as cap:
+                super().print(*objects, **kwargs)
+            sys.stdout.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
+
+    return Unwrapped(highlight=False, soft_wrap=True, width=1_000_000)
 
 
 def _print_derive(info: dict[str, Any]) -> None:
@@ -170,15 +273,24 @@ def _print_derive(info: dict[str, Any]) -> None:
 
 
 def _print_show(info: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     c = _console()
+    if not info["in_fragment"]:
+        c.print(f"[bold]{info['name']}[/bold] — a known loss outside dpalogic's program fragment  ({info['citation']})")
+        if info["aliases"]:
+            c.print(f"aliases: {', '.join(info['aliases'])}")
+        c.print(f"why: {escape(info['reason'])}")
+        return
     c.print(f"[bold]{info['name']}[/bold] — {info['title']}  ({info['citation']})")
     if info["aliases"]:
         c.print(f"aliases: {', '.join(info['aliases'])}")
     hp = ", ".join(f"{k}={v:g}" for k, v in info["hyperparameters"].items()) or "(none)"
     c.print(f"hyperparameters: {hp}")
     c.print(f"program: {info['program']}")
+    for line in info["ratios"]:
+        c.print(f"  {line}")
     if info["structure"]:
         c.print(f"structure: {info['structure']}")
         c.print(f"ρ = {info['rho']}")
@@ -209,21 +321,21 @@ def _print_show(info: dict[str, Any]) -> None:
 def _print_list(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    from dpalogic.catalog import OUTSIDE
-
     c = _console()
     t = Table(title="dpalogic catalog")
     for col in ("name", "structure", "links", "hyperparameters", "source"):
         t.add_column(col)
     for r in rows:
-        hp = ", ".join(f"{k}={v:g}" for k, v in r["hyperparameters"].items())
-        t.add_row(r["name"], r["structure"], ", ".join(r["links"]), hp, r["citation"])
+        if r["in_fragment"]:
+            hp = ", ".join(f"{k}={v:g}" for k, v in r["hyperparameters"].items())
+            t.add_row(r["name"], r["structure"], ", ".join(r["links"]), hp, r["citation"])
     c.print(t)
-    o = Table(title="known losses outside the fragment")
+    o = Table(title="known losses outside the fragment (`dpalogic show NAME` says why)")
     o.add_column("name")
     o.add_column("why")
-    for x in OUTSIDE.values():
-        o.add_row(x.name, x.reason)
+    for r in rows:
+        if not r["in_fragment"]:
+            o.add_row(r["name"], r["reason"])
     c.print(o)
 
 
@@ -246,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--additive", help="the additional constraint P_A (default: false)")
     d.add_argument("--json", action="store_true", help="print a JSON object")
     ls = sub.add_parser("list", help="the loss catalog")
-    ls.add_argument("--json", action="store_true", help="print a JSON object")
+    ls.add_argument("--json", action="store_true", help="print a JSON list (in_fragment marks the catalog's losses)")
+    ls.add_argument("--markdown", action="store_true", help="print the catalog as the README's Markdown table")
     sh = sub.add_parser("show", help="one catalog loss in full")
     sh.add_argument("name", help="a catalog name, e.g. dpo (see `dpalogic list`)")
     sh.add_argument("--json", action="store_true", help="print a JSON object")
@@ -388,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_derive(info)
         elif args.command == "list":
             rows = catalog_rows()
-            print(json.dumps(rows, indent=2, ensure_ascii=False)) if args.json else _print_list(rows)
+            if args.markdown:
+                sys.stdout.write(catalog_markdown())
+            else:
+                print(json.dumps(rows, indent=2, ensure_ascii=False)) if args.json else _print_list(rows)
         elif args.command == "show":
             info = show(args.name)
             print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_show(info)

@@ -165,11 +165,15 @@ def to_json(g: nx.DiGraph) -> dict[str, Any]:
 
 def text_summary(g: nx.DiGraph) -> str:
     """The lattice as text: each group's layers (strongest first) and Hasse edges."""
+    from dpalogic.cli import plural
+
     lines: list[str] = []
     for group, atoms in g.graph["groups"].items():
         nodes = [v for v, d in g.nodes(data=True) if d["group"] == group]
         edges = [(u, v) for u, v in g.edges() if u in nodes]
-        lines.append(f"{group} (atoms {', '.join(atoms)}): {len(nodes)} nodes, {len(edges)} Hasse edges")
+        lines.append(
+            f"{group} (atoms {', '.join(atoms)}): {plural(len(nodes), 'node')}, {plural(len(edges), 'Hasse edge')}"
+        )
         width = max(len(" = ".join(g.nodes[v]["names"])) for v in nodes)
         for v in sorted(nodes, key=lambda v: (g.nodes[v]["rank"], nodes.index(v))):
             d = g.nodes[v]
@@ -484,6 +488,8 @@ def export(g: nx.DiGraph, path: str | Path) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dpalogic.cli import plural
+
     g = build_lattice(args.specs or None)
     if args.out:
         export(g, args.out)
@@ -492,7 +498,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(text_summary(g))
         if args.out:
-            print(f"wrote {args.out} ({g.number_of_nodes()} nodes, {g.number_of_edges()} Hasse edges)")
+            print(
+                f"wrote {args.out} ({plural(g.number_of_nodes(), 'node')}, {plural(g.number_of_edges(), 'Hasse edge')})"
+            )
     return 0
 
 

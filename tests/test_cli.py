@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -82,7 +84,6 @@ def test_show(capsys):
         (["derive", "(M(yw), false)"], "literally 'false'"),
         (["derive", "M(yw) & ~M(yw)"], "✓ side"),
         (["show", "orpoo"], "did you mean 'orpo'"),
-        (["show", "kto"], "outside"),
         (["nonsense"], "invalid choice"),
     ],
 )
@@ -143,3 +144,116 @@ def test_many_atoms_print_as_written(capsys):
     assert main(["derive", formula, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["core"].count("^") == 7 and out["equivalent_to"] == []
+
+
+# --------------------------------------------------------------------------------------------------- known losses outside the fragment
+
+
+def test_show_a_loss_outside_the_fragment_is_not_an_error(capsys):
+    from dpalogic.catalog import OUTSIDE
+
+    out = run_json(capsys, "show", "kto", "--json")
+    kto = OUTSIDE["kto"]
+    assert out == {"name": "kto", "aliases": [], "in_fragment": False, "reason": kto.reason, "citation": kto.citation}
+    assert run_json(capsys, "show", "AOT-pair", "--json")["name"] == "aot"  # aliases, any case, - for _
+    proc = subprocess.run([sys.executable, "-m", "dpalogic", "show", "kto"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "outside" in proc.stdout and kto.reason in proc.stdout and kto.citation in proc.stdout
+    # other commands still cannot use it, and say why
+    assert main(["compare", "kto", "dpo"]) == 2
+    assert kto.reason in capsys.readouterr().err
+
+
+def test_list_json_marks_what_is_in_the_fragment(capsys):
+    from dpalogic.catalog import OUTSIDE, entries
+
+    rows = run_json(capsys, "list", "--json")
+    inside = {r["name"] for r in rows if r["in_fragment"] is True}
+    outside = {r["name"]: r for r in rows if r["in_fragment"] is False}
+    assert len(rows) == len(inside) + len(outside)  # every row says which it is
+    assert inside == set(entries()) and set(outside) == set(OUTSIDE) and len(OUTSIDE) == 6
+    for name, r in outside.items():
+        assert (r["reason"], r["citation"]) == (OUTSIDE[name].reason, OUTSIDE[name].citation)
+    assert not inside & set(outside)
+
+
+# --------------------------------------------------------------------------------------------------- small output fixes
+
+
+@pytest.mark.parametrize("name", ["dpo", "sigmoid", "MDPO", "kto"])
+def test_derive_of_a_loss_name_suggests_show(name):
+    proc = subprocess.run([sys.executable, "-m", "dpalogic", "derive", name], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"dpalogic show {name}" in proc.stderr
+
+
+def test_output_to_a_file_is_not_wrapped(capsys):
+    from dpalogic.cli import derive, show
+
+    formula = "(M(yl) -> M(yw), M(yw) ^ M(yl), M(y3) & M(y4))"
+    latex = derive(formula)["latex"]
+    assert len(latex) > 200  # far wider than any terminal
+    assert main(["derive", formula]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(None, 1)[1] for ln in lines if ln.startswith("LaTeX")] == [latex]  # one line, whole
+    assert all(ln == ln.rstrip() for ln in lines)  # and no padding to a table width
+    assert main(["show", "apo_zero"]) == 0
+    shown = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("LaTeX: ")]
+    assert shown == ["LaTeX: " + show("apo_zero")["latex"]]
+
+
+def test_output_to_a_terminal_is_wrapped(capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.delenv("TERM", raising=False)
+    assert main(["derive", "(M(yl) -> M(yw), M(yw) ^ M(yl), M(y3) & M(y4))"]) == 0
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln) for ln in term.getvalue().splitlines()]  # colours are not width
+    assert len(lines) > 12 and max(len(ln) for ln in lines) <= 80
+
+
+def test_rho_names_say_which_structure_each_term_uses():
+    from dpalogic.catalog import entries
+    from dpalogic.cli import rho_names, term_texts
+
+    for name, e in entries().items():
+        p = e.program
+        names, legend = rho_names(p)
+        structures = [t.structure for t in p.terms]
+        for i, j in itertools.combinations(range(len(structures)), 2):
+            assert (names[i] == names[j]) == (structures[i] == structures[j]), name
+        meaning = {n: (s, back) for n, s, back in legend}
+        for n, s in zip(names, structures):
+            if len(set(names)) == 1:
+                assert n == "ρ" and not legend
+                continue
+            got, back = meaning[n]
+            assert got == s
+            if back is not None:  # ρ_k = 1/ρ_j: the reversed structure
+                assert meaning[back][0] == s.reversed()
+        for text, n in zip(term_texts(p), names):
+            assert f"log {n}" in text and text.count("log ρ") == text.count(f"log {n}")
+    assert term_texts(entries()["apo_zero"].program) == ["σ(−(β·log ρ₁))", "σ(−(β·log ρ₂))"]
+
+
+def test_the_readme_catalog_table_is_generated(capsys):
+    from pathlib import Path
+
+    from dpalogic.catalog import entries
+    from dpalogic.cli import catalog_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = catalog_markdown()
+    assert table in readme, "regenerate the README's catalog table with `dpalogic list --markdown`"
+    assert main(["list", "--markdown"]) == 0
+    assert capsys.readouterr().out == table
+    rows = {r.split(" | ")[0].strip("| `").split("`")[0]: r for r in table.splitlines()[2:]}
+    assert list(rows) == list(entries())
+    assert "σ(−(β·log ρ₁)) + σ(−(β·log ρ₂))" in rows["apo_zero"]
+    assert "ρ₂ = 1/ρ₁" in rows["cpo"] and "ρ₃: `M(yw)`" in rows["cpo"]

@@ -188,3 +188,11 @@ def test_analysis_commands_do_not_import_torch(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_counts_read_as_words(capsys, tmp_path):
+    assert main(["lattice", "ce"]) == 0
+    assert "(atoms M(yw)): 1 node, 0 Hasse edges" in capsys.readouterr().out
+    assert main(["lattice", "ce", "ccpo", "--out", str(tmp_path / "l.json")]) == 0
+    out = capsys.readouterr().out
+    assert "2 nodes, 1 Hasse edge\n" in out and "(2 nodes, 1 Hasse edge)" in out
