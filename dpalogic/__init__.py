@@ -15,7 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dpalogic.errors import DegenerateStructureError, DPALogicError, FormulaSyntaxError, UnknownNameError
+from dpalogic.errors import (
+    DegenerateStructureError,
+    DPALogicError,
+    FormulaSyntaxError,
+    NoPolicyAtomWarning,
+    UnknownNameError,
+)
 from dpalogic.semantics import Program, Term
 from dpalogic.structure import Structure
 from dpalogic.syntax import parse_formula
@@ -27,6 +33,7 @@ __all__ = [
     "DegenerateStructureError",
     "FormulaSyntaxError",
     "FusedLinearPreferenceLoss",
+    "NoPolicyAtomWarning",
     "PreferenceLoss",
     "Program",
     "Structure",
@@ -38,6 +45,11 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from dpalogic.fused import FusedLinearPreferenceLoss
     from dpalogic.torch_loss import PreferenceLoss
+
+
+def __dir__() -> list[str]:
+    # the lazily imported torch-facing names are public too: list them without importing torch
+    return sorted(set(__all__) | {"__version__"} | {n for n in globals() if n.startswith("__") and n.endswith("__")})
 
 
 def __getattr__(name: str):

@@ -37,6 +37,10 @@ class DegenerateStructureError(DPALogicError):
     """A structure whose ✓ or ✗ side is empty (or whose conditioning is literally false)."""
 
 
+class NoPolicyAtomWarning(UserWarning):
+    """A loss whose formula has no ``M(…)`` atom: constant in the policy, so training with it changes nothing."""
+
+
 def closest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
     """The valid names closest to ``name`` (case-insensitive first, then by edit similarity)."""
     valid = list(valid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from dpalogic.errors import DPALogicError
+from dpalogic.errors import DPALogicError, NoPolicyAtomWarning
 from dpalogic.semantics import Program, Term, log_wmc_plan
 from dpalogic.syntax import Atom
 
@@ -206,6 +207,14 @@ class PreferenceLoss(torch.nn.Module):
         self.terms = [bind_term(t, self.hyperparameters) for t in self.program.terms]
         self.terms = [t for t in self.terms if t.coef != 0.0]  # e.g. label smoothing 0, alpha 0
         self.atoms = self.program.atoms
+        if not any(a.pred == "M" for t in self.terms for a in t.atoms):
+            # legal (a loss can be evaluated on reference log-probs), but a training run would learn nothing
+            warnings.warn(
+                f"{self.program.name or 'this loss'} mentions no policy atom M(…): its value does not depend on "
+                "the policy, so it cannot train it",
+                NoPolicyAtomWarning,
+                stacklevel=2,
+            )
 
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v:g}" for k, v in self.hyperparameters.items())

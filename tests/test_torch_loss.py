@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import mpmath
 import pytest
 import torch
 
+import dpalogic
 from dpalogic import DegenerateStructureError, DPALogicError, PreferenceLoss
 from dpalogic.catalog import entries
 from dpalogic.torch_loss import log1mexp
@@ -241,3 +248,31 @@ def test_inputs_are_checked():
     torch.testing.assert_close(
         PreferenceLoss("cpo", alpha=0.0)(a, a.flip(0), a, a), PreferenceLoss("cpo", alpha=0.0)(a, a.flip(0))
     )
+
+
+def test_a_formula_without_policy_atoms_warns():
+    with pytest.warns(dpalogic.NoPolicyAtomWarning, match="cannot train"):
+        loss_fn = PreferenceLoss("Ref(yw) -> Ref(yl)", reduction="none")
+    a, b = -torch.rand(3, dtype=torch.float64), -torch.rand(3, dtype=torch.float64)
+    # the warning is true: the loss does not depend on the policy's log-probs, and does on the reference's
+    assert torch.equal(loss_fn(a, b, b, b.flip(0)), loss_fn(a * 7, b / 3, b, b.flip(0)))
+    assert not torch.equal(loss_fn(a, b, b, b.flip(0)), loss_fn(a, b, b / 3, b.flip(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PreferenceLoss("dpo")  # policy atoms: no warning
+
+
+def test_dir_lists_the_public_api_without_importing_torch():
+    code = "import sys, dpalogic; print(','.join(dir(dpalogic))); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    names = set(out[0].split(","))
+    assert set(dpalogic.__all__) <= names and "PreferenceLoss" in names and "FusedLinearPreferenceLoss" in names
+    assert out[1] == "False"
+    for name in dpalogic.__all__:
+        assert getattr(dpalogic, name) is not None
+
+
+def test_readme_lists_exactly_the_losses_that_need_lengths():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"# length-normalized losses \(([^)]*)\) need the token counts", readme).group(1)
+    assert sorted(x.strip() for x in listed.split(",")) == sorted(n for n in NAMES if PreferenceLoss(n).needs_lengths)
