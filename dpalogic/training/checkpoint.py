@@ -147,7 +147,8 @@ def read_tensors(path: Path) -> Any:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # copies: a tensor backed by the mapped file would change if the file were rewritten in place
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
             meta = f.metadata() or {}
         return decode(json.loads(meta[_TREE_KEY]), tensors) if _TREE_KEY in meta else tensors
     except FileNotFoundError:

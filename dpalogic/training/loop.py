@@ -622,13 +622,13 @@ class Trainer:
         if r == "auto" or (r and (Path(r) / CHECKPOINT_DIR).is_dir()):  # a run folder: its newest intact checkpoint
             root = here if r == "auto" else Path(r) / CHECKPOINT_DIR
             found, skipped = self._newest_intact(root)
-            if found is None and skipped:
+            if found is None and skipped and not self.cfg.overwrite:
                 raise DPALogicError(
                     f"no intact checkpoint in {root} to resume from:\n  " + "\n  ".join(skipped)
-                    + "\npass --overwrite (without --resume) to start this run again"
+                    + "\npass --overwrite to start this run again"
                 )  # fmt: skip
             if found is None:
-                self.say(f"resume: no checkpoint in {root}, starting fresh")
+                self.say(f"resume: no intact checkpoint in {root}, starting fresh")
             elif skipped:
                 self.say(f"resume: {found} is the newest intact checkpoint; resuming from it")
         elif r:
@@ -639,8 +639,13 @@ class Trainer:
         # starting fresh, or from another run's checkpoint, would overwrite what is in out/: only with --overwrite
         inside = found is not None and found.resolve().parent == here.resolve()
         present = [] if inside else self._run_files()
-        if present and not self.cfg.overwrite:
-            what = ", ".join(p.name + ("/" if p.is_dir() else "") for p in present)
+        blocking = present
+        if r == "auto" and found is None and not skipped:
+            # a run stopped before its first checkpoint: nothing of it can be continued, and a resume drops the log
+            # lines after its checkpoint anyway, so only a finished model blocks a fresh start
+            blocking = [p for p in present if p.name in ("final", "summary.json")]
+        if blocking and not self.cfg.overwrite:
+            what = ", ".join(p.name + ("/" if p.is_dir() else "") for p in blocking)
             if found is not None:
                 hint = "resume into a new --out folder, or pass --overwrite to replace it"
             elif r == "auto":
@@ -740,7 +745,7 @@ class Trainer:
         from tqdm import tqdm
 
         if self.dist.main and self._replace:  # --overwrite: the previous run's files go only now, as training starts
-            self.say(f"--overwrite: replacing {', '.join(str(p) for p in self._replace)}")
+            self.say(f"starting afresh in {self.out}: removing {', '.join(p.name for p in self._replace)}")
             for p in self._replace:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.dist.barrier()
