@@ -15,7 +15,7 @@ from pathlib import Path
 import sympy
 from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Equivalent, Implies, Not, Or, Xor
 
-from dpalogic.errors import FormulaSyntaxError, unknown
+from dpalogic.errors import DPALogicError, FormulaSyntaxError, unknown
 
 # --------------------------------------------------------------------------------------------------- atoms
 
@@ -63,7 +63,8 @@ def canonical_answer(name: str) -> str | None:
     if name in ANSWER_ALIASES:
         return ANSWER_ALIASES[name]
     m = re.fullmatch(r"y_?([1-9][0-9]*)", name)
-    if m and int(m.group(1)) <= MAX_ANSWERS:
+    # the length test first: int() of thousands of digits is refused by Python itself (a ValueError)
+    if m and len(m.group(1)) <= len(str(MAX_ANSWERS)) and int(m.group(1)) <= MAX_ANSWERS:
         return f"y{int(m.group(1))}"
     return None
 
@@ -164,6 +165,8 @@ def _parse_tree(text: str):
         raise FormulaSyntaxError(f"expected formula text, got {type(text).__name__}", "", 0)
     if not text.strip():
         raise FormulaSyntaxError("empty formula: write a formula such as M(yw) or a structure (P, P_C, P_A)", text, 0)
+    if len(text) > MAX_FORMULA_CHARS:
+        raise DPALogicError(f"the formula text is {len(text)} characters long; the limit is {MAX_FORMULA_CHARS}")
     try:
         return _parser().parse(text)
     except lark.UnexpectedCharacters as e:
@@ -182,8 +185,18 @@ def _parse_tree(text: str):
         raise FormulaSyntaxError(f"cannot parse: {e}", text, 0) from None
 
 
+MAX_FORMULA_CHARS = 10_000
+MAX_NESTING = 100  # operator levels; SymPy's printers recurse about five frames per level, within Python's 1000
+_BINARY = {"and_op": And, "or_op": Or, "xor_op": Xor, "implies_op": Implies, "iff_op": Equivalent}
+_FLAT = {"and_op", "or_op", "xor_op"}  # associative: a chain a & b & c is one level, however long
+
+
 class _Builder:
-    """Turns the lark tree into SymPy, checking names and reporting their position."""
+    """Turns the lark tree into SymPy, checking names and reporting their position.
+
+    The walk keeps its own stack rather than recursing, so that a long chain (``a & b & …``, which the grammar
+    nests one level per operator) or a deep nesting ends in a stated limit, never in a RecursionError.
+    """
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -194,7 +207,49 @@ class _Builder:
             pos = getattr(node, "start_pos", 0) or 0
         return FormulaSyntaxError(msg, self.text, pos)
 
-    def build(self, node) -> Boolean:
+    def build(self, root) -> Boolean:
+        # post-order over (node, level, children-done); a node's operands are built first and left on `values`
+        values: list[Boolean] = []
+        stack: list[tuple] = [(root, 1, None)]
+        while stack:
+            node, level, pending = stack.pop()
+            if pending is not None:  # its operands are built: combine them
+                func, count = pending
+                args = values[len(values) - count :]
+                del values[len(values) - count :]
+                values.append(func(*args))
+                continue
+            step = self.expand(node)
+            if not isinstance(step, tuple):  # a leaf: an atom or a constant
+                values.append(step)
+                continue
+            if level > MAX_NESTING:
+                raise self.err(
+                    f"the formula nests {self.depth(root)} operators deep; the limit is {MAX_NESTING} levels (the "
+                    "caret marks the first one beyond it; a chain of one operator, a & b & c …, is one level)",
+                    node,
+                )
+            func, operands = step
+            stack.append((node, level, (func, len(operands))))
+            stack.extend((c, level + 1, None) for c in reversed(operands))
+        return values[0]
+
+    def depth(self, root) -> int:
+        """How many operator levels the formula nests (for the message; leaves and errors in them are skipped)."""
+        deepest, stack = 0, [(root, 0)]
+        while stack:
+            node, level = stack.pop()
+            try:
+                step = self.expand(node)
+            except FormulaSyntaxError:
+                step = None
+            if isinstance(step, tuple):
+                deepest = max(deepest, level + 1)
+                stack.extend((c, level + 1) for c in step[1])
+        return deepest
+
+    def expand(self, node) -> Boolean | tuple:
+        """A leaf's value, or ``(function, operand nodes)`` for an operator (a chain of one operator flattened)."""
         kind = node.data
         if kind == "true_const":
             return sympy.true
@@ -209,16 +264,23 @@ class _Builder:
                 hint = f"; {name} needs arguments in parentheses"
             raise self.err(f"{name!r} is not a formula{hint}", node)
         if kind == "not_op":
-            return Not(self.build(node.children[0]))
-        binary = {"and_op": And, "or_op": Or, "xor_op": Xor, "implies_op": Implies, "iff_op": Equivalent}
-        if kind in binary:
-            a, b = (self.build(c) for c in node.children)
-            return binary[kind](a, b)
+            return Not, [node.children[0]]
+        if kind in _FLAT:
+            operands, todo = [], [node]
+            while todo:  # left-recursive in the grammar: a & b & c is and_op(and_op(a, b), c)
+                n = todo.pop()
+                if getattr(n, "data", None) == kind:
+                    todo.extend(reversed(n.children))
+                else:
+                    operands.append(n)
+            return _BINARY[kind], operands
+        if kind in _BINARY:
+            return _BINARY[kind], list(node.children)
         if kind == "call":
             return self.call(node)
         raise self.err(f"unexpected construct {kind}", node)  # pragma: no cover - grammar and builder agree
 
-    def call(self, node) -> Boolean:
+    def call(self, node) -> Boolean | tuple:
         name_tok, *args = node.children
         name = str(name_tok)
         if name in PREDICATES:
@@ -229,8 +291,7 @@ class _Builder:
             if len(args) < lo or (hi is not None and len(args) > hi):
                 want = f"exactly {lo}" if lo == hi else f"at least {lo}"
                 raise self.err(f"{name} takes {want} argument(s), got {len(args)}", node)
-            vals = [self.build(a) for a in args]
-            return {"and": And, "or": Or, "xor": Xor, "implies": Implies, "iff": Equivalent, "not": Not}[op](*vals)
+            return {"and": And, "or": Or, "xor": Xor, "implies": Implies, "iff": Equivalent, "not": Not}[op], args
         valid = list(PREDICATES) + sorted(set(CONNECTIVES))
         raise FormulaSyntaxError(str(unknown("predicate or connective", name, valid)), self.text, name_tok.start_pos)
 

@@ -160,3 +160,83 @@ def test_parser_fuzz_arbitrary_text(text):
         parse_structure_text(text)
     except DPALogicError:
         pass
+
+
+# ------------------------------------------------------------------------------------ limits (issue #9)
+
+
+def nested(levels: int) -> str:
+    """A formula whose operators nest ``levels`` deep: & and | alternate, so no chain flattens."""
+    f = "M(y1)"
+    for k in range(1, levels + 1):
+        f = f"M(y{k % 5 + 1}) {'&' if k % 2 else '|'} ({f})"
+    return f
+
+
+def expected_nested(levels: int):
+    f = y1
+    for k in range(1, levels + 1):
+        a = sympy.Symbol(f"M(y{k % 5 + 1})")
+        f = And(a, f) if k % 2 else Or(a, f)
+    return f
+
+
+def test_nesting_at_the_limit_parses_and_prints():
+    from dpalogic.syntax import MAX_NESTING
+
+    f = parse_formula(nested(MAX_NESTING))
+    assert f == expected_nested(MAX_NESTING)  # SymPy builds the same tree, so the comparison is structural
+    for printer in (to_ascii, to_unicode):
+        assert parse_formula(printer(f)) == f
+    assert to_latex(f).count(r"\land") == (MAX_NESTING + 1) // 2
+
+
+@pytest.mark.parametrize(
+    "text,levels,pos",
+    [
+        ("~" * 986 + "M(yw)", 986, 100),
+        ("Not(" * 329 + "M(yw)" + ")" * 329, 329, 400),
+        ("M(yw) -> " * 300 + "M(yw)", 300, 900),  # -> is right-associative: each arrow nests one level
+        ("(M(yw) <-> " * 150 + "M(yl)" + ")" * 150, 150, 1101),  # the 101st operator starts after its "("
+    ],
+)
+def test_too_deep_is_a_stated_limit_with_a_caret(text, levels, pos):
+    from dpalogic.syntax import MAX_NESTING
+
+    with pytest.raises(FormulaSyntaxError) as info:
+        parse_formula(text)
+    msg = str(info.value)
+    assert f"nests {levels} operators deep; the limit is {MAX_NESTING} levels" in msg
+    assert info.value.pos == pos  # the first operator beyond the limit, reading from the left
+
+
+def test_just_above_the_limit_is_refused():
+    from dpalogic.syntax import MAX_NESTING
+
+    with pytest.raises(FormulaSyntaxError, match=f"nests {MAX_NESTING + 1} operators deep"):
+        parse_formula(nested(MAX_NESTING + 1))
+
+
+def test_long_chains_of_one_operator_are_one_level():
+    assert parse_formula("M(yw) & " * 493 + "M(yw)") == yw
+    ys = [sympy.Symbol(f"M(y{i})") for i in range(1, 7)]
+    text = " | ".join(f"M(y{i % 6 + 1})" for i in range(1200))
+    assert parse_formula(text) == Or(*ys)
+    assert parse_formula("(" * 4000 + "M(yw)" + ")" * 4000) == yw  # parentheses alone nest nothing
+
+
+def test_huge_answer_index_is_an_unknown_answer():
+    with pytest.raises(FormulaSyntaxError, match="unknown answer") as info:
+        parse_formula("M(y" + "1" * 4301 + ")")
+    assert info.value.pos == 2
+    with pytest.raises(FormulaSyntaxError, match="unknown answer"):
+        parse_formula("M(y17)")  # one past MAX_ANSWERS
+    assert parse_formula("M(y16)") == sympy.Symbol("M(y16)")
+
+
+def test_overlong_text_is_refused():
+    from dpalogic.syntax import MAX_FORMULA_CHARS
+
+    text = "M(yw) | " * (MAX_FORMULA_CHARS // 8) + "M(yl)"
+    with pytest.raises(DPALogicError, match=f"characters long; the limit is {MAX_FORMULA_CHARS}"):
+        parse_formula(text)
