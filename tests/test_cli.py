@@ -257,3 +257,57 @@ def test_the_readme_catalog_table_is_generated(capsys):
     assert list(rows) == list(entries())
     assert "σ(−(β·log ρ₁)) + σ(−(β·log ρ₂))" in rows["apo_zero"]
     assert "ρ₂ = 1/ρ₁" in rows["cpo"] and "ρ₃: `M(yw)`" in rows["cpo"]
+
+
+# --------------------------------------------------------------------------------------------------- compare --plot
+
+
+def test_plot_range_shows_where_ipo_and_hinge_differ():
+    from dpalogic.catalog import entries
+    from dpalogic.cli import compare_figure
+
+    beta = entries()["hinge"].program.defaults["beta"]
+    margin = float(dict(entries()["hinge"].program.terms[0].link_params)["margin"])
+    kink = margin / beta  # hinge: max(0, m − β·δ) bends at δ = m/β (10)
+    ipo_min = 1 / (2 * entries()["ipo"].program.defaults["beta"])  # IPO: (δ − 1/(2β))² is smallest at 5
+    fig = compare_figure("ipo", "hinge")
+    lo, hi = fig.axes[0].get_xlim()
+    assert fig.axes[1].get_xlim() == (lo, hi)
+    assert lo < min(0, ipo_min) and kink + 1 < hi and hi - lo < 40  # the kink well inside, the picture not vast
+    ipo, hinge = (line.get_xydata() for line in fig.axes[0].get_lines()[:2])
+    assert (hinge[:, 0].min(), hinge[:, 0].max()) == (lo, hi)
+    flat = hinge[:, 0] > kink + 1e-9
+    assert flat.any() and (hinge[flat, 1] == 0).all() and (hinge[hinge[:, 0] < kink - 0.1, 1] > 0).all()
+    assert ipo[:, 1].argmin() == abs(ipo[:, 0] - ipo_min).argmin()
+    for ax in fig.axes:
+        assert ax.get_yscale() == "linear"
+
+
+def test_plot_range_holds_the_bend_of_a_logistic_loss():
+    import math
+
+    from dpalogic.cli import compare_figure
+
+    fig = compare_figure("dpo", "ipo", log_y=True)
+    lo, hi = fig.axes[0].get_xlim()
+    beta = 0.1  # DPO's gradient −β·σ(−β·δ) goes from 95 % to 5 % of −β over |β·δ| ≤ log 19
+    assert beta * min(-lo, hi) > math.log(19)
+    assert [ax.get_yscale() for ax in fig.axes] == ["symlog", "symlog"]
+    assert fig.axes[0].get_ylim()[0] == 0  # losses are ≥ 0: no empty negative decades
+    assert fig.axes[1].get_ylim()[0] < 0 < fig.axes[1].get_ylim()[1]  # IPO's gradient changes sign
+
+
+def test_compare_plot_says_where_it_wrote(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "ipo", "hinge", "--plot", "cmp.png"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("wrote cmp.png (margins δ from ")
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = run_json(capsys, "compare", "dpo", "ipo", "--plot", str(tmp_path / "c.svg"), "--json", "--log-y")
+    assert out["plot"] == str(tmp_path / "c.svg") and out["plot_yscale"] == "symlog"
+    lo, hi = out["plot_margin_range"]
+    assert lo < 0 < hi and -2 * out["plot_base"] >= max(-lo, hi)  # every log-prob drawn is ≤ 0
+    out = run_json(capsys, "compare", "ipo", "hinge", "--plot", str(tmp_path / "c.png"), "--json", "--base", "-3")
+    assert out["plot_base"] == -3 and -6 <= out["plot_margin_range"][0] < out["plot_margin_range"][1] <= 6
+    assert main(["compare", "ipo", "hinge", "--plot", str(tmp_path / "c.png"), "--base", "1"]) == 2
+    assert "--base must be negative" in capsys.readouterr().err
