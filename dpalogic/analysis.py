@@ -1,4 +1,4 @@
-"""Relational analysis: how two losses relate (SEMANTICS §5), meet and join, with numeric witnesses.
+"""Relational analysis: how two losses relate (docs/semantics.md §5), meet and join, with numeric witnesses.
 
 ``P̄1`` is *stronger* than ``P̄2`` when ``✓1 ⊨ ✓2`` and ``✗2 ⊨ ✗1`` (truth tables: ``t1 & ~t2 == 0`` …); then
 ``ρ1 ≤ ρ2`` everywhere and, under a shared non-increasing link, ``ℓ1 ≥ ℓ2``. Incomparable structures come with two

@@ -1,4 +1,4 @@
-"""The landscape of preference structures (SEMANTICS §2, §5): how many loss functions, and what lies between two.
+"""The landscape of preference structures (docs/semantics.md §2, §5): how many loss functions, and what lies between two.
 
 * ``landscape(n)`` — over ``n`` atoms there are ``4^(2^n)`` structures; for ``n ≤ 3`` it counts the distinct
   non-degenerate loss functions exactly (187 for ``n = 2``) and the degenerate classes.
@@ -349,7 +349,7 @@ def explore(
 ) -> dict[str, Any]:
     """The structures strictly between two comparable losses, smallest readable triple first.
 
-    With ``A`` stronger than ``B`` the interval is ``✓_A ⊆ ✓ ⊆ ✓_B`` and ``✗_B ⊆ ✗ ⊆ ✗_A`` (SEMANTICS §5);
+    With ``A`` stronger than ``B`` the interval is ``✓_A ⊆ ✓ ⊆ ✓_B`` and ``✗_B ⊆ ✗ ⊆ ✗_A`` (docs/semantics.md §5);
     the endpoints are left out. ``distinct`` keeps the smallest structure of each loss function.
     """
     from dpalogic.analysis import join, meet, relation

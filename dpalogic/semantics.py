@@ -1,4 +1,4 @@
-"""Semantics: weighted model counts, the ratio ρ, links and loss programs (SEMANTICS §1, §3, §6).
+"""Semantics: weighted model counts, the ratio ρ, links and loss programs (docs/semantics.md §1, §3, §6).
 
 * ``wmc_poly``      — WMC of a truth table as an exact multilinear polynomial (integer coefficients), the
                       fingerprint used to decide whether two structures give the same loss function.
@@ -71,7 +71,7 @@ def poly_mul(a: Poly, b: Poly) -> Poly:
 
 
 def same_ratio(s1: Structure, s2: Structure) -> bool:
-    """Do two structures give the same loss function? ``WMC(✓1)·WMC(✗2) ≡ WMC(✓2)·WMC(✗1)`` (SEMANTICS §5)."""
+    """Do two structures give the same loss function? ``WMC(✓1)·WMC(✗2) ≡ WMC(✓2)·WMC(✗1)`` (docs/semantics.md §5)."""
     a, b = align(s1, s2)
     n = a.n
     return poly_mul(wmc_poly(a.top, n), wmc_poly(b.bottom, n)) == poly_mul(wmc_poly(b.top, n), wmc_poly(a.bottom, n))

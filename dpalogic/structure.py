@@ -2,7 +2,7 @@
 
 A truth table over atoms ``a_0 … a_{n-1}`` is a Python int of ``2^n`` bits: bit ``w`` is set when the formula holds
 in world ``w``, where atom ``a_i`` is true in world ``w`` exactly when bit ``i`` of ``w`` is set. Entailment is
-``f & ~g == 0`` and equivalence is ``f == g`` — no satisfiability solver on the hot paths (SEMANTICS §2, §5).
+``f & ~g == 0`` and equivalence is ``f == g`` — no satisfiability solver on the hot paths (docs/semantics.md §2, §5).
 
     ✓ = P ∧ P_C        ✗ = (¬P ∧ P_C) ∨ P_A
 """
@@ -303,7 +303,7 @@ class Structure:
         return readable(self.bottom, self.atoms)
 
     def readable_triple(self) -> tuple[Boolean, Boolean, Boolean]:
-        """The paper's triple ``(✗ → ✓, ✓ ∨ ✗, ✓ ∧ ✗)``, each part in its simplest form (SEMANTICS §2)."""
+        """The paper's triple ``(✗ → ✓, ✓ ∨ ✗, ✓ ∧ ✗)``, each part in its simplest form (docs/semantics.md §2)."""
         if self._as_written:
             return self.source
         full = full_mask(self.n)

@@ -1,4 +1,4 @@
-"""Torch compiler: a loss program becomes a stable ``torch.nn.Module`` (SEMANTICS §6).
+"""Torch compiler: a loss program becomes a stable ``torch.nn.Module`` (docs/semantics.md §6).
 
 Every side's ``log WMC`` is evaluated from its log-space plan (``log p``, ``log1mexp(log p)``, sums, and
 ``logaddexp`` only where a side is a genuine sum), so DPO costs four additions and ORPO two ``log1mexp`` calls.

@@ -1,6 +1,6 @@
 """An independent reference for the semantics: enumerate every world, evaluate formulas with SymPy's own ``subs``.
 
-Nothing here uses dpalogic's truth tables, plans or torch code; it follows SEMANTICS §1–§2 literally:
+Nothing here uses dpalogic's truth tables, plans or torch code; it follows docs/semantics.md §1–§2 literally:
 ``WMC(φ) = Σ_{worlds ⊨ φ} Π p_i^{w_i} (1 − p_i)^{1 − w_i}``, ``✓ = P ∧ P_C``, ``✗ = (¬P ∧ P_C) ∨ P_A``,
 ``loss = −log(WMC(✓) / (WMC(✓) + WMC(✗)))``.
 """

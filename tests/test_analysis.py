@@ -15,7 +15,7 @@ from dpalogic.structure import Structure
 from dpalogic.torch_loss import PreferenceLoss
 
 REF_FREE = ["ce", "ceunl", "cunl", "cpo", "orpo", "ccpo", "uncpo"]
-# SEMANTICS §5, stronger → weaker (the Hasse diagram), written out by hand
+# docs/semantics.md §5, stronger → weaker (the Hasse diagram), written out by hand
 HASSE = {("ceunl", "ce"), ("ceunl", "cunl"), ("cunl", "cpo"), ("cunl", "orpo"), ("ce", "ccpo"), ("cpo", "ccpo"),
          ("orpo", "ccpo"), ("ccpo", "uncpo")}  # fmt: skip
 

@@ -1,7 +1,7 @@
 """The landscape (how many loss functions) and explore (what lies between two losses), against independent references.
 
 References written here: SymPy ``cancel`` on world-by-world WMC sums (never dpalogic's polynomials or grid),
-truth tables as sets of worlds, hand counts from SEMANTICS §2/§5.
+truth tables as sets of worlds, hand counts from docs/semantics.md §2/§5.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def three():
 
 def test_two_atoms_give_187_loss_functions_as_sympy_cancel_groups_them():
     classes, degenerate = loss_classes(2)
-    assert len(classes) == 187  # SEMANTICS §5
+    assert len(classes) == 187  # docs/semantics.md §5
     by_sympy: dict[tuple, list] = {}
     for top, bottom in itertools.product(range(1, 16), repeat=2):
         by_sympy.setdefault(cancelled(top, bottom, 2), []).append((top, bottom))
@@ -133,7 +133,7 @@ def test_loss_key_matches_same_ratio_on_the_catalog():
 
 
 def test_loss_key_semantics_example():
-    # SEMANTICS §5: (M(yw) ∧ M(yl), M(yl)) and (M(yw), true) are different structures with the same loss
+    # docs/semantics.md §5: (M(yw) ∧ M(yl), M(yl)) and (M(yw), true) are different structures with the same loss
     s1, s2 = align(Structure.parse("(M(yw) & M(yl), M(yl))"), Structure.parse("M(yw)"))
     assert (s1.top, s1.bottom) != (s2.top, s2.bottom)
     assert loss_key(s1) == loss_key(s2)

@@ -1,4 +1,4 @@
-"""The lattice: the paper's Hasse diagram (SEMANTICS §5, written out by hand), merged nodes, every export format."""
+"""The lattice: the paper's Hasse diagram (docs/semantics.md §5, written out by hand), merged nodes, every export format."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dpalogic.cli import main
 from dpalogic.lattice import build_lattice, export, layout, to_dot, to_json
 
 REF_FREE = ["ce", "ceunl", "cunl", "cpo", "orpo", "ccpo", "uncpo"]
-# SEMANTICS §5, stronger → weaker
+# docs/semantics.md §5, stronger → weaker
 HASSE = {("ceunl", "ce"), ("ceunl", "cunl"), ("cunl", "cpo"), ("cunl", "orpo"), ("ce", "ccpo"), ("cpo", "ccpo"),
          ("orpo", "ccpo"), ("ccpo", "uncpo")}  # fmt: skip
 
@@ -196,3 +196,53 @@ def test_counts_read_as_words(capsys, tmp_path):
     assert main(["lattice", "ce", "ccpo", "--out", str(tmp_path / "l.json")]) == 0
     out = capsys.readouterr().out
     assert "2 nodes, 1 Hasse edge\n" in out and "(2 nodes, 1 Hasse edge)" in out
+
+
+# --------------------------------------------------------------------------------------------------- arrowheads
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _points(d: str) -> list[tuple[float, float]]:
+    nums = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", d)]
+    return list(zip(nums[::2], nums[1::2]))
+
+
+def _outside_by(p, box) -> float:
+    """How far point p lies outside the rectangle box = (x0, y0, x1, y1); negative: how deep inside."""
+    x0, y0, x1, y1 = box
+    dx, dy = max(x0 - p[0], 0, p[0] - x1), max(y0 - p[1], 0, p[1] - y1)
+    if dx or dy:
+        return (dx * dx + dy * dy) ** 0.5
+    return -min(p[0] - x0, x1 - p[0], p[1] - y0, y1 - p[1])
+
+
+def check_arrows(svg: str, g) -> None:
+    """Every Hasse edge is drawn with a filled head whose tip touches its target box from outside (SVG units: pt)."""
+    groups = {el.get("id"): el for el in ET.fromstring(svg.encode("utf-8")).iter(f"{SVG}g") if el.get("id")}
+
+    def box(v):
+        xs, ys = zip(*_points(groups[f"node-{v}"].find(f".//{SVG}path").get("d")))
+        return min(xs), min(ys), max(xs), max(ys)
+
+    assert g.number_of_edges() > 0
+    for u, v in g.edges:
+        shaft, head = groups[f"edge-{u}-{v}"].findall(f"{SVG}path")
+        assert "fill: none" in shaft.get("style") and "fill: #666666" in head.get("style")
+        head_pts, shaft_pts = _points(head.get("d")), _points(shaft.get("d"))
+        tip = shaft_pts[-1]
+        assert len(head_pts) == 3 and tip in head_pts  # a triangle at the end of the shaft
+        assert 0.5 < _outside_by(tip, box(v)) < 4  # on the border of the target, just outside, not under it
+        assert all(_outside_by(p, box(v)) > 0.5 for p in head_pts)
+        bend = groups.get(f"edge-path-{u}-{v}")  # an edge that skips layers: a polyline, then the arrow
+        start = _points(bend.find(f"{SVG}path").get("d"))[0] if bend is not None else shaft_pts[0]
+        assert 0.5 < _outside_by(start, box(u)) < 4
+        assert (bend is not None) == (g.nodes[v]["rank"] - g.nodes[u]["rank"] > 1)
+
+
+def test_svg_and_html_arrows_end_at_their_target_boxes(full, tmp_path):
+    check_arrows(export(full, tmp_path / "l.svg").read_text(encoding="utf-8"), full)
+    page = export(full, tmp_path / "l.html").read_text(encoding="utf-8")
+    check_arrows(page[page.index("<svg") : page.index("</svg>") + 6], full)
+    one = build_lattice(["ce", "ccpo"])  # a single edge, boxes of other sizes
+    check_arrows(export(one, tmp_path / "one.svg").read_text(encoding="utf-8"), one)

@@ -20,7 +20,7 @@ from dpalogic.syntax import Atom, parse_formula
 A = {n: sympy.Symbol(n) for n in ["M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)", "M(y1)", "M(y2)", "M(y3)"]}
 yw, yl, rw, rl = A["M(yw)"], A["M(yl)"], A["Ref(yw)"], A["Ref(yl)"]
 
-# SEMANTICS §5: the paper's losses as (✓, ✗), typed independently of the catalog
+# docs/semantics.md §5: the paper's losses as (✓, ✗), typed independently of the catalog
 PAPER_SIDES = {
     "ce": (yw, Not(yw)),
     "ceunl": (And(yw, Not(yl)), Not(And(yw, Not(yl)))),
@@ -33,7 +33,7 @@ PAPER_SIDES = {
     "modified_dpo": (And(yw, Not(yl), rl), And(yl, Not(yw), rw)),
 }
 
-# SEMANTICS §5's ρ column, as functions of the probabilities
+# docs/semantics.md §5's ρ column, as functions of the probabilities
 PAPER_RHO = {
     "ce": lambda pw, pl, rw, rl: pw / (1 - pw),
     "ceunl": lambda pw, pl, rw, rl: pw * (1 - pl) / (1 - pw * (1 - pl)),
