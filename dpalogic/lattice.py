@@ -1,4 +1,4 @@
-"""The entailment lattice of losses (SEMANTICS §5) as a Hasse diagram: build it, lay it out, export it.
+"""The entailment lattice of losses (docs/semantics.md §5) as a Hasse diagram: build it, lay it out, export it.
 
 ``build_lattice(specs)`` returns a ``networkx.DiGraph`` whose nodes are structures (losses with equivalent
 structures merged into one node, named by their first name) and whose edges go from the stronger loss to the
@@ -302,6 +302,22 @@ def _label(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ARROW_GAP = 0.03  # inches between an arrow's ends and the boxes they join
+
+
+def _on_border(rect, towards: tuple[float, float], gap: float = ARROW_GAP) -> tuple[float, float]:
+    """Where the segment from the centre of ``rect`` (``[[x0, y0], [x1, y1]]``) to ``towards`` leaves the box, moved
+    ``gap`` further out along it."""
+    (x0, y0), (x1, y1) = rect
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    dx, dy = towards[0] - cx, towards[1] - cy
+    length = (dx * dx + dy * dy) ** 0.5
+    if length == 0:
+        return (cx, cy)
+    s = min((x1 - x0) / 2 / abs(dx) if dx else float("inf"), (y1 - y0) / 2 / abs(dy) if dy else float("inf"))
+    return (cx + dx * s + gap * dx / length, cy + dy * s + gap * dy / length)
+
+
 _COLORS = {REFERENCE_FREE: "#dbe9f6", WITH_REFERENCE: "#fbe3cf"}
 _TEXT = {"ha": "center", "va": "center", "fontsize": 8.5, "linespacing": 1.35}
 _BOX = {"boxstyle": "round,pad=0.45", "ec": "#555555", "lw": 0.9}
@@ -357,14 +373,25 @@ def draw(g: nx.DiGraph, path: str | Path | None = None, fmt: str | None = None) 
             ]
             ax.text((min(a for a, _ in gx) + max(b for _, b in gx)) / 2, top - margin, group, ha="center",
                     va="top", fontsize=10, fontweight="bold", color="#333333")  # fmt: skip
-        fig.canvas.draw()  # the boxes' patches get their size here; arrows are clipped to them
+        # Arrows are clipped to the boxes here, in data units (inches), not by matplotlib's patchA/patchB: those
+        # clip against each box's patch as last drawn, in display pixels, and the SVG backend draws at 72 dpi with the
+        # patches still sized for the Agg draw at 150 dpi (arrows come before boxes), so each arrow ran into its
+        # target box and its head was hidden under it.
+        fig.canvas.draw()  # the boxes' patches get their size here
+        to_data = ax.transData.inverted()
+        rects = {
+            v: to_data.transform(t.get_bbox_patch().get_window_extent(fig.canvas.get_renderer()).get_points())
+            for v, t in boxes.items()
+        }
         for u, v, pts in routes:
-            if len(pts) > 2:  # through the virtual points, under the boxes
-                ax.plot([p[0] for p in pts[:-1]], [p[1] for p in pts[:-1]], color="#666666", lw=1.1, zorder=1)
-            ax.annotate("", xy=pts[-1], xytext=pts[-2], zorder=2,
-                        arrowprops={"arrowstyle": "-|>", "color": "#666666", "lw": 1.1, "shrinkA": 2, "shrinkB": 3,
-                                    "patchA": boxes[u].get_bbox_patch() if len(pts) == 2 else None,
-                                    "patchB": boxes[v].get_bbox_patch(), "mutation_scale": 12})  # fmt: skip
+            pts = [_on_border(rects[u], pts[1]), *pts[1:-1], _on_border(rects[v], pts[-2])]
+            if len(pts) > 2:  # through the virtual points
+                ax.plot([p[0] for p in pts[:-1]], [p[1] for p in pts[:-1]], color="#666666", lw=1.1, zorder=1,
+                        solid_capstyle="butt", gid=f"edge-path-{u}-{v}")  # fmt: skip
+            arrow = ax.annotate("", xy=pts[-1], xytext=pts[-2], zorder=2,
+                                arrowprops={"arrowstyle": "-|>", "color": "#666666", "lw": 1.1, "shrinkA": 0,
+                                            "shrinkB": 0, "mutation_scale": 12})  # fmt: skip
+            arrow.arrow_patch.set_gid(f"edge-{u}-{v}")
         ax.text(left + 0.1, bottom + 0.08, "arrows: stronger → weaker (its loss is ≥ under a shared monotone link)",
                 fontsize=7, color="#666666", va="bottom")  # fmt: skip
         buf = io.BytesIO()
