@@ -3,7 +3,8 @@
 One optimizer step sees a *global batch* of ``batch_size × world_size × grad_accum`` pairs. The pairs of epoch ``e``
 are a permutation drawn from ``(seed, e)`` alone, so the data position is just the global step: a resumed run (same
 global batch) meets the same batches, and a 2-process run meets the same global batches as one process with twice the
-per-device batch. Checkpoints hold the weights, AdamW and scheduler state, every rank's RNG states and the step.
+per-device batch. Checkpoints hold the weights, AdamW and scheduler state, every rank's RNG states and the step, stored
+by :mod:`dpalogic.training.checkpoint` (safetensors and JSON, checked against a manifest before anything is loaded).
 
 Under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE > 1`` in the environment) the model is wrapped in
 ``DistributedDataParallel`` (NCCL on GPU, gloo on CPU); each rank takes its slice of the global batch, and since the
