@@ -113,17 +113,22 @@ class _EquationParser:
     or a deep nesting ends in a stated limit, never in a RecursionError."""
 
     def __init__(self, text: str) -> None:
-        self.text = text
+        self.raw_length = len(text)
+        self.text = text.strip()  # positions are in the stripped text, which is what the caret line shows
         self.variables = _names()
         self.nodes = 0
 
     # ---- positions and errors
     def pos(self, node: ast.AST) -> int:
         """The character offset of a node (``ast`` counts columns in UTF-8 bytes)."""
-        lines = re.split(r"(?<=\r\n)|(?<=\n)|(?<=\r)(?!\n)", self.text)
+        lines = self.lines()
         line = lines[node.lineno - 1] if node.lineno <= len(lines) else ""
         col = len(line.encode("utf-8", "surrogatepass")[: node.col_offset].decode("utf-8", "replace"))
         return sum(len(x) for x in lines[: node.lineno - 1]) + col
+
+    def lines(self) -> list[str]:
+        """The text's lines as Python's tokenizer splits them (\\n, \\r\\n or \\r), each with its end."""
+        return re.split(r"(?<=\r\n)|(?<=\n)|(?<=\r)(?!\n)", self.text)
 
     def err(self, message: str, node: ast.AST | None = None, pos: int | None = None) -> FormulaSyntaxError:
         where = self.pos(node) if node is not None else (pos or 0)
@@ -132,14 +137,16 @@ class _EquationParser:
     # ---- the walk
     def parse(self) -> sympy.Expr:
         text = self.text
-        if len(text) > MAX_EQUATION_CHARS:
-            raise DPALogicError(f"the equation is {len(text)} characters long; the limit is {MAX_EQUATION_CHARS}")
+        if self.raw_length > MAX_EQUATION_CHARS:
+            raise DPALogicError(f"the equation is {self.raw_length} characters long; the limit is {MAX_EQUATION_CHARS}")
         if "\x00" in text:
             raise self.err("the equation contains a NUL character", pos=text.index("\x00"))
         try:
-            tree = ast.parse(text.strip(), mode="eval")
+            tree = ast.parse(text, mode="eval")
         except SyntaxError as e:
-            offset = (e.offset or 1) - 1 + (len(text) - len(text.lstrip())) if e.lineno in (None, 1) else 0
+            lines = self.lines()
+            line = min(max(e.lineno or 1, 1), len(lines))
+            offset = sum(len(x) for x in lines[: line - 1]) + max((e.offset or 1) - 1, 0)
             reason = "a number with too many digits" if "digits" in str(e.msg) else (e.msg or "invalid syntax")
             raise self.err(f"cannot parse the loss equation: {reason}", pos=offset) from None
         except UnicodeError as e:
@@ -148,8 +155,6 @@ class _EquationParser:
             raise DPALogicError(
                 f"the equation nests too deeply to parse; the limit is {MAX_EQUATION_DEPTH} levels"
             ) from None
-        if self.text != text.strip():
-            self.text = text.strip()  # positions below are in the stripped text
         values: list[sympy.Expr] = []
         stack: list[tuple] = [(tree.body, 1, None)]
         while stack:
@@ -158,7 +163,7 @@ class _EquationParser:
                 count = combine[1]
                 args = values[len(values) - count :]
                 del values[len(values) - count :]
-                values.append(combine[0](*args))
+                values.append(self.apply(combine[0], args, node))
                 continue
             self.nodes += 1
             if self.nodes > MAX_EQUATION_NODES:
@@ -179,6 +184,21 @@ class _EquationParser:
         expr = values[0]
         self.check_result(expr, tree.body)
         return expr
+
+    def apply(self, func, args: list[sympy.Expr], node: ast.AST) -> sympy.Expr:
+        if any(a in _NOT_FINITE for a in args):
+            raise self.err(
+                f"this has the value {next(a for a in args if a in _NOT_FINITE)} (a division by zero?)", node
+            )
+        try:
+            out = func(*args)
+        except DPALogicError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as e:  # SymPy refusing, e.g. max() of incomparable values
+            raise self.err(f"this cannot be built: {e}", node) from None
+        if out in _NOT_FINITE:
+            raise self.err(f"this has the value {out} (a division by zero or log(0))", node)
+        return out
 
     def expand(self, node: ast.AST):
         """A leaf's SymPy value, or ``(combine, operand nodes)``."""
@@ -229,7 +249,7 @@ class _EquationParser:
         if type(v) is float:
             if not math.isfinite(v):
                 raise self.err("this number is too large for a float", node)
-            return sympy.Float(ast.get_source_segment(self.text, node) or repr(v))
+            return sympy.Float(repr(v))  # as parse_expr read decimals: 0.1 is Float('0.1')
         raise self.err(self.refusal(node), node)
 
     def power(self, base: sympy.Expr, exponent: sympy.Expr, node: ast.AST) -> sympy.Expr:
@@ -332,9 +352,14 @@ class _EquationParser:
                     "limit)",
                     node,
                 )
+            if e in _NOT_FINITE:
+                raise self.err(f"the equation has the value {e} in it (a division by zero or log(0))", node)
             if isinstance(e, sympy.Pow) and isinstance(e.exp, sympy.Number) and abs(e.exp) > MAX_EXPONENT:
                 raise self.err(f"the power {_short(e)} has an exponent beyond ±{MAX_EXPONENT} (the limit)", node)
             stack.extend((a, level + 1) for a in e.args)
+
+
+_NOT_FINITE = (sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
 
 
 def _short(x: object, n: int = 60) -> str:

@@ -163,3 +163,180 @@ def test_decompiling_a_compiled_structure_gives_it_back(s):
     num, den = wmc_sympy(s.top, s.atoms, factored=False), wmc_sympy(s.bottom, s.atoms, factored=False)
     if sympy.gcd(num, den).is_number:  # ρ already in lowest terms: the very same structure comes back
         assert sides_equal(t.structure, s)
+
+
+# ------------------------------------------------------------------------------------ the safe equation parser (#9)
+
+BETA = sympy.Symbol("beta", positive=True)
+
+
+@pytest.mark.parametrize("name", ["I", "E", "N", "S", "Q", "pi", "oo", "zoo", "nan", "beta", "lambda_", "β"])
+def test_any_other_name_is_a_hyperparameter(name):
+    t = only_term(f"-logsigmoid({name}*(logp_w - logp_l))")
+    assert t.scale == sympy.Symbol(name, positive=True)  # a positive symbol, not SymPy's constant of that name
+    assert t.link == "logistic" and sides_equal(t.structure, CPO)
+
+
+def test_equations_never_run_code(tmp_path):
+    target = tmp_path / "pwned"
+    for text in [
+        f"__import__('os').system('touch {target}')",
+        f"__import__('os').system('touch {target}') + logp_w",
+        f"logp_w + exec(\"open('{target}', 'w')\")",
+        f"logp_w + open('{target}', 'w').close()",
+        "logp_w.__class__",
+        "(lambda: 1)()",
+    ]:
+        with pytest.raises(DPALogicError):
+            decompile(text)
+        assert main(["decompile", text]) == 2
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "text,fragment,pos",
+    [
+        ("logp_w * 9**9**9", "exponent 387420489 is not a number between -100 and 100", 12),
+        ("logp_w ** 1000", "exponent 1000", 10),
+        ("((p_w + p_l)**50)**50", "exponent beyond ±100", 0),  # SymPy merges the powers: the result is checked
+        ("exp(5000*log(p_w + p_l))", "exponent beyond ±100", 0),
+        ("(9**100)**100 * logp_w", "about 9603 digits; the limit is 1000", 0),
+        ("logp_w * " + "9" * 101, "more than 100 digits", 9),
+        ("logp_w * 1e999", "too large for a float", 9),
+        ("logp_w / 0", "zoo", 0),
+        ("log(logp_w - logp_w)", "zoo", 0),
+        ("-" * 51 + "logp_w", "more than 50 operators deep", 50),
+        ("sigmoid(" * 31 + "logp_w" + ")" * 31, "more than 120 levels once written out", 0),
+        ("logp_w ^ 2", "write ** for a power", 0),
+        ("logp_w.real", "an attribute", 0),
+        ("logp_w[0]", "indexing", 0),
+        ("'logp_w'", "a string", 0),
+        ("1j * logp_w", "the constant 1j", 0),
+        ("logp_w if beta else logp_l", "a conditional expression", 0),
+        ("logp_w < logp_l", "a comparison", 0),
+        ("os.system('ls')", "os.system is not a function", 0),
+        ("foo(logp_w)", "unknown function 'foo'", 0),
+        ("logp_w + lgo(p_w)", "did you mean 'log'", 9),
+        ("log(logp_w, base=2)", "the keyword base= is not allowed", 12),
+        ("clamp(logp_w, low=0)", "clamp takes min= and max=", 14),
+        ("clamp(logp_w)", "clamp needs a bound", 0),
+        ("exp(logp_w, 2)", "exp takes 1 argument(s), got 2", 0),
+        ("log * logp_w", "log is a function: write log(...)", 0),
+        ("-log(p_w", "'(' was never closed", 4),
+        ("logp_w\n+ logp_l", "invalid syntax", 7),
+        ("logp_w \x00", "NUL character", 7),
+        ("logp_w + \ud800", "not text", 9),
+    ],
+)
+def test_refusals_point_at_the_problem(text, fragment, pos):
+    from dpalogic.errors import FormulaSyntaxError
+
+    with pytest.raises(FormulaSyntaxError) as info:
+        decompile(text)
+    assert fragment in str(info.value)
+    assert info.value.pos == pos
+    assert str(info.value).splitlines()[-1].index("^") - 2 == pos - info.value.text.rfind("\n", 0, pos) - 1
+
+
+def test_length_and_size_limits():
+    from dpalogic.decompile import MAX_EQUATION_CHARS, MAX_EQUATION_DEPTH, MAX_EQUATION_NODES
+
+    with pytest.raises(DPALogicError, match=f"characters long; the limit is {MAX_EQUATION_CHARS}"):
+        decompile("logp_w" + " " * MAX_EQUATION_CHARS)
+    with pytest.raises(DPALogicError, match=f"more than {MAX_EQUATION_NODES} parts"):
+        decompile("+".join(["logp_w"] + ["a"] * 1000))
+    # a long flat sum is one level; at the depth limit the equation still parses and decompiles
+    assert decompile("-logsigmoid(" + " + ".join(["beta*logp_w - beta*logp_l"] * 50) + ")").terms[0].scale == 50 * BETA
+    deep = "logp_w"
+    for _ in range(MAX_EQUATION_DEPTH):
+        deep = f"-({deep})"
+    assert parse_equation_text(deep) == (-1) ** MAX_EQUATION_DEPTH * sympy.Symbol("logp_w", real=True)
+    with pytest.raises(DPALogicError, match=f"more than {MAX_EQUATION_DEPTH} operators deep"):
+        parse_equation_text(f"-({deep})")
+
+
+def parse_equation_text(text):
+    from dpalogic.decompile import parse_equation
+
+    return parse_equation(text)
+
+
+@pytest.mark.parametrize(
+    "text,plain",
+    [
+        ("F.logsigmoid(-beta*(logp_w - logp_l))", "logsigmoid(-beta*(logp_w - logp_l))"),
+        ("-torch.nn.functional.logsigmoid(beta*(logp_w - logp_l))", "-logsigmoid(beta*(logp_w - logp_l))"),
+        ("torch.log1p(torch.exp(-beta*(logp_w - logp_l)))", "log(1 + exp(-beta*(logp_w - logp_l)))"),
+        ("math.log(p_w)", "log(p_w)"),
+        ("torch.clamp(1 - beta*(logp_w - logp_l), min=0)", "Max(0, 1 - beta*(logp_w - logp_l))"),
+        ("clamp(1 - beta*(logp_w - logp_l), 0)", "Max(0, 1 - beta*(logp_w - logp_l))"),
+        ("F.relu(1 - beta*(logp_w - logp_l))", "max(0, 1 - beta*(logp_w - logp_l))"),
+        ("torch.sigmoid(-beta*(logp_w - logp_l))", "1/(1 + exp(beta*(logp_w - logp_l)))"),
+        ("F.softplus(-beta*(logp_w - logp_l))", "log(1 + exp(-beta*(logp_w - logp_l)))"),
+        ("torch.expm1(logp_w) + 1", "exp(logp_w)"),
+    ],
+)
+def test_code_spellings_are_the_same_equation(text, plain):
+    a, b = decompile(text).terms, decompile(plain).terms
+    assert [(t.link, t.coef, t.scale, t.shift, t.structure) for t in a] == [
+        (t.link, t.coef, t.scale, t.shift, t.structure) for t in b
+    ]
+
+
+# random equations from the whitelist, written as text and built directly in SymPy: the parser must agree
+_X = {n: sympy.Symbol(n, real=True) for n in ("logp_w", "logp_l", "ref_logp_w")}
+_H = {n: sympy.Symbol(n, positive=True) for n in ("beta", "N", "E", "I")}
+_UNARY = {
+    "exp": sympy.exp,
+    "log": sympy.log,
+    "tanh": sympy.tanh,
+    "abs": sympy.Abs,
+    "sqrt": sympy.sqrt,
+    "sigmoid": lambda x: 1 / (1 + sympy.exp(-x)),
+    "softplus": lambda x: sympy.log(1 + sympy.exp(x)),
+    "log1p": lambda x: sympy.log(1 + x),
+    "relu": lambda x: sympy.Max(0, x),
+}
+
+
+@st.composite
+def equations(draw, depth=3):
+    if depth == 0 or draw(st.integers(0, 3)) == 0:
+        kind = draw(st.sampled_from(["x", "h", "n"]))
+        if kind == "x":
+            name = draw(st.sampled_from(sorted(_X)))
+            return name, _X[name]
+        if kind == "h":
+            name = draw(st.sampled_from(sorted(_H)))
+            return name, _H[name]
+        n = draw(st.integers(0, 20))
+        return str(n), sympy.Integer(n)
+    op = draw(st.sampled_from(["+", "-", "*", "/", "**", "neg", "call", "max", "clamp"]))
+    a_text, a = draw(equations(depth - 1))
+    if op == "neg":
+        return f"-({a_text})", -a
+    if op == "call":
+        f = draw(st.sampled_from(sorted(_UNARY)))
+        return f"{f}({a_text})", _UNARY[f](a)
+    if op == "**":
+        k = draw(st.integers(-3, 3))
+        return f"({a_text})**{k}", a**k
+    b_text, b = draw(equations(depth - 1))
+    if op in ("max", "clamp"):
+        assume(not (a.has(sympy.zoo, sympy.nan) or b.has(sympy.zoo, sympy.nan)))  # SymPy's Max refuses them
+    if op == "max":
+        return f"max({a_text}, {b_text})", sympy.Max(a, b)
+    if op == "clamp":
+        return f"clamp({a_text}, min={b_text})", sympy.Max(a, b)
+    py = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}
+    return f"({a_text}) {op} ({b_text})", py[op]()
+
+
+@settings(max_examples=150, deadline=None)
+@given(equations())
+def test_parser_agrees_with_sympy(eq):
+    text, expected = eq
+    assume(not expected.has(sympy.zoo, sympy.nan, sympy.oo))  # division by zero is refused (tested above)
+    from dpalogic.decompile import _simplify_logs
+
+    assert parse_equation_text(text) == _simplify_logs(expected)
