@@ -111,12 +111,14 @@ def test_malformed_rows_are_reported_with_row_numbers_and_skipped(tmp_path, caps
 
     with pytest.raises(DPALogicError) as e:
         load_preferences(path, strict=True)
-    assert "7 malformed row(s)" in str(e.value) and "row 10: undecodable" in str(e.value)
+    assert "7 malformed row(s)" in str(e.value) and "row 2: missing" in str(e.value) and "… and 2 more" in str(e.value)
 
-    # through the CLI: counts printed, strict mode exits 2 with the rows listed, no traceback
+    # through the CLI: strict mode exits 2 with the first rows listed and every one in bad_rows.jsonl, no traceback
     assert main(["train", "--data", str(path), "--out", str(tmp_path / "r"), "--strict-data", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "row 2: missing 'rejected'" in err and "Traceback" not in err
+    listed = [json.loads(line) for line in (tmp_path / "r" / "bad_rows.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["reason"]) for r in listed] == sorted(reasons.items())
 
 
 def test_formats_agree_and_masks_cover_only_answers(tmp_path):

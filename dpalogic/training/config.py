@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dpalogic.errors import DPALogicError, unknown
+
+DEFAULT_LR = 1e-5  # fine-tuning a pretrained model
+TINY_LR = 1e-3  # a freshly initialized tiny model: at 1e-5 it barely moves in a few hundred steps
 
 
 @dataclass
@@ -24,7 +32,7 @@ class TrainConfig:
     batch_size: int = 8  # pairs per device per micro-batch
     eval_batch_size: int | None = None
     grad_accum: int = 1
-    lr: float = 1e-5
+    lr: float | None = None  # None: DEFAULT_LR, or TINY_LR with model "tiny" (set in __post_init__)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.0  # the cosine ends at lr × min_lr_ratio
@@ -49,51 +57,239 @@ class TrainConfig:
     tensorboard: bool = True  # when the tensorboard package is installed
     device: str = "auto"  # "auto", "cpu", "cuda"
 
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = TINY_LR if self.model == "tiny" else DEFAULT_LR
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+    def from_dict(
+        cls, d: Mapping[Any, Any], source: str = "config", origins: Mapping[str, str] | None = None
+    ) -> TrainConfig:
+        """A validated config from a mapping of settings; ``origins`` names where each key came from (for messages)."""
         names = {f.name for f in fields(cls)}
         clean = {}
         for k, v in d.items():
-            key = k.replace("-", "_")
+            key = str(k).replace("-", "_")
             if key not in names:
-                raise unknown(f"{source} key", k, sorted(names))
+                raise unknown(f"{source} key", str(k), sorted(names))
             clean[key] = v
         cfg = cls(**clean)
-        cfg.validate()
+        cfg.validate(origins if origins is not None else dict.fromkeys(clean, source))
         return cfg
 
-    def validate(self) -> None:
-        def positive(name: str, allow_zero: bool = False) -> None:
-            v = getattr(self, name)
-            if v is None:
-                return
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
-                raise DPALogicError(
-                    f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {v!r}"
-                )
+    def validate(self, origins: Mapping[str, str] | None = None) -> None:
+        """Check every field against its declared type and range, then the loss and its hyperparameters.
 
-        for n in ("epochs", "batch_size", "grad_accum", "lr", "log_every", "keep_checkpoints"):
-            positive(n)
-        for n in ("max_steps", "eval_batch_size", "max_length", "max_prompt_length"):
-            positive(n)
-        for n in ("fused_chunk_size", "fused_max_chunk_tokens"):
-            v = getattr(self, n)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise DPALogicError(f"{n} must be a positive integer, got {v!r}")
-        for n in ("weight_decay", "max_grad_norm", "eval_every", "save_every", "min_lr_ratio", "dropout"):
-            positive(n, allow_zero=True)
-        if not 0 <= self.warmup_ratio < 1:
-            raise DPALogicError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.reference not in ("cache", "model"):
-            raise DPALogicError(f"reference must be 'cache' or 'model', got {self.reference!r}")
-        if str(self.bf16).lower() not in ("auto", "true", "false"):
-            raise DPALogicError(f"bf16 must be auto, true or false, got {self.bf16!r}")
-        if not isinstance(self.overwrite, bool):
-            raise DPALogicError(f"overwrite must be true or false, got {self.overwrite!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise DPALogicError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if not isinstance(self.hp, dict):
-            raise DPALogicError(f"hp must be a mapping of hyperparameter names to numbers, got {self.hp!r}")
-        for k, v in self.hp.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise DPALogicError(f"hyperparameter {k} must be a number, got {v!r}")
+        Values are normalized in place (an int where a float is declared becomes a float, ``2.0`` for an int field
+        becomes ``2``, bf16 ``true`` becomes ``"true"``). ``origins`` maps a field to where it was set
+        (``"--batch-size"``, ``"run.yaml"``) so the message can say so. Nothing heavy is loaded before this passes.
+        """
+        origins = origins or {}
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            where = f" (from {origins[f.name]})" if f.name in origins else ""
+            setattr(self, f.name, _checked(f.name, hints[f.name], getattr(self, f.name), where))
+        if self.max_length is not None and self.max_prompt_length is not None:
+            if self.max_prompt_length >= self.max_length:
+                raise DPALogicError(
+                    f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
+                )
+        check_loss(self.loss, self.hp)
+
+
+# --------------------------------------------------------------------------------------------------- field checks
+
+_Range = tuple[Callable[[Any], bool], str]
+_POSITIVE_INT: _Range = (lambda v: v >= 1, "a positive integer")
+_NON_NEGATIVE_INT: _Range = (lambda v: v >= 0, "a non-negative integer")
+_NON_NEGATIVE: _Range = (lambda v: v >= 0, "a non-negative number")
+_UNIT: _Range = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+# Bounds beyond the declared type (every field is type-checked from its annotation, so a new field is checked even
+# without an entry here). numpy seeds the run too, and it takes seeds below 2**32.
+RANGES: dict[str, _Range] = {
+    **dict.fromkeys(
+        (
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "eval_batch_size",
+            "grad_accum",
+            "max_length",
+            "max_prompt_length",
+            "fused_chunk_size",
+            "fused_max_chunk_tokens",
+            "log_every",
+            "keep_checkpoints",
+        ),
+        _POSITIVE_INT,
+    ),  # fmt: skip
+    "eval_every": _NON_NEGATIVE_INT,
+    "save_every": _NON_NEGATIVE_INT,
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "lr": (lambda v: v > 0, "a positive number"),
+    "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": _NON_NEGATIVE,
+    "warmup_ratio": _UNIT,
+    "dropout": _UNIT,
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "reference": ("cache", "model"),
+    "bf16": ("auto", "true", "false"),
+    "device": ("auto", "cpu", "cuda"),
+}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _base(hint: Any) -> tuple[Any, bool]:
+    """``(type, optional)`` of an annotation: ``int | None`` → ``(int, True)``, ``dict[str, float]`` → ``(dict, False)``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _base(inner[0])[0], len(inner) < len(typing.get_args(hint))
+    return typing.get_origin(hint) or hint, False
+
+
+def field_kind(hint: Any) -> Any:
+    """The type a field holds, without ``None``: ``int | None`` → ``int`` (the CLI parses flags with it)."""
+    return _base(hint)[0]
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, or None when it is not a finite number (bools are not numbers here)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        x = float(v)
+    except OverflowError:  # an int beyond float range
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _checked(name: str, hint: Any, v: Any, where: str) -> Any:
+    """``v`` normalized to the field's type, or a DPALogicError saying what the field must be."""
+    kind, optional = _base(hint)
+    rng = RANGES.get(name)
+    if name in CHOICES:
+        want = " or ".join(", ".join(CHOICES[name]).rsplit(", ", 1))
+    elif rng is not None:
+        want = rng[1]
+    else:
+        want = _TYPE_WORDS.get(kind, f"a {getattr(kind, '__name__', kind)}")
+    if optional:
+        want += " or null"
+
+    def bad() -> DPALogicError:
+        return DPALogicError(f"{name} must be {want}, got {_show(v)}{where}")
+
+    if v is None:
+        if optional:
+            return None
+        raise bad()
+    if name == "bf16" and isinstance(v, bool):  # `bf16: true` in YAML means the string "true"
+        v = str(v).lower()
+    if kind is bool:
+        if not isinstance(v, bool):
+            raise bad()
+        return v
+    if kind is int:
+        x = _number(v)
+        if x is None or x != int(x):
+            raise bad()
+        out: Any = v if isinstance(v, int) else int(x)
+    elif kind is float:
+        out = _number(v)
+        if out is None:
+            raise bad()
+    elif kind is str:
+        if not isinstance(v, str):
+            raise bad()
+        if "\x00" in v or not _encodable(v):
+            raise DPALogicError(f"{name} holds a NUL character or a lone surrogate: {_show(v)}{where}")
+        if name in CHOICES and v.lower() not in CHOICES[name]:
+            raise bad()
+        return v.lower() if name in CHOICES else v
+    elif kind is dict:
+        return _checked_hp(name, v, where)
+    elif not isinstance(v, kind):
+        raise bad()
+    else:
+        return v
+    if rng is not None and not rng[0](out):
+        raise bad()
+    return out
+
+
+def _show(v: Any, limit: int = 80) -> str:
+    """``repr(v)``, shortened: a value pasted by mistake may be megabytes long."""
+    r = repr(v)
+    return r if len(r) <= limit else f"{r[: limit - 15]}… ({len(r)} chars)"
+
+
+def _encodable(s: str) -> bool:
+    """Text usable as a file name and in messages (no lone surrogates)."""
+    try:
+        os.fsencode(s)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _checked_hp(name: str, v: Any, where: str) -> dict[str, float]:
+    if not isinstance(v, Mapping):
+        raise DPALogicError(f"{name} must be a mapping of hyperparameter names to numbers, got {_show(v)}{where}")
+    out = {}
+    for k, x in v.items():
+        num = _number(x)
+        if not isinstance(k, str) or not _encodable(k):
+            raise DPALogicError(f"{name}: hyperparameter names must be strings, got {_show(k)}{where}")
+        if num is None:
+            raise DPALogicError(f"hyperparameter {_show(k)} must be a finite number, got {_show(x)}{where}")
+        out[k] = num
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- the loss
+
+
+def check_loss(loss: str, hp: Mapping[str, float]) -> None:
+    """The loss compiles with these hyperparameters, and they keep it a preference for the chosen answer.
+
+    Compiling (:class:`~dpalogic.torch_loss.PreferenceLoss`) rejects unknown hyperparameter names, values that make a
+    term non-finite (IPO at β = 0) and EXO's and DiscoPOP's ranges. A value can also turn the loss around without
+    making anything infinite, which only the terms' roles reveal: a preference term with a scale β ≤ 0, a negative
+    weight, or (squared link, IPO) a target 1/(2β) ≤ 0 rewards the *rejected* answer; a negative NLL weight (α)
+    lowers the chosen answer's likelihood; label smoothing that weighs as much as the preference cancels it.
+    """
+    from dpalogic.torch_loss import PreferenceLoss, bind_term
+
+    fn = PreferenceLoss(loss, reduction="none", **hp)
+    values = fn.hyperparameters
+    name = fn.program.name or _show(loss)
+    shown = ", ".join(f"{k}={v:g}" for k, v in values.items())
+    pref = smooth = 0.0
+    for term in fn.program.terms:
+        b = bind_term(term, values)
+        if term.role == "preference":
+            for ok, what in (
+                (b.scale > 0, f"the scale of log ρ ({term.scale} = {b.scale:g})"),
+                (b.coef >= 0, f"the weight of a preference term ({term.coef} = {b.coef:g})"),
+                (b.link != "squared" or b.shift > 0, f"the target margin ({term.shift} = {b.shift:g})"),
+            ):
+                if not ok:
+                    raise DPALogicError(
+                        f"{name} with {shown}: {what} must be positive, or the loss rewards the rejected answer"
+                    )
+            pref += b.coef
+        elif term.role == "smoothing":
+            smooth += max(b.coef, 0.0)
+        elif term.role == "nll" and b.coef < 0:
+            raise DPALogicError(
+                f"{name} with {shown}: the NLL weight {term.coef} = {b.coef:g} must not be negative "
+                "(it would lower the chosen answer's likelihood)"
+            )
+    if pref <= smooth:
+        raise DPALogicError(
+            f"{name} with {shown}: the preference terms weigh {pref:g} and the label-smoothing terms {smooth:g}, so "
+            "nothing is left that prefers the chosen answer (lower label_smoothing, or give the preference weight)"
+        )

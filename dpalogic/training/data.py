@@ -4,13 +4,16 @@ Rows follow TRL's conventions: the three fields are either strings (``"prompt": 
 message lists (``"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", ...}]``); rows
 whose ``chosen``/``rejected`` are whole conversations may omit ``prompt`` (the shared leading messages become it).
 
-Malformed rows are reported with their row numbers (1-based; line numbers for JSONL) and skipped, or are fatal with
-``strict=True``. A batch stacks the B chosen sequences over the B rejected ones (``[2B, T]``, right-padded) with
+Malformed rows are reported with their row numbers (1-based; line numbers for JSONL and CSV) and skipped, or are
+fatal with ``strict=True``; :func:`write_bad_rows` lists every one of them in a run's ``bad_rows.jsonl``. A UTF-8 byte
+order mark at the start of a text file is ignored. A batch stacks the B chosen sequences over the B rejected ones (``[2B, T]``, right-padded) with
 ``labels = -100`` outside the answers, so the loss only ever sees answer tokens.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -22,7 +25,9 @@ from dpalogic.errors import DPALogicError
 
 FIELDS = ("prompt", "chosen", "rejected")
 IGNORE_INDEX = -100
-MAX_LISTED_ISSUES = 20
+MAX_LISTED_ISSUES = 5  # the console shows the first few bad rows; bad_rows.jsonl has them all
+BAD_ROWS_FILE = "bad_rows.jsonl"
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors put at the start of a file
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,23 @@ class RowIssue:
         return f"row {self.row}: {self.reason}"
 
 
+def _listed(issues: Sequence[RowIssue]) -> list[str]:
+    """The first few issues, one line each, and how many more there are."""
+    lines = [f"  {i}" for i in issues[:MAX_LISTED_ISSUES]]
+    if len(issues) > MAX_LISTED_ISSUES:
+        lines.append(f"  … and {len(issues) - MAX_LISTED_ISSUES} more")
+    return lines
+
+
+class BadRowsError(DPALogicError):
+    """Malformed rows that stop a run (``strict``, or no usable row left); ``issues`` holds every one of them."""
+
+    def __init__(self, source: str, issues: Sequence[RowIssue], message: str) -> None:
+        self.source = source
+        self.issues = list(issues)
+        super().__init__("\n".join([message, *_listed(self.issues)]))
+
+
 @dataclass
 class PreferenceRows:
     """The valid rows of a source (normalized to ``prompt``/``chosen``/``rejected``) and the skipped ones."""
@@ -46,12 +68,9 @@ class PreferenceRows:
     issues: list[RowIssue] = field(default_factory=list)
 
     def summary(self, what: str = "data") -> str:
-        """``"train data prefs.jsonl: 98 rows used, 2 skipped"`` plus one line per skipped row (at most 20)."""
+        """``"train data prefs.jsonl: 98 rows used, 2 skipped"`` plus the first few skipped rows."""
         lines = [f"{what} {self.source}: {len(self.rows)} rows used, {len(self.issues)} skipped"]
-        lines += [f"  {i}" for i in self.issues[:MAX_LISTED_ISSUES]]
-        if len(self.issues) > MAX_LISTED_ISSUES:
-            lines.append(f"  … and {len(self.issues) - MAX_LISTED_ISSUES} more")
-        return "\n".join(lines)
+        return "\n".join(lines + _listed(self.issues))
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -61,6 +80,8 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
     records, issues = [], []
     with path.open("rb") as f:  # bytes: one undecodable line must not make the whole file unreadable
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM) :]
             if not raw.strip():
                 continue
             try:
@@ -72,12 +93,16 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
                 records.append((lineno, json.loads(text)))
             except json.JSONDecodeError as e:
                 issues.append(RowIssue(lineno, f"not valid JSON ({e.msg}, column {e.colno})"))
+            except RecursionError:
+                issues.append(RowIssue(lineno, "JSON nested too deeply"))
     return records, issues
 
 
 def _read_json(path: Path) -> list[tuple[int, Any]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))  # -sig: a leading byte order mark is dropped
+    except RecursionError:
+        raise DPALogicError(f"{path}: JSON nested too deeply") from None
     except UnicodeDecodeError as e:
         raise DPALogicError(f"{path}: undecodable text (invalid UTF-8 at byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -103,6 +128,38 @@ def _read_parquet(path: Path) -> list[tuple[int, Any]]:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DPALogicError(f"{path}: not a readable Parquet file ({e})") from None
     return list(enumerate(table.to_pylist(), 1))
+
+
+def _read_csv(path: Path) -> list[tuple[int, Any]]:
+    """Rows of a CSV file with a header naming the columns; each row is numbered by the line it starts on.
+
+    Bytes that are not UTF-8 are kept as lone surrogates, so only the rows holding them are reported (as for JSONL).
+    """
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records, header = [], None
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a field beyond the csv module's size limit: the rest cannot be split reliably
+            raise DPALogicError(f"{path}: line {start}: not valid CSV ({e})") from None
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if header is None:
+            header = [c.strip() for c in cells]
+            if not {"chosen", "rejected"} <= set(header):
+                shown = ", ".join(repr(c[:40]) for c in header[:10])
+                raise DPALogicError(
+                    f"{path}: the first line must name the columns prompt, chosen, rejected; got {shown}"
+                )
+            continue
+        records.append((start, {k: v for k, v in zip(header, cells) if k in FIELDS}))
+    return records
 
 
 EVAL_SPLITS = ("test", "validation", "eval", "dev")
@@ -133,7 +190,7 @@ def _read_datasets_folder(path: Path, split: str | None) -> list[tuple[int, Any]
 def read_records(path: str | os.PathLike, split: str | None = None) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
     """Raw records ``(row number, record)`` and the rows that could not even be decoded."""
     p = Path(path)
-    if not p.exists():
+    if not os.path.exists(p):  # os.path: False (not an exception) for names too long for the file system
         raise DPALogicError(f"data file {p} does not exist")
     if p.is_dir():
         return _read_datasets_folder(p, split), []
@@ -144,8 +201,10 @@ def read_records(path: str | os.PathLike, split: str | None = None) -> tuple[lis
         return _read_json(p), []
     if suffix in (".parquet", ".pq"):
         return _read_parquet(p), []
+    if suffix == ".csv":
+        return _read_csv(p), []
     raise DPALogicError(
-        f"{p}: unknown data format {suffix or '(no extension)'}; use .jsonl, .json, .parquet or a `datasets` folder"
+        f"{p}: unknown data format {suffix or '(no extension)'}; use .jsonl, .json, .csv, .parquet or a `datasets` folder"
     )
 
 
@@ -153,7 +212,18 @@ def read_records(path: str | os.PathLike, split: str | None = None) -> tuple[lis
 
 
 def _is_messages(x: Any) -> bool:
-    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+    """A chat: a list of ``{"role": str, "content": str}`` (text only; other keys such as tool calls are kept)."""
+    return isinstance(x, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x
+    )
+
+
+def _type_name(x: Any) -> str:
+    if isinstance(x, list) and x and not _is_messages(x):
+        return "a list that is not chat messages"
+    return {str: "a string", list: "a list", dict: "an object", bool: "a boolean", type(None): "null"}.get(
+        type(x), type(x).__name__
+    )
 
 
 def _undecodable(x: Any) -> bool:
@@ -199,7 +269,10 @@ def normalize_row(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
         prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
     for f, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if not (isinstance(v, str) or _is_messages(v)):
-            return None, f"{f!r} must be a string or a list of chat messages with 'role' and 'content'"
+            return (
+                None,
+                f"{f!r} must be a string or a list of chat messages with 'role' and 'content', got {_type_name(v)}",
+            )
         if _undecodable(v):
             return None, f"undecodable text in {f!r} (not valid Unicode)"
     kinds = {isinstance(v, str) for v in (prompt, chosen, rejected)}
@@ -213,10 +286,34 @@ def normalize_row(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
 
 
-def _fatal(source: str, issues: Sequence[RowIssue]) -> DPALogicError:
-    listed = "\n".join(f"  {i}" for i in issues[:MAX_LISTED_ISSUES])
-    more = f"\n  … and {len(issues) - MAX_LISTED_ISSUES} more" if len(issues) > MAX_LISTED_ISSUES else ""
-    return DPALogicError(f"{source}: {len(issues)} malformed row(s) (drop --strict-data to skip them):\n{listed}{more}")
+def _fatal(source: str, issues: Sequence[RowIssue]) -> BadRowsError:
+    return BadRowsError(source, issues, f"{source}: {len(issues)} malformed row(s) (drop --strict-data to skip them):")
+
+
+def _no_rows(source: str, issues: Sequence[RowIssue], what: str = "no usable rows") -> BadRowsError:
+    return BadRowsError(source, issues, f"{source}: {what}" + (f"; {len(issues)} malformed:" if issues else ""))
+
+
+def write_bad_rows(path: str | os.PathLike, sources: Sequence[tuple[str, Sequence[RowIssue]]]) -> Path | None:
+    """Every bad row of every source, one JSON object per line: ``{"file", "row", "reason"}``.
+
+    Returns the path, or None when there is no bad row (a file left by an earlier run in the folder is removed, so the
+    file always describes the latest run).
+    """
+    p = Path(path)
+    lines = [
+        json.dumps({"file": source, "row": i.row, "reason": i.reason}, ensure_ascii=False)
+        for source, issues in sources
+        for i in sorted(issues, key=lambda i: i.row)
+    ]
+    if not lines:
+        p.unlink(missing_ok=True)
+        return None
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="backslashreplace")
+    os.replace(tmp, p)  # never half a file
+    return p
 
 
 def load_preferences(path: str | os.PathLike, *, strict: bool = False, split: str | None = None) -> PreferenceRows:
@@ -234,7 +331,7 @@ def load_preferences(path: str | os.PathLike, *, strict: bool = False, split: st
     if strict and issues:
         raise _fatal(str(path), issues)
     if not rows:
-        raise DPALogicError(f"{path}: no usable rows" + (f" ({len(issues)} malformed)" if issues else ""))
+        raise _no_rows(str(path), issues)
     return PreferenceRows(str(path), rows, numbers, issues)
 
 
@@ -251,7 +348,7 @@ def from_records(records: Sequence[dict[str, Any]], source: str = "<rows>", stri
     if strict and issues:
         raise _fatal(source, issues)
     if not rows:
-        raise DPALogicError(f"{source}: no usable rows")
+        raise _no_rows(source, issues)
     return PreferenceRows(source, rows, numbers, issues)
 
 
@@ -281,8 +378,7 @@ class TokenizedData:
             parts.append(f"{self.truncated} truncated")
         if self.issues:
             parts.append(f"{len(self.issues)} dropped")
-        lines = ["  " + ", ".join(parts)] + [f"  {i}" for i in self.issues[:MAX_LISTED_ISSUES]]
-        return "\n".join(lines)
+        return "\n".join(["  " + ", ".join(parts)] + _listed(self.issues))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -367,7 +463,7 @@ def tokenize_rows(
     if strict and issues:
         raise _fatal(data.source, issues)
     if not examples:
-        raise DPALogicError(f"{data.source}: no pair survived tokenization")
+        raise _no_rows(data.source, issues, "no pair survived tokenization")
     return TokenizedData(examples, issues, truncated)
 
 

@@ -35,6 +35,7 @@ from dpalogic.errors import DPALogicError
 from dpalogic.training import checkpoint as ckpt
 from dpalogic.training.config import TrainConfig
 from dpalogic.training.data import (
+    BAD_ROWS_FILE,
     Example,
     PreferenceRows,
     TokenizedData,
@@ -42,6 +43,7 @@ from dpalogic.training.data import (
     load_preferences,
     pad_id,
     tokenize_rows,
+    write_bad_rows,
 )
 from dpalogic.training.model import fingerprint, load_model_and_tokenizer, reference_logps, sequence_logps
 
@@ -265,6 +267,11 @@ class Trainer:
             eval_rows = load_preferences(cfg.eval, strict=cfg.strict_data, split="eval")
         self.train_data = self._tokenize(train_rows, "train data")
         self.eval_data = self._tokenize(eval_rows, "eval data") if eval_rows is not None else None
+        if self.dist.main:  # every skipped row with its number and reason (the console lists only the first few)
+            sets = [(train_rows, self.train_data)] + ([(eval_rows, self.eval_data)] if self.eval_data else [])
+            bad = write_bad_rows(self.out / BAD_ROWS_FILE, [(r.source, r.issues + t.issues) for r, t in sets])
+            if bad is not None:
+                self.say(f"every skipped row, with its number and reason: {bad}")
 
         # the last incomplete global batch of an epoch is dropped, so every rank gets equally many pairs
         b = cfg.batch_size * self.dist.world
