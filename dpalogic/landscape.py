@@ -27,6 +27,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from math import comb
 from operator import add
 from typing import Any
 
@@ -130,7 +131,12 @@ def landscape_atoms(n: int) -> tuple[Atom, ...]:
     """The atoms used to print examples: ``M(yw), M(yl)`` for a pair, ``M(y1) … M(yn)`` beyond two."""
     if n <= 2:
         return (Atom("M", "yw"), Atom("M", "yl"))[:n]
+    if n == 4:  # the paper's question: a pair of answers with a reference model
+        return (Atom("M", "yw"), Atom("M", "yl"), Atom("Ref", "yw"), Atom("Ref", "yl"))
     return tuple(Atom("M", f"y{i}") for i in range(1, n + 1))
+
+
+LISTED_MEMBERS = 8  # members printed per example class (a class over 4 atoms can hold 65,535 structures)
 
 
 @dataclass
@@ -138,12 +144,16 @@ class Landscape:
     atoms: int
     structures: int
     non_degenerate_structures: int
-    loss_functions: int | None  # distinct non-degenerate loss functions (None above MAX_EXACT_ATOMS)
+    loss_functions: int  # distinct non-degenerate loss functions
     degenerate: list[dict[str, Any]]
     class_sizes: dict[int, int]  # structures per loss function → how many loss functions have that many
-    largest: list[list[tuple[int, int]]]  # the largest classes, as (✓, ✗) masks
+    by_support: dict[int, int]  # atoms a loss function depends on → how many loss functions
+    largest: list[tuple[int, list[tuple[int, int]]]]  # example classes, largest first: (size, first members)
 
     def as_dict(self, example_atoms: tuple[Atom, ...]) -> dict[str, Any]:
+        def text(t: int, b: int) -> str:
+            return Structure(example_atoms, t, b).text("ascii")
+
         return {
             "atoms": self.atoms,
             "atom_names": [a.name for a in example_atoms],
@@ -152,10 +162,11 @@ class Landscape:
             "non_degenerate_structures": self.non_degenerate_structures,
             "loss_functions": self.loss_functions,
             "degenerate": self.degenerate,
-            "classes": None if self.loss_functions is None else self.loss_functions + len(self.degenerate),
+            "classes": self.loss_functions + len(self.degenerate),
             "class_sizes": {str(k): v for k, v in sorted(self.class_sizes.items())},
+            "loss_functions_by_support": {str(k): v for k, v in sorted(self.by_support.items())},
             "largest_classes": [
-                [Structure(example_atoms, t, b).text("ascii") for t, b in members] for members in self.largest
+                {"structures": size, "members": [text(t, b) for t, b in members]} for size, members in self.largest
             ],
         }
 
@@ -193,24 +204,30 @@ def loss_classes(n: int) -> tuple[dict[tuple[int, ...], list[tuple[int, int]]], 
 
 
 def landscape(n: int, examples: int = 3) -> Landscape:
-    """Count the structures over ``n`` atoms and, for ``n ≤ 3``, their distinct loss functions (exact)."""
-    if not isinstance(n, int) or n < 1 or n > MAX_ATOMS:
+    """Exact counts over ``n`` atoms, from the factorization of WMC polynomials (:mod:`dpalogic.factoring`).
+
+    No structure is enumerated: the counts are closed-form sums over big integers, and the example classes are
+    built from their canonical structures. ``loss_classes`` (enumeration, ``n ≤ 3``) is the independent check.
+    """
+    from dpalogic import factoring
+
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > MAX_ATOMS:
         raise DPALogicError(f"--atoms must be an integer from 1 to {MAX_ATOMS}, got {n!r}")
     sides = 1 << (1 << n)  # truth tables per side
-    if n > MAX_EXACT_ATOMS:
-        counts = {"empty ✓": sides - 1, "empty ✗": sides - 1, "both empty": 1}
-        return Landscape(n, sides * sides, (sides - 1) ** 2, None, _degenerate_rows(counts), {}, [])
-    classes, counts = loss_classes(n)
-    sizes = Counter(len(m) for m in classes.values())
-    largest = sorted(classes.values(), key=lambda m: (-len(m), sorted(m)))[:examples]
+    counts = {"empty ✓": sides - 1, "empty ✗": sides - 1, "both empty": 1}
+    largest = []
+    for t, b in factoring.smallest_support_classes(n, examples) if examples else ():
+        size = factoring.class_of(t, b, n)[1]
+        largest.append((size, list(itertools.islice(factoring.class_members(t, b, n), LISTED_MEMBERS))))
     return Landscape(
         n,
         sides * sides,
-        sum(len(m) for m in classes.values()),
-        len(classes),
+        (sides - 1) ** 2,
+        factoring.loss_function_count(n),
         _degenerate_rows(counts),
-        dict(sizes),
-        [sorted(m) for m in largest],
+        factoring.class_size_histogram(n),
+        {k: comb(n, k) * factoring.depending_on_all(k) for k in range(n + 1)},
+        largest,
     )
 
 
@@ -451,17 +468,15 @@ def _print_landscape(info: dict[str, Any]) -> None:
     print(f"worlds         2^{n} = {info['worlds']}")
     print(f"structures     4^(2^{n}) = {info['structures']}  (each world: on ✓, on ✗, both or neither)")
     print(f"non-degenerate {info['non_degenerate_structures']}  (✓ and ✗ both satisfiable)")
-    if info["loss_functions"] is None:
-        print(f"loss functions not counted: the exact count enumerates structures, up to {MAX_EXACT_ATOMS} atoms")
-    else:
-        print(f"loss functions {info['loss_functions']} distinct non-degenerate (ρ1 ≡ ρ2 as rational functions)")
+    print(f"loss functions {info['loss_functions']} distinct non-degenerate (ρ1 ≡ ρ2 as rational functions)")
     print("degenerate     " + "; ".join(f"{d['kind']}: {d['structures']} ({d['loss']})" for d in info["degenerate"]))
-    if info["class_sizes"]:
-        sizes = ", ".join(f"{v}×{k}" for k, v in info["class_sizes"].items())
-        print(f"class sizes    {sizes}  (loss functions × structures each)")
-    for members in info["largest_classes"]:
-        shown = members[:6]
-        more = f", … ({len(members)} in all)" if len(members) > len(shown) else ""
+    sizes = ", ".join(f"{v}×{k}" for k, v in info["class_sizes"].items())
+    print(f"class sizes    {sizes}  (loss functions × structures each)")
+    support = ", ".join(f"{k}: {v}" for k, v in info["loss_functions_by_support"].items())
+    print(f"by support     {support}  (atoms a loss function depends on: how many loss functions)")
+    for row in info["largest_classes"]:
+        shown = row["members"][:6]
+        more = f", … ({row['structures']} in all)" if row["structures"] > len(shown) else ""
         print(f"same loss      {' = '.join(shown)}{more}")
 
 
