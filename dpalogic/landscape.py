@@ -401,44 +401,68 @@ def explore(
     free_top = sb.top & ~sa.top & full
     free_bottom = sa.bottom & ~sb.bottom & full
     free = free_top.bit_count() + free_bottom.bit_count()
-    if 1 << free > MAX_INTERVAL:
-        raise DPALogicError(
-            f"the interval between {name_a} and {name_b} holds 2^{free} structures, more than explore enumerates "
-            f"(2^{MAX_INTERVAL.bit_length() - 1}); pick closer losses or fewer --atoms"
-        )
-    tops = _subset_vectors(sa.top, free_top, n)
-    bottoms = _subset_vectors(sb.bottom, free_bottom, n)
-    endpoints = {(sa.top, sa.bottom), (sb.top, sb.bottom)}
-    keys: dict[tuple[int, int], tuple] = {}
-    for t, vt in tops:
-        for b_, vb in bottoms:
-            if (t, b_) not in endpoints and t and b_:
-                keys[(t, b_)] = _key(vt, vb, n)
     by_sides, by_key = _catalog_index(at)
-    members = Counter(keys.values())
-    listed: list[dict[str, Any]] = []
-    seen: set[tuple] = set()
-    for sort_key, (t, b_) in _in_size_order(list(keys), at) if limit else ():
-        k = keys[(t, b_)]
-        if distinct and k in seen:
-            continue
-        seen.add(k)
+    endpoints = {(sa.top, sa.bottom), (sb.top, sb.bottom)}
+    from dpalogic import factoring
+
+    def row_of(t: int, b_: int, size: int | None) -> dict[str, Any]:
         s = Structure(at, t, b_)
         row: dict[str, Any] = {
             **s.text_fields(),
-            "size": sort_key[0],
+            "size": size,
             "catalog": by_sides.get((t, b_), []),
-            "same_loss_as": by_key.get(k, []),
-            "structures_with_this_loss": members[k],
+            "same_loss_as": by_key.get(loss_key(s), []),
+            # structures over these atoms with this loss function (the whole landscape, by factoring)
+            "class_size": factoring.class_of(t, b_, n)[1] if n <= factoring.MAX_FACTOR_ATOMS else None,
         }
         if closed_forms:
             row["rho"] = str(rho_sympy(s))
             row["loss"] = str(semantic_loss_sympy(s))
-        listed.append(row)
-        if len(listed) >= limit:
-            break
+        return row
+
+    enumerated = 1 << free <= MAX_INTERVAL
+    listed: list[dict[str, Any]] = []
+    if enumerated:
+        # small enough to key every member: exact distinct count, and listing in readable-size order
+        tops = _subset_vectors(sa.top, free_top, n)
+        bottoms = _subset_vectors(sb.bottom, free_bottom, n)
+        keys: dict[tuple[int, int], tuple] = {}
+        for t, vt in tops:
+            for b_, vb in bottoms:
+                if (t, b_) not in endpoints and t and b_:
+                    keys[(t, b_)] = _key(vt, vb, n)
+        members = Counter(keys.values())
+        seen: set[tuple] = set()
+        for sort_key, (t, b_) in _in_size_order(list(keys), at) if limit else ():
+            k = keys[(t, b_)]
+            if distinct and k in seen:
+                continue
+            seen.add(k)
+            listed.append({**row_of(t, b_, sort_key[0]), "structures_with_this_loss": members[k]})
+            if len(listed) >= limit:
+                break
+        inside = [sides for sides in by_sides if sides in keys]
+        strictly, distinct_losses = len(keys), len(members)
+    else:
+        # too many to enumerate (up to 2^(2·2^n)): count exactly, list lazily from the stronger end
+        first_seen: dict[tuple[int, int], int] = {}
+        for t, b_ in _interval_members(sa.top, free_top, sb.bottom, free_bottom) if limit else ():
+            if (t, b_) in endpoints:
+                continue
+            canon = factoring.canonical_structure(t, b_, n)
+            if distinct and canon in first_seen:
+                continue
+            row = row_of(t, b_, None)
+            row["same_loss_as_listed"] = first_seen.get(canon)
+            first_seen.setdefault(canon, len(listed) + 1)
+            listed.append(row)
+            if len(listed) >= limit:
+                break
+        inside = [sd for sd in by_sides if sd not in endpoints and _inside(sd, sa, sb)]
+        # every member has ✓ ⊇ ✓_A ≠ ∅ and ✗ ⊇ ✗_B ≠ ∅: none is degenerate
+        strictly, distinct_losses = (1 << free) - len(endpoints), None
     # catalog losses inside the interval, smallest structure first; equivalent ones (cpo = slic = …) grouped
-    inside = sorted((sides for sides in by_sides if sides in keys), key=lambda sd: _sort_key(*sd, at, exact=True))
+    inside.sort(key=lambda sd: _sort_key(*sd, at, exact=True))
     catalog_groups = [by_sides[sides] for sides in inside]
     return {
         "stronger": name_a,
@@ -450,13 +474,35 @@ def explore(
         "stronger_structure_unicode": sa.text("unicode"),
         "weaker_structure_unicode": sb.text("unicode"),
         "interval": 1 << free,
-        "strictly_between": len(keys),
-        "distinct_losses": len(members),
+        "strictly_between": strictly,
+        "distinct_losses": distinct_losses,
+        "enumerated": enumerated,
+        "order": "readable size" if enumerated else "worlds moved from the stronger end, fewest first",
         "catalog_between": [name for group in catalog_groups for name in group],
         "catalog_between_groups": catalog_groups,
         "distinct": distinct,
         "listed": listed,
     }
+
+
+def _inside(sides: tuple[int, int], sa: Structure, sb: Structure) -> bool:
+    t, b = sides
+    return sa.top & ~t == 0 and t & ~sb.top == 0 and sb.bottom & ~b == 0 and b & ~sa.bottom == 0
+
+
+def _interval_members(top: int, free_top: int, bottom: int, free_bottom: int):
+    """``(✓, ✗)`` over the interval lazily: ``r`` free worlds moved (added to ✓ or taken from ✗), ``r = 0, 1, …``."""
+    moves = [("t", 1 << w) for w in range(free_top.bit_length()) if (free_top >> w) & 1]
+    moves += [("b", 1 << w) for w in range(free_bottom.bit_length()) if (free_bottom >> w) & 1]
+    for r in range(len(moves) + 1):
+        for chosen in itertools.combinations(moves, r):
+            t, b = top, bottom | free_bottom  # the stronger end: smallest ✓, largest ✗
+            for side, bit in chosen:
+                if side == "t":
+                    t |= bit
+                else:
+                    b &= ~bit
+            yield t, b
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -483,10 +529,14 @@ def _print_landscape(info: dict[str, Any]) -> None:
 def _print_explore(info: dict[str, Any]) -> None:
     if info["swapped"]:
         print(f"(swapped: {info['stronger']} is the stronger of the two)")
+    distinct = (
+        f"{info['distinct_losses']} distinct loss functions"
+        if info["distinct_losses"] is not None
+        else "distinct loss functions not counted (too many to enumerate; listed ones are marked)"
+    )
     print(
         f"{info['stronger']} is stronger than {info['weaker']}: {info['strictly_between']} structures lie strictly "
-        f"between them over {', '.join(info['atoms'])} ({info['interval']} in the closed interval), "
-        f"{info['distinct_losses']} distinct loss functions"
+        f"between them over {', '.join(info['atoms'])} ({info['interval']} in the closed interval), {distinct}"
     )
     print(f"  {info['stronger']}: {info['stronger_structure_unicode']}")
     print(f"  {info['weaker']}: {info['weaker_structure_unicode']}")
@@ -498,15 +548,20 @@ def _print_explore(info: dict[str, Any]) -> None:
         tag = f"  [{names}]" if names else "  (new)"
         if same:
             tag += f"  same loss as {', '.join(same)}"
-        print(f"{k:>3}. {row['structure_unicode']}{tag}   size {row['size']}")
+        if row.get("same_loss_as_listed"):
+            tag += f"  same loss as #{row['same_loss_as_listed']}"
+        size = f"   size {row['size']}" if row["size"] is not None else ""
+        print(f"{k:>3}. {row['structure_unicode']}{tag}{size}")
         print(f"     ✓ {row['top_unicode']}    ✗ {row['bottom_unicode']}")
         if "rho" in row:
             print(f"     ρ = {row['rho']}")
             print(f"     loss = {row['loss']}")
     shown = len(info["listed"])
     total = info["distinct_losses"] if info["distinct"] else info["strictly_between"]
-    if shown < total:
-        print(f"({shown} of {total} shown; --limit K for more)")
+    if total is None or shown < total:
+        print(
+            f"({shown} of {total if total is not None else 'many'} shown, in order of {info['order']}; --limit K for more)"
+        )
 
 
 def _run_landscape(args: argparse.Namespace) -> int:

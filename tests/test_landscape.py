@@ -254,6 +254,45 @@ def test_explore_with_extra_atoms_lists_structures_between():
         assert relation(S("ceunl"), s) == "stronger" and relation(s, S("ccpo")) == "stronger"
 
 
+WIDE = ("M(yw) & ~M(yl) & Ref(yl) & ~Ref(yw)", "~(M(yl) & ~M(yw) & Ref(yw) & ~Ref(yl))")  # 14 + 14 free worlds
+
+
+def test_explore_a_huge_interval_counts_exactly_and_lists_lazily():
+    from dpalogic.analysis import relation
+    from dpalogic.landscape import loss_key
+
+    lo, hi = (Structure.parse(x) for x in WIDE)
+    info = explore(*WIDE, limit=40, closed_forms=False)
+    assert not info["enumerated"] and info["distinct_losses"] is None
+    assert info["interval"] == 2**28 and info["strictly_between"] == 2**28 - 2
+    assert "dpo" in info["catalog_between"] and "cpo" in info["catalog_between"]
+    structures = [Structure.parse(r["structure"]).over(lo.atoms) for r in info["listed"]]
+    assert len({(s.top, s.bottom) for s in structures}) == 40
+    moved = []
+    for s in structures:
+        assert relation(lo, s) == "stronger" and relation(s, hi) == "stronger"
+        moved.append((s.top & ~lo.top).bit_count() + (lo.bottom & ~s.bottom).bit_count())
+    assert moved == sorted(moved) and moved[0] == 1  # lazily from the stronger end
+    # "same loss as #j" marks agree with the exact grid keys of the listed structures
+    keys = [loss_key(s) for s in structures]
+    for i, row in enumerate(info["listed"]):
+        first = keys.index(keys[i])
+        assert row["same_loss_as_listed"] == (None if first == i else first + 1)
+
+
+def test_explore_lazy_marks_shared_loss_functions(monkeypatch):
+    """(M(yw), ¬M(yw)) and (M(yw) ∧ M(yl), ¬M(yw) ∧ M(yl)) both have ρ = p_w/(1 − p_w): the second is marked."""
+    a, b = "(M(yw), M(yw) -> M(yl))", "ccpo"
+    enumerated = explore(a, b, limit=10)
+    assert enumerated["strictly_between"] == 2 and enumerated["distinct_losses"] == 1
+    monkeypatch.setattr("dpalogic.landscape.MAX_INTERVAL", 1)  # force the lazy path on a small interval
+    lazy = explore(a, b, limit=10)
+    assert not lazy["enumerated"] and lazy["strictly_between"] == 2
+    assert [r["same_loss_as_listed"] for r in lazy["listed"]] == [None, 1]
+    assert [r["class_size"] for r in lazy["listed"]] == [3, 3]  # G ∈ {M(yl), ¬M(yl), true} over 2 atoms
+    assert len(explore(a, b, limit=10, distinct=True)["listed"]) == 1
+
+
 @pytest.mark.parametrize(
     "a,b,fragment",
     [
