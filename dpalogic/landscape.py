@@ -1,9 +1,13 @@
-"""The landscape of preference structures (docs/semantics.md §2, §5): how many loss functions, and what lies between two.
+"""The landscape of preference structures (docs/semantics.md §2, §5, §7): how many loss functions, what lies between two.
 
-* ``landscape(n)`` — over ``n`` atoms there are ``4^(2^n)`` structures; for ``n ≤ 3`` it counts the distinct
-  non-degenerate loss functions exactly (187 for ``n = 2``) and the degenerate classes.
-* ``explore(a, b)`` — the structures strictly between two comparable losses, smallest first, with the catalog's
-  names and closed forms: the paper's way of deriving new losses from first principles.
+* ``landscape(n)`` — over ``n ≤ 8`` atoms: ``4^(2^n)`` structures, the exact number of distinct non-degenerate
+  loss functions (187 for ``n = 2``, 4,294,246,507 for ``n = 4``), how many structures share each one, and the
+  degenerate classes; counted by factoring WMC polynomials (:mod:`dpalogic.factoring`), with no enumeration.
+  ``loss_classes(n)`` enumerates every structure for ``n ≤ 3``: the independent check the tests use.
+* ``explore(a, b)`` — the structures strictly between two comparable losses, with the catalog's names and closed
+  forms: the paper's way of deriving new losses from first principles. Intervals up to ``MAX_INTERVAL`` are keyed
+  in full (smallest readable structure first, distinct losses counted); larger ones are counted exactly and
+  listed lazily.
 
 **Same loss function, decided exactly by evaluation.** Two structures give the same loss exactly when
 ``ρ1 ≡ ρ2`` as rational functions, i.e. when ``C = N1·D2 − N2·D1 ≡ 0`` with ``N = WMC(✓)``, ``D = WMC(✗)``
