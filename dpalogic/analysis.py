@@ -109,12 +109,18 @@ def witnesses(s1: Structure, s2: Structure) -> list[dict]:
 
 @dataclass
 class Comparison:
+    """How loss ``a`` relates to loss ``b``: :meth:`as_dict` is ``compare --json``, :meth:`lines` its text."""
+
     relation: str
     same_loss: bool
     links: list[str]
     notes: list[str] = field(default_factory=list)
     witnesses: list[dict] = field(default_factory=list)
     terms: list[dict] = field(default_factory=list)
+    a: str = "A"
+    b: str = "B"
+    structure_a: str | None = None  # ASCII structure text; None for a program with several structures
+    structure_b: str | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -124,7 +130,50 @@ class Comparison:
             "notes": self.notes,
             "witnesses": self.witnesses,
             "terms": self.terms,
+            "a": self.a,
+            "b": self.b,
+            "structure_a": self.structure_a,
+            "structure_b": self.structure_b,
         }
+
+    def lines(self) -> list[str]:
+        return comparison_lines(self.as_dict())
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the verdict, then the rest of :meth:`lines` as a list."""
+        import html
+
+        first, *rest = self.lines()
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in rest)
+        return f"<div class='dpalogic-comparison'><p><strong>{html.escape(first)}</strong></p><ul>{items}</ul></div>"
+
+
+_VERBS = {"stronger": "is stronger than", "weaker": "is weaker than", "equivalent": "is equivalent to",
+          "incomparable": "is incomparable with"}  # fmt: skip
+
+
+def comparison_lines(info: dict) -> list[str]:
+    """The text report of a comparison (``compare``'s output; ``info`` is :meth:`Comparison.as_dict`)."""
+    a, b, rel = info["a"], info["b"], info["relation"]
+    out = [
+        f"{a} {_VERBS[rel]} {b}",
+        f"  {a}: {info['structure_a'] or '(several structures)'}",
+        f"  {b}: {info['structure_b'] or '(several structures)'}",
+        f"same loss function: {'yes' if info['same_loss'] else 'no'}; links: {info['links'][0]} vs {info['links'][1]}",
+    ]
+    if rel == "stronger":
+        out.append(f"so under a shared monotone link, {a}'s loss ≥ {b}'s loss on every input")
+    if rel == "weaker":
+        out.append(f"so under a shared monotone link, {a}'s loss ≤ {b}'s loss on every input")
+    out += [f"- {n}" for n in info["notes"]]
+    for w in info["witnesses"]:
+        lp = ", ".join(f"log {k} = {v:g}" for k, v in w["logps"].items())
+        out.append(f"witness: {lp}: −log σ(log ρ) of {a} = {w['loss_a']:.4f}, of {b} = {w['loss_b']:.4f}")
+    out += [f"term {t['term']}: {t['relation']}{' (same loss)' if t['same_loss'] else ''}" for t in info["terms"]]
+    return out
 
 
 def _link_note(name: str, p: Program) -> str | None:
@@ -154,8 +203,23 @@ def _term_key(t, p: Program) -> tuple:
     return (t.link, params, num(t.coef), num(t.scale), num(t.shift), t.normalized)
 
 
-def compare(a: Program, b: Program, name_a: str = "A", name_b: str = "B") -> Comparison:
-    """How two programs relate: per preference term when they have several."""
+def compare(a, b, name_a: str | None = None, name_b: str | None = None) -> Comparison:
+    """How two losses relate: per preference term when they have several.
+
+    ``a`` and ``b`` are programs, structures, catalog names or structure text (``compare("cpo", "orpo")``); names
+    default to the text given, else the program's name, else ``A`` and ``B``.
+    """
+    from dpalogic.catalog import resolve
+
+    name_a = name_a or (a if isinstance(a, str) else getattr(a, "name", None) or "A")
+    name_b = name_b or (b if isinstance(b, str) else getattr(b, "name", None) or "B")
+    a, b = resolve(a), resolve(b)
+    texts = {
+        "a": name_a,
+        "b": name_b,
+        "structure_a": a.structure.text("ascii") if a.structure is not None else None,
+        "structure_b": b.structure.text("ascii") if b.structure is not None else None,
+    }
     pa, pb = a.preference_terms, b.preference_terms
     links = [pa[0].link, pb[0].link]
     notes = [n for n in (_link_note(name_a, a), _link_note(name_b, b)) if n]
@@ -190,7 +254,7 @@ def compare(a: Program, b: Program, name_a: str = "A", name_b: str = "B") -> Com
         if rel != "equivalent" and same_rho:
             notes.append("different structures that give the same loss function (equal ρ as polynomials)")
         wit = witnesses(s1, s2) if rel == "incomparable" else []
-        return Comparison(rel, same, links, notes, wit)
+        return Comparison(rel, same, links, notes, wit, **texts)
     # several structures: compare term by term, in order
     terms = []
     for k, (t1, t2) in enumerate(zip(pa, pb), 1):
@@ -205,4 +269,4 @@ def compare(a: Program, b: Program, name_a: str = "A", name_b: str = "B") -> Com
     rel = rels.pop() if len(rels) == 1 and len(pa) == len(pb) else "incomparable"
     notes.append(f"programs with several structures ({len(pa)} and {len(pb)} preference terms): compared term by term")
     same = len(pa) == len(pb) and all(t["same_loss"] for t in terms)
-    return Comparison(rel, same, links, notes, [], terms)
+    return Comparison(rel, same, links, notes, [], terms, **texts)

@@ -387,12 +387,7 @@ def compare(a: str, b: str) -> dict[str, Any]:
     from dpalogic.analysis import compare as _compare
     from dpalogic.catalog import resolve
 
-    pa, pb = resolve(a), resolve(b)
-    out = _compare(pa, pb, a, b).as_dict()
-    out.update(a=a, b=b)
-    for key, p in (("structure_a", pa), ("structure_b", pb)):
-        out[key] = p.structure.text("ascii") if p.structure is not None else None
-    return out
+    return _compare(resolve(a), resolve(b), a, b).as_dict()
 
 
 def _slice(spec: str, base: float, delta):
@@ -537,27 +532,15 @@ def lattice_op(op: str, a: str, b: str) -> dict[str, Any]:
 
 
 def _print_compare(info: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    from dpalogic.analysis import comparison_lines
+
     c = _console()
-    rel = info["relation"]
-    verb = {"stronger": "is stronger than", "weaker": "is weaker than", "equivalent": "is equivalent to",
-            "incomparable": "is incomparable with"}[rel]  # fmt: skip
-    c.print(f"[bold]{info['a']}[/bold] {verb} [bold]{info['b']}[/bold]")
-    c.print(f"  {info['a']}: {info['structure_a'] or '(several structures)'}")
-    c.print(f"  {info['b']}: {info['structure_b'] or '(several structures)'}")
-    c.print(
-        f"same loss function: {'yes' if info['same_loss'] else 'no'}; links: {info['links'][0]} vs {info['links'][1]}"
-    )
-    if rel == "stronger":
-        c.print(f"so under a shared monotone link, {info['a']}'s loss ≥ {info['b']}'s loss on every input")
-    if rel == "weaker":
-        c.print(f"so under a shared monotone link, {info['a']}'s loss ≤ {info['b']}'s loss on every input")
-    for n in info["notes"]:
-        c.print(f"- {n}")
-    for w in info["witnesses"]:
-        lp = ", ".join(f"log {k} = {v:g}" for k, v in w["logps"].items())
-        c.print(f"witness: {lp}: −log σ(log ρ) of {info['a']} = {w['loss_a']:.4f}, of {info['b']} = {w['loss_b']:.4f}")
-    for t in info["terms"]:
-        c.print(f"term {t['term']}: {t['relation']}{' (same loss)' if t['same_loss'] else ''}")
+    first, *rest = comparison_lines(info)
+    c.print(f"[bold]{escape(first)}[/bold]")
+    for line in rest:
+        c.print(escape(line))
     if "plot" in info:
         lo, hi = info["plot_margin_range"]
         c.print(f"wrote {info['plot']} (margins δ from {lo:.3g} to {hi:.3g}, log-probs around {info['plot_base']:.3g})")

@@ -27,6 +27,8 @@ from dpalogic.errors import DPALogicError
 if TYPE_CHECKING:  # pragma: no cover
     import networkx as nx
 
+    Lattice = nx.DiGraph
+
     from dpalogic.semantics import Program
     from dpalogic.structure import Structure
 
@@ -34,6 +36,43 @@ REFERENCE_FREE = "reference-free"
 WITH_REFERENCE = "with reference"
 ID_NOTE = "each node's id is the first of its names; edges are [stronger, weaker] pairs of node ids"
 EXTENSIONS = (".json", ".dot", ".graphml", ".png", ".svg", ".html")
+
+
+# --------------------------------------------------------------------------------------------------- the graph
+
+
+def _lattice_class() -> type:
+    """``Lattice``: a ``networkx.DiGraph`` that draws itself in Jupyter. Made on first use, so that importing this
+    module (every CLI start) does not import networkx; ``dpalogic.lattice.Lattice`` reaches it too."""
+    cls = globals().get("Lattice")
+    if cls is None:
+        import networkx as nx
+
+        class Lattice(nx.DiGraph):
+            """The Hasse diagram :func:`build_lattice` returns; displays as its drawing in a notebook."""
+
+            def _repr_svg_(self) -> str | None:
+                if self.number_of_nodes() == 0:
+                    return None
+                svg = draw(self, fmt="svg").decode("utf-8")
+                return svg[svg.index("<svg") :]
+
+            def _repr_html_(self) -> str | None:
+                svg = self._repr_svg_()
+                if svg is None:
+                    return None
+                text = html.escape(text_summary(self))
+                return f"<figure class='dpalogic-lattice'>{svg}<figcaption><pre>{text}</pre></figcaption></figure>"
+
+        Lattice.__module__, Lattice.__qualname__ = __name__, "Lattice"  # pickles as dpalogic.lattice.Lattice
+        globals()["Lattice"] = cls = Lattice
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "Lattice":
+        return _lattice_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------- building
@@ -70,7 +109,7 @@ def _named_programs(specs) -> list[tuple[str, Program]]:
     return out
 
 
-def build_lattice(specs=None) -> nx.DiGraph:
+def build_lattice(specs=None) -> Lattice:
     """The Hasse diagram of the given losses (default: every single-structure catalog entry).
 
     Nodes carry ``names`` (merged equivalent structures, in the order given), ``group``, ``atoms`` (the group's),
@@ -97,7 +136,7 @@ def build_lattice(specs=None) -> nx.DiGraph:
         if p.structure is not None:
             groups.setdefault(_group_of(p.structure), []).append((name, p.structure))
 
-    g = nx.DiGraph(id_note=ID_NOTE, notes=notes, groups={})
+    g = _lattice_class()(id_note=ID_NOTE, notes=notes, groups={})
     for group in (REFERENCE_FREE, WITH_REFERENCE):  # fixed order: reference-free first, as in the paper
         members = groups.get(group)
         if not members:

@@ -410,6 +410,20 @@ class Program:
         hp.update(defaults)
         return replace(self, hyperparameters=tuple(hp.items()))
 
+    def _repr_latex_(self) -> str:
+        """Jupyter: the loss in closed form, ``L_name = …``, with the default hyperparameters."""
+        names = {**latex_names(self.atoms), **LATEX_HYPERPARAMETERS}
+        lhs = r"\mathcal{L}" + (r"_{\mathrm{" + self.name.replace("_", r"\_") + "}}" if self.name else "")
+        hp = ", ".join(f"{sympy.latex(sympy.Symbol(k), symbol_names=names)} = {v:g}" for k, v in self.hyperparameters)
+        return f"$${lhs} = {sympy.latex(self.sympy(), symbol_names=names)}" + (rf"\qquad ({hp})" if hp else "") + "$$"
+
+
+# how the catalog's hyperparameters are typeset (SymPy would write label_{smoothing}); the rest SymPy knows (β, γ, α)
+LATEX_HYPERPARAMETERS = {
+    sympy.Symbol("label_smoothing"): r"\varepsilon_{\mathrm{ls}}",
+    sympy.Symbol("discopop_tau"): r"\tau",
+}
+
 
 def single_structure_program(s: Structure, beta: float = 1.0, gamma: float = 0.0) -> Program:
     """A derived structure as a program: one logistic term ``−log σ(β·log ρ − γ)`` (defaults β=1, γ=0)."""

@@ -344,6 +344,23 @@ class Structure:
     def __str__(self) -> str:
         return self.text("unicode")
 
+    def _repr_latex_(self) -> str:
+        """Jupyter: the triple, ✓ and ✗, and (when the structure defines a loss) ρ and the loss, typeset."""
+        from dpalogic.semantics import LATEX_HYPERPARAMETERS, latex_names, rho_sympy, semantic_loss_sympy
+
+        rows = [
+            (r"(P, P_C, P_A)", "(" + ", ".join(to_latex(part) for part in self.readable_triple()) + ")"),
+            (r"\checkmark", to_latex(self.top_formula)),
+            (r"\times", to_latex(self.bottom_formula)),
+        ]
+        if self.problems():
+            rows.append((r"\rho", r"\text{undefined: a degenerate structure}"))
+        else:
+            names = {**latex_names(self.atoms), **LATEX_HYPERPARAMETERS}
+            rows.append((r"\rho", sympy.latex(rho_sympy(self), symbol_names=names)))
+            rows.append((r"-\log\sigma(\log\rho)", sympy.latex(semantic_loss_sympy(self), symbol_names=names)))
+        return r"$$\begin{aligned}" + r" \\ ".join(f"{k} &= {v}" for k, v in rows) + r"\end{aligned}$$"
+
     def reversed(self) -> Structure:
         """Swap ✓ and ✗: the structure whose log-ratio is the negation of this one's."""
         return Structure(self.atoms, self.bottom, self.top)
