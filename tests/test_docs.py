@@ -20,8 +20,9 @@ def tracked_text_files() -> list[Path]:
 def test_nothing_points_outside_the_repository():
     for path in tracked_text_files():
         text = path.read_text(encoding="utf-8")
-        assert "../shared" not in text, f"{path.relative_to(ROOT)} points outside the repository"
-        assert "SEMANTICS.md" not in text, f"{path.relative_to(ROOT)} names a document the repository lacks"
+        # the needles are spelled in two pieces so that this file does not match itself
+        assert "../" + "shared" not in text, f"{path.relative_to(ROOT)} points outside the repository"
+        assert "SEMANTICS" + ".md" not in text, f"{path.relative_to(ROOT)} names a document the repository lacks"
 
 
 def test_markdown_links_resolve():
@@ -36,7 +37,7 @@ def test_markdown_links_resolve():
 
 def test_section_references_name_existing_sections():
     sections = set(re.findall(r"^## (\d+)\. ", DOC.read_text(encoding="utf-8"), re.M))
-    assert sections == {"1", "2", "3", "4", "5", "6"}
+    assert sections == {str(i) for i in range(1, 8)}
     for path in tracked_text_files():
         for ref in re.findall(r"docs/semantics\.md[`)\]]* §(\d+)", path.read_text(encoding="utf-8")):
             assert ref in sections, f"{path.relative_to(ROOT)} refers to §{ref}, which docs/semantics.md lacks"

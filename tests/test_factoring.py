@@ -188,3 +188,14 @@ def test_landscape_json_is_exact_for_big_atoms(capsys):
     assert main(["landscape", "--atoms", "4"]) == 0
     text = capsys.readouterr().out
     assert "M(yw), M(yl), Ref(yw), Ref(yl)" in text and "4294246507" in text
+
+
+def test_readme_landscape_output_is_what_the_command_prints(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("$ dpalogic landscape --atoms 4 --examples 0\n", 1)[1].split("```", 1)[0]
+    assert main(["landscape", "--atoms", "4", "--examples", "0"]) == 0
+    assert capsys.readouterr().out == block
+    share = 4293993702 / ((2**16 - 1) ** 2)
+    assert f"{100 * share:.2f}% of the" in readme  # the README's "almost every structure" figure
