@@ -174,6 +174,7 @@ def show(name: str) -> dict[str, Any]:
         "program_sympy": str(program_expr),
         "structure": p.structure.text("ascii") if p.structure is not None else None,
         "rho": str(rho_sympy(p.structure)) if p.structure is not None else None,
+        "rho_name": next((n for t, n in zip(p.terms, rho_names(p)[0]) if t.structure == p.structure), None),
         "loss": str(closed),
         "latex": sympy.latex(closed, symbol_names=names),
         "terms": terms,
@@ -294,7 +295,7 @@ def _print_show(info: dict[str, Any]) -> None:
         c.print(f"  {line}")
     if info["structure"]:
         c.print(f"structure: {info['structure']}")
-        c.print(f"ρ = {info['rho']}")
+        c.print(f"{info['rho_name']} = {info['rho']}")
     t = Table(title="terms", show_lines=True)
     for col in ("k", "role", "term", "structure", "✓", "✗", "ρ", "weights"):
         t.add_column(col)

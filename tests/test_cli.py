@@ -220,7 +220,7 @@ def test_output_to_a_terminal_is_wrapped(capsys, monkeypatch):
 
 def test_rho_names_say_which_structure_each_term_uses():
     from dpalogic.catalog import entries
-    from dpalogic.cli import rho_names, term_texts
+    from dpalogic.cli import rho_names, show, term_texts
 
     for name, e in entries().items():
         p = e.program
@@ -240,6 +240,10 @@ def test_rho_names_say_which_structure_each_term_uses():
         for text, n in zip(term_texts(p), names):
             assert f"log {n}" in text and text.count("log ρ") == text.count(f"log {n}")
     assert term_texts(entries()["apo_zero"].program) == ["σ(−(β·log ρ₁))", "σ(−(β·log ρ₂))"]
+    cpo, dpo = show("cpo"), show("dpo")  # the program's structure is named as in its terms
+    assert (cpo["rho_name"], cpo["ratios"][0]) == ("ρ₁", "ρ₁: (M(yl) → M(yw), M(yw) ∨ M(yl), M(yw) ∧ M(yl))")
+    assert cpo["program"].startswith("[(1 - ε_ls)·[−log σ(β·log ρ₁)]] + [ε_ls·[−log σ(β·log ρ₂)]]")
+    assert (dpo["rho_name"], dpo["ratios"], dpo["program"]) == ("ρ", [], "−log σ(β·log ρ)")
 
 
 def test_the_readme_catalog_table_is_generated(capsys):
