@@ -258,6 +258,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             raise DPALogicError(f"{path}: nested too deeply") from None
         except json.JSONDecodeError as e:
             raise DPALogicError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise DPALogicError(f"{path}: not valid JSON ({e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

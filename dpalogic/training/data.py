@@ -95,6 +95,8 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[int, Any]], list[RowIssue]]:
                 issues.append(RowIssue(lineno, f"not valid JSON ({e.msg}, column {e.colno})"))
             except RecursionError:
                 issues.append(RowIssue(lineno, "JSON nested too deeply"))
+            except ValueError as e:  # an integer of more than 4300 digits
+                issues.append(RowIssue(lineno, f"not valid JSON ({e})"))
     return records, issues
 
 
@@ -107,6 +109,8 @@ def _read_json(path: Path) -> list[tuple[int, Any]]:
         raise DPALogicError(f"{path}: undecodable text (invalid UTF-8 at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DPALogicError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise DPALogicError(f"{path}: not valid JSON ({e})") from None
     if isinstance(data, dict):  # a column-oriented object {"prompt": [...], "chosen": [...], ...}
         cols = {k: v for k, v in data.items() if isinstance(v, list)}
         if not cols or len({len(v) for v in cols.values()}) != 1:
