@@ -71,7 +71,8 @@ class TrainConfig:
         for k, v in d.items():
             key = str(k).replace("-", "_")
             if key not in names:
-                raise unknown(f"{source} key", str(k), sorted(names))
+                name = str(k) if len(str(k)) <= 80 else f"{str(k)[:60]}… ({len(str(k))} chars)"
+                raise unknown(f"{source} key", name, sorted(names))
             clean[key] = v
         cfg = cls(**clean)
         cfg.validate(origins if origins is not None else dict.fromkeys(clean, source))
@@ -82,7 +83,7 @@ class TrainConfig:
 
         Values are normalized in place (an int where a float is declared becomes a float, ``2.0`` for an int field
         becomes ``2``, bf16 ``true`` becomes ``"true"``). ``origins`` maps a field to where it was set
-        (``"--batch-size"``, ``"run.yaml"``) so the message can say so. Nothing heavy is loaded before this passes.
+        (``"--batch-size"``, ``"run.yaml"``) so the message can say so. No model or data file is opened here.
         """
         origins = origins or {}
         hints = typing.get_type_hints(type(self))
