@@ -6,8 +6,8 @@ whose ``chosen``/``rejected`` are whole conversations may omit ``prompt`` (the s
 
 Malformed rows are reported with their row numbers (1-based; line numbers for JSONL and CSV) and skipped, or are
 fatal with ``strict=True``; :func:`write_bad_rows` lists every one of them in a run's ``bad_rows.jsonl``. A UTF-8 byte
-order mark at the start of a text file is ignored. A batch stacks the B chosen sequences over the B rejected ones (``[2B, T]``, right-padded) with
-``labels = -100`` outside the answers, so the loss only ever sees answer tokens.
+order mark at the start of a text file is ignored. A batch stacks the B chosen sequences over the B rejected ones
+(``[2B, T]``, right-padded) with ``labels = -100`` outside the answers, so the loss only ever sees answer tokens.
 """
 
 from __future__ import annotations
