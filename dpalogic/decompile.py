@@ -198,6 +198,12 @@ class _EquationParser:
             raise self.err(f"this cannot be built: {e}", node) from None
         if out in _NOT_FINITE:
             raise self.err(f"this has the value {out} (a division by zero or log(0))", node)
+        if out.has(sympy.I) and not any(a.has(sympy.I) for a in args):  # every name is real: I came from here
+            raise self.err(
+                f"this is the complex number {_short(out)} (the logarithm or root of a negative number): a loss "
+                "is real",
+                node,
+            )
         return out
 
     def expand(self, node: ast.AST):
@@ -388,6 +394,27 @@ def parse_equation(text: str) -> sympy.Expr:
 # --------------------------------------------------------------------------------------------------- z = β·log ρ − γ
 
 
+def _hold_constants(expr: sympy.Expr) -> tuple[sympy.Expr, dict]:
+    """Each largest symbol-free part (``log(log(2))``, ``exp(-2)``) as a stand-in symbol, and the way back.
+
+    A constant needs no expanding, and SymPy's ``expand_log(force=True)`` can loop forever on nested logarithms of
+    numbers such as ``log(log(1 - 1/(1 + e^-2)))``.
+    """
+    reps: dict = {}
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if not e.args:
+            continue
+        if not e.free_symbols and not e.is_Number:
+            reps.setdefault(e, sympy.Dummy("c"))
+            continue
+        stack.extend(e.args)
+    if not reps:
+        return expr, {}
+    return expr.xreplace(reps), {d: e for e, d in reps.items()}
+
+
 def _to_probabilities(expr: sympy.Expr) -> tuple[sympy.Expr, bool]:
     """Replace log-probs by logs of probabilities; with lengths present, by per-token (normalized) probabilities."""
     normalized = any(LEN[k] in expr.free_symbols for k in _ATOMS)
@@ -396,7 +423,8 @@ def _to_probabilities(expr: sympy.Expr) -> tuple[sympy.Expr, bool]:
         scale = LEN[k] if normalized else 1
         reps[LOGP[k]] = scale * sympy.log(P[k])
         reps[REF_LOGP[k]] = scale * sympy.log(R[k])
-    out = sympy.expand(sympy.expand_log(expr.xreplace(reps), force=True), log=False)
+    held, back = _hold_constants(expr.xreplace(reps))
+    out = sympy.expand(sympy.expand_log(held, force=True), log=False).xreplace(back)
     if any(LEN[k] in out.free_symbols for k in _ATOMS):
         raise OutsideFragmentError(
             f"the lengths do not cancel in {expr}: sequence-level and length-normalized log-probs are mixed in one "
@@ -499,6 +527,12 @@ def _table(poly: sympy.Expr, atoms: tuple[Atom, ...], which: str) -> tuple[list[
 
 
 def _corner_masks(num: sympy.Expr, den: sympy.Expr) -> tuple[tuple[Atom, ...], int, int]:
+    other = (num.free_symbols | den.free_symbols) - set(PROB_SYMBOLS)
+    if other:  # a hyperparameter inside ρ (log(N·p_w) read as a likelihood): its corners are not numbers
+        raise OutsideFragmentError(
+            f"ρ = ({num})/({den}) depends on {', '.join(sorted(map(str, other)))}: a WMC's corner values are 0 or 1, "
+            "not a hyperparameter"
+        )
     atoms = tuple(sorted({PROB_SYMBOLS[s] for s in (num.free_symbols | den.free_symbols)}, key=lambda a: a.sort_key))
     nv, _ = _table(num, atoms, "numerator")
     dv, _ = _table(den, atoms, "denominator")
@@ -711,8 +745,12 @@ def _identify_link(coef, u: sympy.Expr, source) -> DecompiledTerm | None:
                 f = info.sympy(orient * Z, **params)
                 ok = True
                 for hv, zv in samples:
-                    a = complex(g.subs(hv).subs(Z, zv).evalf())
-                    b = complex(f.subs(hv).subs(Z, zv).evalf())
+                    try:
+                        a = complex(g.subs(hv).subs(Z, zv).evalf())
+                        b = complex(f.subs(hv).subs(Z, zv).evalf())
+                    except (TypeError, ValueError, ArithmeticError):  # SymPy cannot compare or evaluate it there
+                        ok = False
+                        break
                     if not abs(a - b) <= 1e-9 * (1 + abs(b)):
                         ok = False
                         break
@@ -758,6 +796,20 @@ def decompile(text: str) -> Decompiled:
     expr = parse_equation(text)
     if not expr.free_symbols & VARIABLES:
         raise DPALogicError(f"{text!r} mentions no log-probability (logp_w, logp_l, ref_logp_w, ...)")
+    try:
+        return _decompile(text, expr)
+    except DPALogicError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as e:
+        # SymPy refuses to compare or order a value that turned complex or infinite once log-probs became logs of
+        # probabilities (log(−e^p), log(1 − e^{log p − log p})): no real loss on (0, 1) probabilities does that
+        raise OutsideFragmentError(
+            f"{text!r} takes a complex or infinite value once log-probs are written as logs of probabilities in "
+            f"(0, 1), so it is not a program of structures (SymPy: {e})"
+        ) from None
+
+
+def _decompile(text: str, expr: sympy.Expr) -> Decompiled:
     terms: list[DecompiledTerm] = []
     constant = sympy.Integer(0)
     try:

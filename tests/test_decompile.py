@@ -340,3 +340,25 @@ def test_parser_agrees_with_sympy(eq):
     from dpalogic.decompile import _simplify_logs
 
     assert parse_equation_text(text) == _simplify_logs(expected)
+
+
+def test_constants_are_not_expanded():
+    # SymPy's expand_log(force=True) never returns on log(-log(1 - σ(2))); the decompiler holds constants aside
+    d = decompile("-logsigmoid(beta*(logp_w - logp_l)) + log(-log(1 - sigmoid(2)))")
+    assert len(d.terms) == 1 and sides_equal(d.terms[0].structure, CPO)
+    assert d.constant == sympy.log(-sympy.log(1 - 1 / (1 + sympy.exp(-2))))
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("log1mexp(2) * logp_w", "complex number"),  # log(1 − e²) < … : log of a negative number
+        ("sqrt(-2) * logp_w", "complex number"),
+        ("log(N*p_w)", "depends on N"),
+        ("-log(-exp(p_w))**3", "complex or infinite value"),
+        ("clamp(logsigmoid(ref_logp_w) + p_l, min=log1mexp(exp(logp_l) - p_l))", "complex or infinite value"),
+    ],
+)
+def test_complex_or_infinite_values_are_refused(text, fragment):
+    with pytest.raises(DPALogicError, match=fragment):
+        decompile(text)
