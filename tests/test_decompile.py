@@ -362,3 +362,27 @@ def test_constants_are_not_expanded():
 def test_complex_or_infinite_values_are_refused(text, fragment):
     with pytest.raises(DPALogicError, match=fragment):
         decompile(text)
+
+
+def test_sympy_depth_at_the_limit():
+    """sigmoid(x) is four SymPy levels: the deepest nest that parses still decompiles to a stated reason."""
+    from dpalogic.decompile import MAX_SYMPY_DEPTH
+
+    def nest(k):
+        return "sigmoid(" * k + "logp_w - logp_l" + ")" * k
+
+    def depth(e):
+        return 1 + max((depth(a) for a in e.args), default=0)
+
+    k = 1
+    while True:
+        try:
+            parse_equation_text(nest(k + 1))
+        except DPALogicError as e:
+            assert f"more than {MAX_SYMPY_DEPTH} levels" in str(e)
+            break
+        k += 1
+    assert MAX_SYMPY_DEPTH - 4 < depth(parse_equation_text(nest(k))) <= MAX_SYMPY_DEPTH
+    with pytest.raises(OutsideFragmentError):  # a sigmoid of a sigmoid … is no link of z; never a RecursionError
+        decompile(nest(k))
+    assert main(["decompile", nest(k)]) == 2
