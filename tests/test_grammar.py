@@ -240,3 +240,33 @@ def test_overlong_text_is_refused():
     text = "M(yw) | " * (MAX_FORMULA_CHARS // 8) + "M(yl)"
     with pytest.raises(DPALogicError, match=f"characters long; the limit is {MAX_FORMULA_CHARS}"):
         parse_formula(text)
+
+
+def test_every_command_survives_the_deepest_formula():
+    """At the nesting limit the analysis, the printers, SymPy and the WMC all run (no RecursionError); one level
+    more is the stated limit, with exit status 2."""
+    import contextlib
+    import io
+    import json
+
+    from dpalogic.cli import main
+    from dpalogic.syntax import MAX_NESTING
+
+    def run(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    deep = nested(MAX_NESTING)
+    code, out, _ = run("derive", f"({deep}, M(yw) | M(y1))", "--json")
+    assert code == 0
+    info = json.loads(out)
+    s = Structure.parse(f"({deep}, M(yw) | M(y1))")
+    assert info["atoms"] == [a.name for a in s.atoms]
+    for argv in (["derive", deep], ["compile", deep], ["compare", deep, "M(y1) | M(y2)"], ["lattice", deep, "M(y1)"]):
+        assert run(*argv)[0] == 0, argv
+    too_deep = nested(MAX_NESTING + 1)
+    for argv in (["derive", too_deep], ["compile", too_deep], ["compare", too_deep, "cpo"]):
+        code, _, err = run(*argv)
+        assert code == 2 and f"the limit is {MAX_NESTING} levels" in err
