@@ -27,9 +27,18 @@ from typing import Any
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from dpalogic import PreferenceLoss
 from dpalogic.errors import DPALogicError
-from dpalogic.torch_loss import PreferenceLoss
+from dpalogic.training.metrics import pair_rewards
 
+_TRL_METRICS = (
+    ("rewards/chosen", "chosen_rewards"),
+    ("rewards/rejected", "rejected_rewards"),
+    ("rewards/accuracies", "accuracy"),
+    ("rewards/margins", "margins"),
+    ("logps/chosen", "chosen_logps"),
+    ("logps/rejected", "rejected_logps"),
+)
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
@@ -109,21 +118,14 @@ class DPALogicDPOTrainer(DPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
 
-        # TRL's metric names; the reward is β·log(π/π_ref) with a reference and β·log π without one
-        with torch.no_grad():
-            c, r = chosen_logps.detach(), rejected_logps.detach()
-            rc, rr = (c - ref_chosen, r - ref_rejected) if ref_chosen is not None else (c, r)
-            # β of the dpalogic loss when it has one (TRL's DPOConfig.beta need not be the loss's β)
-            beta = self.dpalogic_loss.hyperparameters.get("beta", self.beta)
-            rc, rr = beta * rc, beta * rr
-            gather = self.accelerator.gather
-            m = self._metrics[mode]
-            m["rewards/chosen"].append(gather(rc).mean().item())
-            m["rewards/rejected"].append(gather(rr).mean().item())
-            m["rewards/accuracies"].append(gather((rc > rr).float()).mean().item())
-            m["rewards/margins"].append(gather(rc - rr).mean().item())
-            m["logps/chosen"].append(gather(c).mean().item())
-            m["logps/rejected"].append(gather(r).mean().item())
+        # TRL's metric names; the reward is β·log(π/π_ref) with a reference and β·log π without one (pair_rewards)
+        # β of the dpalogic loss when it has one (TRL's DPOConfig.beta need not be the loss's β)
+        beta = self.dpalogic_loss.hyperparameters.get("beta", self.beta)
+        pr = pair_rewards(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=beta)
+        gather = self.accelerator.gather
+        m = self._metrics[mode]
+        for name, key in _TRL_METRICS:
+            m[name].append(gather(pr[key]).mean().item())
         if return_outputs:
             warnings.warn(
                 "return_outputs=True recomputes the logits with an extra forward pass", FutureWarning, stacklevel=2

@@ -62,6 +62,16 @@ HELP = {
     "progress": "show a progress bar",
     "tensorboard": "write TensorBoard logs when tensorboard is installed",
     "device": "auto, cpu or cuda",
+    "fsdp": "shard parameters, gradients and AdamW state across the processes with FSDP2 (launch with torchrun or "
+    "accelerate launch; on CPUs it runs with gloo)",
+    "deepspeed": "a DeepSpeed JSON config (ZeRO), used through accelerate; needs the deepspeed package (or launch "
+    "with accelerate launch --config_file examples/accelerate/zero3.yaml)",
+    "lora_r": "train a LoRA adapter of this rank (peft) instead of every weight; the reference is the base model "
+    "with the adapter switched off",
+    "lora_alpha": "LoRA scale numerator (the update is scaled by alpha / r)",
+    "lora_targets": "modules that get adapters: comma-separated names (q_proj,v_proj) or all-linear",
+    "gradient_checkpointing": "recompute each layer's activations during the backward pass (less memory, ~1/3 more "
+    "compute)",
 }
 
 
@@ -98,6 +108,9 @@ DEFAULT_TEXT = {
     "max_prompt_length": "512; null in a config file: no limit",
     "fused_max_chunk_tokens": "none: no cap",
     "resume": "none: start fresh",
+    "deepspeed": "none",
+    "lora_r": "none: train every weight",
+    "lora_alpha": "2 × --lora-r",
 }
 
 

@@ -56,6 +56,13 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
     device: str = "auto"  # "auto", "cpu", "cuda"
+    # scaling (see dpalogic.training.scaling): sharding, adapters, recomputation
+    fsdp: bool = False  # FSDP2 (fully_shard): parameters, gradients and AdamW state sharded across the processes
+    deepspeed: str | None = None  # a DeepSpeed config file (ZeRO) used through accelerate
+    lora_r: int | None = None  # LoRA rank: train a peft adapter instead of every weight
+    lora_alpha: float | None = None  # LoRA scale numerator (None: 2 × lora_r)
+    lora_targets: str = "all-linear"  # comma-separated module names, or peft's "all-linear"
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -95,7 +102,29 @@ class TrainConfig:
                 raise DPALogicError(
                     f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
                 )
+        self._check_scaling()
         check_loss(self.loss, self.hp)
+
+    def _check_scaling(self) -> None:
+        """Settings that cannot go together, refused with the reason before anything loads."""
+        if self.fsdp and self.deepspeed:
+            raise DPALogicError("fsdp and deepspeed both shard the model: choose one")
+        if self.fused and (self.fsdp or self.deepspeed):
+            raise DPALogicError(
+                "fused cannot run with fsdp or deepspeed: the fused loss multiplies the final hidden states by the "
+                "whole LM head outside the model's forward pass, where a sharded run holds only this process's "
+                "shard of it. Drop --fused (the logits are then computed per micro-batch), or shard without it"
+            )
+        if self.lora_r is None and self.lora_alpha is not None:
+            raise DPALogicError("lora_alpha is set but lora_r is not: pass --lora-r N to train a LoRA adapter")
+        targets = [t.strip() for t in self.lora_targets.split(",")]
+        if not all(targets):
+            raise DPALogicError(f"lora_targets must be comma-separated module names, got {_show(self.lora_targets)}")
+        if self.lora_r is not None and self.fused and "lm_head" in targets:
+            raise DPALogicError(
+                "fused cannot train a LoRA adapter on lm_head: the fused loss reads the LM head's weight directly "
+                "(drop lm_head from --lora-targets, or --fused)"
+            )
 
 
 # --------------------------------------------------------------------------------------------------- field checks
@@ -122,6 +151,7 @@ RANGES: dict[str, _Range] = {
             "fused_max_chunk_tokens",
             "log_every",
             "keep_checkpoints",
+            "lora_r",
         ),
         _POSITIVE_INT,
     ),  # fmt: skip
@@ -129,6 +159,7 @@ RANGES: dict[str, _Range] = {
     "save_every": _NON_NEGATIVE_INT,
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "lr": (lambda v: v > 0, "a positive number"),
+    "lora_alpha": (lambda v: v > 0, "a positive number"),
     "weight_decay": _NON_NEGATIVE,
     "max_grad_norm": _NON_NEGATIVE,
     "warmup_ratio": _UNIT,

@@ -1,4 +1,4 @@
-"""The training loop: any dpalogic loss on a causal LM, resumable exactly, on one process or under DDP.
+"""The training loop: any dpalogic loss on a causal LM, resumable exactly, on one process, under DDP or FSDP2.
 
 One optimizer step sees a *global batch* of ``batch_size × world_size × grad_accum`` pairs. The pairs of epoch ``e``
 are a permutation drawn from ``(seed, e)`` alone, so the data position is just the global step: a resumed run (same
@@ -6,9 +6,12 @@ global batch) meets the same batches, and a 2-process run meets the same global 
 per-device batch. Checkpoints hold the weights, AdamW and scheduler state, every rank's RNG states and the step, stored
 by :mod:`dpalogic.training.checkpoint` (safetensors and JSON, checked against a manifest before anything is loaded).
 
-Under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE > 1`` in the environment) the model is wrapped in
-``DistributedDataParallel`` (NCCL on GPU, gloo on CPU); each rank takes its slice of the global batch, and since the
-loss is a mean over pairs, DDP's averaged gradient is the gradient of the global-batch mean.
+Processes, devices, bf16 autocast, ``no_sync`` and the DDP wrapper come from ``accelerate`` (see
+:mod:`dpalogic.training.scaling`, which also says why checkpoints do not use ``Accelerator.save_state``). Under
+``torchrun`` or ``accelerate launch`` (``WORLD_SIZE > 1``) the model is wrapped in ``DistributedDataParallel``, or
+sharded with FSDP2 (``--fsdp``); each rank takes its slice of the global batch, and since the loss is a mean over
+pairs, the averaged gradient is the gradient of the global-batch mean. ``--lora-r`` trains a peft adapter, and the
+reference is then the base model with the adapter switched off.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 
 from dpalogic.errors import DPALogicError
 from dpalogic.training import checkpoint as ckpt
+from dpalogic.training import scaling
 from dpalogic.training.config import TrainConfig
 from dpalogic.training.data import (
     BAD_ROWS_FILE,
@@ -45,6 +49,7 @@ from dpalogic.training.data import (
     tokenize_rows,
     write_bad_rows,
 )
+from dpalogic.training.metrics import pair_rewards
 from dpalogic.training.model import fingerprint, load_model_and_tokenizer, reference_logps, sequence_logps
 
 CHECKPOINT_DIR = "checkpoints"
@@ -60,6 +65,8 @@ class TrainingStopped(DPALogicError):
 
 @dataclass
 class Dist:
+    """This process's place in the run, as ``accelerate`` set it up."""
+
     rank: int
     world: int
     device: torch.device
@@ -77,24 +84,6 @@ class Dist:
         if self.world > 1:
             torch.distributed.all_reduce(t)
         return t
-
-
-def setup_distributed(device: str) -> Dist:
-    """One process, or one rank of a ``torchrun``/``accelerate launch`` group (read from the environment)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DPALogicError("device cuda was asked for but no CUDA GPU is visible")
-    if world <= 1:
-        return Dist(0, 1, torch.device("cuda" if use_cuda else "cpu"), False)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local)
-    owns = not torch.distributed.is_initialized()
-    if owns:
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), dev, owns)
 
 
 # --------------------------------------------------------------------------------------------------- pieces
@@ -162,7 +151,8 @@ class _Policy(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_only: bool = False):
         if hidden_only:  # the fused path: final hidden states, the LM head is applied inside the fused loss
-            backbone = getattr(self.model, self.model.base_model_prefix)
+            hf = scaling.hf_model(self.model)
+            backbone = getattr(hf, hf.base_model_prefix)
             return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
@@ -215,14 +205,30 @@ class Trainer:
         callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
         quiet: bool = False,
     ) -> None:
-        from dpalogic.torch_loss import PreferenceLoss
-
         cfg.validate()
+        scaling.check_deepspeed(cfg)
         self.cfg = cfg
         self.callbacks = list(callbacks or [])
-        self.dist = setup_distributed(cfg.device)
-        self.quiet = quiet or not self.dist.main
         self.out = Path(cfg.out)
+        owns = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self.acc = scaling.make_accelerator(cfg, str(self.out))
+        world = self.acc.num_processes
+        self.dist = Dist(self.acc.process_index, world, self.acc.device, owns and world > 1)
+        self.quiet = quiet or not self.dist.main
+        try:
+            self._build(train_rows, eval_rows, model, tokenizer)
+        except BaseException:  # give accelerate's process-wide state back, or the next run in this process fails
+            scaling.release_accelerator(self.acc, self.dist.owns_group)
+            raise
+
+    def _build(self, train_rows, eval_rows, model, tokenizer) -> None:
+        from dpalogic import PreferenceLoss
+
+        cfg = self.cfg
+        self.fsdp = scaling.fsdp_requested(cfg)
+        if self.fsdp and cfg.fused:  # an accelerate config chose FSDP (--fsdp --fused is refused by the config check)
+            raise DPALogicError("--fused cannot run under FSDP: the fused loss needs the whole LM head, FSDP shards it")
+        self.lora = cfg.lora_r is not None
         seed_everything(cfg.seed)
 
         self.loss_fn = PreferenceLoss(cfg.loss, reduction="none", **cfg.hp)
@@ -240,7 +246,7 @@ class Trainer:
         self.fused = None
         if cfg.fused:
             try:
-                from dpalogic.fused import FusedLinearPreferenceLoss
+                from dpalogic import FusedLinearPreferenceLoss
             except ImportError as e:
                 raise DPALogicError(f"--fused needs dpalogic.fused, which is not available here ({e})") from None
             self.fused = FusedLinearPreferenceLoss(
@@ -283,28 +289,28 @@ class Trainer:
                 f"({cfg.batch_size} per device × {self.dist.world} processes × {cfg.grad_accum} accumulation steps)"
             )
 
-        # precision: bf16 autocast on GPUs that have it; float32 otherwise
-        bf16 = str(cfg.bf16).lower()
-        if bf16 == "true" and self.dist.device.type != "cuda":
-            raise DPALogicError("bf16 autocast needs a CUDA GPU (this run is on CPU)")
-        self.use_bf16 = self.dist.device.type == "cuda" and (
-            bf16 == "true" or (bf16 == "auto" and torch.cuda.is_bf16_supported())
-        )
+        # precision: bf16 autocast on GPUs that have it (accelerate's mixed precision); float32 otherwise
+        self.use_bf16 = self.acc.mixed_precision == "bf16"
 
         # the reference is built from the *initial* weights, before a checkpoint is loaded
         self.ref_model = None
         self.ref_train = self.ref_eval = None
         if self.needs_ref:
             self._setup_reference(model)
+        if self.lora:  # after the reference: a cached reference is the base model itself, with no adapter
+            model = scaling.apply_lora(model, cfg)
+        if cfg.gradient_checkpointing:
+            scaling.enable_gradient_checkpointing(model)
 
         self.model = model.to(self.dist.device)
         self.model.train()
         self.policy: torch.nn.Module = _Policy(self.model)
-        if self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            self.policy = DistributedDataParallel(self.policy, device_ids=ids)
+        if self.fsdp:
+            scaling.shard(self.model)  # in place: the optimizer below sees the sharded parameters
+            if self.ref_model is not None:
+                scaling.shard(self.ref_model)
+        elif self.dist.world > 1:
+            self.policy = self.acc.prepare(self.policy)  # DistributedDataParallel
 
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
@@ -320,7 +326,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._stop_signal = False
         self.history: list[dict[str, Any]] = []
-        self.tb = None
+        self.tracking = False
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -344,20 +350,23 @@ class Trainer:
         return tok
 
     def _autocast(self):
-        if self.use_bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return self.acc.autocast()
 
     def _setup_reference(self, model) -> None:
         cfg = self.cfg
         if cfg.ref_model:
             ref, _ = load_model_and_tokenizer(cfg.ref_model)
-        else:
+        elif cfg.reference == "model" and not self.lora:
             ref = copy.deepcopy(model)  # a frozen copy of the initial policy
-        ref.requires_grad_(False)
-        ref.eval()
+        else:
+            # the cache is computed from the initial policy itself (no grad, eval mode), and under LoRA the live
+            # reference is the policy with its adapter switched off: no second copy of the weights either way
+            ref = model
+        if ref is not model:
+            ref.requires_grad_(False)
+            ref.eval()
         if cfg.reference == "model":
-            self.ref_model = ref.to(self.dist.device)
+            self.ref_model = ref.to(self.dist.device) if ref is not model else None
             return
         # "cache": one pass over train and eval data with the reference, kept on disk (keyed by a fingerprint of the
         # reference weights and the tokenized data); rank 0 computes, the other ranks read the same file
@@ -407,10 +416,10 @@ class Trainer:
         if cache is not None:
             lp = cache[batch["index"].cpu()].to(self.dist.device)
             return lp[:, 0], lp[:, 1]
-        with torch.no_grad(), self._autocast():
-            logits = self.ref_model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).logits
+        ref = self.ref_model if self.ref_model is not None else self.model
+        adapter_off = self.model.disable_adapter() if ref is self.model else nullcontext()
+        with torch.no_grad(), self._autocast(), adapter_off:
+            logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         lp = sequence_logps(logits, batch["labels"])
         n = lp.shape[0] // 2
         return lp[:n], lp[n:]
@@ -421,7 +430,7 @@ class Trainer:
         if self.fused is not None:
             with self._autocast():
                 hidden = module(batch["input_ids"], batch["attention_mask"], hidden_only=True)
-            head = self.model.get_output_embeddings()
+            head = scaling.hf_model(self.model).get_output_embeddings()
             # the fused loss scores hidden[t] against labels[t] as given: shift so hidden[t] predicts token t+1, as
             # sequence_logps does with logits; under autocast the head is cast to the hidden states' dtype
             weight = head.weight.to(hidden.dtype)
@@ -449,17 +458,15 @@ class Trainer:
 
     @staticmethod
     def _pair_stats(chosen, rejected, ref_c, ref_r) -> torch.Tensor:
-        """Sums over pairs of: chosen log-prob, rejected log-prob, reward accuracy, reward margin, log-prob accuracy.
+        """Sums over pairs of :data:`STAT_NAMES`, from :func:`~dpalogic.training.metrics.pair_rewards` at β = 1.
 
         The reward is ``log π − log π_ref`` when the loss uses a reference (DPO's implicit reward), else ``log π``.
         """
-        c, r = chosen.detach().float(), rejected.detach().float()
-        rc, rr = (c - ref_c.float(), r - ref_r.float()) if ref_c is not None else (c, r)
-        return torch.stack(
-            [c.sum(), r.sum(), (rc > rr).float().sum(), (rc - rr).sum(), (c > r).float().sum()]
-        )  # fmt: skip
+        m = pair_rewards(chosen, rejected, ref_c, ref_r)
+        return torch.stack([m[k].sum() for k in Trainer._STAT_KEYS])
 
     STAT_NAMES = ("logps_chosen", "logps_rejected", "reward_accuracy", "reward_margin", "logp_accuracy")
+    _STAT_KEYS = ("chosen_logps", "rejected_logps", "accuracy", "margins", "logp_accuracy")  # pair_rewards' names
 
     # ------------------------------------------------------------------ evaluation
 
@@ -472,11 +479,17 @@ class Trainer:
         ex = self.eval_data.examples
         mine = ex[self.dist.rank :: self.dist.world]
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
+        # under FSDP every forward is collective (all-gathers), so every rank runs as many batches as the rank with
+        # the most; one that has run out scores a stand-in pair and counts nothing
+        batches = math.ceil(math.ceil(len(ex) / self.dist.world) / bs) if self.fsdp else math.ceil(len(mine) / bs)
         totals = torch.zeros(7, dtype=torch.float64, device=self.dist.device)
         try:
-            for s in range(0, len(mine), bs):
-                batch = self._batch(mine[s : s + bs])
+            for i in range(batches):
+                chunk = mine[i * bs : (i + 1) * bs]
+                batch = self._batch(chunk or ex[:1])
                 per, c, r, rc, rr = self._pair_losses(module, batch, self.ref_eval)
+                if not chunk:
+                    continue
                 n = batch["index"].numel()
                 loss_sum = per.float().sum() if per.dim() else per.float() * n
                 totals += torch.cat([torch.stack([loss_sum, loss_sum.new_tensor(n)]), self._stat_or_zero(c, r, rc, rr)])
@@ -502,10 +515,9 @@ class Trainer:
         if self.dist.main:
             with (self.out / LOG_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            if self.tb is not None:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                        self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+            if self.tracking:
+                values = {f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "epoch")}
+                self.acc.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=record["step"])
         for cb in self.callbacks:
             cb(record)
 
@@ -535,20 +547,16 @@ class Trainer:
             if later:
                 self.say(f"{log}: dropped {later} line(s) logged after step {self.step}, which is resumed")
             ckpt.atomic_write_text(log, "".join(line + "\n" for line in kept))
-        if self.cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.out / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
+        if self.acc.log_with:  # tensorboard when asked for and installed (accelerate's tracker): out/tensorboard
+            self.acc.init_trackers("tensorboard")
+            self.tracking = True
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
         """``out/checkpoints/step-N`` (see :mod:`dpalogic.training.checkpoint`): every rank writes its RNG states into
         a temporary folder, rank 0 the weights, optimizer, scheduler and step, then the manifest, and renames it."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not self._weights_finite():
             raise TrainingStopped(
                 f"the weights became non-finite at step {self.step}; not saving them. {self._last_good()}"
             )
@@ -561,10 +569,13 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.dist.barrier()
         ckpt.write_tensors(tmp / f"rng-{self.dist.rank}.safetensors", rng_state())  # each rank's own RNG streams
+        # whole (gathered on rank 0 under FSDP; only the adapter under LoRA): a checkpoint resumes on any process count
+        weights = scaling.model_state(self.model, sharded=self.fsdp, trainable_only=self.lora)
+        optim = scaling.optimizer_state(self.model, self.optimizer, sharded=self.fsdp)
         self.dist.barrier()
         if self.dist.main:
-            ckpt.write_tensors(tmp / "model.safetensors", self.model.state_dict())
-            ckpt.write_tensors(tmp / "optimizer.safetensors", self.optimizer.state_dict())
+            ckpt.write_tensors(tmp / "model.safetensors", weights)
+            ckpt.write_tensors(tmp / "optimizer.safetensors", optim)
             ckpt.write_json(
                 tmp / "state.json",
                 {
@@ -572,6 +583,7 @@ class Trainer:
                     "global_batch": self.global_batch,
                     "train_pairs": len(self.train_data.examples),
                     "world_size": self.dist.world,
+                    "fsdp": self.fsdp,
                     "scheduler": self.scheduler.state_dict(),
                     "config": asdict(self.cfg),
                 },
@@ -581,6 +593,12 @@ class Trainer:
         self.dist.barrier()
         self.last_checkpoint = final
         return final
+
+    def _weights_finite(self) -> bool:
+        """Every weight finite, on every rank (under FSDP each rank checks its shards)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        bad = torch.tensor([float(not all(torch.isfinite(p).all() for p in local))], device=self.dist.device)
+        return self.dist.sum_(bad).item() == 0
 
     def _last_good(self) -> str:
         advice = "Lower the learning rate or check the loss's hyperparameters."
@@ -677,8 +695,15 @@ class Trainer:
                 f"training pairs; this run has {self.global_batch} over {len(self.train_data.examples)}, so it would "
                 "not continue the same run (keep batch_size × processes × grad_accum and the data unchanged)"
             )
-        self.model.load_state_dict(ckpt.read_tensors(path / "model.safetensors"))
-        self.optimizer.load_state_dict(ckpt.read_tensors(path / "optimizer.safetensors"))
+        if bool(state.get("fsdp", False)) != self.fsdp:  # the optimizer state is keyed differently
+            saved, here = ("with", "without") if state.get("fsdp") else ("without", "with")
+            raise DPALogicError(f"{path} was saved {saved} FSDP; resume it {saved} --fsdp, not {here}")
+        # under FSDP rank 0 reads the files and the tensors are broadcast, sharded as they arrive
+        read = self.dist.main or not self.fsdp
+        weights = ckpt.read_tensors(path / "model.safetensors") if read else {}
+        scaling.load_model_state(self.model, weights, sharded=self.fsdp, trainable_only=self.lora)
+        optim = ckpt.read_tensors(path / "optimizer.safetensors") if read else {}
+        scaling.load_optimizer_state(self.model, self.optimizer, optim, sharded=self.fsdp)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         rng_file = path / f"rng-{self.dist.rank}.safetensors"
@@ -714,19 +739,20 @@ class Trainer:
         micro = self._micro_batches(self.step)
         for a, examples in enumerate(micro):
             batch = self._batch(examples)
-            last = a == len(micro) - 1
-            sync = self.policy.no_sync() if (self.dist.world > 1 and not last) else nullcontext()
-            with sync:
+            with self._accumulating(last=a == len(micro) - 1):
                 per, c, r, rc, rr = self._pair_losses(self.policy, batch, self.ref_train)
                 loss = per.mean() if per.dim() else per
-                (loss / len(micro)).backward()
+                self.acc.backward(loss / len(micro))
             n = len(examples)
             totals[0] += loss.detach().double() * n
             totals[1] += n
             totals[2:7] += self._stat_or_zero(c, r, rc, rr)
         totals[7] = float(self._stop_signal)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         self.dist.sum_(totals)  # one all-reduce: loss, metrics and the stop flag of every rank
         n = totals[1].item()
         record = {"split": "train", "step": self.step + 1, "loss": totals[0].item() / n}
@@ -747,6 +773,14 @@ class Trainer:
         self.step += 1
         record["epoch"] = self.step / self.steps_per_epoch
         return record
+
+    def _accumulating(self, last: bool):
+        """Gradients stay local until the last micro-batch of a step (accelerate's ``no_sync`` for DDP; FSDP2's own
+        switch, which accelerate does not drive for a model it did not shard)."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return nullcontext()
+        return nullcontext() if last else self.acc.no_sync(self.policy)
 
     def run(self) -> dict[str, Any]:
         """Train to ``total_steps`` (or until interrupted); returns the final metrics and paths."""
@@ -816,13 +850,17 @@ class Trainer:
                 {"split": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()}
             )
         final = self.out / "final"
+        # under FSDP the weights are gathered on rank 0 (every rank takes part); under LoRA only the adapter is saved,
+        # in peft's layout (adapter_config.json, adapter_model.safetensors), so PeftModel.from_pretrained loads it
+        whole = scaling.model_state(self.model, sharded=True, trainable_only=self.lora) if self.fsdp else None
         if self.dist.main:
             from transformers.utils import logging as hf_logging
 
             bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the run's output
             try:
-                self.model.save_pretrained(final)
+                saver = self.model if self.lora else scaling.hf_model(self.model)
+                saver.save_pretrained(final, **({"state_dict": whole} if whole is not None else {}))
                 self.tokenizer.save_pretrained(final)
             finally:
                 if bars:
@@ -836,10 +874,7 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.dist.owns_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        scaling.release_accelerator(self.acc, self.dist.owns_group)
 
 
 def _main_thread() -> bool:

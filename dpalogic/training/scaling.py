@@ -1,0 +1,215 @@
+"""Scaling the policy: processes and precision through ``accelerate``, FSDP2, LoRA adapters, gradient checkpointing,
+and whole-model state dicts for dpalogic's checkpoints.
+
+What ``accelerate`` does for the loop: the process group (NCCL on GPUs, gloo on CPUs), the device, bf16 autocast,
+``no_sync`` during gradient accumulation, the DDP wrapper, unwrapping, and the TensorBoard tracker.
+
+What it does not do, and why:
+
+- *Checkpoints.* ``Accelerator.save_state`` writes the optimizer, scheduler and RNG states with ``torch.save``, and
+  ``load_state`` unpickles them; a checkpoint someone hands over could then run code. dpalogic keeps its own storage
+  (:mod:`dpalogic.training.checkpoint`: safetensors and JSON under a sha256 manifest), and gathers sharded state here
+  with ``torch.distributed.checkpoint.state_dict`` (full state dicts, assembled on rank 0).
+- *FSDP.* ``accelerate`` enables its FSDP plugin only on accelerators (on CPUs it silently falls back to DDP), so
+  :func:`shard` calls ``fully_shard`` (FSDP2) itself: one code path, tested on CPUs with gloo, the same on GPUs. An
+  ``accelerate launch --config_file examples/accelerate/fsdp.yaml`` run sets ``ACCELERATE_USE_FSDP``, which means
+  ``--fsdp`` here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from dpalogic.errors import DPALogicError, unknown
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def fsdp_requested(cfg) -> bool:
+    """``--fsdp``, or an ``accelerate launch`` whose config chose FSDP."""
+    return bool(cfg.fsdp) or _env_flag("ACCELERATE_USE_FSDP")
+
+
+def deepspeed_requested(cfg) -> bool:
+    """``--deepspeed CONFIG``, or an ``accelerate launch`` whose config chose DeepSpeed."""
+    return bool(cfg.deepspeed) or _env_flag("ACCELERATE_USE_DEEPSPEED")
+
+
+def check_deepspeed(cfg) -> None:
+    """DeepSpeed runs need the ``deepspeed`` package; without it, say so before anything loads."""
+    if not deepspeed_requested(cfg):
+        return
+    how = f"--deepspeed {cfg.deepspeed}" if cfg.deepspeed else "the accelerate config (ACCELERATE_USE_DEEPSPEED)"
+    if importlib.util.find_spec("deepspeed") is None:
+        raise DPALogicError(
+            f"{how} asks for DeepSpeed ZeRO, but the deepspeed package is not installed: install it (pip install "
+            "deepspeed, on a machine with a CUDA toolkit), or shard with --fsdp (FSDP2 shards parameters, gradients "
+            "and optimizer state like ZeRO-3 and needs nothing beyond torch)"
+        )
+    if cfg.deepspeed and not os.path.isfile(cfg.deepspeed):
+        raise DPALogicError(f"--deepspeed: no DeepSpeed config file at {cfg.deepspeed!r}")
+    # dpalogic's checkpoints hold the full optimizer state; ZeRO keeps it inside DeepSpeed's engine, partitioned,
+    # and only DeepSpeed's own (pickled) checkpoint files can restore it. Rather than train without exact resume:
+    raise DPALogicError(
+        f"{how}: dpalogic's training loop does not run DeepSpeed engines (its checkpoints must restore the "
+        "optimizer state exactly, which ZeRO keeps partitioned inside DeepSpeed's own pickled files). Use --fsdp, "
+        "which shards the same state, or TRL's trainer with DeepSpeed through dpalogic.integrations.trl"
+    )
+
+
+def make_accelerator(cfg, project_dir: str):
+    """The run's ``Accelerator``: CPU or GPU, bf16 autocast when asked for and supported, TensorBoard when installed."""
+    from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise DPALogicError("device cuda was asked for but no CUDA GPU is visible")
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    bf16 = str(cfg.bf16).lower()
+    if bf16 == "true" and cpu:
+        raise DPALogicError("bf16 autocast needs a CUDA GPU (this run is on CPU)")
+    use_bf16 = not cpu and (bf16 == "true" or (bf16 == "auto" and torch.cuda.is_bf16_supported()))
+    trackers = "tensorboard" if cfg.tensorboard and is_tensorboard_available() else None
+    return Accelerator(
+        cpu=cpu, mixed_precision="bf16" if use_bf16 else "no", log_with=trackers, project_dir=project_dir
+    )
+
+
+def release_accelerator(acc, owns_group: bool) -> None:
+    """End the run's accelerate state, so the next run in this process may choose other settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    acc.end_training()
+    if owns_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    # accelerate keeps its settings in process-wide singletons that refuse a change (a second run with another
+    # precision would fail); a finished run gives them back
+    AcceleratorState._reset_state(reset_partial_state=owns_group)
+    GradientState._reset_state()
+
+
+# --------------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_targets(model, spec: str) -> str | list[str]:
+    """``spec`` as peft's ``target_modules``; a name that no linear layer of ``model`` has is an error."""
+    if spec.strip() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in spec.split(",")]
+    have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    for name in names:
+        if name not in have:
+            raise unknown("LoRA target module", name, have + ["all-linear"])
+    return names
+
+
+def apply_lora(model, cfg):
+    """``model`` wrapped by peft with a LoRA adapter (B = 0, so it starts as the base model); only the adapter trains."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r,
+        target_modules=lora_targets(model, cfg.lora_targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def hf_model(model):
+    """The transformers model inside a peft wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    base = hf_model(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise DPALogicError(f"{type(base).__name__} does not support gradient checkpointing")
+    # non-reentrant: correct with frozen inputs (LoRA) and with FSDP, and it keeps the RNG state (dropout) per layer
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# --------------------------------------------------------------------------------------------------- FSDP2
+
+
+def layer_classes(model) -> set[str]:
+    return set(getattr(hf_model(model), "_no_split_modules", None) or [])
+
+
+def shard(model) -> None:
+    """FSDP2: ``fully_shard`` each transformer layer (one all-gather per layer), then the rest at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise DPALogicError(
+            f"--fsdp: {type(hf_model(model)).__name__} names no transformer layer class (_no_split_modules), so it "
+            "cannot be sharded layer by layer"
+        )
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _options(**kw: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kw)
+
+
+def model_state(model, *, sharded: bool, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The weights to checkpoint (only the trained ones under LoRA); under FSDP gathered whole on rank 0 (empty on the
+    other ranks). Every rank must call it."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        opts = _options(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        return get_model_state_dict(model, options=opts)
+    sd = model.state_dict()
+    if trainable_only:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in keep}
+    return sd
+
+
+def load_model_state(model, sd: dict[str, torch.Tensor], *, sharded: bool, trainable_only: bool) -> None:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        opts = _options(full_state_dict=True, broadcast_from_rank0=True, strict=not trainable_only)
+        set_model_state_dict(model, sd, options=opts)
+        return
+    missing, unexpected = model.load_state_dict(sd, strict=not trainable_only)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise DPALogicError(
+            f"the checkpoint's weights do not fit this model (unexpected: {sorted(unexpected)[:3]}, missing: "
+            f"{sorted(set(missing) - frozen)[:3]})"
+        )
+
+
+def optimizer_state(model, optimizer, *, sharded: bool) -> dict[str, Any]:
+    if sharded:  # keyed by parameter name, gathered on rank 0
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model, optimizer, sd: dict[str, Any], *, sharded: bool) -> None:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        opts = _options(full_state_dict=True, broadcast_from_rank0=True)
+        set_optimizer_state_dict(model, optimizer, sd, options=opts)
+        return
+    optimizer.load_state_dict(sd)
