@@ -134,7 +134,11 @@ def enable_gradient_checkpointing(model) -> None:
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise DPALogicError(f"{type(base).__name__} does not support gradient checkpointing")
     # non-reentrant: correct with frozen inputs (LoRA) and with FSDP, and it keeps the RNG state (dropout) per layer
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kw = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # the name from transformers 5 on
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 # --------------------------------------------------------------------------------------------------- FSDP2
