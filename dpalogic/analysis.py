@@ -11,7 +11,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from dpalogic.semantics import LINKS, Program, log_wmc_plan, same_ratio
+from dpalogic import circuit
+from dpalogic.semantics import LINKS, Program, same_ratio, side_circuit
 from dpalogic.structure import Structure, align, full_mask
 
 
@@ -50,24 +51,19 @@ def _log1mexp(x: float) -> float:
     return math.log(-math.expm1(x)) if x > -math.log(2) else math.log1p(-math.exp(x))
 
 
-def _eval(node, lp: list[float]) -> float:
-    kind = node[0]
-    if kind == "zero":
-        return 0.0
-    if kind == "lit":
-        return lp[node[1]] if node[2] else _log1mexp(lp[node[1]])
-    vals = [_eval(c, lp) for c in node[1:]]
-    if kind == "add":
-        return sum(vals)
-    m = max(vals)
-    return m + math.log(sum(math.exp(v - m) for v in vals))
+def _eval(node: circuit.Node, lp: list[float]) -> float:
+    def lae(vals: list[float]) -> float:
+        m = max(vals)
+        return m + math.log(sum(math.exp(v - m) for v in vals))
+
+    return circuit.fold(node, lit=lambda i, pos: lp[i] if pos else _log1mexp(lp[i]), one=lambda: 0.0, prod=sum, sum=lae)
 
 
 def log_rho(s: Structure, logps: dict[str, float]) -> float:
     """``log ρ`` at the given atom log-probabilities (plain floats; used for witnesses)."""
     lp = [logps[a.name] for a in s.atoms]
-    top = _eval(log_wmc_plan(s.top, s.n), lp) if s.top else -math.inf
-    bottom = _eval(log_wmc_plan(s.bottom, s.n), lp) if s.bottom else -math.inf
+    top = _eval(side_circuit(s.top, s.n), lp) if s.top else -math.inf
+    bottom = _eval(side_circuit(s.bottom, s.n), lp) if s.bottom else -math.inf
     return top - bottom
 
 

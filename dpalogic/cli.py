@@ -20,7 +20,7 @@ from dpalogic.errors import DPALogicError
 
 
 def _structure_info(s) -> dict[str, Any]:
-    from dpalogic.semantics import latex_names, log_wmc_plan, plan_text, rho_sympy, semantic_loss_sympy
+    from dpalogic.semantics import circuit_text, latex_names, rho_sympy, semantic_loss_sympy, side_circuit
 
     rho = rho_sympy(s)
     loss = semantic_loss_sympy(s)
@@ -32,9 +32,9 @@ def _structure_info(s) -> dict[str, Any]:
         "rho_latex": sympy.latex(rho, symbol_names=names),
         "loss": str(loss),
         "latex": sympy.latex(loss, symbol_names=names),
-        "log_rho": plan_text(log_wmc_plan(s.top, s.n), s.atoms)
+        "log_rho": circuit_text(side_circuit(s.top, s.n), s.atoms)
         + " - ("
-        + plan_text(log_wmc_plan(s.bottom, s.n), s.atoms)
+        + circuit_text(side_circuit(s.bottom, s.n), s.atoms)
         + ")",
     }
 

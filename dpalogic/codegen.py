@@ -36,8 +36,9 @@ from pathlib import Path
 
 import sympy
 
+from dpalogic import circuit
 from dpalogic.errors import DPALogicError
-from dpalogic.semantics import LINKS, Program, Term, log_wmc_plan, plan_text
+from dpalogic.semantics import LINKS, Program, Term, circuit_text, side_circuit
 from dpalogic.syntax import Atom
 
 REGENERATE = "dpalogic compile --catalog"
@@ -67,6 +68,12 @@ def length_name(answer: str) -> str:
 def _var(atom: Atom) -> str:
     """The kernel variable of an atom's log-weight: ``M(yw)`` → ``m_yw``, ``Ref(yl)`` → ``ref_yl``."""
     return ("m_" if atom.pred == "M" else "ref_") + atom.answer
+
+
+def length_answers(program: Program) -> tuple[str, ...]:
+    """The answers whose token counts a compiled module takes (those of its length-normalized terms), in order."""
+    answers = {a.answer for t in program.terms if t.normalized for a in t.structure.atoms}
+    return tuple(sorted(answers, key=lambda s: Atom("M", s).sort_key))
 
 
 def _ident(name: str) -> str:
@@ -131,6 +138,8 @@ class _Body:
     lines: list[str] = field(default_factory=list)
     l1m: dict[str, str] = field(default_factory=dict)  # input variable → its log1mexp variable
     grads: dict[str, list[str]] = field(default_factory=dict)  # variable → signed adjoint contributions
+    sums: list[str] = field(default_factory=list)  # logaddexp variables, in emission order
+    sum_var: dict[int, str] = field(default_factory=dict)  # circuit sum node → its logaddexp variable
     counter: int = 0
 
     def emit(self, line: str) -> None:
@@ -151,45 +160,56 @@ def _scale(adj: str, factor: str) -> str:
     return factor if adj == "1.0" else f"{adj} * {factor}"
 
 
-def _plan_forward(body: _Body, node, names: list[str]) -> tuple[str, tuple]:
-    """Emit the forward code of a plan node; returns (expression, tape) where the tape drives the backward pass."""
-    kind = node[0]
-    if kind == "zero":
-        return "zero", ("zero",)
-    if kind == "lit":
-        v = names[node[1]]
-        if node[2]:
-            return v, ("var", v)
+def _circuit_forward(body: _Body, root: circuit.Node, names: list[str]) -> str:
+    """Emit the forward code of a side's circuit (each shared node once); returns the expression of its root.
+
+    Literals are the input names or their ``log1mexp`` variables, products are inline sums, and each ``sum`` node
+    becomes one ``logaddexp`` call whose softmax weights (``s_wa``, ``s_wb``) the backward pass reuses.
+    """
+
+    def lit(i: int, positive: bool) -> str:
+        v = names[i]
+        if positive:
+            return v
         if v not in body.l1m:
-            lv, dv = f"l1m_{v}", f"dl1m_{v}"
-            body.emit(f"{lv}, {dv} = {body.helper('log1mexp')}({v}, TINY)")
-            body.l1m[v] = lv
-        return body.l1m[v], ("var", body.l1m[v])
-    if kind == "add":
-        parts = [_plan_forward(body, c, names) for c in node[1:]]
-        return " + ".join(p[0] for p in parts), ("add", [p[1] for p in parts])
-    a, ta = _plan_forward(body, node[1], names)
-    b, tb = _plan_forward(body, node[2], names)
-    s = body.fresh("s")
-    body.emit(f"{s}, {s}_wa, {s}_wb = {body.helper('logaddexp')}({a}, {b})")
-    return s, ("lae", s, ta, tb)
+            body.emit(f"l1m_{v}, dl1m_{v} = {body.helper('log1mexp')}({v}, TINY)")
+            body.l1m[v] = f"l1m_{v}"
+        return body.l1m[v]
+
+    def lae(parts: list[str]) -> str:
+        s = body.fresh("s")
+        body.emit(f"{s}, {s}_wa, {s}_wb = {body.helper('logaddexp')}({parts[0]}, {parts[1]})")
+        body.sums.append(s)
+        return s
+
+    first = len(body.sums)
+    out = circuit.fold(root, lit=lit, one=lambda: "zero", prod=" + ".join, sum=lae)
+    # the fold visits nodes in topological order: the k-th sum node of this circuit got the k-th new name
+    sum_nodes = [n for n in circuit.topological(root) if n.op == "sum"]
+    for node, name in zip(sum_nodes, body.sums[first:]):
+        body.sum_var.setdefault(id(node), name)
+    return out
 
 
-def _plan_backward(body: _Body, tape, adj: str, sign: str) -> None:
-    """Push the adjoint ``sign·adj`` of a plan node down to the input variables (reverse-mode chain rule)."""
-    kind = tape[0]
-    if kind == "zero":
-        return
-    if kind == "var":
-        body.contribute(tape[1], sign + adj)
-        return
-    if kind == "add":
-        for t in tape[1]:
-            _plan_backward(body, t, adj, sign)
-        return
-    s = tape[1]
-    _plan_backward(body, tape[2], _scale(adj, f"{s}_wa"), sign)
-    _plan_backward(body, tape[3], _scale(adj, f"{s}_wb"), sign)
+def _circuit_backward(body: _Body, root: circuit.Node, adj: str, sign: str, names: list[str]) -> None:
+    """Reverse mode over the circuit: adjoints flow from the root to the literals, summed where subcircuits are
+    shared, and each literal's adjoint is collected on its variable with ``sign`` (``+`` for ✓, ``-`` for ✗)."""
+    adjoint: dict[int, list[str]] = {id(root): [adj]}
+    for node in reversed(circuit.topological(root)):
+        parts = adjoint.pop(id(node), [])
+        if not parts or node.op == "one":
+            continue
+        a = parts[0] if len(parts) == 1 else "(" + " + ".join(parts) + ")"
+        if node.op == "lit":
+            v = names[node.atom] if node.positive else body.l1m[names[node.atom]]
+            body.contribute(v, sign + a)
+        elif node.op == "prod":
+            for c in node.children:
+                adjoint.setdefault(id(c), []).append(a)
+        else:
+            s = body.sum_var[id(node)]
+            adjoint.setdefault(id(node.children[0]), []).append(_scale(a, f"{s}_wa"))
+            adjoint.setdefault(id(node.children[1]), []).append(_scale(a, f"{s}_wb"))
 
 
 def _sum_terms(terms: list[str]) -> str:
@@ -208,8 +228,8 @@ _LINK_DEFAULTS = {"margin": 1}
 
 def _term_comment(k: int, t: Term) -> list[str]:
     s = t.structure
-    top = plan_text(log_wmc_plan(s.top, s.n), s.atoms)
-    bot = plan_text(log_wmc_plan(s.bottom, s.n), s.atoms)
+    top = circuit_text(side_circuit(s.top, s.n), s.atoms)
+    bot = circuit_text(side_circuit(s.bottom, s.n), s.atoms)
     out = [f"# term {k}: {t.text()}{' (per token)' if t.normalized else ''}"]
     out.append(f"#   log WMC(top) = {top}")
     out.append(f"#   log WMC(bottom) = {bot}")
@@ -251,7 +271,7 @@ def _body(program: Program, sfx: str) -> _Body:
         body.emit(f"{v} = {seq} / {n}  # per-token log-weight (length-normalized)")
 
     needs_zero = any(
-        log_wmc_plan(m, t.structure.n) == ("zero",)
+        side_circuit(m, t.structure.n) is circuit.ONE
         for t in program.terms
         for m in (t.structure.top, t.structure.bottom)
     )
@@ -265,8 +285,9 @@ def _body(program: Program, sfx: str) -> _Body:
         names = [_var(a) + ("_tok" if t.normalized else "") for a in s.atoms]
         for c in _term_comment(k, t):
             body.emit(c)
-        top, top_tape = _plan_forward(body, log_wmc_plan(s.top, s.n), names)
-        bot, bot_tape = _plan_forward(body, log_wmc_plan(s.bottom, s.n), names)
+        top_circuit, bottom_circuit = side_circuit(s.top, s.n), side_circuit(s.bottom, s.n)
+        top = _circuit_forward(body, top_circuit, names)
+        bot = _circuit_forward(body, bottom_circuit, names)
         body.emit(f"top{k} = {top}")
         body.emit(f"bot{k} = {bot}")
         scale = const(t.scale, "k") if not _is_one(t.scale) else None
@@ -296,8 +317,8 @@ def _body(program: Program, sfx: str) -> _Body:
             c = _py(coef, 2)
             loss_parts.append(f"{c} * f{k}")
             body.emit(f"a{k} = {c} * {grad_factor}  # d loss / d log rho_{k}")
-        _plan_backward(body, top_tape, f"a{k}", "+")
-        _plan_backward(body, bot_tape, f"a{k}", "-")
+        _circuit_backward(body, top_circuit, f"a{k}", "+", names)
+        _circuit_backward(body, bottom_circuit, f"a{k}", "-", names)
 
     body.emit("loss = " + " + ".join(loss_parts))
     body.emit("# backward: the chain rule through the plans, collected per input")
@@ -600,9 +621,9 @@ def _docstring_header(
         out.append(f"         bottom {to_ascii(s.bottom_formula)}")
         out.append(
             "         log rho = "
-            + plan_text(log_wmc_plan(s.top, s.n), s.atoms)
+            + circuit_text(side_circuit(s.top, s.n), s.atoms)
             + " - ("
-            + plan_text(log_wmc_plan(s.bottom, s.n), s.atoms)
+            + circuit_text(side_circuit(s.bottom, s.n), s.atoms)
             + ")"
         )
     out.append("inputs   " + ", ".join(f"{input_name(a)} = log {a.name}" for a in atoms))
@@ -704,12 +725,7 @@ def compile_program(
         if t.link not in LINKS:  # pragma: no cover - Term validates its link
             raise DPALogicError(f"unknown link {t.link!r}")
     inputs = tuple(input_name(a) for a in atoms)
-    answers = tuple(
-        sorted(
-            {a.answer for t in program.terms if t.normalized for a in t.structure.atoms},
-            key=lambda s: Atom("M", s).sort_key,
-        )
-    )
+    answers = length_answers(program)
     lengths = tuple(length_name(a) for a in answers)
     hp = dict(sorted(program.defaults.items()))
     origin = origin or (f"the catalog program {program.name!r}" if program.name else "a derived program")

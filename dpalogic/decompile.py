@@ -739,7 +739,7 @@ def _identify_link(coef, u: sympy.Expr, source) -> DecompiledTerm | None:
     rng = random.Random(0)
     samples = [({h: rng.uniform(0.05, 0.4) for h in hyper}, rng.uniform(-3, 3)) for _ in range(6)]
     for name, info in LINKS.items():
-        param_choices = [{}] if not info.params else [{info.params[0]: h} for h in hyper]
+        param_choices = [{}] if not info.params else [{info.params[0][0]: h} for h in hyper]
         for params in param_choices:
             for orient in (1, -1):
                 f = info.sympy(orient * Z, **params)

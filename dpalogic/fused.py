@@ -31,12 +31,11 @@ Inputs in bfloat16/float16 accumulate in float32 (on CUDA the logits and ``∂W`
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from dpalogic.backend import use_triton
 from dpalogic.errors import DPALogicError
-from dpalogic.torch_loss import PreferenceLoss, _triton_installed
+from dpalogic.torch_loss import PreferenceLoss
 
 _PAIR_ATOMS = {"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"}
 
@@ -96,26 +95,6 @@ def _token_logps_inplace(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     total = logits.sum(dim=1)
     lse = mx + total.log()
     return label_logit - lse, total, lse
-
-
-def use_triton_kernels(backend: str, tensor: torch.Tensor) -> bool:
-    """Whether the fused path runs :mod:`dpalogic.fused_kernels`: the rule of ``PreferenceLoss(backend=...)``.
-
-    ``"torch"``: never; ``"auto"``: CUDA tensors with triton installed; ``"triton"``: always, but on the CPU only in
-    Triton's interpreter (``TRITON_INTERPRET=1``), and a :class:`DPALogicError` says so otherwise.
-    """
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return tensor.is_cuda and _triton_installed()
-    if not _triton_installed():
-        raise DPALogicError("backend='triton' needs the triton package (pip install triton)")
-    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise DPALogicError(
-            "backend='triton' needs CUDA tensors; on the CPU it runs only in Triton's interpreter: set "
-            "TRITON_INTERPRET=1 before triton is imported (or use backend='torch')"
-        )
-    return True
 
 
 def sequence_logps(
@@ -421,7 +400,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ref_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(hidden, lm_head_weight, labels, bias)
-        use_triton = use_triton_kernels(self.backend, hidden)
+        triton_here = use_triton(self.backend, hidden)  # the one backend rule (dpalogic.backend)
         B = hidden.shape[0] // 2
         ref_c, ref_r = ref_chosen_logps, ref_rejected_logps
         if self.loss_fn.needs_reference and (ref_c is None or ref_r is None):
@@ -442,7 +421,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 ignore_index=self.ignore_index,
                 chunk_rows=2 * self.chunk_size,
                 max_chunk_tokens=self.max_chunk_tokens,
-                use_triton=use_triton,
+                use_triton=triton_here,
             )
             ref_c, ref_r = ref[:B], ref[B:]
         for name, t in (("ref_chosen_logps", ref_c), ("ref_rejected_logps", ref_r)):
@@ -460,7 +439,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             self.chunk_size,
             self.max_chunk_tokens,
             self.reduction,
-            use_triton,
+            triton_here,
         )
         return loss, self._metrics(seq, lengths, losses, ref_c, ref_r)
 

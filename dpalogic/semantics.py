@@ -3,9 +3,9 @@
 * ``wmc_poly``      — WMC of a truth table as an exact multilinear polynomial (integer coefficients), the
                       fingerprint used to decide whether two structures give the same loss function.
 * ``wmc_sympy``     — the same polynomial as a factored SymPy expression, for display and closed forms.
-* ``log_wmc_plan``  — a log-space evaluation plan from Shannon expansion: ``log p`` for a positive literal,
-                      ``log(1 − p)`` (log1mexp) for a negative one, sums of logs for products and ``logaddexp``
-                      only where a side really is a sum. DPO's plan is four log-probs, ORPO's needs no enumeration.
+* ``side_circuit``  — a side's ``log WMC`` as a log-space circuit (:mod:`dpalogic.circuit`, the IR every backend
+                      folds): ``log p``, ``log(1 − p)`` (log1mexp), sums of logs for products and ``logaddexp``
+                      only where a side really is a sum. DPO's circuit is four log-probs, ORPO's has no sum.
 * ``Term``/``Program`` — ``loss = Σ_k c_k · f_k(β_k · log ρ_k − γ_k)``; coefficients, scales, shifts and link
                       parameters are SymPy expressions in the hyperparameters.
 """
@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cache, lru_cache
+from functools import cache
 
 import sympy
 
-from dpalogic.structure import Structure, align, atom_mask, full_mask
+from dpalogic import circuit
+from dpalogic.links import LINKS  # one registry of links as SymPy expressions in z
+from dpalogic.structure import Structure, align
 from dpalogic.syntax import Atom
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -113,7 +115,7 @@ def side_sympy(mask: int, atoms: tuple[Atom, ...]) -> sympy.Expr:
     """WMC of one side in the factored form of its log-space plan: ``p_w·(1 − p_l)``, ``p_w + (1 − p_w)(1 − p_l)``."""
     if mask == 0:
         return sympy.Integer(0)
-    return plan_sympy(log_wmc_plan(mask, len(atoms)), atoms)
+    return circuit_sympy(side_circuit(mask, len(atoms)), atoms)
 
 
 def rho_sympy(s: Structure) -> sympy.Expr:
@@ -133,144 +135,37 @@ def semantic_loss_sympy(s: Structure) -> sympy.Expr:
     return -sympy.log(num / (num + den))
 
 
-# --------------------------------------------------------------------------------------------------- log-space plan
-# A plan node is a tuple:
-#   ("zero",)                 log 1
-#   ("lit", i, positive)      log p_i  or  log(1 − p_i)
-#   ("add", node, node, …)    sum of logs (a product of weights)
-#   ("lae", node, node)       logaddexp (a sum of weights)
+# --------------------------------------------------------------------------------------------------- circuits
+# the IR of a side's log WMC is dpalogic.circuit; these are two of its folds (closed form and text)
 
 
-def _cofactors(f: int, i: int, n: int) -> tuple[int, int]:
-    m = atom_mask(i, n)
-    shift = 1 << i
-    hi = f & m
-    lo = f & ~m & full_mask(n)
-    return hi | (hi >> shift), lo | (lo << shift)
+def side_circuit(mask: int, n: int) -> circuit.Node:
+    """``log WMC`` of a non-empty truth table over ``n`` atoms as a log-space circuit."""
+    return circuit.from_truth_table(mask, n)
 
 
-def _add(*nodes):
-    parts = []
-    for nd in nodes:
-        if nd[0] == "zero":
-            continue
-        parts.extend(nd[1:] if nd[0] == "add" else [nd])
-    if not parts:
-        return ("zero",)
-    return parts[0] if len(parts) == 1 else ("add", *parts)
+def circuit_sympy(node: circuit.Node, atoms: tuple[Atom, ...]) -> sympy.Expr:
+    """exp(circuit) as a SymPy product/sum of ``p`` and ``(1 − p)`` factors."""
+
+    def leaf(i: int, positive: bool) -> sympy.Expr:
+        p = weight_symbol(atoms[i])
+        return p if positive else 1 - p
+
+    return circuit.fold(
+        node, lit=leaf, one=lambda: sympy.Integer(1), prod=lambda xs: sympy.Mul(*xs), sum=lambda xs: sympy.Add(*xs)
+    )
 
 
-@lru_cache(maxsize=65536)
-def log_wmc_plan(mask: int, n: int):
-    """Log-space plan for ``log WMC(mask)``; the mask must be non-empty."""
-    if mask == 0:
-        raise ValueError("log WMC of an unsatisfiable side is -inf; check the structure first")
-    full = full_mask(n)
-    if mask == full:
-        return ("zero",)
-    deps = []
-    for i in range(n):
-        f1, f0 = _cofactors(mask, i, n)
-        if f1 != f0:
-            deps.append((i, f1, f0))
-    # literals that must hold (a factor p or 1 − p) first: they give products, not sums
-    for i, f1, f0 in deps:
-        if f0 == 0:
-            return _add(("lit", i, True), log_wmc_plan(f1, n))
-        if f1 == 0:
-            return _add(("lit", i, False), log_wmc_plan(f0, n))
-    i, f1, f0 = deps[0]
-    return ("lae", _add(("lit", i, True), log_wmc_plan(f1, n)), _add(("lit", i, False), log_wmc_plan(f0, n)))
+def circuit_text(node: circuit.Node, atoms: tuple[Atom, ...]) -> str:
+    """A circuit as readable math: ``log p_w + log1mexp(log p_l)``."""
 
+    def leaf(i: int, positive: bool) -> str:
+        s = f"log {weight_symbol(atoms[i])}"
+        return s if positive else f"log1mexp({s})"
 
-def plan_sympy(node, atoms: tuple[Atom, ...]) -> sympy.Expr:
-    """exp(plan) as a SymPy product/sum of ``p`` and ``(1 − p)`` factors."""
-    kind = node[0]
-    if kind == "zero":
-        return sympy.Integer(1)
-    if kind == "lit":
-        p = weight_symbol(atoms[node[1]])
-        return p if node[2] else 1 - p
-    parts = [plan_sympy(c, atoms) for c in node[1:]]
-    return sympy.Mul(*parts) if kind == "add" else sympy.Add(*parts)
-
-
-def plan_text(node, atoms: tuple[Atom, ...]) -> str:
-    """A plan as readable math: ``log p_w + log1mexp(log p_l)``."""
-    kind = node[0]
-    if kind == "zero":
-        return "0"
-    if kind == "lit":
-        s = f"log {weight_symbol(atoms[node[1]])}"
-        return s if node[2] else f"log1mexp({s})"
-    if kind == "add":
-        return " + ".join(plan_text(c, atoms) for c in node[1:])
-    return "logaddexp(" + ", ".join(plan_text(c, atoms) for c in node[1:]) + ")"
-
-
-# --------------------------------------------------------------------------------------------------- links
-
-Z = sympy.Symbol("z", real=True)
-
-
-@dataclass(frozen=True)
-class LinkInfo:
-    name: str
-    formula: str  # f(z), readable
-    params: tuple[str, ...]
-    monotone: bool  # non-increasing in z everywhere (so it preserves the structure order)
-    doc: str
-
-    def render(self, z: str, params: dict[str, str]) -> str:
-        """``f(z)`` as text with ``z`` (an expression string) and the parameters substituted."""
-        zz = z if z.replace("_", "").isalnum() else f"({z})"
-        m, eps, t = params.get("margin", "1"), params.get("epsilon", "ε"), params.get("tau", "τ")
-        return {
-            "logistic": f"−log σ({z})",
-            "hinge": f"max(0, {m} − {zz})" if m != "0" else f"max(0, −{zz})",
-            "squared": f"{zz}²",
-            "sigmoid": f"σ(−{zz})",
-            "exponential": f"exp(−{zz})",
-            "exo": f"σ({z})·(log σ({z}) − log(1 − {eps})) + σ(−{zz})·(log σ(−{zz}) − log {eps})",
-            "discopop": f"(1 − σ({zz}/{t}))·(−log σ({z})) + σ({zz}/{t})·exp(−{zz})",
-        }[self.name]
-
-    def sympy(self, z: sympy.Expr, **params: sympy.Expr) -> sympy.Expr:
-        sig = lambda u: 1 / (1 + sympy.exp(-u))  # noqa: E731
-        if self.name == "logistic":
-            return sympy.log(1 + sympy.exp(-z))  # = −log σ(z); reads as log(1 + ρ^(−β)·e^γ)
-        if self.name == "hinge":
-            return sympy.Max(0, params.get("margin", 1) - z)
-        if self.name == "squared":
-            return z**2
-        if self.name == "sigmoid":
-            return 1 / (1 + sympy.exp(z))
-        if self.name == "exponential":
-            return sympy.exp(-z)
-        if self.name == "exo":
-            eps = params["epsilon"]
-            return sig(z) * (sympy.log(sig(z)) - sympy.log(1 - eps)) + sig(-z) * (sympy.log(sig(-z)) - sympy.log(eps))
-        if self.name == "discopop":
-            tau = params["tau"]
-            return (1 - sig(z / tau)) * (-sympy.log(sig(z))) + sig(z / tau) * sympy.exp(-z)
-        raise KeyError(self.name)  # pragma: no cover
-
-
-LINKS: dict[str, LinkInfo] = {
-    "logistic": LinkInfo("logistic", "−log σ(z)", (), True, "the semantic loss itself; DPO, CPO, ORPO, SimPO"),
-    "hinge": LinkInfo("hinge", "max(0, m − z)", ("margin",), True, "SLiC, RRHF, TRL's hinge; flat once z ≥ m"),
-    "squared": LinkInfo("squared", "z²", (), False, "IPO, SPPO: pulls z to 0, so margins beyond the target are punished"),
-    "sigmoid": LinkInfo("sigmoid", "σ(−z)", (), True, "APO: bounded, saturating"),
-    "exponential": LinkInfo("exponential", "exp(−z)", (), True, "boosting-style exponential loss"),
-    "exo": LinkInfo(
-        "exo", "σ(z)(log σ(z) − log(1−ε)) + σ(−z)(log σ(−z) − log ε)", ("epsilon",), False,
-        "EXO: KL(Bernoulli(σ(z)) ‖ Bernoulli(1−ε)), minimal at z = log((1−ε)/ε)",
-    ),
-    "discopop": LinkInfo(
-        "discopop", "(1 − σ(z/τ))·(−log σ(z)) + σ(z/τ)·exp(−z)", ("tau",), False,
-        "DiscoPOP: logistic for z < 0, exponential for z > 0, blended by σ(z/τ)",
-    ),
-}  # fmt: skip
+    return circuit.fold(
+        node, lit=leaf, one=lambda: "0", prod=" + ".join, sum=lambda xs: "logaddexp(" + ", ".join(xs) + ")"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- programs

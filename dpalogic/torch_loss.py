@@ -1,14 +1,14 @@
-"""Torch compiler: a loss program becomes a stable ``torch.nn.Module`` (docs/semantics.md §6).
+"""PreferenceLoss: a loss program as a ``torch.nn.Module`` that runs its compiled module (docs/semantics.md §6).
 
-Every side's ``log WMC`` is evaluated from its log-space plan (``log p``, ``log1mexp(log p)``, sums, and
-``logaddexp`` only where a side is a genuine sum), so DPO costs four additions and ORPO two ``log1mexp`` calls.
-Inputs in float32 or bfloat16 are computed in float32 (float64 stays float64); log-probabilities anywhere in
-``[-1e4, 0]`` give finite values and gradients.
+There is one execution path: :mod:`dpalogic.codegen` compiles the program once into a module with a fused
+forward+backward Triton kernel and its torch twin; :func:`dpalogic.backend.use_triton` picks the kernel for CUDA
+tensors and the twin elsewhere. Every side's ``log WMC`` comes from its circuit (``log p``, ``log1mexp(log p)``,
+sums, ``logaddexp`` only where a side is a genuine sum), so values and gradients are finite for log-probabilities
+anywhere in ``[-1e4, 0]``; float32, bfloat16 and float16 inputs are computed in float32 (float64 stays float64).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import warnings
@@ -17,119 +17,22 @@ from dataclasses import dataclass
 
 import sympy
 import torch
-import torch.nn.functional as F
 
+from dpalogic.backend import BACKENDS, backend_rule, use_triton
+from dpalogic.codegen import length_answers, module_for
 from dpalogic.errors import DPALogicError, NoPolicyAtomWarning
-from dpalogic.semantics import Program, Term, log_wmc_plan
+from dpalogic.semantics import Program, Term
 from dpalogic.syntax import Atom
 
-LN2 = math.log(2.0)
 _ATOM_NAME = re.compile(r"(M|Ref)\((yw|yl|y[1-9][0-9]*)\)")
-BACKENDS = ("auto", "triton", "torch")
 POSITIVE_SLACK = 1e-2  # log-probs up to this far above 0 are taken as rounding noise, not as an input mistake
-
-
-def _triton_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 − exp(x))`` for ``x ≤ 0``, accurate on both sides of ``−log 2`` (Mächler 2012).
-
-    ``x`` is clamped just below 0 so that ``p = 1`` gives a large finite negative value (and a finite gradient)
-    instead of ``−inf``. Each branch gets an input that is safe for it, so the unused branch never produces the
-    ``inf · 0 = nan`` gradients that a plain ``torch.where`` would.
-    """
-    tiny = torch.finfo(x.dtype).tiny
-    x = x.clamp(max=-tiny)
-    near0 = x > -LN2
-    x_near = torch.where(near0, x, torch.full_like(x, -LN2))
-    x_far = torch.where(near0, torch.full_like(x, -LN2 - 1.0), x)
-    return torch.where(near0, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
-
-
-class _ComputeIn(torch.autograd.Function):
-    """``x.to(dtype)`` whose backward saturates the gradient at the largest finite value of ``x``'s dtype.
-
-    Near ``log p = 0`` the exact gradient of a ``log1mexp(log p)`` factor is about ``1/|log p|`` (1e6 at −1e-6):
-    finite in float32, but beyond float16's range (65504). Autograd's own cast would return ±inf there.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        ctx.in_dtype = x.dtype
-        return x.to(dtype)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        big = torch.finfo(ctx.in_dtype).max
-        return g.clamp(-big, big).to(ctx.in_dtype), None
-
-
-def compute_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` in the compute dtype; gradients come back finite in ``x``'s own dtype (saturated, never ±inf)."""
-    if x.dtype == dtype or not x.requires_grad or torch.finfo(x.dtype).max >= torch.finfo(dtype).max:
-        return x.to(dtype)
-    return _ComputeIn.apply(x, dtype)
-
-
-def _link(name: str, z: torch.Tensor, params: Mapping[str, float]) -> torch.Tensor:
-    if name == "logistic":
-        return F.softplus(-z)
-    if name == "hinge":
-        return torch.relu(params.get("margin", 1.0) - z)
-    if name == "squared":
-        return z * z
-    if name == "sigmoid":
-        # exp(log σ(−z)) rather than σ(−z): autograd's σ' = s(1 − s) cancels when s ≈ 1, log σ's derivative does not
-        return torch.exp(F.logsigmoid(-z))
-    if name == "exponential":
-        return torch.exp(-z)
-    if name == "exo":
-        eps = params["epsilon"]
-        lq, lnq = F.logsigmoid(z), F.logsigmoid(-z)
-        return torch.exp(lq) * (lq - math.log1p(-eps)) + torch.exp(lnq) * (lnq - math.log(eps))
-    if name == "discopop":
-        tau = params["tau"]
-        # σ(z/τ)·exp(−z) is formed in log space: finite for any z (the published form overflows for z ≪ 0)
-        return torch.sigmoid(-z / tau) * F.softplus(-z) + torch.exp(F.logsigmoid(z / tau) - z)
-    raise DPALogicError(f"link {name!r} has no torch implementation")  # pragma: no cover
-
-
-def _eval_plan(node, lp: list[torch.Tensor], l1m: dict[int, torch.Tensor]) -> torch.Tensor | float:
-    kind = node[0]
-    if kind == "zero":
-        return 0.0
-    if kind == "lit":
-        i = node[1]
-        if node[2]:
-            return lp[i]
-        if i not in l1m:
-            l1m[i] = log1mexp(lp[i])
-        return l1m[i]
-    vals = [_eval_plan(c, lp, l1m) for c in node[1:]]
-    if kind == "add":
-        out = vals[0]
-        for v in vals[1:]:
-            out = out + v
-        return out
-    a, b = vals
-    if not isinstance(a, torch.Tensor):
-        a = torch.full_like(b, float(a))
-    if not isinstance(b, torch.Tensor):
-        b = torch.full_like(a, float(b))
-    return torch.logaddexp(a, b)
 
 
 @dataclass(frozen=True)
 class BoundTerm:
-    """A term with its hyperparameters substituted: plain floats and plans, ready for torch."""
+    """A term with its hyperparameters substituted (plain floats), after the checks that need their values."""
 
     atoms: tuple[Atom, ...]
-    top_plan: tuple
-    bottom_plan: tuple | None  # None: empty ✗ side, log ρ = +inf
     link: str
     coef: float
     scale: float
@@ -159,8 +62,6 @@ def bind_term(term: Term, values: Mapping[str, float]) -> BoundTerm:
     s.check()
     return BoundTerm(
         s.atoms,
-        log_wmc_plan(s.top, s.n),
-        log_wmc_plan(s.bottom, s.n),
         term.link,
         num(term.coef, "coefficient"),
         num(term.scale, "scale β"),
@@ -198,7 +99,7 @@ class PreferenceLoss(torch.nn.Module):
         if reduction not in ("mean", "sum", "none"):
             raise DPALogicError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if backend not in BACKENDS:
-            raise DPALogicError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+            raise DPALogicError(backend_rule(backend, False, False, False)[1])
         self.backend = backend
         self._generated: dict = {}  # generated modules (dpalogic.codegen), compiled on first Triton use
         self.program: Program = resolve(spec)
@@ -254,34 +155,25 @@ class PreferenceLoss(torch.nn.Module):
             ans_len["yw"] = chosen_lengths
         if rejected_lengths is not None:
             ans_len["yl"] = rejected_lengths
-        if not atom_lp:
-            raise DPALogicError("no log-probabilities given")
-        self._check_inputs(atom_lp, ans_len)
-        if self._use_triton(atom_lp):
-            return self._reduce(self._per_pair_generated(atom_lp, ans_len))
         return self._reduce(self.per_pair(atom_lp, ans_len))
 
-    def _use_triton(self, atom_lp: Mapping[str, torch.Tensor]) -> bool:
-        if self.backend == "torch" or not atom_lp:
-            return False
+    def per_pair(self, atom_lp: Mapping[str, torch.Tensor], ans_len: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of every pair, ``[B]``, from log-probs keyed by atom name and lengths keyed by answer.
+
+        Runs the program's compiled module: its Triton kernel on CUDA tensors, its torch twin elsewhere (the
+        backend rule of :func:`dpalogic.backend.use_triton`). Gradients reach every log-prob input.
+        """
+        if not atom_lp:
+            raise DPALogicError("no log-probabilities given")
+        self._check_inputs(atom_lp, ans_len)  # shapes, types and signs: refused before any kernel runs
         first = next(iter(atom_lp.values()))
-        if self.backend == "auto":
-            return first.is_cuda and _triton_installed()
-        if not _triton_installed():
-            raise DPALogicError("backend='triton' needs the triton package (pip install triton)")
-        if not first.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise DPALogicError(
-                "backend='triton' needs CUDA tensors; on the CPU it runs only in Triton's interpreter: set "
-                "TRITON_INTERPRET=1 before triton is imported (or use backend='torch')"
-            )
-        return True
-
-    def _per_pair_generated(
-        self, atom_lp: Mapping[str, torch.Tensor], ans_len: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """The loss of every pair from the generated fused kernel (values and gradients as ``per_pair``)."""
-        from dpalogic.codegen import module_for
-
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        if not self.terms:  # every coefficient is zero (label smoothing 0 and alpha 0 and …)
+            return torch.zeros_like(first, dtype=dtype)
+        if not self.program.atoms:  # a constant structure (its formula reduced to true/false parts): no kernel
+            values = {sympy.Symbol(k): v for k, v in self.hyperparameters.items()}
+            return torch.full_like(first, float(self.program.sympy().xreplace(values)), dtype=dtype)
+        backend = "triton" if use_triton(self.backend, first) else "torch"
         mode = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter or the compiler: one module each
         if mode not in self._generated:
             self._generated[mode] = module_for(self.program)
@@ -292,7 +184,7 @@ class PreferenceLoss(torch.nn.Module):
                 raise DPALogicError(self._missing(atom))
             args.append(atom_lp[atom.name])
         needed = {a.answer for t in self.terms if t.normalized for a in t.atoms}  # terms with a non-zero coefficient
-        for answer in self._generated_answers():
+        for answer in length_answers(self.program):
             if answer in ans_len:
                 args.append(ans_len[answer])
             elif answer in needed:
@@ -302,53 +194,7 @@ class PreferenceLoss(torch.nn.Module):
                 )
             else:  # only switched-off terms use it: any count gives the same loss
                 args.append(torch.ones_like(args[0], dtype=torch.long))
-        return mod.per_pair_loss(*args, **self.hyperparameters, backend="triton")
-
-    def _generated_answers(self) -> list[str]:
-        answers = {a.answer for t in self.program.terms if t.normalized for a in t.structure.atoms}
-        return sorted(answers, key=lambda s: Atom("M", s).sort_key)
-
-    def per_pair(self, atom_lp: Mapping[str, torch.Tensor], ans_len: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The loss of every pair, ``[B]``, from log-probs keyed by atom name and lengths keyed by answer."""
-        if not atom_lp:
-            raise DPALogicError("no log-probabilities given")
-        self._check_inputs(atom_lp, ans_len)  # cheap: shapes and types only, no device sync
-        first = next(iter(atom_lp.values()))
-        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        cache: dict[tuple[str, bool], torch.Tensor] = {}
-
-        def weight(atom: Atom, normalized: bool) -> torch.Tensor:
-            key = (atom.name, normalized)
-            if key in cache:
-                return cache[key]
-            if atom.name not in atom_lp:
-                raise DPALogicError(self._missing(atom))
-            x = compute_in(atom_lp[atom.name], dtype)
-            if normalized:
-                if atom.answer not in ans_len:
-                    arg = {"yw": "chosen_lengths", "yl": "rejected_lengths"}.get(
-                        atom.answer, f"lengths[{atom.answer!r}]"
-                    )
-                    raise DPALogicError(
-                        f"{self.program.name or 'this loss'} length-normalizes {atom.name}: pass {arg} (token counts)"
-                    )
-                x = x / ans_len[atom.answer].to(dtype).clamp(min=1.0)
-            cache[key] = x
-            return x
-
-        total = None
-        for t in self.terms:
-            lp = [weight(a, t.normalized) for a in t.atoms]
-            l1m: dict[int, torch.Tensor] = {}
-            log_rho = _eval_plan(t.top_plan, lp, l1m) - _eval_plan(t.bottom_plan, lp, l1m)
-            if not isinstance(log_rho, torch.Tensor):  # a constant ratio (structure without atoms left)
-                log_rho = torch.full_like(lp[0] if lp else first.to(dtype), float(log_rho))
-            z = t.scale * log_rho - t.shift
-            value = t.coef * _link(t.link, z, t.params)
-            total = value if total is None else total + value
-        if total is None:
-            return torch.zeros_like(first, dtype=dtype)
-        return total
+        return mod.per_pair_loss(*args, **self.hyperparameters, backend=backend)
 
     def _check_inputs(self, atom_lp: Mapping[str, torch.Tensor], ans_len: Mapping[str, torch.Tensor]) -> None:
         """Every input a tensor of one shape [B] (no silent broadcasting), every key a known atom/answer."""

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from test_fused import full_logits_reference, make
 
 from dpalogic import DPALogicError, FusedLinearPreferenceLoss
-from dpalogic import fused as fused_module
+from dpalogic import backend as backend_module
 
 pytest.importorskip("triton")
 
@@ -329,9 +329,9 @@ def test_backend_dispatch(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(DPALogicError, match="TRITON_INTERPRET=1"):
         FusedLinearPreferenceLoss("simpo", backend="triton")(hidden, weight, labels, bias)
-    monkeypatch.setattr(fused_module, "_triton_installed", lambda: False)
+    monkeypatch.setattr(backend_module, "triton_installed", lambda: False)
     with pytest.raises(DPALogicError, match="needs the triton package"):
         FusedLinearPreferenceLoss("simpo", backend="triton")(hidden, weight, labels, bias)
-    assert not fused_module.use_triton_kernels("auto", hidden)  # auto without triton: torch, no error
+    assert not backend_module.use_triton("auto", hidden)  # auto without triton: torch, no error
     with pytest.raises(DPALogicError, match="backend must be"):
         FusedLinearPreferenceLoss("simpo", backend="cuda")

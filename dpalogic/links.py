@@ -1,0 +1,208 @@
+"""Links as SymPy expressions in ``z`` (docs/semantics.md §3): one registry, derivatives from SymPy.
+
+A term of a program is ``c · f(z)`` with ``z = β·log ρ − γ``. Each link ``f`` here is an expression in the symbol
+``z`` and named parameters (with defaults), written with the numerically stable primitives :class:`softplus`,
+:class:`sigmoid` and :class:`logsigmoid`. Their derivatives are written in the same primitives, so
+``sympy.diff(f, z)`` is already a stable formula, and the torch and Triton emitters (``dpalogic.codegen``) print
+both from the expression: no per-link code anywhere.
+
+User links are parsed from text without evaluating it (``dpalogic.equation``); the common unstable spellings
+(``log(1 + exp(u))``, ``1/(1 + exp(u))``, ``exp(u)/(1 + exp(u))``) are rewritten into the primitives first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from dpalogic.errors import DPALogicError, unknown
+
+Z = sympy.Symbol("z", real=True)
+
+
+class softplus(sympy.Function):  # noqa: N801 - named as in torch
+    """``log(1 + e^u)``; derivative ``σ(u)``."""
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        return sigmoid(self.args[0])
+
+    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:
+        return sympy.log(1 + sympy.exp(u))
+
+    def _latex(self, printer) -> str:
+        return rf"\log\left(1 + e^{{{printer._print(self.args[0])}}}\right)"
+
+
+class sigmoid(sympy.Function):  # noqa: N801
+    """``1/(1 + e^(−u))``; derivative ``σ(u)·σ(−u)`` (no cancellation where σ ≈ 1)."""
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        return sigmoid(self.args[0]) * sigmoid(-self.args[0])
+
+    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:
+        return 1 / (1 + sympy.exp(-u))
+
+    def _latex(self, printer) -> str:
+        return rf"\sigma\left({printer._print(self.args[0])}\right)"
+
+
+class logsigmoid(sympy.Function):  # noqa: N801
+    """``log σ(u) = −softplus(−u)``; derivative ``σ(−u)``."""
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        return sigmoid(-self.args[0])
+
+    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:
+        return -sympy.log(1 + sympy.exp(-u))
+
+    def _latex(self, printer) -> str:
+        return rf"\log\sigma\left({printer._print(self.args[0])}\right)"
+
+
+PRIMITIVES = {"softplus": softplus, "sigmoid": sigmoid, "logsigmoid": logsigmoid}
+
+
+def stable(expr: sympy.Expr) -> sympy.Expr:
+    """Rewrite overflow-prone spellings into the stable primitives (``log(1 + e^u)`` → ``softplus(u)``, …)."""
+    u = sympy.Wild("u")
+    rules = [
+        (sympy.log(1 + sympy.exp(u)), lambda u: softplus(u)),
+        (1 / (1 + sympy.exp(u)), lambda u: sigmoid(-u)),
+        (sympy.exp(u) / (1 + sympy.exp(u)), lambda u: sigmoid(u)),
+        (sympy.log(sigmoid(u)), lambda u: logsigmoid(u)),
+        (sympy.log(1 / (1 + sympy.exp(u))), lambda u: -softplus(u)),
+    ]
+    for pattern, build in rules:
+        expr = expr.replace(pattern, build)
+    return expr
+
+
+DISPLAY = {"epsilon": "ε", "tau": "τ"}  # parameters written by name when a term gives no value (others: the default)
+FORMULA_NAMES = {"margin": "m", **DISPLAY}  # names in the general formula f(z)
+
+
+def to_exp(expr: sympy.Expr) -> sympy.Expr:
+    """The primitives written out with ``exp`` and ``log`` (closed forms for display and algebra)."""
+    return expr.replace(
+        lambda e: isinstance(e, (softplus, sigmoid, logsigmoid)), lambda e: e._eval_rewrite_as_exp(*e.args)
+    )
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link ``f(z)``: its expression, parameters with defaults, how it reads, and what it is for.
+
+    ``template`` is the readable form with ``{z}`` (the argument as written), ``{zz}`` (parenthesized when it is
+    not a single name) and ``{<param>}`` placeholders; without one, the expression itself is printed.
+    """
+
+    name: str
+    expr: sympy.Expr
+    params: tuple[tuple[str, float], ...] = ()
+    monotone: bool = True  # non-increasing in z everywhere, so it keeps the structures' order (§5)
+    doc: str = ""
+    template: str = ""
+
+    @property
+    def formula(self) -> str:
+        """``f(z)`` as text: ``−log σ(z)``, ``max(0, margin − z)``."""
+        return self.render("z", {k: FORMULA_NAMES.get(k, k) for k, _ in self.params})
+
+    def render(self, z: str, params: dict[str, str]) -> str:
+        """``f`` as text with ``z`` (an expression string) and the parameters substituted."""
+        zz = z if z.replace("_", "").isalnum() else f"({z})"
+        values = {k: params.get(k, DISPLAY.get(k, f"{default:g}")) for k, default in self.params}
+        if not self.template:
+            import re
+
+            text = re.sub(r"\bz\b", "ζ", sympy.sstr(self.expr)).replace("**", "^").replace("*", "·")
+            for k, v in values.items():
+                text = re.sub(rf"\b{re.escape(k)}\b", v, text)
+            return text.replace("ζ", zz)
+        template = self.template
+        if self.name == "hinge" and values.get("margin") in ("0", "0.0"):
+            template = "max(0, −{zz})"
+        return template.format(z=z, zz=zz, **values)
+
+    def sympy(self, z: sympy.Expr, **values: sympy.Expr) -> sympy.Expr:
+        """The closed form ``f(z)`` in ``exp``/``log`` (what derive and show print)."""
+        return to_exp(self.at(z, **values))
+
+    @property
+    def param_symbols(self) -> dict[str, sympy.Symbol]:
+        return {k: sympy.Symbol(k, real=True) for k, _ in self.params}
+
+    @property
+    def derivative(self) -> sympy.Expr:
+        """``f'(z)``, in the stable primitives."""
+        return stable(sympy.diff(self.expr, Z))
+
+    def at(self, z: sympy.Expr, **values: sympy.Expr) -> sympy.Expr:
+        """``f`` with ``z`` and the parameters substituted (closed forms, decompilation)."""
+        subs = {Z: z}
+        for k, default in self.params:
+            subs[sympy.Symbol(k, real=True)] = sympy.sympify(values.get(k, default))
+        return self.expr.xreplace(subs)
+
+
+def _p(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, real=True)
+
+
+_z = Z
+LINKS: dict[str, Link] = {
+    link.name: link
+    for link in (
+        Link("logistic", softplus(-_z), (), True, "the semantic loss itself, −log σ(z); DPO, CPO, ORPO, SimPO",
+             "−log σ({z})"),
+        Link("hinge", sympy.Max(0, _p("margin") - _z), (("margin", 1.0),), True,
+             "SLiC, RRHF, TRL's hinge; flat once z ≥ margin", "max(0, {margin} − {zz})"),
+        Link("squared", _z**2, (), False, "IPO, SPPO: pulls z to 0, so margins beyond the target are punished",
+             "{zz}²"),
+        Link("sigmoid", sigmoid(-_z), (), True, "APO: bounded, saturating", "σ(−{zz})"),
+        Link("exponential", sympy.exp(-_z), (), True, "boosting-style exponential loss", "exp(−{zz})"),
+        Link(
+            "exo",
+            sigmoid(_z) * (logsigmoid(_z) - sympy.log(1 - _p("epsilon")))
+            + sigmoid(-_z) * (logsigmoid(-_z) - sympy.log(_p("epsilon"))),
+            (("epsilon", 1e-3),), False,
+            "EXO: KL(Bernoulli(σ(z)) ‖ Bernoulli(1−ε)), minimal at z = log((1−ε)/ε)",
+            "σ({z})·(log σ({z}) − log(1 − {epsilon})) + σ(−{zz})·(log σ(−{zz}) − log {epsilon})",
+        ),
+        Link(
+            "discopop",
+            sigmoid(-_z / _p("tau")) * softplus(-_z) + sympy.exp(logsigmoid(_z / _p("tau")) - _z),
+            (("tau", 0.05),), False,
+            "DiscoPOP: logistic for z < 0, exponential for z > 0, blended by σ(z/τ) (formed in log space)",
+            "(1 − σ({zz}/{tau}))·(−log σ({z})) + σ({zz}/{tau})·exp(−{zz})",
+        ),
+    )
+}  # fmt: skip
+
+
+def user_link(text: str, hyperparameters: dict[str, float] | None = None) -> Link:
+    """A link from the user's expression in ``z`` (parsed, never evaluated); other names are its parameters."""
+    from dpalogic.equation import parse_expression
+
+    expr = stable(parse_expression(text, functions=PRIMITIVES, real_names=True))
+    free = expr.free_symbols
+    if Z not in {sympy.Symbol(s.name, real=True) for s in free}:
+        raise DPALogicError(f"the link {text!r} is not a function of z: write it in z = β·log ρ − γ")
+    expr = expr.xreplace({s: sympy.Symbol(s.name, real=True) for s in free})
+    names = sorted(s.name for s in expr.free_symbols if s.name != "z")
+    given = hyperparameters or {}
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise DPALogicError(
+            f"the link {text!r} uses {', '.join(missing)} without a value: give "
+            + ", ".join(f"{n}=…" for n in missing)
+            + " like any hyperparameter"
+        )
+    return Link(f"link:{text}", expr, tuple((n, float(given[n])) for n in names), False, "user-defined")
+
+
+def get(name: str) -> Link:
+    if name not in LINKS:
+        raise unknown("link", name, LINKS)
+    return LINKS[name]
