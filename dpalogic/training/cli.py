@@ -185,7 +185,28 @@ def register(subparsers) -> None:
         help="check the settings, the loss and the data files, print the settings, and stop before loading a model",
     )
     t.add_argument(
-        "--json", action="store_true", help="print the final summary (or, with --dry-run, the settings) as JSON"
+        "--json", action="store_true", help="print the final summary (or, with --dry-run or --plan, those) as JSON"
+    )
+    t.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory each GPU needs for these settings (weights, gradients, AdamW, activations, logits, "
+        "reference) and stop; --model may also be an architecture transformers knows (llama, qwen2, …): nothing is "
+        "downloaded and no weight is loaded",
+    )
+    t.add_argument("--gpus", type=int, default=None, help="with --plan: processes (GPUs) to plan for (default: 1)")
+    t.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="with --plan: the weights' dtype (default: the checkpoint config's, as the loop loads it; float32 for "
+        "tiny and for an architecture's defaults)",
+    )
+    t.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp", "zero3"),
+        default=None,
+        help="with --plan: how the model is spread (default: fsdp with --fsdp, zero3 with --deepspeed, else ddp)",
     )
     t.set_defaults(run=run_train)
 
@@ -327,6 +348,10 @@ def run_train(args: argparse.Namespace) -> int:
     from dpalogic.training.data import BAD_ROWS_FILE, BadRowsError, write_bad_rows
 
     cfg = config_from_args(args)
+    if args.plan:
+        return _plan(cfg, args)
+    if args.gpus is not None or args.strategy is not None or args.dtype is not None:
+        raise DPALogicError("--gpus, --strategy and --dtype describe a memory plan: use them with --plan")
     _check_paths(cfg)
     try:
         if args.dry_run:
@@ -347,6 +372,14 @@ def run_train(args: argparse.Namespace) -> int:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float) and k != "epoch")
         print(f"held-out after {result['step']} steps: {metrics}")
     return 130 if result.get("interrupted") else 0
+
+
+def _plan(cfg, args: argparse.Namespace) -> int:
+    from dpalogic.training.plan import plan_for, plan_table
+
+    plan = plan_for(cfg, gpus=args.gpus if args.gpus is not None else 1, strategy=args.strategy, dtype=args.dtype)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan_table(plan))
+    return 0
 
 
 def _dry_run(cfg, as_json: bool) -> int:

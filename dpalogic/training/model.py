@@ -49,12 +49,11 @@ def build_char_tokenizer():
     return tok
 
 
-def build_tiny_model(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, dropout: float = 0.0,
-                     seed: int = 0):  # fmt: skip
-    """A small Llama (≈0.1M parameters at the defaults) initialized deterministically from ``seed``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, dropout: float = 0.0):
+    """The ``LlamaConfig`` of the tiny model (the memory plan reads it without building the model)."""
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=4 * hidden,
@@ -68,6 +67,14 @@ def build_tiny_model(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_tiny_model(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, dropout: float = 0.0,
+                     seed: int = 0):  # fmt: skip
+    """A small Llama (≈0.1M parameters at the defaults) initialized deterministically from ``seed``."""
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_config(tokenizer, hidden=hidden, layers=layers, heads=heads, dropout=dropout)
     cpu_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
     try:
