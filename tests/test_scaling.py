@@ -127,3 +127,26 @@ def test_refused_combinations_exit_2(flags, env, fragment, tmp_path, files, caps
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_example_accelerate_configs(monkeypatch):
+    """The shipped configs parse with accelerate's own loader, and the FSDP one's launch environment means --fsdp."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from dpalogic.training.config import TrainConfig
+    from dpalogic.training.scaling import deepspeed_requested, fsdp_requested
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "accelerate"
+    fsdp = load_config_from_file(str(root / "fsdp.yaml"))
+    assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+    zero3 = load_config_from_file(str(root / "zero3.yaml"))
+    assert zero3.distributed_type == "DEEPSPEED" and zero3.deepspeed_config["zero_stage"] == 3
+
+    args = launch_command_parser().parse_args(["--config_file", str(root / "fsdp.yaml"), "-m", "dpalogic", "train"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    assert env["FSDP_VERSION"] == "2"
+    assert not fsdp_requested(TrainConfig())
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", env["ACCELERATE_USE_FSDP"])
+    assert fsdp_requested(TrainConfig()) and not deepspeed_requested(TrainConfig())
