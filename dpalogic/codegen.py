@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import keyword
 import linecache
 import os
@@ -35,9 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sympy
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.str import StrPrinter
 
 from dpalogic import circuit
+from dpalogic.backend import backend_rule
 from dpalogic.errors import DPALogicError
+from dpalogic.links import Z
 from dpalogic.semantics import LINKS, Program, Term, circuit_text, side_circuit
 from dpalogic.syntax import Atom
 
@@ -140,12 +145,15 @@ class _Body:
     grads: dict[str, list[str]] = field(default_factory=dict)  # variable → signed adjoint contributions
     sums: list[str] = field(default_factory=list)  # logaddexp variables, in emission order
     sum_var: dict[int, str] = field(default_factory=dict)  # circuit sum node → its logaddexp variable
+    used: set[str] = field(default_factory=set)  # helpers the statements call
+    zvar: str = ""  # the link argument being emitted (dtype of indicator functions)
     counter: int = 0
 
     def emit(self, line: str) -> None:
         self.lines.append(line)
 
     def helper(self, name: str) -> str:
+        self.used.add(name)  # the module emits exactly the helpers its statements asked for
         return f"_{name}{self.sfx}"
 
     def fresh(self, stem: str) -> str:
@@ -222,8 +230,92 @@ def _sum_terms(terms: list[str]) -> str:
     return out
 
 
-_LINK_ARGS = {"hinge": ("margin",), "exo": ("epsilon",), "discopop": ("tau",)}
-_LINK_DEFAULTS = {"margin": 1}
+class _LinkPrinter(StrPrinter):
+    """A link's SymPy expression as torch or Triton source: the stable primitives become the helpers."""
+
+    def __init__(self, body: _Body, names: dict[sympy.Symbol, str]) -> None:
+        super().__init__()
+        self.body, self.names, self.tl = body, names, body.sfx == "_tl"
+        self.dynamic: set[sympy.Symbol] = set()  # symbols that are tensors (z and what depends on it)
+
+    def _scalar(self, e: sympy.Expr) -> bool:
+        """A hyperparameter-only value: a Python float in the torch twin, a scalar in the kernel."""
+        return not (e.free_symbols & self.dynamic)
+
+    def doprint(self, expr: sympy.Expr) -> str:
+        return super().doprint(expr).replace("*", " * ")  # spaced as ruff formats it (no ** is ever printed)
+
+    def _call(self, fn: str, e: sympy.Expr) -> str:
+        return f"{fn}({self._print(e)})"
+
+    def _print_Symbol(self, e: sympy.Symbol) -> str:
+        return self.names.get(e, e.name)
+
+    def _print_Number(self, e: sympy.Expr) -> str:
+        return repr(float(e))
+
+    _print_Integer = _print_Rational = _print_Float = _print_Number
+
+    def _print_softplus(self, e: sympy.Expr) -> str:
+        return self._call(self.body.helper("softplus"), e.args[0])
+
+    def _print_sigmoid(self, e: sympy.Expr) -> str:
+        return self._call(self.body.helper("sigmoid") if self.tl else "torch.sigmoid", e.args[0])
+
+    def _print_logsigmoid(self, e: sympy.Expr) -> str:
+        return f"-{self.body.helper('softplus')}({self._print(-e.args[0])})"
+
+    def _print_exp(self, e: sympy.Expr) -> str:
+        return self._call("tl.exp" if self.tl else "math.exp" if self._scalar(e) else "torch.exp", e.args[0])
+
+    def _print_log(self, e: sympy.Expr) -> str:
+        return self._call("tl.log" if self.tl else "math.log" if self._scalar(e) else "torch.log", e.args[0])
+
+    def _print_Max(self, e: sympy.Expr) -> str:
+        if len(e.args) != 2:
+            return self._print(sympy.Max(e.args[0], sympy.Max(*e.args[1:])))
+        consts = [x for x in e.args if x.is_Number]
+        if consts:  # max(c, x): a clamp from below (relu when c = 0)
+            (c,), x = consts, next(x for x in e.args if not x.is_Number)
+            if self.tl:
+                return f"tl.maximum({self._print(x)}, {self._print(c)})"
+            return f"torch.relu({self._print(x)})" if c == 0 else f"torch.clamp({self._print(x)}, min={self._print(c)})"
+        a, b = (self._print(x) for x in e.args)
+        return f"tl.maximum({a}, {b})" if self.tl else f"torch.maximum({a}, {b})"
+
+    def _print_Heaviside(self, e: sympy.Expr) -> str:
+        x = self._print(e.args[0])  # the derivative of a kink: 0 on the flat side and at the kink itself
+        return f"tl.where({x} > 0.0, 1.0, 0.0)" if self.tl else f"({x} > 0.0).to({self.body.zvar}.dtype)"
+
+    def _print_Pow(self, e: sympy.Pow, rational: bool = False) -> str:
+        base, ex = e.args
+        b = self.parenthesize(base, PRECEDENCE["Mul"] + 1)
+        if ex == -1:
+            return f"1.0 / {b}"
+        if ex.is_Integer and 1 < ex <= 4:  # Triton tensors have no ** operator
+            return "*".join([b] * int(ex))
+        if ex.is_Integer and -4 <= ex < -1:
+            return "1.0 / (" + "*".join([b] * int(-ex)) + ")"
+        raise DPALogicError(f"cannot compile the power {e} in a link (integer powers up to 4 only)")
+
+
+def _emit_link(body: _Body, link, k: int, params: dict, const) -> None:
+    """``f{k} = f(z{k})`` and ``df{k} = f'(z{k})`` from the link's expression; shared parts computed once."""
+    z = sympy.Symbol(f"z{k}", real=True)
+    values = {s: params.get(name, default) for name, default in link.params for s in [sympy.Symbol(name, real=True)]}
+    names = {s: const(v, "p") for s, v in values.items()}
+    f = link.expr.xreplace({Z: z})
+    df = link.derivative.xreplace({Z: z})
+    temps, (f, df) = sympy.cse([f, df], symbols=sympy.numbered_symbols(f"u{k}_"), optimizations="basic")
+    body.zvar = f"z{k}"
+    printer = _LinkPrinter(body, names)
+    printer.dynamic.add(z)
+    for sym, e in temps:
+        if not printer._scalar(e):
+            printer.dynamic.add(sym)
+        body.emit(f"{sym} = {printer.doprint(e)}")
+    body.emit(f"f{k} = {printer.doprint(f)}")
+    body.emit(f"df{k} = {printer.doprint(df)}")
 
 
 def _term_comment(k: int, t: Term) -> list[str]:
@@ -299,10 +391,7 @@ def _body(program: Program, sfx: str) -> _Body:
             else:
                 z += f" - {const(shift, 'g')}"
         body.emit(f"z{k} = {z}")
-        params = dict(t.link_params)
-        args = [f"z{k}"] + [const(params.get(p, _LINK_DEFAULTS.get(p, 0)), "p") for p in _LINK_ARGS.get(t.link, ())]
-        link = "sigmoid_link" if t.link == "sigmoid" else t.link
-        body.emit(f"f{k}, df{k} = {body.helper(link)}({', '.join(args)})")
+        _emit_link(body, LINKS[t.link], k, dict(t.link_params), const)
         coef = sympy.sympify(t.coef)
         grad_factor = f"{scale} * df{k}" if scale else f"df{k}"
         if coef.free_symbols:
@@ -377,50 +466,6 @@ def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """log(e^a + e^b) and its partial derivatives sigma(a - b), sigma(b - a)."""
     return torch.logaddexp(a, b), torch.sigmoid(a - b), torch.sigmoid(b - a)
 ''',
-    "logistic": '''
-def _logistic(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-log sigma(z) and its derivative -sigma(-z)."""
-    return _softplus(-z), -torch.sigmoid(-z)
-''',
-    "hinge": '''
-def _hinge(z: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """max(0, margin - z) and its derivative (0 where the hinge is flat, as torch.relu's)."""
-    h = margin - z
-    return torch.relu(h), -(h > 0.0).to(z.dtype)
-''',
-    "squared": '''
-def _squared(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """z^2 and 2z."""
-    return z * z, 2.0 * z
-''',
-    "sigmoid_link": '''
-def _sigmoid_link(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigma(-z) and its derivative -sigma(z) sigma(-z)."""
-    s = torch.sigmoid(-z)
-    return s, -s * torch.sigmoid(z)
-''',
-    "exponential": '''
-def _exponential(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e^(-z) and -e^(-z)."""
-    e = torch.exp(-z)
-    return e, -e
-''',
-    "exo": '''
-def _exo(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(Bernoulli(sigma(z)) || Bernoulli(1 - eps)) and its derivative sigma(z) sigma(-z) (z - log(1 - eps) + log eps)."""
-    lq, lnq = -_softplus(-z), -_softplus(z)
-    q, nq = torch.exp(lq), torch.exp(lnq)
-    a, b = math.log1p(-eps), math.log(eps)
-    return q * (lq - a) + nq * (lnq - b), q * nq * (z - a + b)
-''',
-    "discopop": '''
-def _discopop(z: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1 - sigma(z/tau)) (-log sigma(z)) + sigma(z/tau) e^(-z), the second part in log space, and its derivative."""
-    sn, sp = torch.sigmoid(-z / tau), torch.sigmoid(z / tau)
-    lg = _softplus(-z)
-    e = torch.exp(-_softplus(-z / tau) - z)
-    return sn * lg + e, -sp * sn / tau * lg - sn * torch.sigmoid(-z) + e * (sn / tau - 1.0)
-''',
 }
 
 _TRITON_HELPERS: dict[str, str] = {
@@ -484,74 +529,11 @@ _TRITON_HELPERS: dict[str, str] = {
         big, small = 1.0 / (1.0 + e), e / (1.0 + e)
         return tl.maximum(a, b) + _log1p_tl(e), tl.where(d >= 0.0, big, small), tl.where(d >= 0.0, small, big)
 ''',
-    "logistic": '''
-    @triton.jit
-    def _logistic_tl(z):
-        """-log sigma(z) and its derivative -sigma(-z)."""
-        return _softplus_tl(-z), -_sigmoid_tl(-z)
-''',
-    "hinge": '''
-    @triton.jit
-    def _hinge_tl(z, margin):
-        """max(0, margin - z) and its derivative (0 where the hinge is flat)."""
-        h = margin - z
-        return tl.maximum(h, 0.0), tl.where(h > 0.0, -1.0, 0.0)
-''',
-    "squared": '''
-    @triton.jit
-    def _squared_tl(z):
-        """z^2 and 2z."""
-        return z * z, 2.0 * z
-''',
-    "sigmoid_link": '''
-    @triton.jit
-    def _sigmoid_link_tl(z):
-        """sigma(-z) and its derivative -sigma(z) sigma(-z)."""
-        s = _sigmoid_tl(-z)
-        return s, -s * _sigmoid_tl(z)
-''',
-    "exponential": '''
-    @triton.jit
-    def _exponential_tl(z):
-        """e^(-z) and -e^(-z)."""
-        e = tl.exp(-z)
-        return e, -e
-''',
-    "exo": '''
-    @triton.jit
-    def _exo_tl(z, eps):
-        """KL(Bernoulli(sigma(z)) || Bernoulli(1 - eps)) and its derivative sigma(z) sigma(-z) (z - log(1 - eps) + log eps)."""
-        lq = -_softplus_tl(-z)
-        lnq = -_softplus_tl(z)
-        q = tl.exp(lq)
-        nq = tl.exp(lnq)
-        a = _log1p_tl(-eps)
-        b = tl.log(eps)
-        return q * (lq - a) + nq * (lnq - b), q * nq * (z - a + b)
-''',
-    "discopop": '''
-    @triton.jit
-    def _discopop_tl(z, tau):
-        """(1 - sigma(z/tau)) (-log sigma(z)) + sigma(z/tau) e^(-z), the second part in log space, and its derivative."""
-        sn = _sigmoid_tl(-z / tau)
-        sp = _sigmoid_tl(z / tau)
-        lg = _softplus_tl(-z)
-        e = tl.exp(-_softplus_tl(-z / tau) - z)
-        return sn * lg + e, -sp * sn / tau * lg - sn * _sigmoid_tl(-z) + e * (sn / tau - 1.0)
-''',
 }
 
 # what each helper calls (so only the helpers a program needs are emitted, in dependency order)
-_TRITON_DEPS = {
-    "softplus": ("log1p",),
-    "log1mexp": ("log1p",),
-    "logaddexp": ("log1p",),
-    "logistic": ("softplus", "sigmoid"),
-    "sigmoid_link": ("sigmoid",),
-    "exo": ("softplus", "log1p"),
-    "discopop": ("softplus", "sigmoid"),
-}
-_TORCH_DEPS = {"logistic": ("softplus",), "exo": ("softplus",), "discopop": ("softplus",)}
+_TRITON_DEPS = {"softplus": ("log1p",), "log1mexp": ("log1p",), "logaddexp": ("log1p",)}
+_TORCH_DEPS: dict[str, tuple[str, ...]] = {}
 _ORDER = (
     "log1p",
     "sigmoid",
@@ -559,13 +541,6 @@ _ORDER = (
     "scaled",
     "log1mexp",
     "logaddexp",
-    "logistic",
-    "hinge",
-    "squared",
-    "sigmoid_link",
-    "exponential",
-    "exo",
-    "discopop",
 )
 
 
@@ -732,13 +707,6 @@ def compile_program(
 
     torch_body = _body(program, "")
     tl_body = _body(program, "_tl")
-    need = {"sigmoid_link" if t.link == "sigmoid" else t.link for t in program.terms}
-    if any("_scaled(" in ln for ln in torch_body.lines):
-        need.add("scaled")
-    if torch_body.l1m:
-        need.add("log1mexp")
-    if any("_logaddexp(" in ln for ln in torch_body.lines):
-        need.add("logaddexp")
 
     args = list(inputs + lengths)
     kernel = f"{name}_fwd_bwd"
@@ -772,10 +740,12 @@ def compile_program(
         f"HYPERPARAMETERS = {_lit(hp)}",
         f"BLOCK = {BLOCK}",
         "LN2 = math.log(2.0)",
+        "# @triton.jit picks Triton's interpreter or its compiler when this module is imported",
+        'INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"',
         "",
         f"{rule} torch twin",
     ]
-    for n in _closure(need, _TORCH_DEPS):
+    for n in _closure(torch_body.used, _TORCH_DEPS):
         L += ["", "", *_TORCH_HELPERS[n].strip("\n").split("\n")]
 
     sig = [f"    {x}: torch.Tensor," for x in args]
@@ -795,7 +765,7 @@ def compile_program(
     L += _wrap_call(4, "return loss, (", grads, ")") if len(grads) > 1 else [f"    return loss, (d_{inputs[0]},)"]
 
     L += ["", "", f"{rule} Triton kernel", "", "if triton is not None:", ""]
-    helpers = _closure(need, _TRITON_DEPS)
+    helpers = _closure(tl_body.used, _TRITON_DEPS)
     for i, n in enumerate(helpers):
         if i:
             L.append("")
@@ -824,12 +794,8 @@ def compile_program(
         "",
         "",
         "def triton_available(device: torch.device) -> bool:",
-        '    """Can the kernel run on this device: CUDA with triton, or any device under TRITON_INTERPRET=1."""',
-        "    if KERNEL is None:",
-        "        return False",
-        '    if device.type == "cuda":',
-        "        return True",
-        '    return os.environ.get("TRITON_INTERPRET") == "1" and type(KERNEL).__name__ == "InterpretedFunction"',
+        '    """Can the kernel run on this device: CUDA with triton, or any device in Triton\'s interpreter."""',
+        '    return KERNEL is not None and (device.type == "cuda" or INTERPRETED)',
         "",
         "",
         "def loss_and_grads_triton(",
@@ -885,6 +851,10 @@ def compile_program(
     L += [
         "",
         "",
+        "# the backend rule, copied from dpalogic.backend.backend_rule when this module was generated",
+        *inspect.getsource(backend_rule).rstrip("\n").split("\n"),
+        "",
+        "",
         "def per_pair_loss(",
         *pp,
         ") -> torch.Tensor:",
@@ -892,13 +862,13 @@ def compile_program(
         "",
         '    backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".',
         '    """',
-        '    if backend not in ("auto", "triton", "torch"):',
-        "        raise _InputError(f\"backend must be 'auto', 'triton' or 'torch', got {backend!r}\")",
         *_wrap_call(4, "tensors = torch.broadcast_tensors(", args),
         "    device = tensors[0].device",
         "    if any(t.device != device for t in tensors):",
         '        raise _InputError("all inputs must be on the same device")',
-        '    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and KERNEL is not None)',
+        '    use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)',
+        "    if refused:",
+        "        raise _InputError(refused)",
         f"    return LossFunction.apply(use_triton, {hp_dict}, *tensors)",
     ]
     src = "\n".join(L).rstrip("\n") + "\n"

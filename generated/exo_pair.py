@@ -41,6 +41,8 @@ LENGTHS = ()
 HYPERPARAMETERS = {"beta": 0.1, "label_smoothing": 0.001}
 BLOCK = 1024
 LN2 = math.log(2.0)
+# @triton.jit picks Triton's interpreter or its compiler when this module is imported
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ---------------------------------------------------------------------------------------------------- torch twin
 
@@ -48,14 +50,6 @@ LN2 = math.log(2.0)
 def _softplus(x: torch.Tensor) -> torch.Tensor:
     """log(1 + e^x) without overflow (torch's fused kernel; linear beyond 20, relative error below e^-20)."""
     return torch.nn.functional.softplus(x)
-
-
-def _exo(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(Bernoulli(sigma(z)) || Bernoulli(1 - eps)) and its derivative sigma(z) sigma(-z) (z - log(1 - eps) + log eps)."""
-    lq, lnq = -_softplus(-z), -_softplus(z)
-    q, nq = torch.exp(lq), torch.exp(lnq)
-    a, b = math.log1p(-eps), math.log(eps)
-    return q * (lq - a) + nq * (lnq - b), q * nq * (z - a + b)
 
 
 def loss_and_grads_torch(
@@ -79,7 +73,14 @@ def loss_and_grads_torch(
     top1 = m_yw + ref_yl
     bot1 = m_yl + ref_yw
     z1 = beta * (top1 - bot1)
-    f1, df1 = _exo(z1, label_smoothing)
+    u1_0 = -z1
+    u1_1 = torch.sigmoid(u1_0)
+    u1_2 = -_softplus(-u1_0) - math.log(label_smoothing)
+    u1_3 = torch.sigmoid(z1)
+    u1_4 = -_softplus(-z1)
+    u1_5 = math.log(1.0 - label_smoothing)
+    f1 = u1_1 * u1_2 + u1_3 * (u1_4 - u1_5)
+    df1 = u1_1 * u1_3 * (-u1_2 + u1_4 - u1_5)
     a1 = beta * df1  # d loss / d log rho_1
     loss = f1
     # backward: the chain rule through the plans, collected per input
@@ -103,20 +104,15 @@ if triton is not None:
         return tl.where(tl.abs(u) < 0.1, series, tl.log(1.0 + u))
 
     @triton.jit
+    def _sigmoid_tl(x):
+        """sigma(x) from e^(-|x|) <= 1: no overflow for any x."""
+        e = tl.exp(-tl.abs(x))
+        return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+    @triton.jit
     def _softplus_tl(x):
         """log(1 + e^x) without overflow."""
         return tl.maximum(x, 0.0) + _log1p_tl(tl.exp(-tl.abs(x)))
-
-    @triton.jit
-    def _exo_tl(z, eps):
-        """KL(Bernoulli(sigma(z)) || Bernoulli(1 - eps)) and its derivative sigma(z) sigma(-z) (z - log(1 - eps) + log eps)."""
-        lq = -_softplus_tl(-z)
-        lnq = -_softplus_tl(z)
-        q = tl.exp(lq)
-        nq = tl.exp(lnq)
-        a = _log1p_tl(-eps)
-        b = tl.log(eps)
-        return q * (lq - a) + nq * (lnq - b), q * nq * (z - a + b)
 
     @triton.jit
     def exo_pair_fwd_bwd(
@@ -149,7 +145,14 @@ if triton is not None:
         top1 = m_yw + ref_yl
         bot1 = m_yl + ref_yw
         z1 = beta * (top1 - bot1)
-        f1, df1 = _exo_tl(z1, label_smoothing)
+        u1_0 = -z1
+        u1_1 = _sigmoid_tl(u1_0)
+        u1_2 = -_softplus_tl(-u1_0) - tl.log(label_smoothing)
+        u1_3 = _sigmoid_tl(z1)
+        u1_4 = -_softplus_tl(-z1)
+        u1_5 = tl.log(1.0 - label_smoothing)
+        f1 = u1_1 * u1_2 + u1_3 * (u1_4 - u1_5)
+        df1 = u1_1 * u1_3 * (-u1_2 + u1_4 - u1_5)
         a1 = beta * df1  # d loss / d log rho_1
         loss = f1
         # backward: the chain rule through the plans, collected per input
@@ -169,12 +172,8 @@ else:  # pragma: no cover
 
 
 def triton_available(device: torch.device) -> bool:
-    """Can the kernel run on this device: CUDA with triton, or any device under TRITON_INTERPRET=1."""
-    if KERNEL is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and type(KERNEL).__name__ == "InterpretedFunction"
+    """Can the kernel run on this device: CUDA with triton, or any device in Triton's interpreter."""
+    return KERNEL is not None and (device.type == "cuda" or INTERPRETED)
 
 
 def loss_and_grads_triton(
@@ -239,6 +238,26 @@ class LossFunction(torch.autograd.Function):
         return None, None, *out, *[None] * len(LENGTHS)
 
 
+# the backend rule, copied from dpalogic.backend.backend_rule when this module was generated
+def backend_rule(backend: str, is_cuda: bool, triton_ready: bool, interpreting: bool) -> tuple[bool, str]:
+    """``(use Triton?, why not allowed)``: ``"torch"`` never; ``"auto"`` on CUDA when Triton is ready;
+    ``"triton"`` always, but on the CPU only in Triton's interpreter. A non-empty message means refuse."""
+    if backend not in ("auto", "triton", "torch"):
+        return False, f"backend must be 'auto', 'triton' or 'torch', got {backend!r}"
+    if backend == "torch":
+        return False, ""
+    if backend == "auto":
+        return is_cuda and triton_ready, ""
+    if not triton_ready:
+        return False, "backend='triton' needs the triton package (pip install triton)"
+    if not is_cuda and not interpreting:
+        return False, (
+            "backend='triton' needs CUDA tensors; on the CPU it runs only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported (or use backend='torch')"
+        )
+    return True, ""
+
+
 def per_pair_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -253,11 +272,11 @@ def per_pair_loss(
 
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise _InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     tensors = torch.broadcast_tensors(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     device = tensors[0].device
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
-    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and KERNEL is not None)
+    use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
+    if refused:
+        raise _InputError(refused)
     return LossFunction.apply(use_triton, {"beta": beta, "label_smoothing": label_smoothing}, *tensors)

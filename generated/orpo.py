@@ -46,6 +46,8 @@ LENGTHS = ("chosen_lengths", "rejected_lengths")
 HYPERPARAMETERS = {"alpha": 1.0, "beta": 0.1}
 BLOCK = 1024
 LN2 = math.log(2.0)
+# @triton.jit picks Triton's interpreter or its compiler when this module is imported
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ---------------------------------------------------------------------------------------------------- torch twin
 
@@ -74,11 +76,6 @@ def _log1mexp(x: torch.Tensor, tiny: float) -> tuple[torch.Tensor, torch.Tensor]
     return value, grad
 
 
-def _logistic(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-log sigma(z) and its derivative -sigma(-z)."""
-    return _softplus(-z), -torch.sigmoid(-z)
-
-
 def loss_and_grads_torch(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -105,7 +102,9 @@ def loss_and_grads_torch(
     top1 = m_yw_tok + l1m_m_yl_tok
     bot1 = l1m_m_yw_tok + m_yl_tok
     z1 = top1 - bot1
-    f1, df1 = _logistic(z1)
+    u1_0 = -z1
+    f1 = _softplus(u1_0)
+    df1 = -torch.sigmoid(u1_0)
     a1 = _scaled(beta, df1)  # d loss / d log rho_1
     # term 2: α·[−log σ(log ρ)] (per token)
     #   log WMC(top) = log p_w
@@ -113,7 +112,9 @@ def loss_and_grads_torch(
     top2 = m_yw_tok
     bot2 = l1m_m_yw_tok
     z2 = top2 - bot2
-    f2, df2 = _logistic(z2)
+    u2_0 = -z2
+    f2 = _softplus(u2_0)
+    df2 = -torch.sigmoid(u2_0)
     a2 = _scaled(alpha, df2)  # d loss / d log rho_2
     loss = _scaled(beta, f1) + _scaled(alpha, f2)
     # backward: the chain rule through the plans, collected per input
@@ -177,11 +178,6 @@ if triton is not None:
         return value, grad
 
     @triton.jit
-    def _logistic_tl(z):
-        """-log sigma(z) and its derivative -sigma(-z)."""
-        return _softplus_tl(-z), -_sigmoid_tl(-z)
-
-    @triton.jit
     def orpo_fwd_bwd(
         chosen_logps_ptr,
         rejected_logps_ptr,
@@ -214,7 +210,9 @@ if triton is not None:
         top1 = m_yw_tok + l1m_m_yl_tok
         bot1 = l1m_m_yw_tok + m_yl_tok
         z1 = top1 - bot1
-        f1, df1 = _logistic_tl(z1)
+        u1_0 = -z1
+        f1 = _softplus_tl(u1_0)
+        df1 = -_sigmoid_tl(u1_0)
         a1 = _scaled_tl(beta, df1)  # d loss / d log rho_1
         # term 2: α·[−log σ(log ρ)] (per token)
         #   log WMC(top) = log p_w
@@ -222,7 +220,9 @@ if triton is not None:
         top2 = m_yw_tok
         bot2 = l1m_m_yw_tok
         z2 = top2 - bot2
-        f2, df2 = _logistic_tl(z2)
+        u2_0 = -z2
+        f2 = _softplus_tl(u2_0)
+        df2 = -_sigmoid_tl(u2_0)
         a2 = _scaled_tl(alpha, df2)  # d loss / d log rho_2
         loss = _scaled_tl(beta, f1) + _scaled_tl(alpha, f2)
         # backward: the chain rule through the plans, collected per input
@@ -242,12 +242,8 @@ else:  # pragma: no cover
 
 
 def triton_available(device: torch.device) -> bool:
-    """Can the kernel run on this device: CUDA with triton, or any device under TRITON_INTERPRET=1."""
-    if KERNEL is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and type(KERNEL).__name__ == "InterpretedFunction"
+    """Can the kernel run on this device: CUDA with triton, or any device in Triton's interpreter."""
+    return KERNEL is not None and (device.type == "cuda" or INTERPRETED)
 
 
 def loss_and_grads_triton(
@@ -312,6 +308,26 @@ class LossFunction(torch.autograd.Function):
         return None, None, *out, *[None] * len(LENGTHS)
 
 
+# the backend rule, copied from dpalogic.backend.backend_rule when this module was generated
+def backend_rule(backend: str, is_cuda: bool, triton_ready: bool, interpreting: bool) -> tuple[bool, str]:
+    """``(use Triton?, why not allowed)``: ``"torch"`` never; ``"auto"`` on CUDA when Triton is ready;
+    ``"triton"`` always, but on the CPU only in Triton's interpreter. A non-empty message means refuse."""
+    if backend not in ("auto", "triton", "torch"):
+        return False, f"backend must be 'auto', 'triton' or 'torch', got {backend!r}"
+    if backend == "torch":
+        return False, ""
+    if backend == "auto":
+        return is_cuda and triton_ready, ""
+    if not triton_ready:
+        return False, "backend='triton' needs the triton package (pip install triton)"
+    if not is_cuda and not interpreting:
+        return False, (
+            "backend='triton' needs CUDA tensors; on the CPU it runs only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported (or use backend='torch')"
+        )
+    return True, ""
+
+
 def per_pair_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -326,11 +342,11 @@ def per_pair_loss(
 
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise _InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     tensors = torch.broadcast_tensors(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
     device = tensors[0].device
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
-    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and KERNEL is not None)
+    use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
+    if refused:
+        raise _InputError(refused)
     return LossFunction.apply(use_triton, {"alpha": alpha, "beta": beta}, *tensors)

@@ -46,13 +46,10 @@ LENGTHS = ()
 HYPERPARAMETERS = {"beta": 0.1}
 BLOCK = 1024
 LN2 = math.log(2.0)
+# @triton.jit picks Triton's interpreter or its compiler when this module is imported
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ---------------------------------------------------------------------------------------------------- torch twin
-
-
-def _squared(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """z^2 and 2z."""
-    return z * z, 2.0 * z
 
 
 def loss_and_grads_torch(
@@ -76,7 +73,8 @@ def loss_and_grads_torch(
     top1 = m_yw
     bot1 = ref_yw
     z1 = top1 - bot1 - g1
-    f1, df1 = _squared(z1)
+    f1 = z1 * z1
+    df1 = 2.0 * z1
     a1 = df1  # d loss / d log rho_1
     # term 2: (log ρ − 1/(2·β))²
     #   log WMC(top) = log r_l
@@ -84,7 +82,8 @@ def loss_and_grads_torch(
     top2 = ref_yl
     bot2 = m_yl
     z2 = top2 - bot2 - g1
-    f2, df2 = _squared(z2)
+    f2 = z2 * z2
+    df2 = 2.0 * z2
     a2 = df2  # d loss / d log rho_2
     loss = f1 + f2
     # backward: the chain rule through the plans, collected per input
@@ -98,11 +97,6 @@ def loss_and_grads_torch(
 # ---------------------------------------------------------------------------------------------------- Triton kernel
 
 if triton is not None:
-
-    @triton.jit
-    def _squared_tl(z):
-        """z^2 and 2z."""
-        return z * z, 2.0 * z
 
     @triton.jit
     def sppo_hard_fwd_bwd(
@@ -135,7 +129,8 @@ if triton is not None:
         top1 = m_yw
         bot1 = ref_yw
         z1 = top1 - bot1 - g1
-        f1, df1 = _squared_tl(z1)
+        f1 = z1 * z1
+        df1 = 2.0 * z1
         a1 = df1  # d loss / d log rho_1
         # term 2: (log ρ − 1/(2·β))²
         #   log WMC(top) = log r_l
@@ -143,7 +138,8 @@ if triton is not None:
         top2 = ref_yl
         bot2 = m_yl
         z2 = top2 - bot2 - g1
-        f2, df2 = _squared_tl(z2)
+        f2 = z2 * z2
+        df2 = 2.0 * z2
         a2 = df2  # d loss / d log rho_2
         loss = f1 + f2
         # backward: the chain rule through the plans, collected per input
@@ -163,12 +159,8 @@ else:  # pragma: no cover
 
 
 def triton_available(device: torch.device) -> bool:
-    """Can the kernel run on this device: CUDA with triton, or any device under TRITON_INTERPRET=1."""
-    if KERNEL is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and type(KERNEL).__name__ == "InterpretedFunction"
+    """Can the kernel run on this device: CUDA with triton, or any device in Triton's interpreter."""
+    return KERNEL is not None and (device.type == "cuda" or INTERPRETED)
 
 
 def loss_and_grads_triton(
@@ -231,6 +223,26 @@ class LossFunction(torch.autograd.Function):
         return None, None, *out, *[None] * len(LENGTHS)
 
 
+# the backend rule, copied from dpalogic.backend.backend_rule when this module was generated
+def backend_rule(backend: str, is_cuda: bool, triton_ready: bool, interpreting: bool) -> tuple[bool, str]:
+    """``(use Triton?, why not allowed)``: ``"torch"`` never; ``"auto"`` on CUDA when Triton is ready;
+    ``"triton"`` always, but on the CPU only in Triton's interpreter. A non-empty message means refuse."""
+    if backend not in ("auto", "triton", "torch"):
+        return False, f"backend must be 'auto', 'triton' or 'torch', got {backend!r}"
+    if backend == "torch":
+        return False, ""
+    if backend == "auto":
+        return is_cuda and triton_ready, ""
+    if not triton_ready:
+        return False, "backend='triton' needs the triton package (pip install triton)"
+    if not is_cuda and not interpreting:
+        return False, (
+            "backend='triton' needs CUDA tensors; on the CPU it runs only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported (or use backend='torch')"
+        )
+    return True, ""
+
+
 def per_pair_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -244,11 +256,11 @@ def per_pair_loss(
 
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise _InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     tensors = torch.broadcast_tensors(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     device = tensors[0].device
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
-    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and KERNEL is not None)
+    use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
+    if refused:
+        raise _InputError(refused)
     return LossFunction.apply(use_triton, {"beta": beta}, *tensors)

@@ -41,6 +41,8 @@ LENGTHS = ()
 HYPERPARAMETERS = {"beta": 1.0}
 BLOCK = 1024
 LN2 = math.log(2.0)
+# @triton.jit picks Triton's interpreter or its compiler when this module is imported
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ---------------------------------------------------------------------------------------------------- torch twin
 
@@ -69,11 +71,6 @@ def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.logaddexp(a, b), torch.sigmoid(a - b), torch.sigmoid(b - a)
 
 
-def _logistic(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-log sigma(z) and its derivative -sigma(-z)."""
-    return _softplus(-z), -torch.sigmoid(-z)
-
-
 def loss_and_grads_torch(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -94,7 +91,9 @@ def loss_and_grads_torch(
     top1 = s1
     bot1 = l1m_m_yw + m_yl
     z1 = beta * (top1 - bot1)
-    f1, df1 = _logistic(z1)
+    u1_0 = -z1
+    f1 = _softplus(u1_0)
+    df1 = -torch.sigmoid(u1_0)
     a1 = beta * df1  # d loss / d log rho_1
     loss = f1
     # backward: the chain rule through the plans, collected per input
@@ -159,11 +158,6 @@ if triton is not None:
         return tl.maximum(a, b) + _log1p_tl(e), tl.where(d >= 0.0, big, small), tl.where(d >= 0.0, small, big)
 
     @triton.jit
-    def _logistic_tl(z):
-        """-log sigma(z) and its derivative -sigma(-z)."""
-        return _softplus_tl(-z), -_sigmoid_tl(-z)
-
-    @triton.jit
     def uncpo_fwd_bwd(
         chosen_logps_ptr,
         rejected_logps_ptr,
@@ -190,7 +184,9 @@ if triton is not None:
         top1 = s1
         bot1 = l1m_m_yw + m_yl
         z1 = beta * (top1 - bot1)
-        f1, df1 = _logistic_tl(z1)
+        u1_0 = -z1
+        f1 = _softplus_tl(u1_0)
+        df1 = -_sigmoid_tl(u1_0)
         a1 = beta * df1  # d loss / d log rho_1
         loss = f1
         # backward: the chain rule through the plans, collected per input
@@ -208,12 +204,8 @@ else:  # pragma: no cover
 
 
 def triton_available(device: torch.device) -> bool:
-    """Can the kernel run on this device: CUDA with triton, or any device under TRITON_INTERPRET=1."""
-    if KERNEL is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and type(KERNEL).__name__ == "InterpretedFunction"
+    """Can the kernel run on this device: CUDA with triton, or any device in Triton's interpreter."""
+    return KERNEL is not None and (device.type == "cuda" or INTERPRETED)
 
 
 def loss_and_grads_triton(
@@ -263,6 +255,26 @@ class LossFunction(torch.autograd.Function):
         return None, None, *out, *[None] * len(LENGTHS)
 
 
+# the backend rule, copied from dpalogic.backend.backend_rule when this module was generated
+def backend_rule(backend: str, is_cuda: bool, triton_ready: bool, interpreting: bool) -> tuple[bool, str]:
+    """``(use Triton?, why not allowed)``: ``"torch"`` never; ``"auto"`` on CUDA when Triton is ready;
+    ``"triton"`` always, but on the CPU only in Triton's interpreter. A non-empty message means refuse."""
+    if backend not in ("auto", "triton", "torch"):
+        return False, f"backend must be 'auto', 'triton' or 'torch', got {backend!r}"
+    if backend == "torch":
+        return False, ""
+    if backend == "auto":
+        return is_cuda and triton_ready, ""
+    if not triton_ready:
+        return False, "backend='triton' needs the triton package (pip install triton)"
+    if not is_cuda and not interpreting:
+        return False, (
+            "backend='triton' needs CUDA tensors; on the CPU it runs only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported (or use backend='torch')"
+        )
+    return True, ""
+
+
 def per_pair_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -274,11 +286,11 @@ def per_pair_loss(
 
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise _InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     tensors = torch.broadcast_tensors(chosen_logps, rejected_logps)
     device = tensors[0].device
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
-    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda" and KERNEL is not None)
+    use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
+    if refused:
+        raise _InputError(refused)
     return LossFunction.apply(use_triton, {"beta": beta}, *tensors)
