@@ -274,7 +274,9 @@ def test_link_derivatives_match_sympy(link):
     params = {"hinge": (("margin", 1),), "exo": (("epsilon", sympy.Rational(1, 100)),), "discopop": (("tau", 0.05),)}
     # over CPO's structure (✓ = M(yw), ✗ = M(yl)) z = log p_w − log p_l, so the module's loss is f(z) and its
     # gradient in log p_w is f'(z): the emitted link code, checked against SymPy's own derivative
-    term = Term(Structure.parse("(M(yl) -> M(yw), M(yw) | M(yl), M(yw) & M(yl))"), link, link_params=params.get(link, ()))
+    term = Term(
+        Structure.parse("(M(yl) -> M(yw), M(yw) | M(yl), M(yw) & M(yl))"), link, link_params=params.get(link, ())
+    )
     mod = load(compile_program(Program((term,)), "link_" + link))
     z = torch.tensor([-30.0, -4.0, -0.7, -0.01, 0.3, 0.999, 1.2, 5.0, 25.0], dtype=torch.float64)
     f, (df, _) = mod.loss_and_grads_torch(z - 60.0, torch.full_like(z, -60.0))
