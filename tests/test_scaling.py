@@ -79,6 +79,35 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes(tmp_path, files):
     assert [x["loss"] for x in log_lines(resumed)] == pytest.approx([x["loss"] for x in b if x["step"] > 2], abs=1e-6)
 
 
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "extra, weights",
+    [
+        # LoRA under FSDP: the live reference is the sharded base model with its adapter switched off
+        (["--lora-r=4", "--reference=model"], adapter),
+        # the frozen reference copy, sharded like the policy
+        pytest.param(["--reference=model"], final_state, marks=pytest.mark.slow),
+    ],
+)
+def test_fsdp_with_lora_or_a_sharded_reference_matches_one_process(tmp_path, files, extra, weights):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*cli_args(one, files, batch_size=8, save_every=0), *extra]) == 0
+    torchrun([*cli_args(two, files, save_every=0), "--fsdp", *extra])
+    a, b = log_lines(one), log_lines(two)
+    assert [(x["split"], x["step"]) for x in a] == [(x["split"], x["step"]) for x in b]
+    assert [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], rel=1e-4, abs=1e-6)
+    assert a[-1]["loss"] < a[0]["loss"]  # it trained
+    w1, w2 = weights(one), weights(two)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, files):
     grads = {}
     for on in (False, True):
