@@ -7,7 +7,12 @@ Modules (each imports torch/transformers itself; importing this package does not
 - :mod:`dpalogic.training.model` — the local character tokenizer and ``tiny`` model, loading local checkpoints,
   per-sequence log-probabilities, the reference model and its on-disk log-prob cache.
 - :mod:`dpalogic.training.loop` — :class:`TrainConfig` and :func:`train`: AdamW, warmup+cosine, accumulation,
-  clipping, evaluation, JSONL logs, exact-resume checkpoints, DDP under ``torchrun``/``accelerate launch``.
+  clipping, evaluation, JSONL logs, exact-resume checkpoints, DDP or FSDP2 under ``torchrun``/``accelerate launch``.
+- :mod:`dpalogic.training.scaling` — ``accelerate`` set-up, FSDP2 sharding, LoRA (peft), gradient checkpointing,
+  whole-model state dicts for the checkpoints.
+- :mod:`dpalogic.training.checkpoint` — checkpoint folders that never unpickle: safetensors, JSON, a sha256 manifest.
+- :mod:`dpalogic.training.metrics` — the implicit rewards, margins and accuracies, one definition for every trainer.
+- :mod:`dpalogic.training.plan` — ``dpalogic train --plan``: memory per GPU from a model's config, nothing loaded.
 - :mod:`dpalogic.training.demo` — the synthetic sorting task and the side-by-side loss study (table + PNG plots).
 - :mod:`dpalogic.training.cli` — ``dpalogic train`` and ``dpalogic demo``.
 """

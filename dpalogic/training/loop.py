@@ -131,17 +131,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
-
-
 class _Policy(torch.nn.Module):
     """The model's forward as DDP sees it: all parameters used for the loss go through this ``forward``."""
 
@@ -229,7 +218,9 @@ class Trainer:
         if self.fsdp and cfg.fused:  # an accelerate config chose FSDP (--fsdp --fused is refused by the config check)
             raise DPALogicError("--fused cannot run under FSDP: the fused loss needs the whole LM head, FSDP shards it")
         self.lora = cfg.lora_r is not None
-        seed_everything(cfg.seed)
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # python, numpy and torch (and every GPU)
 
         self.loss_fn = PreferenceLoss(cfg.loss, reduction="none", **cfg.hp)
         # pairs only: a formula over y1 … yK (or one without a policy atom) cannot train on chosen/rejected rows,

@@ -7,11 +7,9 @@ Nothing here downloads anything: ``tiny`` is built from a config with a characte
 from __future__ import annotations
 
 import hashlib
-import os
 import string
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -171,32 +169,3 @@ def fingerprint(model, examples: Sequence[Example]) -> str:
     for ex in examples:
         h.update(repr((ex.prompt_ids, ex.chosen_ids, ex.rejected_ids)).encode())
     return h.hexdigest()[:16]
-
-
-def cached_reference_logps(
-    cache_path: str | os.PathLike,
-    model,
-    examples: Sequence[Example],
-    *,
-    compute: bool,
-    **kw: Any,
-) -> tuple[torch.Tensor, bool]:
-    """Reference log-probs from ``cache_path`` when its fingerprint matches, else computed (and saved if ``compute``).
-
-    Returns ``(logps [N, 2], hit)``. Only one process should pass ``compute=True`` and write; the others wait for it
-    and read the file.
-    """
-    path = Path(cache_path)
-    fp = fingerprint(model, examples)
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("fingerprint") == fp and blob["logps"].shape[0] == len(examples):
-            return blob["logps"], True
-    if not compute:
-        raise DPALogicError(f"reference log-prob cache {path} is missing or stale")
-    lp = reference_logps(model, examples, **kw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"fingerprint": fp, "logps": lp}, tmp)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-    return lp, False
