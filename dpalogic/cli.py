@@ -19,6 +19,23 @@ from dpalogic.errors import DPALogicError
 # --------------------------------------------------------------------------------------------------- analysis
 
 
+def parse_hp(items: list[str]) -> dict[str, float]:
+    """``["margin=0.5", …]`` → ``{"margin": 0.5}``; a malformed item is a clear error."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise DPALogicError(f"--hp takes NAME=VALUE, e.g. --hp margin=0.5; got {item!r}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise DPALogicError(f"--hp {name.strip()} must be a number, got {value!r}") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise DPALogicError(f"--hp {name.strip()} must be a finite number, got {value!r}")
+        out[name.strip()] = v
+    return out
+
+
 def _structure_info(s) -> dict[str, Any]:
     from dpalogic.semantics import circuit_text, latex_names, rho_sympy, semantic_loss_sympy, side_circuit
 
@@ -61,8 +78,18 @@ def catalog_matches(s) -> tuple[list[str], list[str]]:
     return equivalent, same
 
 
-def derive(text: str, given: str | None = None, additive: str | None = None) -> dict[str, Any]:
-    """Everything ``dpalogic derive`` reports about a structure, as a JSON-ready dict."""
+def derive(
+    text: str,
+    given: str | None = None,
+    additive: str | None = None,
+    link: str | None = None,
+    hyperparameters: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Everything ``dpalogic derive`` reports about a structure, as a JSON-ready dict.
+
+    With ``link`` (an expression in ``z``) the loss is ``f(log ρ)`` for that link instead of ``−log σ(log ρ)``; the
+    link's parameters keep their names in the closed form and take their values from ``hyperparameters``.
+    """
     from dpalogic.catalog import _alias_map, outside
     from dpalogic.structure import Structure
 
@@ -76,7 +103,25 @@ def derive(text: str, given: str | None = None, additive: str | None = None) -> 
     info = _structure_info(s)
     info["equivalent_to"], info["same_loss_as"] = catalog_matches(s)
     info["input"] = text
+    info["link_formula"] = "−log σ(z)"
+    if link is not None:
+        from dpalogic.semantics import latex_names, single_structure_program, with_link
+
+        program = with_link(single_structure_program(s), link, hyperparameters)
+        term = program.terms[0]
+        closed = term.sympy().xreplace({sympy.Symbol("beta"): 1, sympy.Symbol("gamma"): 0})
+        info["link"] = link
+        info["link_formula"] = link_formula(term.link)
+        info["loss"] = str(closed)
+        info["latex"] = sympy.latex(closed, symbol_names=latex_names(s.atoms))
+        info["hyperparameters"] = {k: v for k, v in program.defaults.items() if k not in ("beta", "gamma")}
     return info
+
+
+def link_formula(name: str) -> str:
+    from dpalogic.links import LINKS
+
+    return LINKS[name].formula
 
 
 def plural(n: int, noun: str, nouns: str | None = None) -> str:
@@ -267,7 +312,8 @@ def _print_derive(info: dict[str, Any]) -> None:
     t.add_row("✗ (bottom)", info["bottom_unicode"])
     t.add_row("ρ", info["rho"])
     t.add_row("log ρ", info["log_rho"])
-    t.add_row("loss", f"−log σ(log ρ) = {info['loss']}")
+    link = info.get("link_formula", "−log σ(z)").replace("z", "log ρ")
+    t.add_row("loss", f"{link} = {info['loss']}")
     t.add_row("LaTeX", info["latex"])
     t.add_row("equivalent to", ", ".join(info["equivalent_to"]) or "(no catalog loss)")
     t.add_row("same loss as", ", ".join(info["same_loss_as"]) or "(no catalog loss)")
@@ -358,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("formula", help='a formula "M(yl) -> M(yw)" or a structure "(P, P_C, P_A)"')
     d.add_argument("--given", help="the conditioning P_C (default: true)")
     d.add_argument("--additive", help="the additional constraint P_A (default: false)")
+    d.add_argument("--link", help="a link of your own: an expression in z = log ρ, e.g. 'softplus(margin - z)'")
+    d.add_argument(
+        "--hp", action="append", default=[], metavar="NAME=VALUE", help="a value for a parameter of --link (repeatable)"
+    )
     d.add_argument("--json", action="store_true", help="print a JSON object")
     ls = sub.add_parser("list", help="the loss catalog")
     ls.add_argument("--json", action="store_true", help="print a JSON list (in_fragment marks the catalog's losses)")
@@ -575,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "run", None) is not None:
             return int(args.run(args) or 0)
         if args.command == "derive":
-            info = derive(args.formula, args.given, args.additive)
+            info = derive(args.formula, args.given, args.additive, args.link, parse_hp(args.hp))
             print(json.dumps(info, indent=2, ensure_ascii=False)) if args.json else _print_derive(info)
         elif args.command == "list":
             rows = catalog_rows()

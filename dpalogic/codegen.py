@@ -42,7 +42,7 @@ from sympy.printing.str import StrPrinter
 from dpalogic import circuit
 from dpalogic.backend import backend_rule
 from dpalogic.errors import DPALogicError
-from dpalogic.links import Z
+from dpalogic.links import PRIMITIVES, Z
 from dpalogic.semantics import LINKS, Program, Term, circuit_text, side_circuit
 from dpalogic.syntax import Atom
 
@@ -287,9 +287,30 @@ class _LinkPrinter(StrPrinter):
         x = self._print(e.args[0])  # the derivative of a kink: 0 on the flat side and at the kink itself
         return f"tl.where({x} > 0.0, 1.0, 0.0)" if self.tl else f"({x} > 0.0).to({self.body.zvar}.dtype)"
 
+    def _print_Min(self, e: sympy.Expr) -> str:
+        return self._print(-sympy.Max(*[-x for x in e.args]))
+
+    def _print_Abs(self, e: sympy.Expr) -> str:
+        return self._call("tl.abs" if self.tl else "torch.abs", e.args[0])
+
+    def _print_sign(self, e: sympy.Expr) -> str:
+        x = self._print(e.args[0])
+        return f"tl.where({x} > 0.0, 1.0, tl.where({x} < 0.0, -1.0, 0.0))" if self.tl else f"torch.sign({x})"
+
+    def _print_tanh(self, e: sympy.Expr) -> str:
+        return self._print(2 * PRIMITIVES["sigmoid"](2 * e.args[0]) - 1) if self.tl else self._call("torch.tanh", e.args[0])
+
+    def _print_Function(self, e: sympy.Expr) -> str:
+        raise DPALogicError(
+            f"a link may not use {e.func.__name__}: dpalogic compiles softplus, sigmoid, logsigmoid, exp, log, "
+            "max/min/relu/clamp, abs, tanh, and integer powers"
+        )
+
     def _print_Pow(self, e: sympy.Pow, rational: bool = False) -> str:
         base, ex = e.args
         b = self.parenthesize(base, PRECEDENCE["Mul"] + 1)
+        if ex == sympy.S.Half:
+            return self._call("tl.sqrt" if self.tl else "torch.sqrt", base)
         if ex == -1:
             return f"1.0 / {b}"
         if ex.is_Integer and 1 < ex <= 4:  # Triton tensors have no ** operator
@@ -297,6 +318,12 @@ class _LinkPrinter(StrPrinter):
         if ex.is_Integer and -4 <= ex < -1:
             return "1.0 / (" + "*".join([b] * int(-ex)) + ")"
         raise DPALogicError(f"cannot compile the power {e} in a link (integer powers up to 4 only)")
+
+
+def check_link(link) -> None:
+    """Raise a :class:`DPALogicError` unless the link and its derivative can be emitted for torch and Triton."""
+    for sfx in ("", "_tl"):
+        _emit_link(_Body(sfx), link, 1, {}, lambda v, stem: _py(sympy.sympify(v), 2))
 
 
 def _emit_link(body: _Body, link, k: int, params: dict, const) -> None:
@@ -885,17 +912,25 @@ def compile_catalog_entry(name: str) -> Compiled:
     return compile_program(e.program, e.name, title=e.title, citation=e.citation)
 
 
-def compile_spec(spec, name: str | None = None, command: str | None = None) -> Compiled:
+def compile_spec(
+    spec, name: str | None = None, command: str | None = None, link: str | None = None, hyperparameters=None
+) -> Compiled:
     """A catalog name, structure text, Structure or Program → its compiled module source.
 
-    ``command`` is the command line written into the header as the way to regenerate the file.
+    ``command`` is the command line written into the header as the way to regenerate the file; ``link`` an
+    expression in ``z`` that replaces the preference terms' link (its parameters' defaults from ``hyperparameters``).
     """
     from dpalogic.catalog import entries, resolve
+    from dpalogic.semantics import with_link
 
     key = spec.strip().lower().replace("-", "_") if isinstance(spec, str) else None
-    if key in entries() and name in (None, key):
+    if key in entries() and name in (None, key) and link is None and not hyperparameters:
         return compile_catalog_entry(key)
     program = resolve(spec)
+    if link is not None:
+        program = with_link(program, link, hyperparameters)
+    elif hyperparameters:
+        program = program.with_hyperparameters(**program.bind(**hyperparameters))
     origin = None
     if isinstance(spec, str) and program.name is None:
         origin = f"the structure {spec.strip()!r}"
@@ -1018,11 +1053,15 @@ def _run(args: argparse.Namespace) -> int:
         raise DPALogicError("give a loss name or structure to compile, or --catalog")
     if args.check and args.out is None:
         raise DPALogicError("--check compares with a file: give --out FILE (or --catalog)")
+    from dpalogic.cli import parse_hp
+
     command = f"dpalogic compile {_shell_quote(args.spec)}" + (
         f" --name {_shell_quote(args.name)}" if args.name else ""
     )
+    command += f" --link {_shell_quote(args.link)}" if args.link else ""
+    command += "".join(f" --hp {_shell_quote(h)}" for h in args.hp)
     command += f" --out {_shell_quote(args.out)}" if args.out else ""
-    compiled = compile_spec(args.spec, args.name, command)
+    compiled = compile_spec(args.spec, args.name, command, args.link, parse_hp(args.hp))
     if args.check:
         return _check({Path(args.out): compiled.source})
     if args.out is None:
@@ -1046,6 +1085,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("spec", nargs="?", help='a catalog name ("dpo") or structure text "(M(yl) -> M(yw), M(yw) | M(yl))"')
     p.add_argument("--name", help="module/kernel name for a derived structure (a Python identifier)")
+    p.add_argument("--link", help="a link of your own for the preference terms: an expression in z, e.g. 'exp(-z)'")
+    p.add_argument(
+        "--hp", action="append", default=[], metavar="NAME=VALUE", help="a hyperparameter's default (repeatable)"
+    )
     p.add_argument("--out", help="write the module here (default: print it)")
     p.add_argument("--catalog", action="store_true", help="write OUT_DIR/<name>.py for every catalog loss")
     p.add_argument("--out-dir", default="generated", help="folder for --catalog (default: ./generated)")

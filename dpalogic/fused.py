@@ -352,6 +352,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         max_chunk_tokens: int | None = None,
         reduction: str = "mean",
         backend: str = "auto",
+        link: str | None = None,
         **hyperparameters: float,
     ) -> None:
         super().__init__()
@@ -366,7 +367,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             )
         if reduction not in ("mean", "sum"):
             raise DPALogicError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self.loss_fn = PreferenceLoss(spec, reduction="none", backend=backend, **hyperparameters)
+        self.loss_fn = PreferenceLoss(spec, reduction="none", backend=backend, link=link, **hyperparameters)
         self.program = self.loss_fn.program
         extra = sorted(a.name for a in self.program.atoms if a.name not in _PAIR_ATOMS)
         if extra:

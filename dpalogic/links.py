@@ -107,7 +107,8 @@ class Link:
     @property
     def formula(self) -> str:
         """``f(z)`` as text: ``−log σ(z)``, ``max(0, margin − z)``."""
-        return self.render("z", {k: FORMULA_NAMES.get(k, k) for k, _ in self.params})
+        names = FORMULA_NAMES if self.template else {}
+        return self.render("z", {k: names.get(k, k) for k, _ in self.params})
 
     def render(self, z: str, params: dict[str, str]) -> str:
         """``f`` as text with ``z`` (an expression string) and the parameters substituted."""
@@ -181,25 +182,54 @@ LINKS: dict[str, Link] = {
 }  # fmt: skip
 
 
-def user_link(text: str, hyperparameters: dict[str, float] | None = None) -> Link:
-    """A link from the user's expression in ``z`` (parsed, never evaluated); other names are its parameters."""
+def _link_functions() -> dict[str, tuple[int, int, object]]:
+    """The equation vocabulary, with sigmoid, softplus and logsigmoid as the stable primitives."""
+    from dpalogic.equation import FUNCTIONS
+
+    return {
+        **FUNCTIONS,
+        "sigmoid": (1, 1, sigmoid),
+        "softplus": (1, 1, softplus),
+        "logsigmoid": (1, 1, logsigmoid),
+        "log1p": (1, 1, lambda x: sympy.log(1 + x)),  # log1p(exp(u)) becomes softplus(u) in stable()
+    }
+
+
+def user_link(text: str, values: dict[str, float] | None = None) -> Link:
+    """A link from the user's expression in ``z`` (parsed, never evaluated); its other names are parameters whose
+    values come with the hyperparameters (``softplus(margin - z)`` with ``margin=0.5``). Registered under
+    ``link:<text>`` so programs refer to it by name like any other link."""
     from dpalogic.equation import parse_expression
 
-    expr = stable(parse_expression(text, functions=PRIMITIVES, real_names=True))
-    free = expr.free_symbols
-    if Z not in {sympy.Symbol(s.name, real=True) for s in free}:
-        raise DPALogicError(f"the link {text!r} is not a function of z: write it in z = β·log ρ − γ")
-    expr = expr.xreplace({s: sympy.Symbol(s.name, real=True) for s in free})
-    names = sorted(s.name for s in expr.free_symbols if s.name != "z")
-    given = hyperparameters or {}
+    if not isinstance(text, str) or not text.strip():
+        raise DPALogicError("a link is an expression in z, such as 'softplus(-z)' or 'max(0, 1 - z)**2'")
+    expr = parse_expression(
+        text, variables={"z": Z}, functions=_link_functions(), assumptions={"real": True}, what="link"
+    )
+    expr = stable(expr)
+    if Z not in expr.free_symbols:
+        raise DPALogicError(f"the link {text!r} is not a function of z (z = β·log ρ − γ): write it in z")
+    names = sorted(s.name for s in expr.free_symbols if s != Z)
+    given = values or {}
     missing = [n for n in names if n not in given]
     if missing:
         raise DPALogicError(
             f"the link {text!r} uses {', '.join(missing)} without a value: give "
             + ", ".join(f"{n}=…" for n in missing)
-            + " like any hyperparameter"
+            + " with the other hyperparameters"
         )
-    return Link(f"link:{text}", expr, tuple((n, float(given[n])) for n in names), False, "user-defined")
+    params = []
+    for n in names:
+        try:
+            params.append((n, float(given[n])))
+        except (TypeError, ValueError):
+            raise DPALogicError(f"the link parameter {n} must be a number, got {given[n]!r}") from None
+    from dpalogic.codegen import check_link
+
+    link = Link(f"link:{text.strip()}", expr, tuple(params), False, "user-defined: " + text.strip())
+    check_link(link)  # every function in it can be emitted for torch and Triton, with its derivative
+    LINKS.setdefault(link.name, link)
+    return LINKS[link.name]
 
 
 def get(name: str) -> Link:

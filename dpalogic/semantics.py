@@ -328,6 +328,22 @@ def single_structure_program(s: Structure, beta: float = 1.0, gamma: float = 0.0
     )
 
 
+def with_link(program: Program, text: str, values: dict[str, float] | None = None) -> Program:
+    """The program with its preference terms' link replaced by the user's expression in ``z`` (docs/semantics.md §3).
+
+    The link's parameters become hyperparameters whose defaults are the ``values`` given (``margin=0.5`` for
+    ``softplus(margin - z)``); the structures, scales and shifts stay, so ``z = β·log ρ − γ`` as before.
+    """
+    from dpalogic.links import user_link
+
+    link = user_link(text, values)
+    params = tuple((k, sympy.Symbol(k)) for k, _ in link.params)
+    terms = tuple(replace(t, link=link.name, link_params=params) if t.role == "preference" else t for t in program.terms)
+    hp = dict(program.hyperparameters)
+    hp.update(link.params)
+    return Program(terms, tuple(hp.items()), name=None)
+
+
 @dataclass(frozen=True)
 class OutsideFragment:
     """A published loss that is not a program of this fragment, and exactly why."""

@@ -239,7 +239,7 @@ def test_refusals_point_at_the_problem(text, fragment, pos):
 
 
 def test_length_and_size_limits():
-    from dpalogic.decompile import MAX_EQUATION_CHARS, MAX_EQUATION_DEPTH, MAX_EQUATION_NODES
+    from dpalogic.equation import MAX_EQUATION_CHARS, MAX_EQUATION_DEPTH, MAX_EQUATION_NODES
 
     with pytest.raises(DPALogicError, match=f"characters long; the limit is {MAX_EQUATION_CHARS}"):
         decompile("logp_w" + " " * MAX_EQUATION_CHARS)
@@ -366,7 +366,7 @@ def test_complex_or_infinite_values_are_refused(text, fragment):
 
 def test_sympy_depth_at_the_limit():
     """sigmoid(x) is four SymPy levels: the deepest nest that parses still decompiles to a stated reason."""
-    from dpalogic.decompile import MAX_SYMPY_DEPTH
+    from dpalogic.equation import MAX_SYMPY_DEPTH
 
     def nest(k):
         return "sigmoid(" * k + "logp_w - logp_l" + ")" * k

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpalogic.cli import main
-from dpalogic.decompile import MAX_EQUATION_CHARS, decompile, decompile_spec
+from dpalogic.decompile import decompile, decompile_spec
+from dpalogic.equation import MAX_EQUATION_CHARS
 from dpalogic.errors import DPALogicError
 from dpalogic.structure import Structure
 from dpalogic.syntax import MAX_FORMULA_CHARS, MAX_NESTING, atoms_of, parse_formula, parse_structure_text
