@@ -298,7 +298,11 @@ class _LinkPrinter(StrPrinter):
         return f"tl.where({x} > 0.0, 1.0, tl.where({x} < 0.0, -1.0, 0.0))" if self.tl else f"torch.sign({x})"
 
     def _print_tanh(self, e: sympy.Expr) -> str:
-        return self._print(2 * PRIMITIVES["sigmoid"](2 * e.args[0]) - 1) if self.tl else self._call("torch.tanh", e.args[0])
+        return (
+            self._print(2 * PRIMITIVES["sigmoid"](2 * e.args[0]) - 1)
+            if self.tl
+            else self._call("torch.tanh", e.args[0])
+        )
 
     def _print_Function(self, e: sympy.Expr) -> str:
         raise DPALogicError(

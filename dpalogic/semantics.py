@@ -338,7 +338,9 @@ def with_link(program: Program, text: str, values: dict[str, float] | None = Non
 
     link = user_link(text, values)
     params = tuple((k, sympy.Symbol(k)) for k, _ in link.params)
-    terms = tuple(replace(t, link=link.name, link_params=params) if t.role == "preference" else t for t in program.terms)
+    terms = tuple(
+        replace(t, link=link.name, link_params=params) if t.role == "preference" else t for t in program.terms
+    )
     hp = dict(program.hyperparameters)
     hp.update(link.params)
     return Program(terms, tuple(hp.items()), name=None)
