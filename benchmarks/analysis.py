@@ -71,10 +71,10 @@ def main() -> None:
     per_structure = sympy_landscape_per_structure(args.sample)
     sympy_n3 = per_structure * 255 * 255
 
-    from dpalogic.analysis import compare
-    from dpalogic.catalog import entries
-    from dpalogic.landscape import explore, loss_classes
-    from dpalogic.lattice import build_lattice
+    from dpalogic.analysis.landscape import explore, loss_classes
+    from dpalogic.analysis.lattice import build_lattice
+    from dpalogic.analysis.order import compare
+    from dpalogic.semantics.catalog import entries
 
     build_lattice()  # warm the catalog and the readable-formula caches once; then time the warm builds
     lattice_s = best_of(build_lattice, r)
@@ -88,8 +88,8 @@ def main() -> None:
     pairs = list(itertools.combinations(programs, 2))
     compare_s = best_of(lambda: [compare(programs[a], programs[b], a, b) for a, b in pairs], r)
 
-    from dpalogic import factoring
-    from dpalogic.landscape import landscape
+    from dpalogic.analysis.landscape import landscape
+    from dpalogic.analysis import factoring
 
     factored = {n: best_of(lambda n=n: landscape(n, examples=0), r) for n in (3, 4, 8)}
     n2 = best_of(lambda: loss_classes(2), r)

@@ -37,8 +37,8 @@ def main() -> None:
     print(f"{'dpalogic derive (cold, target ≤ 0.8 s)':<40} {cold:9.3f} {cold / anchor:15.2f}")
     print(f"{'dpalogic show dpo (cold)':<40} {cold_show:9.3f} {cold_show / anchor:15.2f}")
 
-    from dpalogic.catalog import entries
     from dpalogic.cli import derive
+    from dpalogic.semantics.catalog import entries
 
     print()
     print(f"{'catalog structure':<16} {'warm derive ms (target ≤ 50)':>30}")

@@ -10,7 +10,7 @@
     reference (materialize [2B·T, V], log_softmax, autograd) vs Liger's LigerFusedLinear*Loss(compiled=False) vs
     TRL's chunked log-prob path (trl.kernels.ChunkedLogProbFunction, which DPOTrainer's fused LM head runs) plus the
     loss: time and peak memory, and the LM-head matmuls alone as the floor. On CUDA "ours" is
-    backend="auto", i.e. the Triton kernels of dpalogic/fused_kernels.py on each chunk's logits, and one more column
+    backend="auto", i.e. the Triton kernels of dpalogic/runtime/fused_kernels.py on each chunk's logits, and one more column
     compares it with the same chunked path in torch ops (backend="torch").
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated over the call; on CPU the torch profiler's allocator events
@@ -36,8 +36,8 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpalogic import FusedLinearPreferenceLoss, PreferenceLoss  # noqa: E402
-from dpalogic.catalog import lookup  # noqa: E402
-from dpalogic.codegen import module_for  # noqa: E402
+from dpalogic.compile.codegen import module_for  # noqa: E402
+from dpalogic.semantics.catalog import lookup  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

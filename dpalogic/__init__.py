@@ -3,11 +3,11 @@
 The pipeline, one module per stage:
 
     grammar/preference.lark   the language
-    dpalogic.syntax           text → SymPy IR, and printers back (ASCII, Unicode, LaTeX)
-    dpalogic.structure        preference structures (P, P_C, P_A), their sides (✓, ✗), truth tables
-    dpalogic.semantics        WMC polynomials, ρ, links, loss programs, log-space plans
-    dpalogic.catalog          published losses as programs, with citations
-    dpalogic.torch_loss       programs → torch.nn.Module (imported lazily: symbolic use never loads torch)
+    dpalogic.language.syntax           text → SymPy IR, and printers back (ASCII, Unicode, LaTeX)
+    dpalogic.logic.structure        preference structures (P, P_C, P_A), their sides (✓, ✗), truth tables
+    dpalogic.semantics.program        WMC polynomials, ρ, links, loss programs, log-space plans
+    dpalogic.semantics.catalog          published losses as programs, with citations
+    dpalogic.runtime.preference_loss       programs → torch.nn.Module (imported lazily: symbolic use never loads torch)
     dpalogic.cli              the ``dpalogic`` command
 """
 
@@ -22,9 +22,9 @@ from dpalogic.errors import (
     NoPolicyAtomWarning,
     UnknownNameError,
 )
-from dpalogic.semantics import Program, Term
-from dpalogic.structure import Structure
-from dpalogic.syntax import parse_formula
+from dpalogic.language.syntax import parse_formula
+from dpalogic.logic.structure import Structure
+from dpalogic.semantics.program import Program, Term
 
 __version__ = "0.1.0"
 
@@ -43,8 +43,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dpalogic.fused import FusedLinearPreferenceLoss
-    from dpalogic.torch_loss import PreferenceLoss
+    from dpalogic.runtime.fused import FusedLinearPreferenceLoss
+    from dpalogic.runtime.preference_loss import PreferenceLoss
 
 
 def __dir__() -> list[str]:
@@ -55,11 +55,11 @@ def __dir__() -> list[str]:
 def __getattr__(name: str):
     # torch is imported only when a torch-facing object is asked for (fast start for symbolic commands)
     if name == "PreferenceLoss":
-        from dpalogic.torch_loss import PreferenceLoss
+        from dpalogic.runtime.preference_loss import PreferenceLoss
 
         return PreferenceLoss
     if name == "FusedLinearPreferenceLoss":
-        from dpalogic.fused import FusedLinearPreferenceLoss
+        from dpalogic.runtime.fused import FusedLinearPreferenceLoss
 
         return FusedLinearPreferenceLoss
     raise AttributeError(f"module 'dpalogic' has no attribute {name!r}")

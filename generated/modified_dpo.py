@@ -269,7 +269,7 @@ class LossFunction(torch.autograd.Function):
         return None, None, *out, *[None] * len(LENGTHS)
 
 
-# the backend rule, copied from dpalogic.backend.backend_rule when this module was generated
+# the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
 def backend_rule(backend: str, is_cuda: bool, triton_ready: bool, interpreting: bool) -> tuple[bool, str]:
     """``(use Triton?, why not allowed)``: ``"torch"`` never; ``"auto"`` on CUDA when Triton is ready;
     ``"triton"`` always, but on the CPU only in Triton's interpreter. A non-empty message means refuse."""

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from dpalogic.analysis import compare, join, meet, relation, witnesses
-from dpalogic.catalog import entries
+from dpalogic.analysis.order import compare, join, meet, relation, witnesses
 from dpalogic.cli import main
-from dpalogic.structure import Structure
-from dpalogic.torch_loss import PreferenceLoss
+from dpalogic.logic.structure import Structure
+from dpalogic.runtime.preference_loss import PreferenceLoss
+from dpalogic.semantics.catalog import entries
 
 REF_FREE = ["ce", "ceunl", "cunl", "cpo", "orpo", "ccpo", "uncpo"]
 # docs/semantics.md §5, stronger → weaker (the Hasse diagram), written out by hand

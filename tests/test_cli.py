@@ -150,7 +150,7 @@ def test_many_atoms_print_as_written(capsys):
 
 
 def test_show_a_loss_outside_the_fragment_is_not_an_error(capsys):
-    from dpalogic.catalog import OUTSIDE
+    from dpalogic.semantics.catalog import OUTSIDE
 
     out = run_json(capsys, "show", "kto", "--json")
     kto = OUTSIDE["kto"]
@@ -165,7 +165,7 @@ def test_show_a_loss_outside_the_fragment_is_not_an_error(capsys):
 
 
 def test_list_json_marks_what_is_in_the_fragment(capsys):
-    from dpalogic.catalog import OUTSIDE, entries
+    from dpalogic.semantics.catalog import OUTSIDE, entries
 
     rows = run_json(capsys, "list", "--json")
     inside = {r["name"] for r in rows if r["in_fragment"] is True}
@@ -219,8 +219,8 @@ def test_output_to_a_terminal_is_wrapped(capsys, monkeypatch):
 
 
 def test_rho_names_say_which_structure_each_term_uses():
-    from dpalogic.catalog import entries
     from dpalogic.cli import rho_names, show, term_texts
+    from dpalogic.semantics.catalog import entries
 
     for name, e in entries().items():
         p = e.program
@@ -249,8 +249,8 @@ def test_rho_names_say_which_structure_each_term_uses():
 def test_the_readme_catalog_table_is_generated(capsys):
     from pathlib import Path
 
-    from dpalogic.catalog import entries
     from dpalogic.cli import catalog_markdown
+    from dpalogic.semantics.catalog import entries
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     table = catalog_markdown()
@@ -267,8 +267,8 @@ def test_the_readme_catalog_table_is_generated(capsys):
 
 
 def test_plot_range_shows_where_ipo_and_hinge_differ():
-    from dpalogic.catalog import entries
     from dpalogic.cli import compare_figure
+    from dpalogic.semantics.catalog import entries
 
     beta = entries()["hinge"].program.defaults["beta"]
     margin = float(dict(entries()["hinge"].program.terms[0].link_params)["margin"])

@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpalogic import DPALogicError, PreferenceLoss, Program, Structure, Term
-from dpalogic.catalog import entries
 from dpalogic.cli import main as cli_main
-from dpalogic.codegen import compile_catalog_entry, compile_program, compile_spec, load, write_catalog
-from dpalogic.semantics import LINKS
-from dpalogic.structure import full_mask
-from dpalogic.syntax import Atom
+from dpalogic.compile.codegen import compile_catalog_entry, compile_program, compile_spec, load, write_catalog
+from dpalogic.language.syntax import Atom
+from dpalogic.logic.structure import full_mask
+from dpalogic.semantics.catalog import entries
+from dpalogic.semantics.program import LINKS
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"

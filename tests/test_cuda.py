@@ -16,7 +16,7 @@ from test_codegen import hp_for, inputs
 from test_fused import full_logits_reference, fused_and_liger, liger_case, make
 
 from dpalogic import FusedLinearPreferenceLoss, PreferenceLoss
-from dpalogic.catalog import entries
+from dpalogic.semantics.catalog import entries
 
 pytest.importorskip("triton")
 

@@ -11,12 +11,12 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from dpalogic.analysis import compare
-from dpalogic.catalog import entries
+from dpalogic.analysis.lattice import build_lattice, text_summary
+from dpalogic.analysis.order import compare
 from dpalogic.cli import main
-from dpalogic.lattice import build_lattice, text_summary
-from dpalogic.structure import Structure
-from dpalogic.syntax import to_latex
+from dpalogic.language.syntax import to_latex
+from dpalogic.logic.structure import Structure
+from dpalogic.semantics.catalog import entries
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -1,4 +1,4 @@
-"""The exact landscape by factoring (dpalogic.factoring), against independent computations:
+"""The exact landscape by factoring (dpalogic.analysis.factoring), against independent computations:
 
 * n ≤ 3: exhaustive enumeration (``loss_classes``: every structure's ρ on an exact grid), class by class;
 * n = 4: sampled structures, whose class is found by a direct search over all 65,536 candidate ✓ sides — for each
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import sympy
 
-from dpalogic import factoring
+from dpalogic.analysis.landscape import _world_weights, landscape, loss_classes
+from dpalogic.analysis import factoring
 from dpalogic.cli import main
-from dpalogic.landscape import _world_weights, landscape, loss_classes
-from dpalogic.structure import full_mask
+from dpalogic.logic.structure import full_mask
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpalogic import DPALogicError, FusedLinearPreferenceLoss, PreferenceLoss, Program, Structure, Term
-from dpalogic.catalog import entries
-from dpalogic.structure import full_mask
-from dpalogic.syntax import Atom
+from dpalogic.language.syntax import Atom
+from dpalogic.logic.structure import full_mask
+from dpalogic.semantics.catalog import entries
 
 
 def make(B=3, T=47, H=31, V=123, seed=0, dtype=torch.float64, bias=True, ignore_frac=0.3, ref=True):
@@ -102,7 +102,7 @@ class BufferSpy:
     """Records the row count of every logits buffer the fused path fills (policy and reference)."""
 
     def __init__(self, monkeypatch):
-        import dpalogic.fused as fused_module
+        import dpalogic.runtime.fused as fused_module
 
         self.rows: list[int] = []
         real = fused_module._chunk_logits

@@ -1,4 +1,4 @@
-"""The fused LM-head Triton kernels (dpalogic/fused_kernels.py), run in Triton's CPU interpreter.
+"""The fused LM-head Triton kernels (dpalogic/runtime/fused_kernels.py), run in Triton's CPU interpreter.
 
 The kernels' logsumexp, label log-probs and in-place gradient are checked against torch.logsumexp / log_softmax and
 autograd in float64 (odd shapes, vocabulary tiles narrower than V, extreme logits, ignored rows), and
@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from test_fused import full_logits_reference, make
 
 from dpalogic import DPALogicError, FusedLinearPreferenceLoss
-from dpalogic import backend as backend_module
+from dpalogic.runtime import backend as backend_module
 
 pytest.importorskip("triton")
 
-from dpalogic import fused_kernels  # noqa: E402 - after the skip: the module's kernels need triton
+from dpalogic.runtime import fused_kernels  # noqa: E402 - after the skip: the module's kernels need triton
 
 IGNORE = -100
 
@@ -167,7 +167,7 @@ def test_kernels_when_triton_is_first_imported_in_interpret_mode():
     code = textwrap.dedent(
         """
         import torch
-        from dpalogic import fused_kernels
+        from dpalogic.runtime import fused_kernels
         x = torch.randn(3, 45, dtype=torch.float64) * 10
         y = torch.tensor([44, -100, 0])
         lse, logp = fused_kernels.label_logprobs(x.clone(), y, block_v=16)

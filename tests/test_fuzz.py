@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dpalogic.analysis.decompile import decompile, decompile_spec
 from dpalogic.cli import main
-from dpalogic.decompile import decompile, decompile_spec
-from dpalogic.equation import MAX_EQUATION_CHARS
 from dpalogic.errors import DPALogicError
-from dpalogic.structure import Structure
-from dpalogic.syntax import MAX_FORMULA_CHARS, MAX_NESTING, atoms_of, parse_formula, parse_structure_text
+from dpalogic.language.equation import MAX_EQUATION_CHARS
+from dpalogic.language.syntax import MAX_FORMULA_CHARS, MAX_NESTING, atoms_of, parse_formula, parse_structure_text
+from dpalogic.logic.structure import Structure
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
@@ -406,7 +406,7 @@ def test_arbitrary_text_as_an_equation(text):
 
 def test_preference_loss_specs():
     pytest.importorskip("torch")
-    from dpalogic.torch_loss import PreferenceLoss
+    from dpalogic.runtime.preference_loss import PreferenceLoss
 
     for text in HOSTILE_FORMULAS + FORMULA_SEEDS + ["dpo", "no_such_loss", "M(yw) -> M(yl)"]:
         api(PreferenceLoss, text)

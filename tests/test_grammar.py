@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from sympy.logic.boolalg import And, Equivalent, Implies, Not, Or, Xor
 
 from dpalogic.errors import DPALogicError, FormulaSyntaxError
-from dpalogic.structure import Structure
-from dpalogic.syntax import parse_formula, parse_structure_text, to_ascii, to_latex, to_unicode
+from dpalogic.language.syntax import parse_formula, parse_structure_text, to_ascii, to_latex, to_unicode
+from dpalogic.logic.structure import Structure
 
 yw, yl, rw, rl = (sympy.Symbol(n) for n in ["M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"])
 y1, y2, y3 = (sympy.Symbol(f"M(y{i})") for i in (1, 2, 3))
@@ -182,7 +182,7 @@ def expected_nested(levels: int):
 
 
 def test_nesting_at_the_limit_parses_and_prints():
-    from dpalogic.syntax import MAX_NESTING
+    from dpalogic.language.syntax import MAX_NESTING
 
     f = parse_formula(nested(MAX_NESTING))
     assert f == expected_nested(MAX_NESTING)  # SymPy builds the same tree, so the comparison is structural
@@ -201,7 +201,7 @@ def test_nesting_at_the_limit_parses_and_prints():
     ],
 )
 def test_too_deep_is_a_stated_limit_with_a_caret(text, levels, pos):
-    from dpalogic.syntax import MAX_NESTING
+    from dpalogic.language.syntax import MAX_NESTING
 
     with pytest.raises(FormulaSyntaxError) as info:
         parse_formula(text)
@@ -211,7 +211,7 @@ def test_too_deep_is_a_stated_limit_with_a_caret(text, levels, pos):
 
 
 def test_just_above_the_limit_is_refused():
-    from dpalogic.syntax import MAX_NESTING
+    from dpalogic.language.syntax import MAX_NESTING
 
     with pytest.raises(FormulaSyntaxError, match=f"nests {MAX_NESTING + 1} operators deep"):
         parse_formula(nested(MAX_NESTING + 1))
@@ -235,7 +235,7 @@ def test_huge_answer_index_is_an_unknown_answer():
 
 
 def test_overlong_text_is_refused():
-    from dpalogic.syntax import MAX_FORMULA_CHARS
+    from dpalogic.language.syntax import MAX_FORMULA_CHARS
 
     text = "M(yw) | " * (MAX_FORMULA_CHARS // 8) + "M(yl)"
     with pytest.raises(DPALogicError, match=f"characters long; the limit is {MAX_FORMULA_CHARS}"):
@@ -250,7 +250,7 @@ def test_every_command_survives_the_deepest_formula():
     import json
 
     from dpalogic.cli import main
-    from dpalogic.syntax import MAX_NESTING
+    from dpalogic.language.syntax import MAX_NESTING
 
     def run(*argv):
         out, err = io.StringIO(), io.StringIO()

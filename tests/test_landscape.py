@@ -14,13 +14,13 @@ import random
 import pytest
 import sympy
 
-from dpalogic.catalog import entries
+from dpalogic.analysis.landscape import explore, landscape, loss_classes, loss_key
 from dpalogic.cli import main
 from dpalogic.errors import DPALogicError
-from dpalogic.landscape import explore, landscape, loss_classes, loss_key
-from dpalogic.semantics import same_ratio
-from dpalogic.structure import Structure, align
-from dpalogic.syntax import Atom
+from dpalogic.language.syntax import Atom
+from dpalogic.logic.structure import Structure, align
+from dpalogic.semantics.catalog import entries
+from dpalogic.semantics.program import same_ratio
 
 XS = sympy.symbols("x0:4", positive=True)
 
@@ -244,7 +244,7 @@ def test_explore_distinct_count_matches_sympy():
 
 
 def test_explore_with_extra_atoms_lists_structures_between():
-    from dpalogic.analysis import relation
+    from dpalogic.analysis.order import relation
 
     info = explore("ceunl", "ccpo", atoms=["Ref(yw)", "Ref(yl)"], limit=8)
     assert info["atoms"] == ["M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"]
@@ -258,8 +258,8 @@ WIDE = ("M(yw) & ~M(yl) & Ref(yl) & ~Ref(yw)", "~(M(yl) & ~M(yw) & Ref(yw) & ~Re
 
 
 def test_explore_a_huge_interval_counts_exactly_and_lists_lazily():
-    from dpalogic.analysis import relation
-    from dpalogic.landscape import loss_key
+    from dpalogic.analysis.landscape import loss_key
+    from dpalogic.analysis.order import relation
 
     lo, hi = (Structure.parse(x) for x in WIDE)
     info = explore(*WIDE, limit=40, closed_forms=False)
@@ -285,7 +285,7 @@ def test_explore_lazy_marks_shared_loss_functions(monkeypatch):
     a, b = "(M(yw), M(yw) -> M(yl))", "ccpo"
     enumerated = explore(a, b, limit=10)
     assert enumerated["strictly_between"] == 2 and enumerated["distinct_losses"] == 1
-    monkeypatch.setattr("dpalogic.landscape.MAX_INTERVAL", 1)  # force the lazy path on a small interval
+    monkeypatch.setattr("dpalogic.analysis.landscape.MAX_INTERVAL", 1)  # force the lazy path on a small interval
     lazy = explore(a, b, limit=10)
     assert not lazy["enumerated"] and lazy["strictly_between"] == 2
     assert [r["same_loss_as_listed"] for r in lazy["listed"]] == [None, 1]

@@ -12,10 +12,10 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 
-from dpalogic.analysis import relation
-from dpalogic.catalog import entries
+from dpalogic.analysis.lattice import build_lattice, export, layout, to_dot, to_json
+from dpalogic.analysis.order import relation
 from dpalogic.cli import main
-from dpalogic.lattice import build_lattice, export, layout, to_dot, to_json
+from dpalogic.semantics.catalog import entries
 
 REF_FREE = ["ce", "ceunl", "cunl", "cpo", "orpo", "ccpo", "uncpo"]
 # docs/semantics.md §5, stronger → weaker
@@ -29,7 +29,7 @@ def S(name):
 
 def entails(a, b) -> bool:
     """Truth tables as sets of worlds, over the union of atoms (independent of analysis.relation)."""
-    from dpalogic.structure import align
+    from dpalogic.logic.structure import align
 
     x, y = align(a, b)
     tops = {w for w in range(1 << x.n) if (x.top >> w) & 1} <= {w for w in range(1 << x.n) if (y.top >> w) & 1}
@@ -180,8 +180,8 @@ def test_cli(capsys, tmp_path):
 def test_analysis_commands_do_not_import_torch(tmp_path):
     # the modules themselves (tests/test_cli.py checks the whole CLI, with every registered command)
     code = (
-        "import sys; from dpalogic.lattice import build_lattice, export; "
-        "from dpalogic.landscape import explore, landscape; "
+        "import sys; from dpalogic.analysis.lattice import build_lattice, export; "
+        "from dpalogic.analysis.landscape import explore, landscape; "
         f"export(build_lattice(), {str(tmp_path / 'l.svg')!r}); landscape(2); explore('ceunl', 'ccpo'); "
         "bad = [m for m in ('torch', 'triton', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"

@@ -124,7 +124,7 @@ def test_lora_resume_is_exact_and_checkpoints_hold_only_the_adapter(tmp_path, ta
 
 
 def test_fused_loss_with_lora_matches_the_plain_path(tmp_path, task):
-    pytest.importorskip("dpalogic.fused")
+    pytest.importorskip("dpalogic.runtime.fused")
     tr, _ = task
     files = (write_jsonl(tmp_path / "train.jsonl", tr[:128]), None)
     runs = {}

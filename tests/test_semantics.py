@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from sympy.logic.boolalg import And, Equivalent, Implies, Not, Or, Xor
 
 from dpalogic import PreferenceLoss, Structure
-from dpalogic.catalog import entries
-from dpalogic.semantics import rho_sympy, same_ratio, weight_symbol
-from dpalogic.syntax import Atom, parse_formula
+from dpalogic.language.syntax import Atom, parse_formula
+from dpalogic.semantics.catalog import entries
+from dpalogic.semantics.program import rho_sympy, same_ratio, weight_symbol
 
 A = {n: sympy.Symbol(n) for n in ["M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)", "M(y1)", "M(y2)", "M(y3)"]}
 yw, yl, rw, rl = A["M(yw)"], A["M(yl)"], A["Ref(yw)"], A["Ref(yl)"]

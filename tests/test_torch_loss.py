@@ -14,7 +14,7 @@ import torch
 
 import dpalogic
 from dpalogic import DegenerateStructureError, DPALogicError, PreferenceLoss
-from dpalogic.catalog import entries
+from dpalogic.semantics.catalog import entries
 
 NAMES = list(entries())
 
@@ -78,7 +78,7 @@ def test_orpo_finite_at_log_prob_zero():
 
 def test_log1mexp_accuracy_and_gradient():
     """The one torch log1mexp (the generated modules' helper, which PreferenceLoss runs) against mpmath."""
-    from dpalogic.codegen import module_for
+    from dpalogic.compile.codegen import module_for
 
     log1mexp = module_for(entries()["orpo"].program)._log1mexp
     x = torch.tensor([-1e-20, -1e-10, -1e-3, -0.69, -0.7, -1.0, -30.0, -1e4], dtype=torch.float64)
@@ -208,7 +208,7 @@ def test_float16_gradients_saturate_instead_of_overflowing(name, backend):
     if backend == "torch":
         call(loss_fn, half, lengths).backward()
     else:
-        from dpalogic.codegen import module_for
+        from dpalogic.compile.codegen import module_for
 
         mod = module_for(loss_fn.program)
         args = {"M(yw)": half[0], "M(yl)": half[1], "Ref(yw)": half[2], "Ref(yl)": half[3]}

@@ -18,9 +18,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpalogic.catalog import entries
 from dpalogic.cli import main
 from dpalogic.errors import DPALogicError
+from dpalogic.semantics.catalog import entries
 from dpalogic.training.cli import config_from_args, register
 from dpalogic.training.config import DEFAULT_LR, TINY_LR, TrainConfig, check_loss
 from dpalogic.training.data import (
@@ -144,7 +144,7 @@ BETA_LOSSES = [n for n, e in entries().items() if "beta" in e.program.defaults a
 
 def _rejected_gradient(loss: str, beta: float) -> float:
     """∂loss/∂log π(yl) at a neutral point (every log-prob −2): positive when a likelier rejected answer costs."""
-    from dpalogic.torch_loss import PreferenceLoss
+    from dpalogic.runtime.preference_loss import PreferenceLoss
 
     fn = PreferenceLoss(loss, beta=beta, backend="torch")
     lp = {k: torch.tensor([-2.0], dtype=torch.float64, requires_grad=k == "r") for k in ("c", "r", "rc", "rr")}

@@ -225,7 +225,7 @@ def test_cached_reference_equals_live_reference_model(tmp_path, task_files):
 
 
 def test_fused_switch_matches_the_plain_path(tmp_path, task_files):
-    pytest.importorskip("dpalogic.fused")
+    pytest.importorskip("dpalogic.runtime.fused")
     plain = train(small_cfg(tmp_path / "plain", task_files, max_steps=3, loss="simpo"))
     fused = train(small_cfg(tmp_path / "fused", task_files, max_steps=3, loss="simpo", fused=True))
     # two pairs per chunk, split into token slices of 7 rows (two passes)

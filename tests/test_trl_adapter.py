@@ -17,7 +17,7 @@ from datasets import Dataset  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from dpalogic.integrations.trl import DPALogicDPOTrainer  # noqa: E402
-from dpalogic.torch_loss import PreferenceLoss  # noqa: E402
+from dpalogic.runtime.preference_loss import PreferenceLoss  # noqa: E402
 from dpalogic.training.demo import make_task  # noqa: E402
 from dpalogic.training.model import build_char_tokenizer, build_tiny_model, sequence_logps  # noqa: E402
 

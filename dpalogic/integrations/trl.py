@@ -43,7 +43,7 @@ _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
 def _hyperparameters(loss: Any, args: DPOConfig | None, loss_kwargs: dict[str, float] | None) -> dict[str, float]:
-    from dpalogic.catalog import resolve
+    from dpalogic.semantics.catalog import resolve
 
     program = resolve(loss)
     hp: dict[str, float] = {}

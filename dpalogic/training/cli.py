@@ -47,7 +47,7 @@ HELP = {
     "max_length": "maximum tokens of prompt + answer (answers are cut at the end)",
     "max_prompt_length": "maximum prompt tokens (the prompt keeps its end)",
     "reference": "'cache': reference log-probs computed once and stored in the run folder; 'model': a frozen copy",
-    "fused": "use dpalogic.fused's fused LM-head loss (needs dpalogic.fused)",
+    "fused": "use dpalogic.runtime.fused's fused LM-head loss (needs dpalogic.runtime.fused)",
     "fused_chunk_size": "pairs per chunk of the fused loss (its logits buffer holds 2·N·T rows)",
     "fused_max_chunk_tokens": "cap the fused loss's logits buffer at N token rows (two passes when a chunk is larger)",
     "bf16": "bf16 autocast: auto (GPUs that support it), true, false",

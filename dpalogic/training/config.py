@@ -41,7 +41,9 @@ class TrainConfig:
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
     reference: str = "cache"  # "cache": log-probs computed once and kept on disk; "model": a frozen copy in memory
-    fused: bool = False  # dpalogic.fused's FusedLinearPreferenceLoss instead of logits → log-probs → PreferenceLoss
+    fused: bool = (
+        False  # dpalogic.runtime.fused's FusedLinearPreferenceLoss instead of logits → log-probs → PreferenceLoss
+    )
     fused_chunk_size: int = 1  # pairs per chunk of the fused loss
     fused_max_chunk_tokens: int | None = None  # cap on the fused loss's logits rows (two passes beyond it)
     bf16: str = "auto"  # "auto" (on when the GPU supports it), "true", "false"
@@ -287,13 +289,13 @@ def _checked_hp(name: str, v: Any, where: str) -> dict[str, float]:
 def check_loss(loss: str, hp: Mapping[str, float]) -> None:
     """The loss compiles with these hyperparameters, and they keep it a preference for the chosen answer.
 
-    Compiling (:class:`~dpalogic.torch_loss.PreferenceLoss`) rejects unknown hyperparameter names, values that make a
+    Compiling (:class:`~dpalogic.runtime.preference_loss.PreferenceLoss`) rejects unknown hyperparameter names, values that make a
     term non-finite (IPO at β = 0) and EXO's and DiscoPOP's ranges. A value can also turn the loss around without
     making anything infinite, which only the terms' roles reveal: a preference term with a scale β ≤ 0, a negative
     weight, or (squared link, IPO) a target 1/(2β) ≤ 0 rewards the *rejected* answer; a negative NLL weight (α)
     lowers the chosen answer's likelihood; label smoothing that weighs as much as the preference cancels it.
     """
-    from dpalogic.torch_loss import PreferenceLoss, bind_term
+    from dpalogic.runtime.preference_loss import PreferenceLoss, bind_term
 
     fn = PreferenceLoss(loss, reduction="none", **hp)
     values = fn.hyperparameters

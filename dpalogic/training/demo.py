@@ -105,7 +105,7 @@ def _slug(spec: str, i: int) -> str:
 
 def _label(spec: str) -> str:
     """The catalog name, or the formula as dpalogic prints it plus the catalog loss it equals (if any)."""
-    from dpalogic.catalog import entries, resolve
+    from dpalogic.semantics.catalog import entries, resolve
 
     if spec in entries():
         return spec
@@ -199,7 +199,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
 
 
 def _needs_ref(spec: str) -> bool:
-    from dpalogic.torch_loss import PreferenceLoss
+    from dpalogic.runtime.preference_loss import PreferenceLoss
 
     return PreferenceLoss(spec).needs_reference
 

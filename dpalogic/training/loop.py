@@ -239,7 +239,9 @@ class Trainer:
             try:
                 from dpalogic import FusedLinearPreferenceLoss
             except ImportError as e:
-                raise DPALogicError(f"--fused needs dpalogic.fused, which is not available here ({e})") from None
+                raise DPALogicError(
+                    f"--fused needs dpalogic.runtime.fused, which is not available here ({e})"
+                ) from None
             self.fused = FusedLinearPreferenceLoss(
                 cfg.loss, chunk_size=cfg.fused_chunk_size, max_chunk_tokens=cfg.fused_max_chunk_tokens, **cfg.hp
             )

@@ -3,10 +3,10 @@
 A term of a program is ``c · f(z)`` with ``z = β·log ρ − γ``. Each link ``f`` here is an expression in the symbol
 ``z`` and named parameters (with defaults), written with the numerically stable primitives :class:`softplus`,
 :class:`sigmoid` and :class:`logsigmoid`. Their derivatives are written in the same primitives, so
-``sympy.diff(f, z)`` is already a stable formula, and the torch and Triton emitters (``dpalogic.codegen``) print
+``sympy.diff(f, z)`` is already a stable formula, and the torch and Triton emitters (``dpalogic.compile.codegen``) print
 both from the expression: no per-link code anywhere.
 
-User links are parsed from text without evaluating it (``dpalogic.equation``); the common unstable spellings
+User links are parsed from text without evaluating it (``dpalogic.language.equation``); the common unstable spellings
 (``log(1 + exp(u))``, ``1/(1 + exp(u))``, ``exp(u)/(1 + exp(u))``) are rewritten into the primitives first.
 """
 
@@ -184,7 +184,7 @@ LINKS: dict[str, Link] = {
 
 def _link_functions() -> dict[str, tuple[int, int, object]]:
     """The equation vocabulary, with sigmoid, softplus and logsigmoid as the stable primitives."""
-    from dpalogic.equation import FUNCTIONS
+    from dpalogic.language.equation import FUNCTIONS
 
     return {
         **FUNCTIONS,
@@ -199,7 +199,7 @@ def user_link(text: str, values: dict[str, float] | None = None) -> Link:
     """A link from the user's expression in ``z`` (parsed, never evaluated); its other names are parameters whose
     values come with the hyperparameters (``softplus(margin - z)`` with ``margin=0.5``). Registered under
     ``link:<text>`` so programs refer to it by name like any other link."""
-    from dpalogic.equation import parse_expression
+    from dpalogic.language.equation import parse_expression
 
     if not isinstance(text, str) or not text.strip():
         raise DPALogicError("a link is an expression in z, such as 'softplus(-z)' or 'max(0, 1 - z)**2'")
@@ -224,7 +224,7 @@ def user_link(text: str, values: dict[str, float] | None = None) -> Link:
             params.append((n, float(given[n])))
         except (TypeError, ValueError):
             raise DPALogicError(f"the link parameter {n} must be a number, got {given[n]!r}") from None
-    from dpalogic.codegen import check_link
+    from dpalogic.compile.codegen import check_link
 
     link = Link(f"link:{text.strip()}", expr, tuple(params), False, "user-defined: " + text.strip())
     check_link(link)  # every function in it can be emitted for torch and Triton, with its derivative

@@ -17,9 +17,9 @@ from functools import lru_cache
 import sympy
 
 from dpalogic.errors import unknown
-from dpalogic.semantics import OutsideFragment, Program, Term
-from dpalogic.structure import Structure
-from dpalogic.syntax import parse_formula
+from dpalogic.language.syntax import parse_formula
+from dpalogic.logic.structure import Structure
+from dpalogic.semantics.program import OutsideFragment, Program, Term
 
 beta, gamma, alpha = sympy.symbols("beta gamma alpha")
 ls, tau = sympy.symbols("label_smoothing discopop_tau")
@@ -229,7 +229,7 @@ def outside(name: str) -> OutsideFragment | None:
 
 def resolve(spec) -> Program:
     """A catalog name, structure text, :class:`Structure` or :class:`Program` → a :class:`Program`."""
-    from dpalogic.semantics import single_structure_program
+    from dpalogic.semantics.program import single_structure_program
 
     if isinstance(spec, Program):
         return spec

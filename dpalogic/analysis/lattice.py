@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     Lattice = nx.DiGraph
 
-    from dpalogic.semantics import Program
-    from dpalogic.structure import Structure
+    from dpalogic.logic.structure import Structure
+    from dpalogic.semantics.program import Program
 
 REFERENCE_FREE = "reference-free"
 WITH_REFERENCE = "with reference"
@@ -43,7 +43,7 @@ EXTENSIONS = (".json", ".dot", ".graphml", ".png", ".svg", ".html")
 
 def _lattice_class() -> type:
     """``Lattice``: a ``networkx.DiGraph`` that draws itself in Jupyter. Made on first use, so that importing this
-    module (every CLI start) does not import networkx; ``dpalogic.lattice.Lattice`` reaches it too."""
+    module (every CLI start) does not import networkx; ``dpalogic.analysis.lattice.Lattice`` reaches it too."""
     cls = globals().get("Lattice")
     if cls is None:
         import networkx as nx
@@ -64,7 +64,7 @@ def _lattice_class() -> type:
                 text = html.escape(text_summary(self))
                 return f"<figure class='dpalogic-lattice'>{svg}<figcaption><pre>{text}</pre></figcaption></figure>"
 
-        Lattice.__module__, Lattice.__qualname__ = __name__, "Lattice"  # pickles as dpalogic.lattice.Lattice
+        Lattice.__module__, Lattice.__qualname__ = __name__, "Lattice"  # pickles as dpalogic.analysis.lattice.Lattice
         globals()["Lattice"] = cls = Lattice
     return cls
 
@@ -84,9 +84,9 @@ def _group_of(s: Structure) -> str:
 
 def _named_programs(specs) -> list[tuple[str, Program]]:
     """``(name, program)`` for each spec: catalog names keep their canonical name, structures their text."""
-    from dpalogic.catalog import entries, lookup, resolve
-    from dpalogic.semantics import Program
-    from dpalogic.structure import Structure
+    from dpalogic.logic.structure import Structure
+    from dpalogic.semantics.catalog import entries, lookup, resolve
+    from dpalogic.semantics.program import Program
 
     if specs is None:
         return [(name, e.program) for name, e in entries().items()]
@@ -119,10 +119,10 @@ def build_lattice(specs=None) -> Lattice:
     """
     import networkx as nx
 
-    from dpalogic.analysis import relation
-    from dpalogic.semantics import rho_sympy
-    from dpalogic.structure import common_atoms
-    from dpalogic.syntax import to_ascii, to_unicode
+    from dpalogic.analysis.order import relation
+    from dpalogic.language.syntax import to_ascii, to_unicode
+    from dpalogic.logic.structure import common_atoms
+    from dpalogic.semantics.program import rho_sympy
 
     named = _named_programs(specs)
     notes: list[str] = []

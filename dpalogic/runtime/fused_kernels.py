@@ -1,6 +1,6 @@
 """Triton kernels for the fused LM-head path: label log-probs and ``∂ log p(label) / ∂ logits`` on one logits buffer.
 
-:class:`~dpalogic.fused.FusedLinearPreferenceLoss` computes one chunk's logits ``[rows, V]`` into a float32 (float64
+:class:`~dpalogic.runtime.fused.FusedLinearPreferenceLoss` computes one chunk's logits ``[rows, V]`` into a float32 (float64
 for float64 inputs) buffer with a torch matmul, as Liger-Kernel does for its fused linear cross-entropy. These kernels
 do the vocabulary-wide work on that buffer, one program per row, ``BLOCK_V`` columns at a time:
 
@@ -15,7 +15,7 @@ do the vocabulary-wide work on that buffer, one program per row, ``BLOCK_V`` col
 Between the two phases the buffer still holds the raw logits, so phase 2 recomputes ``exp(logit − logsumexp)``
 instead of keeping a second ``[rows, V]`` tensor: one buffer per chunk is the whole memory cost.
 
-:mod:`dpalogic.fused` imports this module only on its Triton path, and this module imports without triton (calling a
+:mod:`dpalogic.runtime.fused` imports this module only on its Triton path, and this module imports without triton (calling a
 kernel then raises :class:`~dpalogic.errors.DPALogicError`). The kernels are wrapped by ``triton.jit`` on first use, once per mode (compiled, or Triton's CPU interpreter under ``TRITON_INTERPRET=1``,
 which ``triton.jit`` reads when it decorates), so a process may use both. Only ``tl.exp``, ``tl.log``,
 ``tl.maximum`` and ``tl.reduce`` are used: nothing libdevice-only that the interpreter could not run.
@@ -115,7 +115,7 @@ def _kernels() -> tuple[Any, Any]:
     """The two kernels wrapped by ``triton.jit`` for the current mode (compiled, or the interpreter)."""
     mode = os.environ.get("TRITON_INTERPRET") == "1"
     if mode not in _KERNELS:
-        if triton is None:  # the dispatcher in dpalogic.fused checks first; this guards direct callers
+        if triton is None:  # the dispatcher in dpalogic.runtime.fused checks first; this guards direct callers
             raise DPALogicError("the fused Triton kernels need the triton package (pip install triton)")
         _KERNELS[mode] = (triton.jit(_label_logprob_kernel), triton.jit(_logprob_grad_kernel))
     return _KERNELS[mode]

@@ -10,7 +10,7 @@ in the forward pass (the backward only scales them by ``grad_output``):
 2. in place: gather the label logits, subtract the row max, exponentiate, sum → ``logsumexp``; the buffer now holds
    ``exp(logit − max)``, and the token log-probs ``logit[label] − logsumexp`` (ignored labels count 0);
 3. per-sequence sums ``log π(y)`` and token counts → the per-pair loss and ``∂loss/∂log π`` from the program
-   (:class:`~dpalogic.torch_loss.PreferenceLoss`, so length-normalized and reference terms follow the catalog);
+   (:class:`~dpalogic.runtime.preference_loss.PreferenceLoss`, so length-normalized and reference terms follow the catalog);
 4. in place: the buffer becomes ``∂loss/∂logits = c_t · (onehot(label) − softmax)`` with ``c_t = ∂loss/∂log π`` of
    the token's sequence (0 for ignored tokens); then ``∂h = G W``, ``∂W += Gᵀ h`` (float32) and ``∂b += Σ G``.
 
@@ -22,9 +22,9 @@ the chunk takes two passes: steps 1–2 slice by slice, keeping only each row's 
 turning them into ``c_t · (onehot − exp(logit − logsumexp))``. The loss needs whole sequences before any gradient is
 known, so this is the price of a buffer smaller than one pair: up to one more matmul per token.
 
-Steps 2 and 4 are torch ops, or on CUDA two Triton kernels (:mod:`dpalogic.fused_kernels`: an online-max logsumexp
+Steps 2 and 4 are torch ops, or on CUDA two Triton kernels (:mod:`dpalogic.runtime.fused_kernels`: an online-max logsumexp
 and the label log-probs in one pass over the vocabulary; then the in-place ``c_t · (onehot − softmax)``), chosen by
-``backend`` as :class:`~dpalogic.torch_loss.PreferenceLoss` chooses its kernel. Labels are used as given: position
+``backend`` as :class:`~dpalogic.runtime.preference_loss.PreferenceLoss` chooses its kernel. Labels are used as given: position
 ``t`` of ``hidden`` predicts ``labels[:, t]`` (shift them before calling, as for Liger's ``LigerFusedLinear*Loss``).
 Inputs in bfloat16/float16 accumulate in float32 (on CUDA the logits and ``∂W`` matmuls write float32 directly).
 """
@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import torch
 
-from dpalogic.backend import use_triton
 from dpalogic.errors import DPALogicError
-from dpalogic.torch_loss import PreferenceLoss
+from dpalogic.runtime.backend import use_triton
+from dpalogic.runtime.preference_loss import PreferenceLoss
 
 _PAIR_ATOMS = {"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"}
 
@@ -112,7 +112,7 @@ def sequence_logps(
 
     Used for the reference model. The token rows are processed ``chunk_rows·T`` at a time (at most
     ``max_chunk_tokens``) in one float32 logits buffer. With ``use_triton`` the label log-probs come from
-    :func:`dpalogic.fused_kernels.label_logprobs` (the buffer is only read), otherwise from in-place torch ops.
+    :func:`dpalogic.runtime.fused_kernels.label_logprobs` (the buffer is only read), otherwise from in-place torch ops.
     """
     N, T, H = hidden.shape
     valid = labels != ignore_index
@@ -128,7 +128,7 @@ def sequence_logps(
             b = min(N * T, a + step)
             logits = _chunk_logits(flat_h[a:b], weight, bias, buf[: b - a])
             if use_triton:
-                from dpalogic import fused_kernels
+                from dpalogic.runtime import fused_kernels
 
                 tok[a:b] = fused_kernels.label_logprobs(logits, flat_labels[a:b].contiguous(), ignore_index)[1]
             else:
@@ -140,7 +140,7 @@ def _logps_phase(logits, lbl, raw, ignore_index, use_triton):
     """Token log-probs and ``logsumexp`` of a logits buffer (and, on the torch path, the row sums of
     ``exp(logit − max)`` the buffer is left holding; the Triton kernel leaves the raw logits and returns None)."""
     if use_triton:  # imported here: the torch path never imports triton
-        from dpalogic import fused_kernels
+        from dpalogic.runtime import fused_kernels
 
         lse, tok = fused_kernels.label_logprobs(logits, raw, ignore_index)
         return tok, lse, None
@@ -155,7 +155,7 @@ def _grad_phase(logits, lbl, raw, lse, total, coef, ignore_index, use_triton) ->
     with row sums ``total`` (torch path, one pass).
     """
     if use_triton:
-        from dpalogic import fused_kernels
+        from dpalogic.runtime import fused_kernels
 
         fused_kernels.logprob_grad_inplace(logits, raw, lse, coef.contiguous(), ignore_index)
         return
@@ -336,9 +336,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     rows, the first for the log-probs (the loss needs whole sequences before any gradient is known), the second
     recomputing each slice's logits for the gradients (all but the last slice, which is still in the buffer): up to
     four matmuls per token instead of three. ``backend``
-    picks, by the rule of :class:`~dpalogic.torch_loss.PreferenceLoss`, both the per-pair loss implementation and
+    picks, by the rule of :class:`~dpalogic.runtime.preference_loss.PreferenceLoss`, both the per-pair loss implementation and
     the vocabulary-wide work on each chunk's logits buffer: ``"auto"`` runs the Triton kernels of
-    :mod:`dpalogic.fused_kernels` on CUDA tensors when triton is installed and torch ops otherwise; ``"triton"``
+    :mod:`dpalogic.runtime.fused_kernels` on CUDA tensors when triton is installed and torch ops otherwise; ``"triton"``
     always the kernels (on the CPU only under ``TRITON_INTERPRET=1``); ``"torch"`` always torch ops. The matmuls are
     torch's either way.
     """
@@ -401,7 +401,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ref_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(hidden, lm_head_weight, labels, bias)
-        triton_here = use_triton(self.backend, hidden)  # the one backend rule (dpalogic.backend)
+        triton_here = use_triton(self.backend, hidden)  # the one backend rule (dpalogic.runtime.backend)
         B = hidden.shape[0] // 2
         ref_c, ref_r = ref_chosen_logps, ref_rejected_logps
         if self.loss_fn.needs_reference and (ref_c is None or ref_r is None):

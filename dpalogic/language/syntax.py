@@ -103,10 +103,10 @@ _ARITY = {"not": (1, 1), "implies": (2, 2), "and": (1, None), "or": (1, None), "
 
 def grammar_path() -> Path:
     """Where the grammar file is: ``grammar/`` beside the package, or the copy shipped inside a wheel."""
-    repo = Path(__file__).resolve().parent.parent / "grammar" / "preference.lark"
+    repo = Path(__file__).resolve().parents[2] / "grammar" / "preference.lark"
     if repo.exists():
         return repo
-    return Path(__file__).resolve().parent / "_grammar" / "preference.lark"
+    return Path(__file__).resolve().parents[1] / "_grammar" / "preference.lark"
 
 
 @lru_cache(maxsize=1)

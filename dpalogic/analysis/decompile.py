@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from dpalogic.equation import parse_expression
 from dpalogic.errors import DPALogicError, unknown
-from dpalogic.semantics import Program, Term, rho_sympy, weight_symbol
-from dpalogic.structure import Structure
-from dpalogic.syntax import Atom
+from dpalogic.language.equation import parse_expression
+from dpalogic.language.syntax import Atom
+from dpalogic.logic.structure import Structure
+from dpalogic.semantics.program import Program, Term, rho_sympy, weight_symbol
 
 
 class OutsideFragmentError(DPALogicError):
@@ -393,7 +393,7 @@ def _identify_link(coef, u: sympy.Expr, source) -> DecompiledTerm | None:
     and compare the remaining one-variable function with every known link numerically (random z and parameters)."""
     import random
 
-    from dpalogic.semantics import LINKS
+    from dpalogic.semantics.program import LINKS
 
     cands: list[sympy.Expr] = []
 
@@ -540,8 +540,8 @@ def _num(e: sympy.Expr, defaults: dict[str, float]) -> sympy.Expr:
 
 def matches(d: Decompiled) -> dict:
     """Catalog entries with the same structure per term, and those with the same whole program (at defaults)."""
-    from dpalogic.catalog import entries
-    from dpalogic.structure import align
+    from dpalogic.logic.structure import align
+    from dpalogic.semantics.catalog import entries
 
     def same_structure(s1: Structure, s2: Structure) -> bool:
         a, b = align(s1, s2)
@@ -589,7 +589,7 @@ def matches(d: Decompiled) -> dict:
 
 def report(d: Decompiled) -> dict:
     """JSON-ready description: each term's link, β, γ, structure parts and ρ; catalog matches."""
-    from dpalogic.syntax import to_ascii
+    from dpalogic.language.syntax import to_ascii
 
     m = matches(d)
     terms = []
@@ -622,7 +622,7 @@ def report(d: Decompiled) -> dict:
 
 def decompile_spec(spec: str) -> dict:
     """``dpalogic decompile EXPR|NAME``: a catalog name is decompiled from its own closed form."""
-    from dpalogic.catalog import _alias_map, lookup
+    from dpalogic.semantics.catalog import _alias_map, lookup
 
     key = spec.strip().lower().replace("-", "_")
     if key in _alias_map() or (key.isidentifier() and not key.startswith(("logp", "ref_", "p_", "len"))):

@@ -4,12 +4,12 @@ For every program ``loss = Σ_k c_k · f_k(β_k · log ρ_k − γ_k)`` the gene
 Triton and once for torch (the *twin*, same statements, torch functions), that computes the per-pair loss **and** its
 derivative with respect to every log-probability input in one pass:
 
-* each side's ``log WMC`` comes from its log-space plan (:func:`dpalogic.semantics.log_wmc_plan`): a positive literal
+* each side's ``log WMC`` comes from its log-space plan (:func:`dpalogic.semantics.program.log_wmc_plan`): a positive literal
   is the log-prob itself, a negative one ``log1mexp`` of it, a product a sum and a genuine sum ``logaddexp`` — DPO's
   kernel is one logistic of four log-probs, ORPO's needs two ``log1mexp`` and no enumeration of worlds;
 * derivatives are the chain rule run backwards through the same plan (reverse mode, emitted as straight-line code):
   ``∂/∂a logaddexp(a, b) = σ(a − b)``, ``∂/∂x log1mexp(x) = −eˣ/(1 − eˣ)`` and each link's ``f′(z)`` in a stable
-  closed form (checked against SymPy's derivative of :data:`dpalogic.semantics.LINKS` in the tests);
+  closed form (checked against SymPy's derivative of :data:`dpalogic.semantics.program.LINKS` in the tests);
 * hyperparameters are kernel arguments (floats); token counts are inputs where a term is length-normalized.
 
 The generated module holds ``loss_and_grads_torch`` (the twin), ``loss_and_grads_triton`` (launches the kernel), a
@@ -39,12 +39,12 @@ import sympy
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
-from dpalogic import circuit
-from dpalogic.backend import backend_rule
 from dpalogic.errors import DPALogicError
-from dpalogic.links import PRIMITIVES, Z
-from dpalogic.semantics import LINKS, Program, Term, circuit_text, side_circuit
-from dpalogic.syntax import Atom
+from dpalogic.language.syntax import Atom
+from dpalogic.runtime.backend import backend_rule
+from dpalogic.semantics import circuit
+from dpalogic.semantics.links import PRIMITIVES, Z
+from dpalogic.semantics.program import LINKS, Program, Term, circuit_text, side_circuit
 
 REGENERATE = "dpalogic compile --catalog"
 BLOCK = 1024  # pairs per Triton program: the kernel is elementwise, so any power of two that fills a warp works
@@ -621,7 +621,7 @@ def _docstring_header(
         s = t.structure
         out.append(f"term {k}   {t.text()}" + ("   (per-token log-probs)" if t.normalized else "") + f"   [{t.role}]")
         out.append(f"         structure {s.text('ascii')}")
-        from dpalogic.syntax import to_ascii
+        from dpalogic.language.syntax import to_ascii
 
         out.append(f"         top    {to_ascii(s.top_formula)}")
         out.append(f"         bottom {to_ascii(s.bottom_formula)}")
@@ -882,7 +882,7 @@ def compile_program(
     L += [
         "",
         "",
-        "# the backend rule, copied from dpalogic.backend.backend_rule when this module was generated",
+        "# the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated",
         *inspect.getsource(backend_rule).rstrip("\n").split("\n"),
         "",
         "",
@@ -910,7 +910,7 @@ def compile_program(
 
 
 def compile_catalog_entry(name: str) -> Compiled:
-    from dpalogic.catalog import lookup
+    from dpalogic.semantics.catalog import lookup
 
     e = lookup(name)
     return compile_program(e.program, e.name, title=e.title, citation=e.citation)
@@ -924,8 +924,8 @@ def compile_spec(
     ``command`` is the command line written into the header as the way to regenerate the file; ``link`` an
     expression in ``z`` that replaces the preference terms' link (its parameters' defaults from ``hyperparameters``).
     """
-    from dpalogic.catalog import entries, resolve
-    from dpalogic.semantics import with_link
+    from dpalogic.semantics.catalog import entries, resolve
+    from dpalogic.semantics.program import with_link
 
     key = spec.strip().lower().replace("-", "_") if isinstance(spec, str) else None
     if key in entries() and name in (None, key) and link is None and not hyperparameters:
@@ -1006,7 +1006,7 @@ def write_catalog(out_dir: Path, overwrite: bool = False) -> list[Path]:
 
     A file there that dpalogic did not generate is left alone (an error) unless ``overwrite``.
     """
-    from dpalogic.catalog import entries
+    from dpalogic.semantics.catalog import entries
 
     out_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(entries())
@@ -1045,7 +1045,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.spec is not None or args.out is not None or args.name is not None:
             raise DPALogicError("--catalog compiles every catalog loss: give no SPEC, --name or --out (use --out-dir)")
         if args.check:
-            from dpalogic.catalog import entries
+            from dpalogic.semantics.catalog import entries
 
             out_dir = Path(args.out_dir)
             return _check({out_dir / f"{n}.py": compile_catalog_entry(n).source for n in sorted(entries())})

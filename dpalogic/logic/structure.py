@@ -16,7 +16,7 @@ import sympy
 from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Equivalent, Implies, Not, Or, Xor
 
 from dpalogic.errors import DegenerateStructureError, DPALogicError
-from dpalogic.syntax import Atom, atoms_of, parse_structure_text, to_ascii, to_latex, to_unicode
+from dpalogic.language.syntax import Atom, atoms_of, parse_structure_text, to_ascii, to_latex, to_unicode
 
 # --------------------------------------------------------------------------------------------------- truth tables
 
@@ -254,7 +254,7 @@ class Structure:
     @classmethod
     def parse(cls, text: str, given: str | None = None, additional: str | None = None) -> Structure:
         """Parse structure text; ``given``/``additional`` override ``P_C``/``P_A`` (the CLI's --given/--additive)."""
-        from dpalogic.syntax import parse_formula
+        from dpalogic.language.syntax import parse_formula
 
         ps = parse_structure_text(text)
         core, g, a, lit_false = ps.core, ps.given, ps.additional, ps.given_is_literal_false
@@ -346,7 +346,7 @@ class Structure:
 
     def _repr_latex_(self) -> str:
         """Jupyter: the triple, ✓ and ✗, and (when the structure defines a loss) ρ and the loss, typeset."""
-        from dpalogic.semantics import LATEX_HYPERPARAMETERS, latex_names, rho_sympy, semantic_loss_sympy
+        from dpalogic.semantics.program import LATEX_HYPERPARAMETERS, latex_names, rho_sympy, semantic_loss_sympy
 
         rows = [
             (r"(P, P_C, P_A)", "(" + ", ".join(to_latex(part) for part in self.readable_triple()) + ")"),

@@ -1,6 +1,6 @@
 """The one rule that picks Triton or torch, for PreferenceLoss, the fused path and every generated module.
 
-:func:`backend_rule` is pure (no imports, no dpalogic names) so that :mod:`dpalogic.codegen` copies its source into
+:func:`backend_rule` is pure (no imports, no dpalogic names) so that :mod:`dpalogic.compile.codegen` copies its source into
 each generated module, which must run without dpalogic: one rule, written once, generated everywhere else.
 """
 

@@ -1,7 +1,7 @@
 """PreferenceLoss: a loss program as a ``torch.nn.Module`` that runs its compiled module (docs/semantics.md §6).
 
-There is one execution path: :mod:`dpalogic.codegen` compiles the program once into a module with a fused
-forward+backward Triton kernel and its torch twin; :func:`dpalogic.backend.use_triton` picks the kernel for CUDA
+There is one execution path: :mod:`dpalogic.compile.codegen` compiles the program once into a module with a fused
+forward+backward Triton kernel and its torch twin; :func:`dpalogic.runtime.backend.use_triton` picks the kernel for CUDA
 tensors and the twin elsewhere. Every side's ``log WMC`` comes from its circuit (``log p``, ``log1mexp(log p)``,
 sums, ``logaddexp`` only where a side is a genuine sum), so values and gradients are finite for log-probabilities
 anywhere in ``[-1e4, 0]``; float32, bfloat16 and float16 inputs are computed in float32 (float64 stays float64).
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from dpalogic.backend import BACKENDS, backend_rule, use_triton
-from dpalogic.codegen import length_answers, module_for
+from dpalogic.compile.codegen import length_answers, module_for
 from dpalogic.errors import DPALogicError, NoPolicyAtomWarning
-from dpalogic.semantics import Program, Term, with_link
-from dpalogic.syntax import Atom
+from dpalogic.language.syntax import Atom
+from dpalogic.runtime.backend import BACKENDS, backend_rule, use_triton
+from dpalogic.semantics.program import Program, Term, with_link
 
 _ATOM_NAME = re.compile(r"(M|Ref)\((yw|yl|y[1-9][0-9]*)\)")
 POSITIVE_SLACK = 1e-2  # log-probs up to this far above 0 are taken as rounding noise, not as an input mistake
@@ -85,7 +85,7 @@ class PreferenceLoss(torch.nn.Module):
     ``link="<expression in z>"`` replaces the preference terms' link by one of the user's own (``z = β·log ρ − γ``;
     its other names are hyperparameters: ``link="softplus(margin - z)", margin=0.5``).
 
-    The loss runs the program's compiled module (:mod:`dpalogic.codegen`): ``backend="torch"`` its torch twin,
+    The loss runs the program's compiled module (:mod:`dpalogic.compile.codegen`): ``backend="torch"`` its torch twin,
     ``"triton"`` its fused forward+backward kernel (CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``), and
     ``"auto"`` (default) Triton for CUDA tensors when triton is installed and the twin otherwise.
 
@@ -104,14 +104,14 @@ class PreferenceLoss(torch.nn.Module):
         **hyperparameters: float,
     ) -> None:
         super().__init__()
-        from dpalogic.catalog import resolve
+        from dpalogic.semantics.catalog import resolve
 
         if reduction not in ("mean", "sum", "none"):
             raise DPALogicError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if backend not in BACKENDS:
             raise DPALogicError(backend_rule(backend, False, False, False)[1])
         self.backend = backend
-        self._generated: dict = {}  # generated modules (dpalogic.codegen), compiled on first Triton use
+        self._generated: dict = {}  # generated modules (dpalogic.compile.codegen), compiled on first Triton use
         self.program: Program = resolve(spec)
         if link is not None:  # a link of the user's own, f(z) with z = β·log ρ − γ; its parameters are hyperparameters
             self.program = with_link(self.program, link, hyperparameters)
@@ -173,7 +173,7 @@ class PreferenceLoss(torch.nn.Module):
         """The loss of every pair, ``[B]``, from log-probs keyed by atom name and lengths keyed by answer.
 
         Runs the program's compiled module: its Triton kernel on CUDA tensors, its torch twin elsewhere (the
-        backend rule of :func:`dpalogic.backend.use_triton`). Gradients reach every log-prob input.
+        backend rule of :func:`dpalogic.runtime.backend.use_triton`). Gradients reach every log-prob input.
         """
         if not atom_lp:
             raise DPALogicError("no log-probabilities given")

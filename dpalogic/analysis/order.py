@@ -11,9 +11,9 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from dpalogic import circuit
-from dpalogic.semantics import LINKS, Program, same_ratio, side_circuit
-from dpalogic.structure import Structure, align, full_mask
+from dpalogic.logic.structure import Structure, align, full_mask
+from dpalogic.semantics import circuit
+from dpalogic.semantics.program import LINKS, Program, same_ratio, side_circuit
 
 
 def relation(s1: Structure, s2: Structure) -> str:
@@ -205,7 +205,7 @@ def compare(a, b, name_a: str | None = None, name_b: str | None = None) -> Compa
     ``a`` and ``b`` are programs, structures, catalog names or structure text (``compare("cpo", "orpo")``); names
     default to the text given, else the program's name, else ``A`` and ``B``.
     """
-    from dpalogic.catalog import resolve
+    from dpalogic.semantics.catalog import resolve
 
     name_a = name_a or (a if isinstance(a, str) else getattr(a, "name", None) or "A")
     name_b = name_b or (b if isinstance(b, str) else getattr(b, "name", None) or "B")
@@ -237,7 +237,7 @@ def compare(a, b, name_a: str | None = None, name_b: str | None = None) -> Compa
         a1, a2 = align(s1, s2)
         (c1, g1, x1), (c2, g2, x2) = a1.readable_triple(), a2.readable_triple()
         if rel != "equivalent" and c1 == c2:
-            from dpalogic.syntax import to_unicode
+            from dpalogic.language.syntax import to_unicode
 
             notes.append(
                 f"same core formula P = {to_unicode(c1)} under different conditioning: "

@@ -37,7 +37,7 @@ def parse_hp(items: list[str]) -> dict[str, float]:
 
 
 def _structure_info(s) -> dict[str, Any]:
-    from dpalogic.semantics import circuit_text, latex_names, rho_sympy, semantic_loss_sympy, side_circuit
+    from dpalogic.semantics.program import circuit_text, latex_names, rho_sympy, semantic_loss_sympy, side_circuit
 
     rho = rho_sympy(s)
     loss = semantic_loss_sympy(s)
@@ -58,9 +58,9 @@ def _structure_info(s) -> dict[str, Any]:
 
 def catalog_matches(s) -> tuple[list[str], list[str]]:
     """Catalog names whose (single) structure is equivalent to ``s``, and those with the same loss function."""
-    from dpalogic.catalog import entries
-    from dpalogic.semantics import same_ratio
-    from dpalogic.structure import align
+    from dpalogic.logic.structure import align
+    from dpalogic.semantics.catalog import entries
+    from dpalogic.semantics.program import same_ratio
 
     equivalent, same = [], []
     catalog_atoms = {a for e in entries().values() for t in e.program.terms for a in t.structure.atoms}
@@ -90,8 +90,8 @@ def derive(
     With ``link`` (an expression in ``z``) the loss is ``f(log ρ)`` for that link instead of ``−log σ(log ρ)``; the
     link's parameters keep their names in the closed form and take their values from ``hyperparameters``.
     """
-    from dpalogic.catalog import _alias_map, outside
-    from dpalogic.structure import Structure
+    from dpalogic.logic.structure import Structure
+    from dpalogic.semantics.catalog import _alias_map, outside
 
     key = text.strip().lower().replace("-", "_")
     if key in _alias_map() or outside(key) is not None:  # a loss name is never a formula (atoms have parentheses)
@@ -105,7 +105,7 @@ def derive(
     info["input"] = text
     info["link_formula"] = "−log σ(z)"
     if link is not None:
-        from dpalogic.semantics import latex_names, single_structure_program, with_link
+        from dpalogic.semantics.program import latex_names, single_structure_program, with_link
 
         program = with_link(single_structure_program(s), link, hyperparameters)
         term = program.terms[0]
@@ -119,7 +119,7 @@ def derive(
 
 
 def link_formula(name: str) -> str:
-    from dpalogic.links import LINKS
+    from dpalogic.semantics.links import LINKS
 
     return LINKS[name].formula
 
@@ -176,8 +176,8 @@ def outside_info(o) -> dict[str, Any]:
 
 
 def show(name: str) -> dict[str, Any]:
-    from dpalogic.catalog import lookup, outside
-    from dpalogic.semantics import LINKS, latex_names, rho_sympy
+    from dpalogic.semantics.catalog import lookup, outside
+    from dpalogic.semantics.program import LINKS, latex_names, rho_sympy
 
     o = outside(name)
     if o is not None:  # a known loss: showing it is not an error, even though it has no program
@@ -230,7 +230,7 @@ def show(name: str) -> dict[str, Any]:
 
 def catalog_rows() -> list[dict[str, Any]]:
     """The catalog (``in_fragment: true``), then the known losses outside the fragment (``in_fragment: false``)."""
-    from dpalogic.catalog import OUTSIDE, entries
+    from dpalogic.semantics.catalog import OUTSIDE, entries
 
     rows = []
     for name, e in entries().items():
@@ -262,7 +262,7 @@ def catalog_markdown() -> str:
         "| name | structure (✓/✗ canonical, readable) | terms | defaults | source | verified against |",
         "|---|---|---|---|---|---|",
     ]
-    from dpalogic.catalog import entries
+    from dpalogic.semantics.catalog import entries
 
     for name, e in entries().items():
         p = e.program
@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def compare(a: str, b: str) -> dict[str, Any]:
-    from dpalogic.analysis import compare as _compare
-    from dpalogic.catalog import resolve
+    from dpalogic.analysis.order import compare as _compare
+    from dpalogic.semantics.catalog import resolve
 
     return _compare(resolve(a), resolve(b), a, b).as_dict()
 
@@ -445,8 +445,8 @@ def _slice(spec: str, base: float, delta):
     """One loss and d(loss)/dδ on the slice ``log p_w = b + δ/2, log p_l = b − δ/2`` (references at b), as arrays."""
     import torch
 
-    from dpalogic.catalog import resolve
-    from dpalogic.torch_loss import PreferenceLoss
+    from dpalogic.runtime.preference_loss import PreferenceLoss
+    from dpalogic.semantics.catalog import resolve
 
     d = torch.as_tensor(delta, dtype=torch.float64).clone().requires_grad_(True)
     bb = torch.full_like(d, base)
@@ -569,8 +569,8 @@ def plot_compare(a: str, b: str, path: str, base: float | None = None, log_y: bo
 
 
 def lattice_op(op: str, a: str, b: str) -> dict[str, Any]:
-    from dpalogic.analysis import join, meet
-    from dpalogic.catalog import resolve
+    from dpalogic.analysis.order import join, meet
+    from dpalogic.semantics.catalog import resolve
 
     pa, pb = resolve(a), resolve(b)
     if pa.structure is None or pb.structure is None:
@@ -585,7 +585,7 @@ def lattice_op(op: str, a: str, b: str) -> dict[str, Any]:
 def _print_compare(info: dict[str, Any]) -> None:
     from rich.markup import escape
 
-    from dpalogic.analysis import comparison_lines
+    from dpalogic.analysis.order import comparison_lines
 
     c = _console()
     first, *rest = comparison_lines(info)
@@ -600,10 +600,10 @@ def _print_compare(info: dict[str, Any]) -> None:
 # Commands that live beside their stage register themselves: each module has ``register(subparsers)`` which adds
 # its parser(s) with ``set_defaults(run=fn)``, ``fn(args) -> int``. Modules must import heavy packages lazily.
 COMMAND_MODULES: list[str] = [
-    "dpalogic.decompile",
-    "dpalogic.lattice",
-    "dpalogic.landscape",
-    "dpalogic.codegen",
+    "dpalogic.analysis.decompile",
+    "dpalogic.analysis.lattice",
+    "dpalogic.analysis.landscape",
+    "dpalogic.compile.codegen",
     "dpalogic.training.cli",
 ]
 

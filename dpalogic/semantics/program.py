@@ -3,7 +3,7 @@
 * ``wmc_poly``      — WMC of a truth table as an exact multilinear polynomial (integer coefficients), the
                       fingerprint used to decide whether two structures give the same loss function.
 * ``wmc_sympy``     — the same polynomial as a factored SymPy expression, for display and closed forms.
-* ``side_circuit``  — a side's ``log WMC`` as a log-space circuit (:mod:`dpalogic.circuit`, the IR every backend
+* ``side_circuit``  — a side's ``log WMC`` as a log-space circuit (:mod:`dpalogic.semantics.circuit`, the IR every backend
                       folds): ``log p``, ``log(1 − p)`` (log1mexp), sums of logs for products and ``logaddexp``
                       only where a side really is a sum. DPO's circuit is four log-probs, ORPO's has no sum.
 * ``Term``/``Program`` — ``loss = Σ_k c_k · f_k(β_k · log ρ_k − γ_k)``; coefficients, scales, shifts and link
@@ -17,10 +17,10 @@ from functools import cache
 
 import sympy
 
-from dpalogic import circuit
-from dpalogic.links import LINKS  # one registry of links as SymPy expressions in z
-from dpalogic.structure import Structure, align
-from dpalogic.syntax import Atom
+from dpalogic.language.syntax import Atom
+from dpalogic.logic.structure import Structure, align
+from dpalogic.semantics import circuit
+from dpalogic.semantics.links import LINKS  # one registry of links as SymPy expressions in z
 
 # --------------------------------------------------------------------------------------------------- weights
 
@@ -136,7 +136,7 @@ def semantic_loss_sympy(s: Structure) -> sympy.Expr:
 
 
 # --------------------------------------------------------------------------------------------------- circuits
-# the IR of a side's log WMC is dpalogic.circuit; these are two of its folds (closed form and text)
+# the IR of a side's log WMC is dpalogic.semantics.circuit; these are two of its folds (closed form and text)
 
 
 def side_circuit(mask: int, n: int) -> circuit.Node:
@@ -277,7 +277,7 @@ class Program:
 
     @property
     def atoms(self) -> tuple[Atom, ...]:
-        from dpalogic.structure import common_atoms
+        from dpalogic.logic.structure import common_atoms
 
         return common_atoms(*(t.structure for t in self.terms))
 
@@ -334,7 +334,7 @@ def with_link(program: Program, text: str, values: dict[str, float] | None = Non
     The link's parameters become hyperparameters whose defaults are the ``values`` given (``margin=0.5`` for
     ``softplus(margin - z)``); the structures, scales and shifts stay, so ``z = β·log ρ − γ`` as before.
     """
-    from dpalogic.links import user_link
+    from dpalogic.semantics.links import user_link
 
     link = user_link(text, values)
     params = tuple((k, sympy.Symbol(k)) for k, _ in link.params)

@@ -2,7 +2,7 @@
 
 * ``landscape(n)`` — over ``n ≤ 8`` atoms: ``4^(2^n)`` structures, the exact number of distinct non-degenerate
   loss functions (187 for ``n = 2``, 4,294,246,507 for ``n = 4``), how many structures share each one, and the
-  degenerate classes; counted by factoring WMC polynomials (:mod:`dpalogic.factoring`), with no enumeration.
+  degenerate classes; counted by factoring WMC polynomials (:mod:`dpalogic.analysis.factoring`), with no enumeration.
   ``loss_classes(n)`` enumerates every structure for ``n ≤ 3``: the independent check the tests use.
 * ``explore(a, b)`` — the structures strictly between two comparable losses, with the catalog's names and closed
   forms: the paper's way of deriving new losses from first principles. Intervals up to ``MAX_INTERVAL`` are keyed
@@ -36,8 +36,8 @@ from operator import add
 from typing import Any
 
 from dpalogic.errors import DPALogicError
-from dpalogic.structure import Structure, align, common_atoms, full_mask, readable
-from dpalogic.syntax import Atom
+from dpalogic.language.syntax import Atom
+from dpalogic.logic.structure import Structure, align, common_atoms, full_mask, readable
 
 # the grid values are a/Q with a ∈ GRID: three distinct interior points per variable (see the module docstring)
 GRID = (1, 2, 3)
@@ -208,12 +208,12 @@ def loss_classes(n: int) -> tuple[dict[tuple[int, ...], list[tuple[int, int]]], 
 
 
 def landscape(n: int, examples: int = 3) -> Landscape:
-    """Exact counts over ``n`` atoms, from the factorization of WMC polynomials (:mod:`dpalogic.factoring`).
+    """Exact counts over ``n`` atoms, from the factorization of WMC polynomials (:mod:`dpalogic.analysis.factoring`).
 
     No structure is enumerated: the counts are closed-form sums over big integers, and the example classes are
     built from their canonical structures. ``loss_classes`` (enumeration, ``n ≤ 3``) is the independent check.
     """
-    from dpalogic import factoring
+    from dpalogic.analysis import factoring
 
     if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > MAX_ATOMS:
         raise DPALogicError(f"--atoms must be an integer from 1 to {MAX_ATOMS}, got {n!r}")
@@ -269,7 +269,7 @@ def _mask_size_bound(mask: int, atoms: tuple[Atom, ...]) -> int:
     That table holds every truth table expressible with ≤ 3 atom occurrences (≤ 2 from five atoms on), so a
     mask outside it needs at least one more — computing it exactly would take SymPy's minimizer.
     """
-    from dpalogic.structure import _small_formulas
+    from dpalogic.logic.structure import _small_formulas
 
     n = len(atoms)
     if mask == 0 or mask == full_mask(n):
@@ -318,7 +318,7 @@ def _in_size_order(cands: list[tuple[int, int]], atoms: tuple[Atom, ...]):
 
 
 def _structure_of(spec: str) -> Structure:
-    from dpalogic.catalog import resolve
+    from dpalogic.semantics.catalog import resolve
 
     p = resolve(spec)
     if p.structure is None:
@@ -330,7 +330,7 @@ def _structure_of(spec: str) -> Structure:
 
 
 def _parse_atoms(texts: list[str] | None) -> tuple[Atom, ...]:
-    from dpalogic.syntax import atoms_of, parse_formula
+    from dpalogic.language.syntax import atoms_of, parse_formula
 
     out: list[Atom] = []
     for chunk in texts or []:
@@ -346,7 +346,7 @@ def _parse_atoms(texts: list[str] | None) -> tuple[Atom, ...]:
 
 def _catalog_index(atoms: tuple[Atom, ...]) -> tuple[dict, dict]:
     """Catalog single structures over (a subset of) ``atoms``: by ``(✓, ✗)`` and by loss key."""
-    from dpalogic.catalog import entries
+    from dpalogic.semantics.catalog import entries
 
     by_sides: dict[tuple[int, int], list[str]] = {}
     by_key: dict[tuple, list[str]] = {}
@@ -373,8 +373,8 @@ def explore(
     With ``A`` stronger than ``B`` the interval is ``✓_A ⊆ ✓ ⊆ ✓_B`` and ``✗_B ⊆ ✗ ⊆ ✗_A`` (docs/semantics.md §5);
     the endpoints are left out. ``distinct`` keeps the smallest structure of each loss function.
     """
-    from dpalogic.analysis import join, meet, relation
-    from dpalogic.semantics import rho_sympy, semantic_loss_sympy
+    from dpalogic.analysis.order import join, meet, relation
+    from dpalogic.semantics.program import rho_sympy, semantic_loss_sympy
 
     if limit < 0:
         raise DPALogicError(f"--limit must be ≥ 0, got {limit}")
@@ -407,7 +407,7 @@ def explore(
     free = free_top.bit_count() + free_bottom.bit_count()
     by_sides, by_key = _catalog_index(at)
     endpoints = {(sa.top, sa.bottom), (sb.top, sb.bottom)}
-    from dpalogic import factoring
+    from dpalogic.analysis import factoring
 
     def row_of(t: int, b_: int, size: int | None) -> dict[str, Any]:
         s = Structure(at, t, b_)

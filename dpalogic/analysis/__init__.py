@@ -1,0 +1,1 @@
+"""Analysis: order and comparison, decompilation, the lattice, the landscape."""

@@ -1,0 +1,1 @@
+"""Compilation: loss programs to generated modules (a fused Triton kernel and its torch twin)."""

@@ -1,0 +1,1 @@
+"""The language: formula text (grammar/preference.lark) and equation text, parsed into SymPy."""
