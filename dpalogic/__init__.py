@@ -1,13 +1,16 @@
 """dpalogic: preference losses as symbolic programs (Richardson, Srikumar & Sabharwal, ICML 2025).
 
-The pipeline, one module per stage:
+The pipeline, one subpackage per stage:
 
-    grammar/preference.lark   the language
-    dpalogic.language.syntax           text → SymPy IR, and printers back (ASCII, Unicode, LaTeX)
-    dpalogic.logic.structure        preference structures (P, P_C, P_A), their sides (✓, ✗), truth tables
-    dpalogic.semantics.program        WMC polynomials, ρ, links, loss programs, log-space plans
-    dpalogic.semantics.catalog          published losses as programs, with citations
-    dpalogic.runtime.preference_loss       programs → torch.nn.Module (imported lazily: symbolic use never loads torch)
+    grammar/preference.lark   the language of formulas
+    dpalogic.language         formula text → SymPy Boolean IR and printers; equations and links parsed safely
+    dpalogic.logic            preference structures (P, P_C, P_A), their sides (✓, ✗), truth tables
+    dpalogic.semantics        the log-space circuit IR, links as SymPy expressions, loss programs, the catalog
+    dpalogic.analysis         order, compare, decompile, lattice, landscape (exact counts by factoring)
+    dpalogic.compile          programs → generated modules (a fused Triton kernel and its torch twin)
+    dpalogic.runtime          PreferenceLoss, FusedLinearPreferenceLoss, the backend rule (imported lazily)
+    dpalogic.training         the training loop (accelerate, FSDP2, LoRA), data, checkpoints, the demo
+    dpalogic.integrations     the TRL adapter
     dpalogic.cli              the ``dpalogic`` command
 """
 

@@ -4,12 +4,14 @@ For every program ``loss = Σ_k c_k · f_k(β_k · log ρ_k − γ_k)`` the gene
 Triton and once for torch (the *twin*, same statements, torch functions), that computes the per-pair loss **and** its
 derivative with respect to every log-probability input in one pass:
 
-* each side's ``log WMC`` comes from its log-space plan (:func:`dpalogic.semantics.program.log_wmc_plan`): a positive literal
+* each side's ``log WMC`` is its circuit (:mod:`dpalogic.semantics.circuit`), emitted by a fold: a positive literal
   is the log-prob itself, a negative one ``log1mexp`` of it, a product a sum and a genuine sum ``logaddexp`` — DPO's
   kernel is one logistic of four log-probs, ORPO's needs two ``log1mexp`` and no enumeration of worlds;
-* derivatives are the chain rule run backwards through the same plan (reverse mode, emitted as straight-line code):
-  ``∂/∂a logaddexp(a, b) = σ(a − b)``, ``∂/∂x log1mexp(x) = −eˣ/(1 − eˣ)`` and each link's ``f′(z)`` in a stable
-  closed form (checked against SymPy's derivative of :data:`dpalogic.semantics.program.LINKS` in the tests);
+* derivatives are reverse mode over the same DAG (adjoints summed where subcircuits are shared), emitted as
+  straight-line code: ``∂/∂a logaddexp(a, b) = σ(a − b)``, ``∂/∂x log1mexp(x) = −eˣ/(1 − eˣ)``;
+* each link ``f`` and ``f′`` are printed from the link's SymPy expression (:mod:`dpalogic.semantics.links`) and
+  SymPy's derivative of it, with shared parts computed once; the stable primitives (softplus, sigmoid, log1mexp,
+  logaddexp) are the only hand-written helpers, once per backend;
 * hyperparameters are kernel arguments (floats); token counts are inputs where a term is length-normalized.
 
 The generated module holds ``loss_and_grads_torch`` (the twin), ``loss_and_grads_triton`` (launches the kernel), a
