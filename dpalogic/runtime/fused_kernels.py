@@ -15,10 +15,12 @@ do the vocabulary-wide work on that buffer, one program per row, ``BLOCK_V`` col
 Between the two phases the buffer still holds the raw logits, so phase 2 recomputes ``exp(logit − logsumexp)``
 instead of keeping a second ``[rows, V]`` tensor: one buffer per chunk is the whole memory cost.
 
-:mod:`dpalogic.runtime.fused` imports this module only on its Triton path, and this module imports without triton (calling a
-kernel then raises :class:`~dpalogic.errors.DPALogicError`). The kernels are wrapped by ``triton.jit`` on first use, once per mode (compiled, or Triton's CPU interpreter under ``TRITON_INTERPRET=1``,
-which ``triton.jit`` reads when it decorates), so a process may use both. Only ``tl.exp``, ``tl.log``,
-``tl.maximum`` and ``tl.reduce`` are used: nothing libdevice-only that the interpreter could not run.
+:mod:`dpalogic.runtime.fused` imports this module only on its Triton path, and this module imports without triton
+(calling a kernel then raises :class:`~dpalogic.errors.DPALogicError`). The kernels are wrapped by ``triton.jit`` on
+first use, once per mode (compiled, or Triton's CPU interpreter under ``TRITON_INTERPRET=1``, which ``triton.jit``
+reads when it decorates), so a process may use both. Only ``tl.exp``, ``tl.log``, ``tl.maximum`` and ``tl.reduce``
+(with combiners of our own, the ones ``tl.max``/``tl.sum`` use) appear: nothing libdevice-only that the interpreter
+could not run, and no private Triton name.
 """
 
 from __future__ import annotations
@@ -42,6 +44,25 @@ MAX_BLOCK_V = 4096
 _KERNELS: dict[bool, tuple[Any, Any]] = {}  # interpreter mode → (label-log-prob kernel, gradient kernel)
 
 
+def _max_combine(a, b):
+    """The combiner of ``tl.max`` over floats (``tl.maximum``), for ``tl.reduce``."""
+    return tl.maximum(a, b)
+
+
+def _sum_combine(a, b):
+    """The combiner of ``tl.sum``, for ``tl.reduce``."""
+    return a + b
+
+
+if triton is not None:
+    # Our own combiners, wrapped as JITFunction whatever TRITON_INTERPRET says: compiled, tl.reduce with them is the
+    # same reduction as tl.max/tl.sum (the same combiners); interpreted, tl.reduce calls their plain Python function.
+    # tl.max/tl.sum themselves are @triton.jit'd when triton is imported, in that moment's mode, so a kernel could not
+    # run interpreted in a process that imported triton before setting TRITON_INTERPRET=1 (the tests do).
+    _max_combine = triton.JITFunction(_max_combine)
+    _sum_combine = triton.JITFunction(_sum_combine)
+
+
 def _label_logprob_kernel(
     logits_ptr,
     labels_ptr,
@@ -59,17 +80,15 @@ def _label_logprob_kernel(
     # the first tile initializes the running max and sum, so they have the buffer's dtype from the start (a
     # loop-carried value must keep one type) and no −inf − (−inf) = NaN can occur; V ≥ 1, so it holds a finite entry
     x = tl.load(base + offs, mask=offs < V, other=-float("inf"))
-    # tl.reduce with triton's own max/sum combiners is what tl.max/tl.sum do for float32/float64, minus their @jit
-    # wrapper: a compiled-mode wrapper cannot run in the interpreter, so this way the kernel runs interpreted even
-    # when triton was first imported without TRITON_INTERPRET=1 (the interpreter special-cases these combiners)
-    m = tl.reduce(x, 0, tl.standard._elementwise_max)
-    s = tl.reduce(tl.exp(x - m), 0, tl.standard._sum_combine)
+    # tl.reduce with our combiners: tl.max/tl.sum for float32/float64, in either mode (see _max_combine)
+    m = tl.reduce(x, 0, _max_combine)
+    s = tl.reduce(tl.exp(x - m), 0, _sum_combine)
     for start in range(BLOCK_V, V, BLOCK_V):
         cols = start + offs
         x = tl.load(base + cols, mask=cols < V, other=-float("inf"))
-        m_new = tl.maximum(m, tl.reduce(x, 0, tl.standard._elementwise_max))
+        m_new = tl.maximum(m, tl.reduce(x, 0, _max_combine))
         # rescale the sum so far to the new max; every exponent stays ≤ 0, whatever the logits' magnitude
-        s = s * tl.exp(m - m_new) + tl.reduce(tl.exp(x - m_new), 0, tl.standard._sum_combine)
+        s = s * tl.exp(m - m_new) + tl.reduce(tl.exp(x - m_new), 0, _sum_combine)
         m = m_new
     lse = m + tl.log(s)
     label = tl.load(labels_ptr + row)
