@@ -54,6 +54,12 @@ ORPO = Structure.from_sides(And(yw, Not(yl)), And(yl, Not(yw)))
         ("((logp_w - ref_logp_w)/len_w - (logp_l - ref_logp_l)/len_l - 1/(2*beta))**2", DPO, "squared", "1", "1/(2*beta)", True),
         ("sigmoid(-beta*(logp_w - ref_logp_w - logp_l + ref_logp_l))", DPO, "sigmoid", "beta", "0", False),
         ("exp(-beta*(logp_w - logp_l))", CPO, "exponential", "beta", "0", False),
+        # Bradley–Terry: −log(A/(A + B)) is −log σ(log A − log B), with powers or constants in A and B
+        ("-log(p_w**beta/(p_w**beta + p_l**beta))", CPO, "logistic", "beta", "0", False),
+        ("-log(2*p_w/(2*p_w + p_l))", CPO, "logistic", "1", "-log(2)", False),
+        # unlikelihood in log-prob form
+        ("-log(1 - exp(logp_l))", Structure.from_sides(Not(yl), yl), "logistic", "1", "0", False),
+        ("-log1p(-exp(logp_l))", Structure.from_sides(Not(yl), yl), "logistic", "1", "0", False),
     ],
 )  # fmt: skip
 def test_recognises_link_beta_gamma_and_structure(text, structure, link, beta, gamma, normalized):
@@ -95,7 +101,10 @@ def test_every_catalog_program_round_trips(name):
     [
         ("-log(p_w**2/(p_w**2 + p_l))", "numerator p_w**2 has degree 2 in p_w"),
         ("-logsigmoid(beta*(logp_w - sqrt(2)*logp_l))", "non-integer power"),
-        ("-log(2*p_w/(2*p_w + p_l))", "takes the value 2 at the corner M(yw)=1, M(yl)=0"),
+        # f-DPO's JS score log 2 + logsigmoid(log t): ρ = p_w·(p_l + r_l) / (p_l·(p_w + r_w))
+        ("-logsigmoid(beta*(logsigmoid(logp_w - ref_logp_w) - logsigmoid(logp_l - ref_logp_l)))",
+         "numerator p_w*(p_l + r_l) takes the value 2 at the corner M(yw)=1, M(yl)=1, Ref(yw)=0, Ref(yl)=1"),
+        ("-exp((logp_w + logp_l)/len_w)*logsigmoid(beta*(logp_w - logp_l))", "a weight that depends on the log-prob"),
         ("-logsigmoid(log(p_w**2/p_l))", "degree 2 in p_w"),
         ("-logsigmoid(beta*(logp_w/len_w - logp_l))", "lengths do not cancel"),
         ("-logsigmoid(beta*(exp(logp_w) - exp(logp_l)))", "not β·log ρ − γ"),

@@ -132,12 +132,21 @@ def _log_factors(expr: sympy.Expr) -> tuple[dict[sympy.Expr, sympy.Expr], sympy.
             continue
         if isinstance(rest, sympy.log) and rest.args[0].free_symbols <= set(PROB_SYMBOLS):
             arg = rest.args[0]
+            parts = [(arg, c)]
             if not arg.is_polynomial(*PROB_SYMBOLS):
-                return None
-            # keep each factor positive on (0,1)^n (p − 1 → 1 − p): a stray log(−1) would be an imaginary constant
-            if arg.subs({p: sympy.Rational(1, 2) for p in arg.free_symbols}) < 0:
-                arg = sympy.expand(-arg)
-            factors[arg] = factors.get(arg, 0) + c
+                # log(1 + r/p) (f-DPO's JS score) is log(p + r) − log p: a rational function splits into two factors
+                n, d = sympy.fraction(sympy.together(arg))
+                if not (n.is_polynomial(*PROB_SYMBOLS) and d.is_polynomial(*PROB_SYMBOLS)):
+                    return None
+                parts = [(sympy.expand(n), c), (sympy.expand(d), -c)]
+            for arg, k in parts:
+                if arg.is_number:
+                    const += k * sympy.log(arg)
+                    continue
+                # keep each factor positive on (0,1)^n (p − 1 → 1 − p): a stray log(−1) would be an imaginary constant
+                if arg.subs({p: sympy.Rational(1, 2) for p in arg.free_symbols}) < 0:
+                    arg = sympy.expand(-arg)
+                factors[arg] = factors.get(arg, 0) + k
             continue
         return None
     return factors, const
@@ -348,6 +357,13 @@ def _decompile_term(coef, u: sympy.Expr, source) -> list[DecompiledTerm]:
                 continue
             out += _decompile_term(coef * c, rest, t)
         return out
+    weight = _policy_weight(u)
+    if weight is not None:  # (EXO and DiscoPOP, products of two link shapes, are recognized as a whole later)
+        raise OutsideFragmentError(
+            f"the term {source} multiplies a link by {weight}, a weight that depends on the log-probabilities (as "
+            "WPO's policy-dependent weight does): a term of a program is c·f(β·log ρ − γ) with c a constant, so "
+            "the weighted loss is outside the fragment"
+        )
     z = _logistic_argument(u)
     if z is not None:
         return [_from_z("logistic", coef, z, source)]
@@ -363,8 +379,18 @@ def _decompile_term(coef, u: sympy.Expr, source) -> list[DecompiledTerm]:
         if a is not None:
             return [_from_z("sigmoid", coef, a, source)]
     linear, _ = _to_probabilities(u)
-    if _log_factors(linear) is not None and not u.has(sympy.exp):
-        return [_likelihood_term(coef, u, source)]
+    # log-probs inside exp are probabilities (log(1 − exp(logp_l)) is log(1 − p_l)): look for exp after rewriting
+    if _log_factors(linear) is not None and not linear.has(sympy.exp):
+        try:
+            return [_likelihood_term(coef, u, source)]
+        except OutsideFragmentError:
+            bt = _bradley_terry(coef, u, source)
+            if bt is None:
+                raise
+            return [bt]
+    bt = _bradley_terry(coef, u, source)
+    if bt is not None:
+        return [bt]
     a = _as_exponent(u)
     if a is not None:
         return [_from_z("exponential", coef, -a, source)]
@@ -375,6 +401,42 @@ def _decompile_term(coef, u: sympy.Expr, source) -> list[DecompiledTerm]:
         f"the term {source} matches no link (logistic log(1+e^u), hinge max(0,·), squared (·)², sigmoid 1/(1+e^u), "
         "exponential e^u, or a log-likelihood log X)"
     )
+
+
+def _bradley_terry(coef, u: sympy.Expr, source) -> DecompiledTerm | None:
+    """``k·log(A/(A + B))`` (Bradley–Terry, ``A = p_w**β``) as ``−k·(−log σ(log A − log B))``: the logistic link of
+    ``z = log A − log B``, whatever the exponents (they become β when log A − log B is read as β·log ρ)."""
+    if not isinstance(u, sympy.log):
+        return None
+    n, d = sympy.fraction(sympy.together(u.args[0]))
+    d = sympy.expand(d)
+    if not (n.free_symbols & VARIABLES) or not isinstance(d, sympy.Add):
+        return None
+    rest = sympy.expand(d - sympy.expand(n))
+    if rest == 0 or len(sympy.Add.make_args(rest)) >= len(d.args) or not rest.free_symbols & VARIABLES:
+        return None
+    return _from_z("logistic", -coef, sympy.log(n) - sympy.log(rest), source)
+
+
+def _policy_weight(u: sympy.Expr) -> sympy.Expr | None:
+    """In a product of two or more factors that depend on log-probs, the one that is not a link: the weight."""
+    if not isinstance(u, sympy.Mul):
+        return None
+    factors = [f for f in u.args if f.free_symbols & VARIABLES]
+    if len(factors) < 2:
+        return None
+
+    def link_shaped(g: sympy.Expr) -> bool:
+        return (
+            isinstance(g, (sympy.log, sympy.Max))
+            or (isinstance(g, sympy.Pow) and g.exp == 2)
+            or (isinstance(g, sympy.Pow) and g.exp == -1 and isinstance(g.base, sympy.Add))
+        )
+
+    links = [f for f in factors if link_shaped(f)]
+    if len(links) != 1:
+        return None
+    return sympy.Mul(*[f for f in factors if f is not links[0]])
 
 
 def _is_log_linear(e: sympy.Expr) -> bool:
@@ -509,7 +571,10 @@ def _decompile(text: str, expr: sympy.Expr) -> Decompiled:
             terms += _decompile_term(c, rest, t)
     except OutsideFragmentError:
         # a link whose expanded form is itself a sum (EXO, DiscoPOP): try the whole expression as one term
-        whole = _identify_link(sympy.Integer(1), expr, expr)
+        try:
+            whole = _identify_link(sympy.Integer(1), expr, expr)
+        except OutsideFragmentError:
+            whole = None
         if whole is None:
             raise
         return Decompiled(text, [whole], sympy.Integer(0))
@@ -617,7 +682,7 @@ def report(d: Decompiled) -> dict:
     return {"equation": d.equation, "terms": terms, "constant": str(d.constant), "matches": m["program"]}
 
 
-# --------------------------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------------------------- by name or equation
 
 
 def decompile_spec(spec: str) -> dict:
@@ -631,39 +696,6 @@ def decompile_spec(spec: str) -> dict:
         out["name"] = entry.name
         return out
     return report(decompile(spec))
-
-
-def _run(args) -> int:
-    import json
-
-    info = decompile_spec(args.expr)
-    if args.json:
-        print(json.dumps(info, indent=2, ensure_ascii=False))
-        return 0
-    from rich.console import Console
-
-    c = Console(highlight=False, soft_wrap=True)
-    c.print(f"[bold]{info.get('name', info['equation'])}[/bold]")
-    for k, term in enumerate(info["terms"], 1):
-        params = "".join(f", {a}={b}" for a, b in term["link_params"].items())
-        weights = "per-token (length-normalized)" if term["normalized"] else "sequence"
-        coef = term["coef"] if term["coef"].replace("_", "").replace(".", "").isalnum() else f"({term['coef']})"
-        c.print(f"term {k}: {coef} · {term['link']}{params} of z = {term['beta']}·log ρ − ({term['gamma']})")
-        c.print(f"  structure   {term['structure']}")
-        c.print(f"  ✓ / ✗       {term['top']}  /  {term['bottom']}")
-        c.print(f"  ρ           {term['rho']}   ({weights} weights)")
-        c.print(f"  same structure as: {', '.join(term['same_structure_as']) or '(no catalog loss)'}")
-    if info["constant"] != "0":
-        c.print(f"constant (does not depend on the model): {info['constant']}")
-    c.print(f"same program as: {', '.join(info['matches']) or '(no catalog loss)'}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("decompile", help="a loss equation (or catalog name) back to its structures")
-    p.add_argument("expr", help='e.g. "-log(sigmoid(beta*((logp_w - ref_logp_w) - (logp_l - ref_logp_l))))"')
-    p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.set_defaults(run=_run)
 
 
 __all__ = ["Decompiled", "OutsideFragmentError", "decompile", "matches", "program_equation", "report"]
