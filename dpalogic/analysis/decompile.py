@@ -306,6 +306,7 @@ class DecompiledTerm:
     normalized: bool
     link_params: dict = field(default_factory=dict)
     source: str = ""
+    likelihood: sympy.Expr | None = None  # X of a likelihood term c·(−log X), for merging −log a − log b
 
     def as_term(self) -> Term:
         return Term(
@@ -344,7 +345,9 @@ def _likelihood_term(coef, u: sympy.Expr, source) -> DecompiledTerm:
         except OutsideFragmentError as e:
             first_error = first_error or e
             continue
-        return DecompiledTerm("logistic", c, s, sympy.Integer(1), sympy.Integer(0), lr.normalized, {}, str(source))
+        return DecompiledTerm(
+            "logistic", c, s, sympy.Integer(1), sympy.Integer(0), lr.normalized, {}, str(source), sympy.expand(x)
+        )
     raise first_error
 
 
@@ -510,6 +513,41 @@ def _identify_link(coef, u: sympy.Expr, source) -> DecompiledTerm | None:
     return None
 
 
+def _normalize(terms: list[DecompiledTerm]) -> tuple[list[DecompiledTerm], sympy.Expr]:
+    """Equivalent spellings to one form, and the constant they leave:
+
+    * ``−c·σ(−z)`` is ``c·σ(z) − c`` (1 − σ(x) = σ(−x)): a sigmoid term keeps a positive coefficient, on the
+      reversed structure with the shift negated;
+    * ``(z)²`` is ``(−z)²``: a squared term's shift is kept non-negative (SPPO's ``(b + 0.5/β)²`` is the reversed
+      ``rejected`` structure with shift 1/(2β), as in the catalog);
+    * ``−c·log a − c·log b`` is ``−c·log(ab)``: likelihood terms with one coefficient merge when the product is
+      the likelihood of one structure (``−log p_w − log(1 − p_l)`` is ceunl).
+    """
+    constant = sympy.Integer(0)
+    for t in terms:
+        if t.link == "sigmoid" and sympy.sympify(t.coef).could_extract_minus_sign():
+            constant += t.coef
+            t.coef, t.structure, t.shift = -t.coef, t.structure.reversed(), -t.shift
+        if t.link == "squared" and sympy.sympify(t.shift).could_extract_minus_sign():
+            t.structure, t.shift = t.structure.reversed(), -t.shift
+    groups: dict[tuple, list[DecompiledTerm]] = {}
+    for t in terms:
+        if t.likelihood is not None:
+            groups.setdefault((sympy.simplify(t.coef), t.normalized), []).append(t)
+    for (coef, normalized), group in groups.items():
+        if len(group) < 2:
+            continue
+        x = sympy.expand(sympy.Mul(*[t.likelihood for t in group]))
+        try:
+            s = structure_of_ratio(x, 1 - x)
+        except OutsideFragmentError:
+            continue
+        source = " + ".join(t.source for t in group)
+        merged = DecompiledTerm("logistic", coef, s, sympy.Integer(1), sympy.Integer(0), normalized, {}, source, x)
+        terms = [merged if t is group[0] else t for t in terms if t is group[0] or t not in group]
+    return terms, constant
+
+
 def _merge(terms: list[DecompiledTerm]) -> list[DecompiledTerm]:
     """Terms with the same link, structure, scale and shift are one term with the summed coefficient."""
     out: list[DecompiledTerm] = []
@@ -543,7 +581,13 @@ class Decompiled:
 
 def decompile(text: str) -> Decompiled:
     """Decompile a loss equation (SymPy syntax) into terms with structures; raises OutsideFragmentError."""
-    expr = parse_equation(text)
+    return decompile_expression(parse_equation(text), text)
+
+
+def decompile_expression(expr: sympy.Expr, text: str | None = None) -> Decompiled:
+    """Decompile a SymPy loss over :data:`VARIABLES` (hyperparameters: any other symbol), e.g. a traced function."""
+    text = str(expr) if text is None else text
+    expr = _simplify_logs(expr)
     if not expr.free_symbols & VARIABLES:
         raise DPALogicError(f"{text!r} mentions no log-probability (logp_w, logp_l, ref_logp_w, ...)")
     try:
@@ -569,6 +613,8 @@ def _decompile(text: str, expr: sympy.Expr) -> Decompiled:
                 constant += c
                 continue
             terms += _decompile_term(c, rest, t)
+        terms, moved = _normalize(terms)
+        constant += moved
     except OutsideFragmentError:
         # a link whose expanded form is itself a sum (EXO, DiscoPOP): try the whole expression as one term
         try:
@@ -597,59 +643,123 @@ def program_equation(program: Program) -> str:
     return str(sympy.Add(*parts))
 
 
-def _num(e: sympy.Expr, defaults: dict[str, float]) -> sympy.Expr:
-    return sympy.simplify(e.subs({sympy.Symbol(k, positive=True): v for k, v in defaults.items()}).subs(
-        {sympy.Symbol(k): v for k, v in defaults.items()}
-    ))  # fmt: skip
+def _plain(e, dummies: dict[str, sympy.Symbol] | None = None) -> sympy.Expr:
+    """Hyperparameters by name only (the decompiler's are positive, the catalog's plain); ``dummies`` renames them."""
+    e = sympy.sympify(e)
+    return e.xreplace({s: (dummies or {}).get(s.name, sympy.Symbol(s.name)) for s in e.free_symbols})
+
+
+def _zero(e: sympy.Expr) -> bool:
+    return sympy.simplify(e) == 0
+
+
+def _same_structure(s1: Structure, s2: Structure) -> bool:
+    from dpalogic.logic.structure import align
+
+    a, b = align(s1, s2)
+    return (a.top, a.bottom) == (b.top, b.bottom)
+
+
+def _equations(mine: list[DecompiledTerm], theirs: list[Term], dummies: dict) -> list[sympy.Expr] | None:
+    """The equations that make ``mine`` equal to ``theirs`` term by term (the first pairing whose links, weights
+    and structures agree; their unpaired terms must vanish), or None when no pairing exists."""
+    from itertools import permutations
+
+    from dpalogic.semantics.links import LINKS
+
+    for chosen in permutations(range(len(theirs)), len(mine)):
+        pairs = list(zip(mine, [theirs[j] for j in chosen]))
+        if not all(
+            t.link == u.link and t.normalized == u.normalized and _same_structure(t.structure, u.structure)
+            for t, u in pairs
+        ):
+            continue
+        eqs = []
+        for t, u in pairs:
+            eqs += [_plain(t.coef) - _plain(u.coef, dummies), _plain(t.scale) - _plain(u.scale, dummies)]
+            eqs.append(_plain(t.shift) - _plain(u.shift, dummies))
+            given = dict(u.link_params)
+            for k, default in LINKS[t.link].params if t.link in LINKS else ():
+                eqs.append(_plain(t.link_params.get(k, default)) - _plain(given.get(k, default), dummies))
+        eqs += [_plain(theirs[j].coef, dummies) for j in range(len(theirs)) if j not in chosen]
+        return eqs
+    return None
 
 
 def matches(d: Decompiled) -> dict:
-    """Catalog entries with the same structure per term, and those with the same whole program (at defaults)."""
-    from dpalogic.logic.structure import align
+    """Catalog entries with the same structure per term; whole programs equal for *all* hyperparameter values
+    (``program``), or equal once the entry's hyperparameters are expressed in the equation's (``program_with``:
+    "robust with label_smoothing := −ε/(1 − 2ε)"), or equal once one of the equation's hyperparameters is 0
+    (``program_at``: cDPO is "dpo at label_smoothing = 0"). Constants are ignored: they do not change the loss's
+    gradients."""
     from dpalogic.semantics.catalog import entries
 
-    def same_structure(s1: Structure, s2: Structure) -> bool:
-        a, b = align(s1, s2)
-        return (a.top, a.bottom) == (b.top, b.bottom)
-
-    per_term = []
-    for t in d.terms:
-        names = [
+    per_term = [
+        [
             n
             for n, e in entries().items()
-            if e.program.structure is not None and same_structure(t.structure, e.program.structure)
+            if e.program.structure is not None and _same_structure(t.structure, e.program.structure)
         ]
-        per_term.append(names)
-    whole = []
+        for t in d.terms
+    ]
+    exact, with_sub, at_zero = [], [], []
+    mine_hp = sorted(
+        {s.name for t in d.terms for e in (t.coef, t.scale, t.shift) for s in sympy.sympify(e).free_symbols}
+    )
     for name, e in entries().items():
-        p = e.program
-        mine = [t for t in d.terms if not _num(sympy.sympify(t.coef), p.defaults).is_zero]
-        theirs = [t for t in p.terms if not _num(t.coef, p.defaults).is_zero]
-        if len(mine) != len(theirs):
+        theirs = list(e.program.terms)
+        if len(theirs) < len(d.terms):
             continue
-        used: set[int] = set()
-        ok = True
-        for t in mine:
-            found = False
-            for j, u in enumerate(theirs):
-                if j in used or t.link != u.link or t.normalized != u.normalized:
-                    continue
-                if not same_structure(t.structure, u.structure):
-                    continue
-                pairs = [(t.coef, u.coef), (t.scale, u.scale), (t.shift, u.shift)]
-                pairs += [(t.link_params.get(k, 0), v) for k, v in u.link_params]
-                if all(
-                    sympy.simplify(_num(sympy.sympify(x), p.defaults) - _num(y, p.defaults)).is_zero for x, y in pairs
-                ):
-                    used.add(j)
-                    found = True
+        eqs = _equations(d.terms, theirs, {})
+        if eqs is not None and all(_zero(q) for q in eqs):
+            exact.append(name)
+            continue
+        hp = {h: sympy.Dummy(h) for h, _ in e.program.hyperparameters}
+        eqs = _equations(d.terms, theirs, hp)
+        unknowns = [x for x in hp.values() if eqs and any(q.has(x) for q in eqs)]
+        if eqs is not None and unknowns:
+            try:
+                solutions = sympy.solve(eqs, unknowns, dict=True)
+            except (NotImplementedError, TypeError, ValueError):
+                solutions = []
+            for sol in solutions:
+                if set(sol) == set(unknowns) and all(_zero(q.xreplace(sol)) for q in eqs):
+                    sub = {k.name: str(sympy.simplify(v)) for k, v in sol.items() if str(sympy.simplify(v)) != k.name}
+                    text = ", ".join(f"{k} := {v}" for k, v in sub.items())
+                    with_sub.append({"name": name, "substitution": sub, "text": f"{name} with {text}"})
                     break
-            if not found:
-                ok = False
-                break
-        if ok:
-            whole.append(name)
-    return {"terms": per_term, "program": whole}
+    if exact:  # equal for all values: the substitutions (robust at label_smoothing := 0 …) say nothing more
+        with_sub = []
+    else:
+        for h in mine_hp:  # an extra hyperparameter at 0 (label smoothing, a margin, an auxiliary weight)
+            zero = {
+                s: 0
+                for t in d.terms
+                for s in sympy.sympify(t.coef).free_symbols | sympy.sympify(t.shift).free_symbols
+                if s.name == h
+            }
+            if not zero:
+                continue
+            terms = [
+                DecompiledTerm(
+                    t.link,
+                    sympy.sympify(t.coef).xreplace(zero),
+                    t.structure,
+                    sympy.sympify(t.scale).xreplace(zero),
+                    sympy.sympify(t.shift).xreplace(zero),
+                    t.normalized,
+                    t.link_params,
+                )
+                for t in d.terms
+            ]
+            terms = [t for t in terms if not _zero(t.coef)]
+            if not terms:
+                continue
+            for name, e in entries().items():
+                eqs = _equations(terms, list(e.program.terms), {})
+                if eqs is not None and all(_zero(q) for q in eqs):
+                    at_zero.append({"name": name, "substitution": {h: "0"}, "text": f"{name} at {h} = 0"})
+    return {"terms": per_term, "program": exact, "program_with": with_sub, "program_at": at_zero}
 
 
 def report(d: Decompiled) -> dict:
@@ -679,7 +789,13 @@ def report(d: Decompiled) -> dict:
                 "source": t.source,
             }
         )
-    return {"equation": d.equation, "terms": terms, "constant": str(d.constant), "matches": m["program"]}
+    return {
+        "equation": d.equation,
+        "terms": terms,
+        "constant": str(d.constant),
+        "matches": m["program"],
+        "matches_with": [x["text"] for x in m["program_with"] + m["program_at"]],
+    }
 
 
 # --------------------------------------------------------------------------------------------------- by name or equation
@@ -689,8 +805,10 @@ def decompile_spec(spec: str) -> dict:
     """``dpalogic decompile EXPR|NAME``: a catalog name is decompiled from its own closed form."""
     from dpalogic.semantics.catalog import _alias_map, lookup
 
+    # a name never starts with "-": "-logp_w" is an equation, not the loss "_logp_w"
     key = spec.strip().lower().replace("-", "_")
-    if key in _alias_map() or (key.isidentifier() and not key.startswith(("logp", "ref_", "p_", "len"))):
+    plain = key.isidentifier() and not spec.strip().startswith(("-", "+"))
+    if key in _alias_map() or (plain and not key.startswith(("logp", "ref_", "p_", "len"))):
         entry = lookup(key)
         out = report(decompile(program_equation(entry.program)))
         out["name"] = entry.name
