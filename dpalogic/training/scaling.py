@@ -75,23 +75,47 @@ def make_accelerator(cfg, project_dir: str):
     if bf16 == "true" and cpu:
         raise DPALogicError("bf16 autocast needs a CUDA GPU (this run is on CPU)")
     use_bf16 = not cpu and (bf16 == "true" or (bf16 == "auto" and torch.cuda.is_bf16_supported()))
+    mixed = "bf16" if use_bf16 else "no"
+    _check_process_state(cpu, mixed)
     trackers = "tensorboard" if cfg.tensorboard and is_tensorboard_available() else None
-    return Accelerator(
-        cpu=cpu, mixed_precision="bf16" if use_bf16 else "no", log_with=trackers, project_dir=project_dir
-    )
+    return Accelerator(cpu=cpu, mixed_precision=mixed, log_with=trackers, project_dir=project_dir)
+
+
+def _check_process_state(cpu: bool, mixed: str) -> None:
+    """Refuse a run whose settings differ from those accelerate already holds in this process.
+
+    accelerate keeps the device, the precision and the process group in process-wide singletons, set by the first
+    ``Accelerator`` and reused by every later one (resetting them takes private calls). A run with the same settings
+    (every run on one machine, as in the tests) shares them; another device or precision would be ignored silently
+    (CPU then GPU) or refused with accelerate's own error, so it is refused here with the way out.
+    """
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if not is_initialized():
+        return
+    state = AcceleratorState()
+    was, now = (state.device.type == "cpu", state.mixed_precision), (cpu, mixed)
+    if was != now:
+        show = ["{} with mixed precision {!r}".format("the CPU" if c else "a GPU", m) for c, m in (was, now)]
+        raise DPALogicError(
+            f"an earlier training run in this process used {show[0]} and this one asks for {show[1]}: accelerate "
+            "fixes these once per process, so start this run in a new process (e.g. `dpalogic train`)"
+        )
+    if state.num_processes > 1 and not torch.distributed.is_initialized():
+        raise DPALogicError(
+            "an earlier distributed run in this process has ended its process group: start this run in a new process"
+        )
 
 
 def release_accelerator(acc, owns_group: bool) -> None:
-    """End the run's accelerate state, so the next run in this process may choose other settings."""
-    from accelerate.state import AcceleratorState, GradientState
+    """End the run: its trackers, and the process group if accelerate created it for this run.
 
+    accelerate's process-wide state stays (see :func:`_check_process_state`): the next run with the same settings in
+    this process reuses it.
+    """
     acc.end_training()
     if owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    # accelerate keeps its settings in process-wide singletons that refuse a change (a second run with another
-    # precision would fail); a finished run gives them back
-    AcceleratorState._reset_state(reset_partial_state=owns_group)
-    GradientState._reset_state()
 
 
 # --------------------------------------------------------------------------------------------------- LoRA
