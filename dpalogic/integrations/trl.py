@@ -29,7 +29,7 @@ from trl import DPOConfig, DPOTrainer
 
 from dpalogic import PreferenceLoss
 from dpalogic.errors import DPALogicError
-from dpalogic.training.metrics import pair_rewards
+from dpalogic.runtime.metrics import pair_rewards
 
 _TRL_METRICS = (
     ("rewards/chosen", "chosen_rewards"),

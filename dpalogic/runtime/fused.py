@@ -35,6 +35,7 @@ import torch
 
 from dpalogic.errors import DPALogicError
 from dpalogic.runtime.backend import use_triton
+from dpalogic.runtime.metrics import pair_rewards
 from dpalogic.runtime.preference_loss import PreferenceLoss
 
 _PAIR_ATOMS = {"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"}
@@ -469,26 +470,34 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 )
 
     def _metrics(self, seq, lengths, losses, ref_c, ref_r) -> dict[str, torch.Tensor]:
-        """Per-sequence log-probs, rewards, margins and accuracy (detached), named as TRL/Liger log them."""
+        """Per-sequence log-probs, rewards, margins and accuracy (detached), named as TRL/Liger log them.
+
+        The reward is :func:`~dpalogic.runtime.metrics.pair_rewards`' with the program's first term's β, per token
+        when that term is length-normalized.
+        """
         B = seq.shape[0] // 2
         pref = next((t for t in self.loss_fn.terms if t.coef != 0.0), None)
         beta = pref.scale if pref is not None else 1.0
-        normalized = pref.normalized if pref is not None else False
-        n = lengths.float().clamp(min=1.0)
-        lp = seq / n if normalized else seq
-        if ref_c is not None and ref_r is not None:
-            ref = torch.cat([ref_c, ref_r]).to(seq.dtype)
-            lp = lp - (ref / n if normalized else ref)
-        rewards = beta * lp
+        per_token = pref is not None and pref.normalized
+        with_ref = ref_c is not None and ref_r is not None
+        pr = pair_rewards(
+            seq[:B],
+            seq[B:],
+            ref_c.to(seq.dtype) if with_ref else None,
+            ref_r.to(seq.dtype) if with_ref else None,
+            beta=beta,
+            chosen_lengths=lengths[:B] if per_token else None,
+            rejected_lengths=lengths[B:] if per_token else None,
+        )
         out = {
             "chosen_logps": seq[:B],
             "rejected_logps": seq[B:],
             "chosen_lengths": lengths[:B],
             "rejected_lengths": lengths[B:],
-            "chosen_rewards": rewards[:B],
-            "rejected_rewards": rewards[B:],
-            "margins": rewards[:B] - rewards[B:],
-            "accuracy": (rewards[:B] > rewards[B:]).float().mean(),
+            "chosen_rewards": pr["chosen_rewards"],
+            "rejected_rewards": pr["rejected_rewards"],
+            "margins": pr["margins"],
+            "accuracy": pr["accuracy"].mean(),
             "losses": losses,
         }
         if ref_c is not None:

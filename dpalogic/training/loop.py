@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from dpalogic.errors import DPALogicError
+from dpalogic.runtime.metrics import pair_rewards
 from dpalogic.training import checkpoint as ckpt
 from dpalogic.training import scaling
 from dpalogic.training.config import TrainConfig
@@ -49,7 +50,6 @@ from dpalogic.training.data import (
     tokenize_rows,
     write_bad_rows,
 )
-from dpalogic.training.metrics import pair_rewards
 from dpalogic.training.model import fingerprint, load_model_and_tokenizer, reference_logps, sequence_logps
 
 CHECKPOINT_DIR = "checkpoints"
@@ -451,7 +451,7 @@ class Trainer:
 
     @staticmethod
     def _pair_stats(chosen, rejected, ref_c, ref_r) -> torch.Tensor:
-        """Sums over pairs of :data:`STAT_NAMES`, from :func:`~dpalogic.training.metrics.pair_rewards` at β = 1.
+        """Sums over pairs of :data:`STAT_NAMES`, from :func:`~dpalogic.runtime.metrics.pair_rewards` at β = 1.
 
         The reward is ``log π − log π_ref`` when the loss uses a reference (DPO's implicit reward), else ``log π``.
         """
