@@ -37,7 +37,7 @@ def main() -> None:
     print(f"{'dpalogic derive (cold, target ≤ 0.8 s)':<40} {cold:9.3f} {cold / anchor:15.2f}")
     print(f"{'dpalogic show dpo (cold)':<40} {cold_show:9.3f} {cold_show / anchor:15.2f}")
 
-    from dpalogic.cli import derive
+    from dpalogic.cli.derive import derive
     from dpalogic.semantics.catalog import entries
 
     print()

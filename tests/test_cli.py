@@ -188,7 +188,8 @@ def test_derive_of_a_loss_name_suggests_show(name):
 
 
 def test_output_to_a_file_is_not_wrapped(capsys):
-    from dpalogic.cli import derive, show
+    from dpalogic.cli.derive import derive
+    from dpalogic.cli.show import show
 
     formula = "(M(yl) -> M(yw), M(yw) ^ M(yl), M(y3) & M(y4))"
     latex = derive(formula)["latex"]
@@ -219,7 +220,7 @@ def test_output_to_a_terminal_is_wrapped(capsys, monkeypatch):
 
 
 def test_rho_names_say_which_structure_each_term_uses():
-    from dpalogic.cli import rho_names, show, term_texts
+    from dpalogic.cli.show import rho_names, show, term_texts
     from dpalogic.semantics.catalog import entries
 
     for name, e in entries().items():
@@ -249,7 +250,7 @@ def test_rho_names_say_which_structure_each_term_uses():
 def test_the_readme_catalog_table_is_generated(capsys):
     from pathlib import Path
 
-    from dpalogic.cli import catalog_markdown
+    from dpalogic.cli.list_ import catalog_markdown
     from dpalogic.semantics.catalog import entries
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
@@ -267,7 +268,7 @@ def test_the_readme_catalog_table_is_generated(capsys):
 
 
 def test_plot_range_shows_where_ipo_and_hinge_differ():
-    from dpalogic.cli import compare_figure
+    from dpalogic.cli.compare import compare_figure
     from dpalogic.semantics.catalog import entries
 
     beta = entries()["hinge"].program.defaults["beta"]
@@ -290,7 +291,7 @@ def test_plot_range_shows_where_ipo_and_hinge_differ():
 def test_plot_range_holds_the_bend_of_a_logistic_loss():
     import math
 
-    from dpalogic.cli import compare_figure
+    from dpalogic.cli.compare import compare_figure
 
     fig = compare_figure("dpo", "ipo", log_y=True)
     lo, hi = fig.axes[0].get_xlim()

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpalogic.cli import main
+from dpalogic.cli.train_config import read_config_file
 from dpalogic.errors import DPALogicError
-from dpalogic.training.cli import read_config_file
 from dpalogic.training.config import TrainConfig, field_kind
 from dpalogic.training.data import load_preferences
 

@@ -19,9 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpalogic.cli import main
+from dpalogic.cli.train import register
+from dpalogic.cli.train_config import config_from_args
 from dpalogic.errors import DPALogicError
 from dpalogic.semantics.catalog import entries
-from dpalogic.training.cli import config_from_args, register
 from dpalogic.training.config import DEFAULT_LR, TINY_LR, TrainConfig, check_loss
 from dpalogic.training.data import (
     BAD_ROWS_FILE,

@@ -23,10 +23,8 @@ only small-integer arithmetic: no SymPy, no ``cancel``.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import itertools
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -507,99 +505,3 @@ def _interval_members(top: int, free_top: int, bottom: int, free_bottom: int):
                 else:
                     b &= ~bit
             yield t, b
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def _print_landscape(info: dict[str, Any]) -> None:
-    n = info["atoms"]
-    print(f"atoms          {n} ({', '.join(info['atom_names'])}; the counts do not depend on the names)")
-    print(f"worlds         2^{n} = {info['worlds']}")
-    print(f"structures     4^(2^{n}) = {info['structures']}  (each world: on ✓, on ✗, both or neither)")
-    print(f"non-degenerate {info['non_degenerate_structures']}  (✓ and ✗ both satisfiable)")
-    print(f"loss functions {info['loss_functions']} distinct non-degenerate (ρ1 ≡ ρ2 as rational functions)")
-    print("degenerate     " + "; ".join(f"{d['kind']}: {d['structures']} ({d['loss']})" for d in info["degenerate"]))
-    sizes = ", ".join(f"{v}×{k}" for k, v in info["class_sizes"].items())
-    print(f"class sizes    {sizes}  (loss functions × structures each)")
-    support = ", ".join(f"{k}: {v}" for k, v in info["loss_functions_by_support"].items())
-    print(f"by support     {support}  (atoms a loss function depends on: how many loss functions)")
-    for row in info["largest_classes"]:
-        shown = row["members"][:6]
-        more = f", … ({row['structures']} in all)" if row["structures"] > len(shown) else ""
-        print(f"same loss      {' = '.join(shown)}{more}")
-
-
-def _print_explore(info: dict[str, Any]) -> None:
-    if info["swapped"]:
-        print(f"(swapped: {info['stronger']} is the stronger of the two)")
-    distinct = (
-        f"{info['distinct_losses']} distinct loss functions"
-        if info["distinct_losses"] is not None
-        else "distinct loss functions not counted (too many to enumerate; listed ones are marked)"
-    )
-    print(
-        f"{info['stronger']} is stronger than {info['weaker']}: {info['strictly_between']} structures lie strictly "
-        f"between them over {', '.join(info['atoms'])} ({info['interval']} in the closed interval), {distinct}"
-    )
-    print(f"  {info['stronger']}: {info['stronger_structure_unicode']}")
-    print(f"  {info['weaker']}: {info['weaker_structure_unicode']}")
-    groups = ", ".join(" = ".join(g) for g in info["catalog_between_groups"])
-    print(f"catalog losses strictly between: {groups or '(none)'}")
-    for k, row in enumerate(info["listed"], 1):
-        names = ", ".join(row["catalog"])
-        same = [x for x in row["same_loss_as"] if x not in row["catalog"]]
-        tag = f"  [{names}]" if names else "  (new)"
-        if same:
-            tag += f"  same loss as {', '.join(same)}"
-        if row.get("same_loss_as_listed"):
-            tag += f"  same loss as #{row['same_loss_as_listed']}"
-        size = f"   size {row['size']}" if row["size"] is not None else ""
-        print(f"{k:>3}. {row['structure_unicode']}{tag}{size}")
-        print(f"     ✓ {row['top_unicode']}    ✗ {row['bottom_unicode']}")
-        if "rho" in row:
-            print(f"     ρ = {row['rho']}")
-            print(f"     loss = {row['loss']}")
-    shown = len(info["listed"])
-    total = info["distinct_losses"] if info["distinct"] else info["strictly_between"]
-    if total is None or shown < total:
-        print(
-            f"({shown} of {total if total is not None else 'many'} shown, in order of {info['order']}; --limit K for more)"
-        )
-
-
-def _run_landscape(args: argparse.Namespace) -> int:
-    n = args.atoms
-    if args.examples < 0:
-        raise DPALogicError(f"--examples must be ≥ 0, got {args.examples}")
-    info = landscape(n, examples=args.examples).as_dict(landscape_atoms(n))
-    if args.json:
-        print(json.dumps(info, indent=2, ensure_ascii=False))
-    else:
-        _print_landscape(info)
-    return 0
-
-
-def _run_explore(args: argparse.Namespace) -> int:
-    info = explore(args.between[0], args.between[1], args.atoms, args.limit, args.distinct)
-    if args.json:
-        print(json.dumps(info, indent=2, ensure_ascii=False))
-    else:
-        _print_explore(info)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``landscape`` and ``explore`` to the ``dpalogic`` command."""
-    p = subparsers.add_parser("landscape", help="how many structures and distinct loss functions over N atoms")
-    p.add_argument("--atoms", type=int, required=True, metavar="N", help=f"number of atoms (1–{MAX_ATOMS})")
-    p.add_argument("--examples", type=int, default=3, metavar="K", help="show the K largest same-loss classes")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.set_defaults(run=_run_landscape)
-    e = subparsers.add_parser("explore", help="the structures strictly between two comparable losses")
-    e.add_argument("--between", nargs=2, required=True, metavar=("A", "B"), help="two losses (names or structures)")
-    e.add_argument("--atoms", nargs="+", metavar="ATOM", help="extra atoms to explore over, e.g. 'Ref(yw)'")
-    e.add_argument("--limit", type=int, default=20, metavar="K", help="list at most K structures (default 20)")
-    e.add_argument("--distinct", action="store_true", help="one structure per loss function (the smallest)")
-    e.add_argument("--json", action="store_true", help="print a JSON object")
-    e.set_defaults(run=_run_explore)

@@ -9,12 +9,11 @@ reference model (``Ref`` atoms) — and compared within their group over the gro
 Exports by file extension: ``.json``, ``.dot``, ``.graphml``, ``.png``/``.svg`` (a layered drawing made with
 matplotlib's Agg backend, no graphviz needed) and ``.html`` (a self-contained page: inline SVG, no scripts).
 
-networkx and matplotlib are imported lazily: registering the CLI command costs nothing.
+networkx and matplotlib are imported lazily: importing this module (as ``dpalogic lattice`` does) costs nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import io
 import json
@@ -202,10 +201,13 @@ def to_json(g: nx.DiGraph) -> dict[str, Any]:
     }
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``1 node``, ``2 nodes``."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def text_summary(g: nx.DiGraph) -> str:
     """The lattice as text: each group's layers (strongest first) and Hasse edges."""
-    from dpalogic.cli import plural
-
     lines: list[str] = []
     for group, atoms in g.graph["groups"].items():
         nodes = [v for v, d in g.nodes(data=True) if d["group"] == group]
@@ -548,32 +550,3 @@ def export(g: nx.DiGraph, path: str | Path) -> Path:
     except OSError as err:
         raise DPALogicError(f"cannot write {str(path)!r}: {err.strerror or err}") from err
     return p
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def _run(args: argparse.Namespace) -> int:
-    from dpalogic.cli import plural
-
-    g = build_lattice(args.specs or None)
-    if args.out:
-        export(g, args.out)
-    if args.json:
-        print(json.dumps(to_json(g), indent=2, ensure_ascii=False))
-    else:
-        print(text_summary(g))
-        if args.out:
-            print(
-                f"wrote {args.out} ({plural(g.number_of_nodes(), 'node')}, {plural(g.number_of_edges(), 'Hasse edge')})"
-            )
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``lattice`` to the ``dpalogic`` command."""
-    p = subparsers.add_parser("lattice", help="the Hasse diagram of losses ordered by strength")
-    p.add_argument("specs", nargs="*", metavar="SPEC", help="loss names or structures (default: the whole catalog)")
-    p.add_argument("--out", metavar="FILE", help=f"write the lattice; format by extension: {', '.join(EXTENSIONS)}")
-    p.add_argument("--json", action="store_true", help="print nodes and [stronger, weaker] edges as JSON")
-    p.set_defaults(run=_run)

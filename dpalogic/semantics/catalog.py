@@ -244,3 +244,25 @@ def resolve(spec) -> Program:
     if text and all(c.isalnum() or c in "_-" for c in text) and text not in constants:
         return lookup(text).program
     return single_structure_program(Structure.parse(text).check())
+
+
+def catalog_matches(s: Structure) -> tuple[list[str], list[str]]:
+    """Catalog names whose (single) structure is equivalent to ``s``, and those with the same loss function."""
+    from dpalogic.logic.structure import align
+    from dpalogic.semantics.program import same_ratio
+
+    equivalent: list[str] = []
+    same: list[str] = []
+    catalog_atoms = {a for e in entries().values() for t in e.program.terms for a in t.structure.atoms}
+    if not set(s.atoms) <= catalog_atoms:  # an atom no catalog loss has (y3, …): nothing can match
+        return equivalent, same
+    for name, e in entries().items():
+        other = e.program.structure
+        if other is None:
+            continue
+        a, b = align(s, other)
+        if a.top == b.top and a.bottom == b.bottom:
+            equivalent.append(name)
+        if same_ratio(s, other):
+            same.append(name)
+    return equivalent, same

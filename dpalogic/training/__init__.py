@@ -11,8 +11,8 @@ Modules (each imports torch/transformers itself; importing this package does not
 - :mod:`dpalogic.training.scaling` — ``accelerate`` set-up, FSDP2 sharding, LoRA (peft), gradient checkpointing,
   whole-model state dicts for the checkpoints.
 - :mod:`dpalogic.training.checkpoint` — checkpoint folders that never unpickle: safetensors, JSON, a sha256 manifest.
-- :mod:`dpalogic.training.metrics` — the implicit rewards, margins and accuracies, one definition for every trainer.
 - :mod:`dpalogic.training.plan` — ``dpalogic train --plan``: memory per GPU from a model's config, nothing loaded.
 - :mod:`dpalogic.training.demo` — the synthetic sorting task and the side-by-side loss study (table + PNG plots).
-- :mod:`dpalogic.training.cli` — ``dpalogic train`` and ``dpalogic demo``.
+
+The commands ``dpalogic train`` and ``dpalogic demo`` live in :mod:`dpalogic.cli.train` and :mod:`dpalogic.cli.demo`.
 """

@@ -112,7 +112,7 @@ def _label(spec: str) -> str:
     prog = resolve(spec)
     if prog.structure is None:
         return spec
-    from dpalogic.cli import catalog_matches
+    from dpalogic.semantics.catalog import catalog_matches
 
     text = prog.structure.text("unicode")
     same = catalog_matches(prog.structure)[0]

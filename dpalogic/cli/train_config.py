@@ -1,20 +1,16 @@
-"""``dpalogic train`` and ``dpalogic demo``.
+"""How ``dpalogic train`` reads its settings: one flag per :class:`~dpalogic.training.config.TrainConfig` field, and
+the ``--config`` file.
 
-Every :class:`~dpalogic.training.config.TrainConfig` field is a flag (``grad_accum`` → ``--grad-accum``) and a key of
-the ``--config`` file (YAML or JSON); flags given on the command line win over the file, the file over the defaults.
-Every value is checked (type, range, the loss's hyperparameters) before a model or data file is opened, and
-``--dry-run`` stops right after the data files are read and checked. Nothing heavy is imported until a command runs,
-so ``dpalogic derive`` stays fast.
+Every field is a flag (``grad_accum`` → ``--grad-accum``) and a key of the ``--config`` file (YAML or JSON); flags
+given on the command line win over the file, the file over the defaults. Every value is checked (type, range, the
+loss's hyperparameters) by ``TrainConfig`` before a model or data file is opened.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import re
-import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
@@ -75,26 +71,6 @@ HELP = {
 }
 
 
-def split_losses(text: str) -> list[str]:
-    """Split ``"dpo,cpo,(M(yl) -> M(yw), M(yw) | M(yl))"`` at the commas outside parentheses."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur).strip())
-    out = [p for p in parts if p]
-    if depth != 0:
-        raise DPALogicError(f"unbalanced parentheses in --losses {text!r}")
-    return out
-
-
 # the default of a field whose plain value would not say what happens (None, a computed default)
 DEFAULT_TEXT = {
     "hp": "the loss's own; see `dpalogic show LOSS`",
@@ -152,16 +128,10 @@ def _default_text(f) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def register(subparsers) -> None:
+def add_config_arguments(t: argparse.ArgumentParser) -> None:
+    """``--config`` and one flag per ``TrainConfig`` field, each with its help and its default in words."""
     from dpalogic.training.config import TrainConfig, field_kind
-    from dpalogic.training.demo import DEFAULT_LOSSES, DemoConfig
 
-    t = subparsers.add_parser(
-        "train",
-        help="train a causal LM with any dpalogic loss",
-        description="Train with a catalog loss or a derived structure. Every flag can also be a key of --config; "
-        "flags win over the file.",
-    )
     t.add_argument(
         "--config", help="YAML or JSON file with any of the flags below (underscores or dashes) (default: none)"
     )
@@ -179,68 +149,6 @@ def register(subparsers) -> None:
         else:
             conv = _flag_number if kind in (int, float) else str
             t.add_argument(flag, type=conv, default=argparse.SUPPRESS, help=text)
-    t.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="check the settings, the loss and the data files, print the settings, and stop before loading a model",
-    )
-    t.add_argument(
-        "--json", action="store_true", help="print the final summary (or, with --dry-run or --plan, those) as JSON"
-    )
-    t.add_argument(
-        "--plan",
-        action="store_true",
-        help="print the memory each GPU needs for these settings (weights, gradients, AdamW, activations, logits, "
-        "reference) and stop; --model may also be an architecture transformers knows (llama, qwen2, …): nothing is "
-        "downloaded and no weight is loaded",
-    )
-    t.add_argument("--gpus", type=int, default=None, help="with --plan: processes (GPUs) to plan for (default: 1)")
-    t.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default=None,
-        help="with --plan: the weights' dtype (default: the checkpoint config's, as the loop loads it; float32 for "
-        "tiny and for an architecture's defaults)",
-    )
-    t.add_argument(
-        "--strategy",
-        choices=("ddp", "fsdp", "zero3"),
-        default=None,
-        help="with --plan: how the model is spread (default: fsdp with --fsdp, zero3 with --deepspeed, else ddp)",
-    )
-    t.set_defaults(run=run_train)
-
-    d = subparsers.add_parser(
-        "demo",
-        help="compare losses on a synthetic preference task (tiny model, CPU, offline)",
-        description="Train the tiny model with each loss on the digit-sorting preference task; write a results "
-        "table and PNG training curves. The defaults take well under a minute on a 2-core CPU; the README's longer "
-        "study is --steps 150.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d.add_argument(
-        "--losses",
-        default=",".join(DEFAULT_LOSSES),
-        help="comma-separated catalog names or structures",
-    )
-    d.add_argument("--out", default="runs/demo", help="folder for results.json, the table and the plots")
-    d.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps per loss")
-    d.add_argument("--batch-size", type=int, default=32, help="preference pairs per step")
-    d.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    d.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
-    d.add_argument("--train-size", type=int, default=2000, help="training pairs generated")
-    d.add_argument("--eval-size", type=int, default=256, help="held-out pairs generated")
-    d.add_argument("--seed", type=int, default=0, help="seed for the data, the model and the training order")
-    d.add_argument(
-        "--threads",
-        type=int,
-        default=DemoConfig.threads,
-        help="torch CPU threads (the tiny model's small matrices gain nothing from more; on a busy machine they cost)",
-    )
-    d.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.add_argument("--json", action="store_true", help="print the results as JSON")
-    d.set_defaults(run=run_demo)
 
 
 # PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; every config writer means the number
@@ -323,117 +231,3 @@ def config_from_args(args: argparse.Namespace):
             flag = f"{args.config} and --hp" if from_file else "--hp"
         merged[name], origins[name] = value, flag
     return TrainConfig.from_dict(merged, "config", origins)
-
-
-def _check_paths(cfg) -> None:
-    """The folders and files a run reads exist, so a typo is reported before anything is loaded."""
-    for flag, spec in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
-        if spec is not None and spec != "tiny" and not os.path.isdir(spec):
-            raise DPALogicError(
-                f"{flag}: no model folder at {spec!r}: pass a local transformers checkpoint or 'tiny' (nothing is "
-                "downloaded)"
-            )
-    if not cfg.data:
-        raise DPALogicError("no training data: pass --data FILE (JSONL, JSON, CSV, Parquet or a datasets folder)")
-    for flag, path in (("--data", cfg.data), ("--eval", cfg.eval)):
-        if path is not None and not os.path.exists(path):
-            raise DPALogicError(f"{flag}: data file {path} does not exist")
-
-
-def _main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def run_train(args: argparse.Namespace) -> int:
-    from dpalogic.training.data import BAD_ROWS_FILE, BadRowsError, write_bad_rows
-
-    cfg = config_from_args(args)
-    if args.plan:
-        return _plan(cfg, args)
-    if args.gpus is not None or args.strategy is not None or args.dtype is not None:
-        raise DPALogicError("--gpus, --strategy and --dtype describe a memory plan: use them with --plan")
-    _check_paths(cfg)
-    try:
-        if args.dry_run:
-            return _dry_run(cfg, args.json)
-        from dpalogic.training.loop import train
-
-        result = train(cfg)
-    except BadRowsError as e:  # the run stops on bad rows: the user gets all of them, not only the few listed
-        if args.dry_run or not _main_rank():
-            raise
-        where = write_bad_rows(Path(cfg.out) / BAD_ROWS_FILE, [(e.source, e.issues)])
-        raise DPALogicError(f"{e}\nevery bad row, with its number and reason: {where}") from None
-    result.pop("history", None)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    elif result.get("eval"):
-        ev = result["eval"]
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float) and k != "epoch")
-        print(f"held-out after {result['step']} steps: {metrics}")
-    return 130 if result.get("interrupted") else 0
-
-
-def _plan(cfg, args: argparse.Namespace) -> int:
-    from dpalogic.training.plan import plan_for, plan_table
-
-    plan = plan_for(cfg, gpus=args.gpus if args.gpus is not None else 1, strategy=args.strategy, dtype=args.dtype)
-    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan_table(plan))
-    return 0
-
-
-def _dry_run(cfg, as_json: bool) -> int:
-    """Read and check the data files (no model, no tokenizer, nothing written) and print the settings."""
-    from dataclasses import asdict
-
-    from dpalogic.training.data import load_preferences
-
-    reports = []
-    for what, path, split in (("train data", cfg.data, None), ("eval data", cfg.eval, "eval")):
-        if path is not None:
-            reports.append(load_preferences(path, strict=cfg.strict_data, split=split).summary(what))
-    if as_json:
-        print(json.dumps(asdict(cfg), indent=2, ensure_ascii=False))
-    else:
-        print("\n".join(f"{k}: {v}" for k, v in asdict(cfg).items()))
-    print(
-        "\n".join(reports + ["dry run: settings, loss and data checked; no model loaded, nothing written"]),
-        file=sys.stderr,
-    )
-    return 0
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from dpalogic.training.demo import DemoConfig, run_demo
-
-    cfg = DemoConfig(
-        losses=tuple(split_losses(args.losses)),
-        out=args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        eval_every=args.eval_every,
-        train_size=args.train_size,
-        eval_size=args.eval_size,
-        seed=args.seed,
-        plot=not args.no_plot,
-        progress=not args.no_progress,
-        threads=args.threads,
-    )
-    for name in ("steps", "batch_size", "eval_every", "train_size", "eval_size", "threads"):
-        if getattr(cfg, name) < 1:
-            raise DPALogicError(f"--{name.replace('_', '-')} must be at least 1")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise DPALogicError(f"--lr must be a positive number, got {cfg.lr}")
-    results = run_demo(cfg)
-    if args.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "curves"} for r in results], indent=2))
-        return 0
-    from dpalogic.training.demo import results_table
-
-    print(results_table(results, cfg))
-    files = ["results.md", "results.json"] + (
-        ["curves.png"] + [f"curves-{r['slug']}.png" for r in results] if cfg.plot else []
-    )
-    print(f"written to {cfg.out}/: " + ", ".join(files), file=sys.stderr)
-    return 0

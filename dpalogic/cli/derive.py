@@ -1,0 +1,99 @@
+"""``dpalogic derive FORMULA``: the loss of a formula or structure."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dpalogic.cli.common import Subparsers, console, parse_hp, print_json, structure_info
+from dpalogic.errors import DPALogicError
+
+
+def derive(
+    text: str,
+    given: str | None = None,
+    additive: str | None = None,
+    link: str | None = None,
+    hyperparameters: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Everything ``dpalogic derive`` reports about a structure, as a JSON-ready dict.
+
+    With ``link`` (an expression in ``z``) the loss is ``f(log ρ)`` for that link instead of ``−log σ(log ρ)``; the
+    link's parameters keep their names in the closed form and take their values from ``hyperparameters``.
+    """
+    from dpalogic.logic.structure import Structure
+    from dpalogic.semantics.catalog import _alias_map, catalog_matches, outside
+
+    key = text.strip().lower().replace("-", "_")
+    if key in _alias_map() or outside(key) is not None:  # a loss name is never a formula (atoms have parentheses)
+        raise DPALogicError(
+            f"{text.strip()!r} is a loss name, not a formula; try `dpalogic show {text.strip()}`"
+            ' (derive takes a formula or structure, e.g. "M(yl) -> M(yw)")'
+        )
+    s = Structure.parse(text, given=given, additional=additive).check()
+    info = structure_info(s)
+    info["equivalent_to"], info["same_loss_as"] = catalog_matches(s)
+    info["input"] = text
+    info["link_formula"] = "−log σ(z)"
+    if link is not None:
+        info.update(_with_link(s, link, hyperparameters))
+    return info
+
+
+def _with_link(s, link: str, hyperparameters: dict[str, float] | None) -> dict[str, Any]:
+    """What ``--link`` changes in derive's report: the link, the closed form, and the link's parameters."""
+    import sympy
+
+    from dpalogic.semantics.links import LINKS
+    from dpalogic.semantics.program import latex_names, single_structure_program, with_link
+
+    program = with_link(single_structure_program(s), link, hyperparameters)
+    term = program.terms[0]
+    closed = term.sympy().xreplace({sympy.Symbol("beta"): 1, sympy.Symbol("gamma"): 0})
+    return {
+        "link": link,
+        "link_formula": LINKS[term.link].formula,
+        "loss": str(closed),
+        "latex": sympy.latex(closed, symbol_names=latex_names(s.atoms)),
+        "hyperparameters": {k: v for k, v in program.defaults.items() if k not in ("beta", "gamma")},
+    }
+
+
+def print_structure(info: dict[str, Any]) -> None:
+    """A structure's report as a two-column table (``derive``, ``meet``, ``join``)."""
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold cyan", no_wrap=True)
+    t.add_column()
+    t.add_row("structure", info["structure_unicode"])
+    t.add_row("(P, P_C, P_A)", f"({info['core']}, {info['given']}, {info['additive']})")
+    t.add_row("✓ (top)", info["top_unicode"])
+    t.add_row("✗ (bottom)", info["bottom_unicode"])
+    t.add_row("ρ", info["rho"])
+    t.add_row("log ρ", info["log_rho"])
+    link = info.get("link_formula", "−log σ(z)").replace("z", "log ρ")
+    t.add_row("loss", f"{link} = {info['loss']}")
+    t.add_row("LaTeX", info["latex"])
+    t.add_row("equivalent to", ", ".join(info["equivalent_to"]) or "(no catalog loss)")
+    t.add_row("same loss as", ", ".join(info["same_loss_as"]) or "(no catalog loss)")
+    console().print(t)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = derive(args.formula, args.given, args.additive, args.link, parse_hp(args.hp))
+    print_json(info) if args.json else print_structure(info)
+    return 0
+
+
+def register(subparsers: Subparsers) -> None:
+    d = subparsers.add_parser("derive", help="derive the loss of a formula or structure")
+    d.add_argument("formula", help='a formula "M(yl) -> M(yw)" or a structure "(P, P_C, P_A)"')
+    d.add_argument("--given", help="the conditioning P_C (default: true)")
+    d.add_argument("--additive", help="the additional constraint P_A (default: false)")
+    d.add_argument("--link", help="a link of your own: an expression in z = log ρ, e.g. 'softplus(margin - z)'")
+    d.add_argument(
+        "--hp", action="append", default=[], metavar="NAME=VALUE", help="a value for a parameter of --link (repeatable)"
+    )
+    d.add_argument("--json", action="store_true", help="print a JSON object")
+    d.set_defaults(run=run)
