@@ -21,7 +21,7 @@ from typing import Any
 import sympy
 
 from dpalogic.analysis.decompile import LEN, LOGP, REF_LOGP, OutsideFragmentError, decompile_expression, report
-from dpalogic.analysis.trace import Namespace, TraceError, Traced, Tracer, _result_expr, call_traced
+from dpalogic.analysis.trace import Namespace, Traced, TraceError, Tracer, _result_expr, call_traced
 from dpalogic.errors import DPALogicError, unknown
 
 LIBRARIES = ("trl", "liger")
@@ -107,7 +107,8 @@ def liger_rows() -> list[dict[str, Any]]:
         normalized = _averages(cls)
         types_ = _compared_names(inspect.getsource(fn)) or [None]
         for lt in types_:
-            rows.append(_row(label if lt is None else f"{short}: {lt}", lambda lt=lt: _trace_liger(fn, lt, normalized)))
+            name = label if lt is None else f"{short}: {lt}"
+            rows.append(_row(name, lambda fn=fn, lt=lt, n=normalized: _trace_liger(fn, lt, n)))
     return rows
 
 
