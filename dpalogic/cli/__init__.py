@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # options that take a value, per command whose positional may start with "-" (an equation such as "-log(p_w)")
-_VALUE_OPTIONS = {"derive": {"--given", "--additive", "--link", "--hp"}, "decompile": {"--python", "--arg", "--hp", "--library"}}
+_VALUE_OPTIONS = {
+    "derive": {"--given", "--additive", "--link", "--hp"},
+    "decompile": {"--python", "--arg", "--hp", "--library"},
+}
 
 
 def _protect_leading_minus(argv: list[str]) -> list[str]:
