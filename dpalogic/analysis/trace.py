@@ -351,7 +351,7 @@ class Namespace:
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        if name in ("args", "config", "cfg", "hparams", "loss_config"):
+        if name in ("args", "config", "cfg", "hparams", "loss_config", "loss"):
             return self
         return self._tracer.hyper(name, self._defaults.get(name), self._given)
 
@@ -382,7 +382,7 @@ def _shims(module_globals: dict) -> dict[str, Any]:
     import torch
 
     def tensor(data, *args, **kwargs):
-        return data if isinstance(data, Traced) else torch.tensor(data, *args, **kwargs)
+        return data if isinstance(data, (Traced, Condition)) else torch.tensor(data, *args, **kwargs)
 
     over = {"tensor": tensor, "as_tensor": tensor, "where": _where}
     out: dict[str, Any] = {}
