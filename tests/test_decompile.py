@@ -103,8 +103,10 @@ def test_every_catalog_program_round_trips(name):
         ("-log(p_w**2/(p_w**2 + p_l))", "numerator p_w**2 has degree 2 in p_w"),
         ("-logsigmoid(beta*(logp_w - sqrt(2)*logp_l))", "non-integer power"),
         # f-DPO's JS score log 2 + logsigmoid(log t): ρ = p_w·(p_l + r_l) / (p_l·(p_w + r_w))
-        ("-logsigmoid(beta*(logsigmoid(logp_w - ref_logp_w) - logsigmoid(logp_l - ref_logp_l)))",
-         "numerator p_w*(p_l + r_l) takes the value 2 at the corner M(yw)=1, M(yl)=1, Ref(yw)=0, Ref(yl)=1"),
+        (
+            "-logsigmoid(beta*(logsigmoid(logp_w - ref_logp_w) - logsigmoid(logp_l - ref_logp_l)))",
+            "numerator p_w*(p_l + r_l) takes the value 2 at the corner M(yw)=1, M(yl)=1, Ref(yw)=0, Ref(yl)=1",
+        ),
         ("-exp((logp_w + logp_l)/len_w)*logsigmoid(beta*(logp_w - logp_l))", "a weight that depends on the log-prob"),
         ("-logsigmoid(log(p_w**2/p_l))", "degree 2 in p_w"),
         ("-logsigmoid(beta*(logp_w/len_w - logp_l))", "lengths do not cancel"),
