@@ -86,8 +86,8 @@ def loss_and_grads_torch(
     # backward: the chain rule through the plans, collected per input
     d_chosen_logps = a1
     d_rejected_logps = -a1
-    d_ref_chosen_logps = -a1
-    d_ref_rejected_logps = a1
+    d_ref_chosen_logps = d_rejected_logps
+    d_ref_rejected_logps = d_chosen_logps
     return loss, (d_chosen_logps, d_rejected_logps, d_ref_chosen_logps, d_ref_rejected_logps)
 
 
@@ -158,8 +158,8 @@ if triton is not None:
         # backward: the chain rule through the plans, collected per input
         d_chosen_logps = a1
         d_rejected_logps = -a1
-        d_ref_chosen_logps = -a1
-        d_ref_rejected_logps = a1
+        d_ref_chosen_logps = d_rejected_logps
+        d_ref_rejected_logps = d_chosen_logps
         tl.store(loss_ptr + offs, loss, mask=mask)
         tl.store(d_chosen_logps_ptr + offs, d_chosen_logps, mask=mask)
         tl.store(d_rejected_logps_ptr + offs, d_rejected_logps, mask=mask)
@@ -219,22 +219,33 @@ class LossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, use_triton: bool, hyperparameters: dict, *tensors: torch.Tensor) -> torch.Tensor:
         """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape."""
-        impl = loss_and_grads_triton if use_triton else loss_and_grads_torch
-        loss, grads = impl(*[t.reshape(-1).contiguous() for t in tensors], **hyperparameters)
-        ctx.save_for_backward(*grads)
-        ctx.meta = (tensors[0].shape, [t.dtype for t in tensors[: len(INPUTS)]])
-        return loss.reshape(tensors[0].shape)
+        shape = tensors[0].shape
+        if use_triton:  # the kernel reads and writes contiguous 1-D buffers
+            flat = [t.reshape(-1).contiguous() for t in tensors]
+            loss, grads = loss_and_grads_triton(*flat, **hyperparameters)
+            loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]
+        else:  # elementwise torch ops take the tensors as they are
+            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)
+        # inputs with the same gradient share one tensor (DPO: d chosen = d ref rejected): saved and scaled once
+        saved = list({id(d): d for d in grads}.values())
+        ctx.save_for_backward(*saved)
+        ctx.slots = [next(k for k, s in enumerate(saved) if s is d) for d in grads]
+        ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        shape, dtypes = ctx.meta
-        g = grad_loss.reshape(-1)
-        # saturate at the input dtype's largest finite value: near log p = 0 the float32 gradient of a
-        # log1mexp(log p) factor (about 1/|log p|) is finite but exceeds float16's range
-        out = [
-            (g * d).reshape(shape).clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt) if need else None
-            for d, dt, need in zip(ctx.saved_tensors, dtypes, ctx.needs_input_grad[2:])
-        ]
+        saved, scaled = ctx.saved_tensors, {}
+        out = []
+        for k, dt, need in zip(ctx.slots, ctx.dtypes, ctx.needs_input_grad[2:]):
+            if need and (k, dt) not in scaled:
+                g = grad_loss * saved[k]
+                if g.dtype != dt:  # narrower inputs (bfloat16, float16) get their gradients in their dtype,
+                    # saturated at its largest finite value: near log p = 0 the float32 gradient of a
+                    # log1mexp(log p) factor (about 1/|log p|) is finite but exceeds float16's range
+                    g = g.clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt)
+                scaled[k, dt] = g
+            out.append(scaled[k, dt] if need else None)
         return None, None, *out, *[None] * len(LENGTHS)
 
 

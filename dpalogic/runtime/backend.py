@@ -6,6 +6,7 @@ each generated module, which must run without dpalogic: one rule, written once, 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -33,6 +34,7 @@ def backend_rule(backend: str, is_cuda: bool, triton_ready: bool, interpreting: 
     return True, ""
 
 
+@functools.cache  # looked up once per process: a search of sys.path costs more than a small loss itself
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

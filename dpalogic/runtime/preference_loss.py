@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 import torch
@@ -117,9 +117,17 @@ class PreferenceLoss(torch.nn.Module):
             self.program = with_link(self.program, link, hyperparameters)
         self.hyperparameters = self.program.bind(**hyperparameters)
         self.reduction = reduction
-        self.terms = [bind_term(t, self.hyperparameters) for t in self.program.terms]
-        self.terms = [t for t in self.terms if t.coef != 0.0]  # e.g. label smoothing 0, alpha 0
+        bound = [bind_term(t, self.hyperparameters) for t in self.program.terms]
+        self.terms = [t for t in bound if t.coef != 0.0]  # e.g. label smoothing 0, alpha 0
         self.atoms = self.program.atoms
+        # the program that runs: without the terms these hyperparameters switch off (they add exactly 0; ORPO with
+        # alpha=0 need not evaluate its NLL term), and what per_pair passes its compiled module, worked out once
+        kept = tuple(t for t, b in zip(self.program.terms, bound) if b.coef != 0.0)
+        self._running = replace(self.program, terms=kept) if kept else self.program
+        self._running_atoms = self._running.atoms
+        self._known = {a.name for a in self.atoms}
+        self._length_answers = length_answers(self._running)
+        self._needed_lengths = {a.answer for t in self.terms if t.normalized for a in t.atoms}
         if not any(a.pred == "M" for t in self.terms for a in t.atoms):
             # legal (a loss can be evaluated on reference log-probs), but a training run would learn nothing
             warnings.warn(
@@ -182,24 +190,23 @@ class PreferenceLoss(torch.nn.Module):
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         if not self.terms:  # every coefficient is zero (label smoothing 0 and alpha 0 and …)
             return torch.zeros_like(first, dtype=dtype)
-        if not self.program.atoms:  # a constant structure (its formula reduced to true/false parts): no kernel
+        if not self._running_atoms:  # a constant structure (its formula reduced to true/false parts): no kernel
             values = {sympy.Symbol(k): v for k, v in self.hyperparameters.items()}
-            return torch.full_like(first, float(self.program.sympy().xreplace(values)), dtype=dtype)
+            return torch.full_like(first, float(self._running.sympy().xreplace(values)), dtype=dtype)
         backend = "triton" if use_triton(self.backend, first) else "torch"
         mode = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter or the compiler: one module each
         if mode not in self._generated:
-            self._generated[mode] = module_for(self.program)
+            self._generated[mode] = module_for(self._running)
         mod = self._generated[mode]
         args = []
-        for atom in self.program.atoms:
+        for atom in self._running_atoms:
             if atom.name not in atom_lp:
                 raise DPALogicError(self._missing(atom))
             args.append(atom_lp[atom.name])
-        needed = {a.answer for t in self.terms if t.normalized for a in t.atoms}  # terms with a non-zero coefficient
-        for answer in length_answers(self.program):
+        for answer in self._length_answers:
             if answer in ans_len:
                 args.append(ans_len[answer])
-            elif answer in needed:
+            elif answer in self._needed_lengths:  # terms with a non-zero coefficient
                 arg = {"yw": "chosen_lengths", "yl": "rejected_lengths"}.get(answer, f"lengths[{answer!r}]")
                 raise DPALogicError(
                     f"{self.program.name or 'this loss'} length-normalizes answer {answer}: pass {arg} (token counts)"
@@ -210,7 +217,7 @@ class PreferenceLoss(torch.nn.Module):
 
     def _check_inputs(self, atom_lp: Mapping[str, torch.Tensor], ans_len: Mapping[str, torch.Tensor]) -> None:
         """Every input a tensor of one shape [B] (no silent broadcasting), every key a known atom/answer."""
-        known = {a.name for a in self.atoms}
+        known = self._known
         shape = None
         for kind, mapping in (("log-probs", atom_lp), ("lengths", ans_len)):
             for k, v in mapping.items():
@@ -223,9 +230,9 @@ class PreferenceLoss(torch.nn.Module):
                     raise unknown("atom", k, sorted(known), f"this loss's atoms are {', '.join(sorted(known))}")
                 if kind == "log-probs" and not (v.is_floating_point()):
                     raise DPALogicError(f"log-probs for {k} must be floating point, got {v.dtype}")
-                if kind == "log-probs" and v.numel() and bool((v > POSITIVE_SLACK).any()):
-                    # probabilities or logits passed by mistake; a hair above 0 is rounding in a log-softmax sum
-                    worst = float(v.detach().max())
+                # probabilities or logits passed by mistake; a hair above 0 is rounding in a log-softmax sum (one
+                # max is a single pass over the tensor, a third of what a comparison and any() cost)
+                if kind == "log-probs" and v.numel() and (worst := float(v.detach().max())) > POSITIVE_SLACK:
                     raise DPALogicError(
                         f"log-probabilities must be <= 0: {k} has {worst:.6g} (pass summed log-probs, "
                         "not probabilities or logits)"
@@ -248,8 +255,8 @@ class PreferenceLoss(torch.nn.Module):
         return f"{self.program.name or 'this loss'} needs {arg} for {atom.name}: {why}"
 
     def _reduce(self, losses: torch.Tensor) -> torch.Tensor:
-        if self.reduction == "mean":
-            return losses.mean()
+        if self.reduction == "mean":  # sum / B: its backward hands the module one broadcast scalar, where
+            return losses.sum() / losses.numel()  # mean's would first fill a [B] tensor with 1/B
         if self.reduction == "sum":
             return losses.sum()
         return losses
