@@ -195,10 +195,30 @@ def readable(mask: int, atoms: tuple[Atom, ...]) -> Boolean:
         return _tree_to_sympy(small[mask], atoms)
     syms = [a.symbol for a in atoms]
     minterms = [[(w >> i) & 1 for i in range(n)] for w in worlds(mask, n)]
-    sop = sympy.SOPform(syms, minterms)
-    pos = sympy.POSform(syms, minterms)
-    candidates = [_as_implication(sop), _as_implication(pos)]
+    on, off = mask.bit_count(), (1 << n) - mask.bit_count()
+    candidates = []
+    # Quine–McCluskey is exponential in the number of terms it starts from: use each form only from few terms
+    if n <= 6 or on <= MAX_MINIMIZED_TERMS:
+        candidates.append(_as_implication(sympy.SOPform(syms, minterms)))
+    if n <= 6 or off <= MAX_MINIMIZED_TERMS:
+        candidates.append(_as_implication(sympy.POSform(syms, minterms)))
+    if not candidates:  # many worlds on both sides: the side's circuit read as a formula (exact, instant)
+        return _circuit_formula(mask, atoms)
     return min(candidates, key=lambda e: (sympy.count_ops(e), len(str(e))))
+
+
+MAX_MINIMIZED_TERMS = 24
+
+
+def _circuit_formula(mask: int, atoms: tuple[Atom, ...]) -> Boolean:
+    """The truth table as its Shannon-expansion circuit reads: literals, ∧ for products, ∨ for sums."""
+    from dpalogic.semantics import circuit
+
+    def lit(i: int, positive: bool) -> Boolean:
+        return atoms[i].symbol if positive else Not(atoms[i].symbol)
+
+    root = circuit.from_truth_table(mask, len(atoms))
+    return circuit.fold(root, lit=lit, one=lambda: sympy.true, prod=lambda xs: And(*xs), sum=lambda xs: Or(*xs))
 
 
 # --------------------------------------------------------------------------------------------------- structures
