@@ -44,6 +44,8 @@ ATOMS = ("M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)")
 INPUTS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 LENGTHS = ()
 HYPERPARAMETERS = {"beta": 0.1, "label_smoothing": 0.0}
+# d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor
+GRAD_SLOT = (0, 1, 1, 0)
 BLOCK = 1024
 LN2 = math.log(2.0)
 # @triton.jit picks Triton's interpreter or its compiler when this module is imported
@@ -145,8 +147,6 @@ if triton is not None:
         loss_ptr,
         d_chosen_logps_ptr,
         d_rejected_logps_ptr,
-        d_ref_chosen_logps_ptr,
-        d_ref_rejected_logps_ptr,
         n_pairs,
         beta,
         label_smoothing,
@@ -187,13 +187,9 @@ if triton is not None:
         # backward: the chain rule through the plans, collected per input
         d_chosen_logps = a1 - a2
         d_rejected_logps = -a1 + a2
-        d_ref_chosen_logps = d_rejected_logps
-        d_ref_rejected_logps = d_chosen_logps
         tl.store(loss_ptr + offs, loss, mask=mask)
         tl.store(d_chosen_logps_ptr + offs, d_chosen_logps, mask=mask)
         tl.store(d_rejected_logps_ptr + offs, d_rejected_logps, mask=mask)
-        tl.store(d_ref_chosen_logps_ptr + offs, d_ref_chosen_logps, mask=mask)
-        tl.store(d_ref_rejected_logps_ptr + offs, d_ref_rejected_logps, mask=mask)
 
     KERNEL = robust_fwd_bwd
 else:  # pragma: no cover
@@ -223,7 +219,7 @@ def loss_and_grads_triton(
     dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     n = chosen_logps.numel()
     loss = torch.empty(n, dtype=dt, device=chosen_logps.device)
-    grads = tuple(torch.empty_like(loss) for _ in range(4))
+    grads = [torch.empty_like(loss) for _ in range(2)]
     if n:
         grid = (triton.cdiv(n, BLOCK),)
         KERNEL[grid](
@@ -239,7 +235,7 @@ def loss_and_grads_triton(
             TINY=torch.finfo(dt).tiny,
             BLOCK=BLOCK,
         )
-    return loss, grads
+    return loss, tuple(grads[k] for k in GRAD_SLOT)
 
 
 class LossFunction(torch.autograd.Function):
@@ -255,10 +251,8 @@ class LossFunction(torch.autograd.Function):
             loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]
         else:  # elementwise torch ops take the tensors as they are
             loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)
-        # inputs with the same gradient share one tensor (DPO: d chosen = d ref rejected): saved and scaled once
-        saved = list({id(d): d for d in grads}.values())
-        ctx.save_for_backward(*saved)
-        ctx.slots = [next(k for k, s in enumerate(saved) if s is d) for d in grads]
+        # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
+        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
         return loss
 
@@ -266,7 +260,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
         out = []
-        for k, dt, need in zip(ctx.slots, ctx.dtypes, ctx.needs_input_grad[2:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if g.dtype != dt:  # narrower inputs (bfloat16, float16) get their gradients in their dtype,
@@ -312,8 +306,10 @@ def per_pair_loss(
 
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
-    tensors = torch.broadcast_tensors(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    device = tensors[0].device
+    tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    shape, device = tensors[0].shape, tensors[0].device
+    if any(t.shape != shape for t in tensors):  # views of one shape, made only when the shapes differ
+        tensors = torch.broadcast_tensors(*tensors)
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)

@@ -39,6 +39,8 @@ ATOMS = ("M(yw)", "M(yl)")
 INPUTS = ("chosen_logps", "rejected_logps")
 LENGTHS = ()
 HYPERPARAMETERS = {"beta": 1.0}
+# d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor
+GRAD_SLOT = (0, 1)
 BLOCK = 1024
 LN2 = math.log(2.0)
 # @triton.jit picks Triton's interpreter or its compiler when this module is imported
@@ -224,11 +226,11 @@ def loss_and_grads_triton(
     dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     n = chosen_logps.numel()
     loss = torch.empty(n, dtype=dt, device=chosen_logps.device)
-    grads = tuple(torch.empty_like(loss) for _ in range(2))
+    grads = [torch.empty_like(loss) for _ in range(2)]
     if n:
         grid = (triton.cdiv(n, BLOCK),)
         KERNEL[grid](chosen_logps, rejected_logps, loss, *grads, n, float(beta), TINY=torch.finfo(dt).tiny, BLOCK=BLOCK)
-    return loss, grads
+    return loss, tuple(grads[k] for k in GRAD_SLOT)
 
 
 class LossFunction(torch.autograd.Function):
@@ -244,10 +246,8 @@ class LossFunction(torch.autograd.Function):
             loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]
         else:  # elementwise torch ops take the tensors as they are
             loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)
-        # inputs with the same gradient share one tensor (DPO: d chosen = d ref rejected): saved and scaled once
-        saved = list({id(d): d for d in grads}.values())
-        ctx.save_for_backward(*saved)
-        ctx.slots = [next(k for k, s in enumerate(saved) if s is d) for d in grads]
+        # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
+        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
         return loss
 
@@ -255,7 +255,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
         out = []
-        for k, dt, need in zip(ctx.slots, ctx.dtypes, ctx.needs_input_grad[2:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if g.dtype != dt:  # narrower inputs (bfloat16, float16) get their gradients in their dtype,
@@ -298,8 +298,10 @@ def per_pair_loss(
 
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
-    tensors = torch.broadcast_tensors(chosen_logps, rejected_logps)
-    device = tensors[0].device
+    tensors = (chosen_logps, rejected_logps)
+    shape, device = tensors[0].shape, tensors[0].device
+    if any(t.shape != shape for t in tensors):  # views of one shape, made only when the shapes differ
+        tensors = torch.broadcast_tensors(*tensors)
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)

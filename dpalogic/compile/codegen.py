@@ -149,6 +149,7 @@ class _Body:
     used: set[str] = field(default_factory=set)  # helpers the statements call
     zvar: str = ""  # the link argument being emitted (dtype of indicator functions)
     counter: int = 0
+    grad_slot: list[int] = field(default_factory=list)  # input → its distinct gradient (inputs may share one)
 
     def emit(self, line: str) -> None:
         self.lines.append(line)
@@ -456,6 +457,7 @@ def _body(program: Program, sfx: str) -> _Body:
         if v in body.grads:
             body.emit(f"g_{v} = {_sum_terms(body.grads[v])}")
     same: dict[str, str] = {}  # gradient expression → the first input given it
+    slot: dict[str, int] = {}  # gradient expression → its distinct gradient's index
     for a in atoms:
         v = _var(a)
         parts = list(body.grads.get(v, []))
@@ -463,10 +465,13 @@ def _body(program: Program, sfx: str) -> _Body:
         if tok in normalized_vars and tok in body.grads:
             parts.append(f"+g_{tok} / n_{a.answer}")
         rhs = _sum_terms(parts) if parts else f"{v} * 0.0"
-        # an input whose gradient is another's (DPO: d chosen = d ref rejected) names that one: one tensor, saved once
+        # an input whose gradient is another's (DPO: d chosen = d ref rejected) names that one in the twin (one tensor,
+        # saved once); the kernel stores each distinct gradient once
         name = f"d_{input_name(a)}"
-        body.emit(f"{name} = {same.get(rhs, rhs)}")
+        if rhs not in same or not sfx:
+            body.emit(f"{name} = {same.get(rhs, rhs)}")
         same.setdefault(rhs, name)
+        body.grad_slot.append(slot.setdefault(rhs, len(slot)))
     body.lines = constants + body.lines
     return body
 
@@ -779,6 +784,8 @@ def compile_program(
         f"INPUTS = {_lit(inputs)}",
         f"LENGTHS = {_lit(lengths)}",
         f"HYPERPARAMETERS = {_lit(hp)}",
+        "# d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor",
+        f"GRAD_SLOT = {_lit(tuple(torch_body.grad_slot))}",
         f"BLOCK = {BLOCK}",
         "LN2 = math.log(2.0)",
         "# @triton.jit picks Triton's interpreter or its compiler when this module is imported",
@@ -813,7 +820,8 @@ def compile_program(
         L += _TRITON_HELPERS[n].strip("\n").split("\n")
     if helpers:
         L.append("")
-    kargs = [f"{x}_ptr" for x in args] + ["loss_ptr"] + [f"d_{x}_ptr" for x in inputs] + ["n_pairs"]
+    distinct = [x for i, x in enumerate(inputs) if torch_body.grad_slot[i] not in torch_body.grad_slot[:i]]
+    kargs = [f"{x}_ptr" for x in args] + ["loss_ptr"] + [f"d_{x}_ptr" for x in distinct] + ["n_pairs"]
     kargs += list(hp) + ["TINY: tl.constexpr", "BLOCK: tl.constexpr"]
     L += ["    @triton.jit", f"    def {kernel}(", *[f"        {a}," for a in kargs], "    ):"]
     L += [
@@ -829,7 +837,7 @@ def compile_program(
     ]
     L += _wrap_body(tl_body.lines, 8)
     L.append("        tl.store(loss_ptr + offs, loss, mask=mask)")
-    L += [f"        tl.store(d_{x}_ptr + offs, d_{x}, mask=mask)" for x in inputs]
+    L += [f"        tl.store(d_{x}_ptr + offs, d_{x}, mask=mask)" for x in distinct]
     L += ["", f"    KERNEL = {kernel}", "else:  # pragma: no cover", "    KERNEL = None"]
     L += [
         "",
@@ -851,13 +859,13 @@ def compile_program(
         f"    dt = torch.float64 if {inputs[0]}.dtype == torch.float64 else torch.float32",
         f"    n = {inputs[0]}.numel()",
         f"    loss = torch.empty(n, dtype=dt, device={inputs[0]}.device)",
-        f"    grads = tuple(torch.empty_like(loss) for _ in range({len(inputs)}))",
+        f"    grads = [torch.empty_like(loss) for _ in range({len(distinct)})]",
         "    if n:",
         "        grid = (triton.cdiv(n, BLOCK),)",
     ]
     launch = [*args, "loss", "*grads", "n", *[f"float({k})" for k in hp], "TINY=torch.finfo(dt).tiny", "BLOCK=BLOCK"]
     L += _wrap_call(8, "KERNEL[grid](", launch)
-    L.append("    return loss, grads")
+    L.append("    return loss, tuple(grads[k] for k in GRAD_SLOT)")
 
     L += [
         "",
@@ -875,10 +883,8 @@ def compile_program(
         "            loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]",
         "        else:  # elementwise torch ops take the tensors as they are",
         "            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)",
-        "        # inputs with the same gradient share one tensor (DPO: d chosen = d ref rejected): saved and scaled once",
-        "        saved = list({id(d): d for d in grads}.values())",
-        "        ctx.save_for_backward(*saved)",
-        "        ctx.slots = [next(k for k, s in enumerate(saved) if s is d) for d in grads]",
+        "        # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once",
+        "        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])",
         "        ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]",
         "        return loss",
         "",
@@ -886,7 +892,7 @@ def compile_program(
         "    def backward(ctx, grad_loss: torch.Tensor):",
         "        saved, scaled = ctx.saved_tensors, {}",
         "        out = []",
-        "        for k, dt, need in zip(ctx.slots, ctx.dtypes, ctx.needs_input_grad[2:]):",
+        "        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):",
         "            if need and (k, dt) not in scaled:",
         "                g = grad_loss * saved[k]",
         "                if g.dtype != dt:  # narrower inputs (bfloat16, float16) get their gradients in their dtype,",
@@ -914,8 +920,10 @@ def compile_program(
         "",
         '    backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".',
         '    """',
-        *_wrap_call(4, "tensors = torch.broadcast_tensors(", args),
-        "    device = tensors[0].device",
+        *_wrap_call(4, "tensors = (", args, ")" if len(args) > 1 else ",)"),
+        "    shape, device = tensors[0].shape, tensors[0].device",
+        "    if any(t.shape != shape for t in tensors):  # views of one shape, made only when the shapes differ",
+        "        tensors = torch.broadcast_tensors(*tensors)",
         "    if any(t.device != device for t in tensors):",
         '        raise _InputError("all inputs must be on the same device")',
         '    use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)',
