@@ -76,8 +76,8 @@ def loss_and_grads_torch(
     z1 = beta * (top1 - bot1)
     u1_0 = torch.sigmoid(-z1)
     f1 = u1_0
-    df1 = -u1_0 * torch.sigmoid(z1)
-    a1 = beta * df1  # d loss / d log rho_1
+    ndf1 = u1_0 * torch.sigmoid(z1)  # -f'(z1)
+    a1 = -beta * ndf1  # d loss / d log rho_1
     # term 2: σ(−(β·log ρ))
     #   log WMC(top) = log p_w + log r_l
     #   log WMC(bottom) = log p_l + log r_w
@@ -86,8 +86,8 @@ def loss_and_grads_torch(
     z2 = beta * (top2 - bot2)
     u2_0 = torch.sigmoid(-z2)
     f2 = u2_0
-    df2 = -u2_0 * torch.sigmoid(z2)
-    a2 = beta * df2  # d loss / d log rho_2
+    ndf2 = u2_0 * torch.sigmoid(z2)  # -f'(z2)
+    a2 = -beta * ndf2  # d loss / d log rho_2
     loss = f1 + f2
     # backward: the chain rule through the plans, collected per input
     d_chosen_logps = -a1 + a2
@@ -139,8 +139,8 @@ if triton is not None:
         z1 = beta * (top1 - bot1)
         u1_0 = _sigmoid_tl(-z1)
         f1 = u1_0
-        df1 = -u1_0 * _sigmoid_tl(z1)
-        a1 = beta * df1  # d loss / d log rho_1
+        ndf1 = u1_0 * _sigmoid_tl(z1)  # -f'(z1)
+        a1 = -beta * ndf1  # d loss / d log rho_1
         # term 2: σ(−(β·log ρ))
         #   log WMC(top) = log p_w + log r_l
         #   log WMC(bottom) = log p_l + log r_w
@@ -149,8 +149,8 @@ if triton is not None:
         z2 = beta * (top2 - bot2)
         u2_0 = _sigmoid_tl(-z2)
         f2 = u2_0
-        df2 = -u2_0 * _sigmoid_tl(z2)
-        a2 = beta * df2  # d loss / d log rho_2
+        ndf2 = u2_0 * _sigmoid_tl(z2)  # -f'(z2)
+        a2 = -beta * ndf2  # d loss / d log rho_2
         loss = f1 + f2
         # backward: the chain rule through the plans, collected per input
         d_chosen_logps = -a1 + a2

@@ -78,21 +78,19 @@ def loss_and_grads_torch(
     #   log WMC(bottom) = log r_w
     top1 = m_yw
     bot1 = ref_yw
-    z1 = beta * (top1 - bot1)
-    u1_0 = -z1
+    u1_0 = beta * (bot1 - top1)
     f1 = _softplus(u1_0)
-    df1 = -torch.sigmoid(u1_0)
-    a1 = beta * df1  # d loss / d log rho_1
+    ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
+    a1 = -beta * ndf1  # d loss / d log rho_1
     # term 2: −log σ(β·log ρ)
     #   log WMC(top) = log r_l
     #   log WMC(bottom) = log p_l
     top2 = ref_yl
     bot2 = m_yl
-    z2 = beta * (top2 - bot2)
-    u2_0 = -z2
+    u2_0 = beta * (bot2 - top2)
     f2 = _softplus(u2_0)
-    df2 = -torch.sigmoid(u2_0)
-    a2 = beta * df2  # d loss / d log rho_2
+    ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
+    a2 = -beta * ndf2  # d loss / d log rho_2
     loss = f1 + f2
     # backward: the chain rule through the plans, collected per input
     d_chosen_logps = a1
@@ -154,21 +152,19 @@ if triton is not None:
         #   log WMC(bottom) = log r_w
         top1 = m_yw
         bot1 = ref_yw
-        z1 = beta * (top1 - bot1)
-        u1_0 = -z1
+        u1_0 = beta * (bot1 - top1)
         f1 = _softplus_tl(u1_0)
-        df1 = -_sigmoid_tl(u1_0)
-        a1 = beta * df1  # d loss / d log rho_1
+        ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
+        a1 = -beta * ndf1  # d loss / d log rho_1
         # term 2: −log σ(β·log ρ)
         #   log WMC(top) = log r_l
         #   log WMC(bottom) = log p_l
         top2 = ref_yl
         bot2 = m_yl
-        z2 = beta * (top2 - bot2)
-        u2_0 = -z2
+        u2_0 = beta * (bot2 - top2)
         f2 = _softplus_tl(u2_0)
-        df2 = -_sigmoid_tl(u2_0)
-        a2 = beta * df2  # d loss / d log rho_2
+        ndf2 = _sigmoid_tl(u2_0)  # -f'(z2)
+        a2 = -beta * ndf2  # d loss / d log rho_2
         loss = f1 + f2
         # backward: the chain rule through the plans, collected per input
         d_chosen_logps = a1

@@ -106,32 +106,29 @@ def loss_and_grads_torch(
     #   log WMC(bottom) = log p_l
     top1 = m_yw
     bot1 = m_yl
-    z1 = beta * (top1 - bot1)
-    u1_0 = -z1
+    u1_0 = beta * (bot1 - top1)
     f1 = _softplus(u1_0)
-    df1 = -torch.sigmoid(u1_0)
-    a1 = _scaled(c1, beta * df1)  # d loss / d log rho_1
+    ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
+    a1 = _scaled(c1, -beta * ndf1)  # d loss / d log rho_1
     # term 2: ε_ls·[−log σ(β·log ρ)]
     #   log WMC(top) = log p_l
     #   log WMC(bottom) = log p_w
     top2 = m_yl
     bot2 = m_yw
-    z2 = beta * (top2 - bot2)
-    u2_0 = -z2
+    u2_0 = beta * (bot2 - top2)
     f2 = _softplus(u2_0)
-    df2 = -torch.sigmoid(u2_0)
-    a2 = _scaled(label_smoothing, beta * df2)  # d loss / d log rho_2
+    ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
+    a2 = _scaled(label_smoothing, -beta * ndf2)  # d loss / d log rho_2
     # term 3: α·[−log σ(log ρ)] (per token)
     #   log WMC(top) = log p_w
     #   log WMC(bottom) = log1mexp(log p_w)
     l1m_m_yw_tok, dl1m_m_yw_tok = _log1mexp(m_yw_tok, TINY)
     top3 = m_yw_tok
     bot3 = l1m_m_yw_tok
-    z3 = top3 - bot3
-    u3_0 = -z3
+    u3_0 = bot3 - top3
     f3 = _softplus(u3_0)
-    df3 = -torch.sigmoid(u3_0)
-    a3 = _scaled(alpha, df3)  # d loss / d log rho_3
+    ndf3 = torch.sigmoid(u3_0)  # -f'(z3)
+    a3 = _scaled(-alpha, ndf3)  # d loss / d log rho_3
     loss = _scaled(c1, f1) + _scaled(label_smoothing, f2) + _scaled(alpha, f3)
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_yw_tok = -a3
@@ -220,32 +217,29 @@ if triton is not None:
         #   log WMC(bottom) = log p_l
         top1 = m_yw
         bot1 = m_yl
-        z1 = beta * (top1 - bot1)
-        u1_0 = -z1
+        u1_0 = beta * (bot1 - top1)
         f1 = _softplus_tl(u1_0)
-        df1 = -_sigmoid_tl(u1_0)
-        a1 = _scaled_tl(c1, beta * df1)  # d loss / d log rho_1
+        ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
+        a1 = _scaled_tl(c1, -beta * ndf1)  # d loss / d log rho_1
         # term 2: ε_ls·[−log σ(β·log ρ)]
         #   log WMC(top) = log p_l
         #   log WMC(bottom) = log p_w
         top2 = m_yl
         bot2 = m_yw
-        z2 = beta * (top2 - bot2)
-        u2_0 = -z2
+        u2_0 = beta * (bot2 - top2)
         f2 = _softplus_tl(u2_0)
-        df2 = -_sigmoid_tl(u2_0)
-        a2 = _scaled_tl(label_smoothing, beta * df2)  # d loss / d log rho_2
+        ndf2 = _sigmoid_tl(u2_0)  # -f'(z2)
+        a2 = _scaled_tl(label_smoothing, -beta * ndf2)  # d loss / d log rho_2
         # term 3: α·[−log σ(log ρ)] (per token)
         #   log WMC(top) = log p_w
         #   log WMC(bottom) = log1mexp(log p_w)
         l1m_m_yw_tok, dl1m_m_yw_tok = _log1mexp_tl(m_yw_tok, TINY)
         top3 = m_yw_tok
         bot3 = l1m_m_yw_tok
-        z3 = top3 - bot3
-        u3_0 = -z3
+        u3_0 = bot3 - top3
         f3 = _softplus_tl(u3_0)
-        df3 = -_sigmoid_tl(u3_0)
-        a3 = _scaled_tl(alpha, df3)  # d loss / d log rho_3
+        ndf3 = _sigmoid_tl(u3_0)  # -f'(z3)
+        a3 = _scaled_tl(-alpha, ndf3)  # d loss / d log rho_3
         loss = _scaled_tl(c1, f1) + _scaled_tl(label_smoothing, f2) + _scaled_tl(alpha, f3)
         # backward: the chain rule through the plans, collected per input
         g_l1m_m_yw_tok = -a3

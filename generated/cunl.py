@@ -86,11 +86,10 @@ def loss_and_grads_torch(
     l1m_m_yl, dl1m_m_yl = _log1mexp(m_yl, TINY)
     top1 = m_yw + l1m_m_yl
     bot1 = m_yl
-    z1 = beta * (top1 - bot1)
-    u1_0 = -z1
+    u1_0 = beta * (bot1 - top1)
     f1 = _softplus(u1_0)
-    df1 = -torch.sigmoid(u1_0)
-    a1 = beta * df1  # d loss / d log rho_1
+    ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
+    a1 = -beta * ndf1  # d loss / d log rho_1
     loss = f1
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_yl = a1
@@ -168,11 +167,10 @@ if triton is not None:
         l1m_m_yl, dl1m_m_yl = _log1mexp_tl(m_yl, TINY)
         top1 = m_yw + l1m_m_yl
         bot1 = m_yl
-        z1 = beta * (top1 - bot1)
-        u1_0 = -z1
+        u1_0 = beta * (bot1 - top1)
         f1 = _softplus_tl(u1_0)
-        df1 = -_sigmoid_tl(u1_0)
-        a1 = beta * df1  # d loss / d log rho_1
+        ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
+        a1 = -beta * ndf1  # d loss / d log rho_1
         loss = f1
         # backward: the chain rule through the plans, collected per input
         g_l1m_m_yl = a1

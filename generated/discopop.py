@@ -82,8 +82,8 @@ def loss_and_grads_torch(
     u1_4 = torch.sigmoid(-u1_1)
     u1_5 = u1_4 * _softplus(u1_3)
     f1 = u1_2 + u1_5
-    df1 = -u1_0 * u1_5 * torch.sigmoid(u1_1) - u1_2 * (-u1_0 * u1_4 + 1.0) - u1_4 * torch.sigmoid(u1_3)
-    a1 = beta * df1  # d loss / d log rho_1
+    ndf1 = u1_0 * u1_5 * torch.sigmoid(u1_1) + u1_2 * (-u1_0 * u1_4 + 1.0) + u1_4 * torch.sigmoid(u1_3)  # -f'(z1)
+    a1 = -beta * ndf1  # d loss / d log rho_1
     loss = f1
     # backward: the chain rule through the plans, collected per input
     d_chosen_logps = a1
@@ -152,8 +152,8 @@ if triton is not None:
         u1_4 = _sigmoid_tl(-u1_1)
         u1_5 = u1_4 * _softplus_tl(u1_3)
         f1 = u1_2 + u1_5
-        df1 = -u1_0 * u1_5 * _sigmoid_tl(u1_1) - u1_2 * (-u1_0 * u1_4 + 1.0) - u1_4 * _sigmoid_tl(u1_3)
-        a1 = beta * df1  # d loss / d log rho_1
+        ndf1 = u1_0 * u1_5 * _sigmoid_tl(u1_1) + u1_2 * (-u1_0 * u1_4 + 1.0) + u1_4 * _sigmoid_tl(u1_3)  # -f'(z1)
+        a1 = -beta * ndf1  # d loss / d log rho_1
         loss = f1
         # backward: the chain rule through the plans, collected per input
         d_chosen_logps = a1

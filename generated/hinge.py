@@ -71,8 +71,8 @@ def loss_and_grads_torch(
     z1 = beta * (top1 - bot1)
     u1_0 = 1.0 - z1
     f1 = torch.relu(u1_0)
-    df1 = -(u1_0 > 0.0).to(z1.dtype)
-    a1 = beta * df1  # d loss / d log rho_1
+    ndf1 = (u1_0 > 0.0).to(z1.dtype)  # -f'(z1)
+    a1 = -beta * ndf1  # d loss / d log rho_1
     loss = f1
     # backward: the chain rule through the plans, collected per input
     d_chosen_logps = a1
@@ -116,8 +116,8 @@ if triton is not None:
         z1 = beta * (top1 - bot1)
         u1_0 = 1.0 - z1
         f1 = tl.maximum(u1_0, 0.0)
-        df1 = -tl.where(u1_0 > 0.0, 1.0, 0.0)
-        a1 = beta * df1  # d loss / d log rho_1
+        ndf1 = tl.where(u1_0 > 0.0, 1.0, 0.0)  # -f'(z1)
+        a1 = -beta * ndf1  # d loss / d log rho_1
         loss = f1
         # backward: the chain rule through the plans, collected per input
         d_chosen_logps = a1

@@ -83,31 +83,28 @@ def loss_and_grads_torch(
     #   log WMC(bottom) = log r_w
     top1 = m_yw
     bot1 = ref_yw
-    z1 = beta * (top1 - bot1)
-    u1_0 = -z1
+    u1_0 = beta * (bot1 - top1)
     f1 = _softplus(u1_0)
-    df1 = -torch.sigmoid(u1_0)
-    a1 = beta * df1  # d loss / d log rho_1
+    ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
+    a1 = -beta * ndf1  # d loss / d log rho_1
     # term 2: (1/2)·[−log σ(β·log ρ)]
     #   log WMC(top) = log r_w
     #   log WMC(bottom) = log p_w
     top2 = ref_yw
     bot2 = m_yw
-    z2 = beta * (top2 - bot2)
-    u2_0 = -z2
+    u2_0 = beta * (bot2 - top2)
     f2 = _softplus(u2_0)
-    df2 = -torch.sigmoid(u2_0)
-    a2 = 0.5 * beta * df2  # d loss / d log rho_2
+    ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
+    a2 = 0.5 * -beta * ndf2  # d loss / d log rho_2
     # term 3: (1/2)·[−log σ(β·log ρ)]
     #   log WMC(top) = log r_l
     #   log WMC(bottom) = log p_l
     top3 = ref_yl
     bot3 = m_yl
-    z3 = beta * (top3 - bot3)
-    u3_0 = -z3
+    u3_0 = beta * (bot3 - top3)
     f3 = _softplus(u3_0)
-    df3 = -torch.sigmoid(u3_0)
-    a3 = 0.5 * beta * df3  # d loss / d log rho_3
+    ndf3 = torch.sigmoid(u3_0)  # -f'(z3)
+    a3 = 0.5 * -beta * ndf3  # d loss / d log rho_3
     loss = f1 + 0.5 * f2 + 0.5 * f3
     # backward: the chain rule through the plans, collected per input
     d_chosen_logps = a1 - a2
@@ -169,31 +166,28 @@ if triton is not None:
         #   log WMC(bottom) = log r_w
         top1 = m_yw
         bot1 = ref_yw
-        z1 = beta * (top1 - bot1)
-        u1_0 = -z1
+        u1_0 = beta * (bot1 - top1)
         f1 = _softplus_tl(u1_0)
-        df1 = -_sigmoid_tl(u1_0)
-        a1 = beta * df1  # d loss / d log rho_1
+        ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
+        a1 = -beta * ndf1  # d loss / d log rho_1
         # term 2: (1/2)·[−log σ(β·log ρ)]
         #   log WMC(top) = log r_w
         #   log WMC(bottom) = log p_w
         top2 = ref_yw
         bot2 = m_yw
-        z2 = beta * (top2 - bot2)
-        u2_0 = -z2
+        u2_0 = beta * (bot2 - top2)
         f2 = _softplus_tl(u2_0)
-        df2 = -_sigmoid_tl(u2_0)
-        a2 = 0.5 * beta * df2  # d loss / d log rho_2
+        ndf2 = _sigmoid_tl(u2_0)  # -f'(z2)
+        a2 = 0.5 * -beta * ndf2  # d loss / d log rho_2
         # term 3: (1/2)·[−log σ(β·log ρ)]
         #   log WMC(top) = log r_l
         #   log WMC(bottom) = log p_l
         top3 = ref_yl
         bot3 = m_yl
-        z3 = beta * (top3 - bot3)
-        u3_0 = -z3
+        u3_0 = beta * (bot3 - top3)
         f3 = _softplus_tl(u3_0)
-        df3 = -_sigmoid_tl(u3_0)
-        a3 = 0.5 * beta * df3  # d loss / d log rho_3
+        ndf3 = _sigmoid_tl(u3_0)  # -f'(z3)
+        a3 = 0.5 * -beta * ndf3  # d loss / d log rho_3
         loss = f1 + 0.5 * f2 + 0.5 * f3
         # backward: the chain rule through the plans, collected per input
         d_chosen_logps = a1 - a2

@@ -104,21 +104,19 @@ def loss_and_grads_torch(
     l1m_m_yw_tok, dl1m_m_yw_tok = _log1mexp(m_yw_tok, TINY)
     top1 = m_yw_tok + l1m_m_yl_tok
     bot1 = l1m_m_yw_tok + m_yl_tok
-    z1 = top1 - bot1
-    u1_0 = -z1
+    u1_0 = bot1 - top1
     f1 = _softplus(u1_0)
-    df1 = -torch.sigmoid(u1_0)
-    a1 = _scaled(beta, df1)  # d loss / d log rho_1
+    ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
+    a1 = _scaled(-beta, ndf1)  # d loss / d log rho_1
     # term 2: α·[−log σ(log ρ)] (per token)
     #   log WMC(top) = log p_w
     #   log WMC(bottom) = log1mexp(log p_w)
     top2 = m_yw_tok
     bot2 = l1m_m_yw_tok
-    z2 = top2 - bot2
-    u2_0 = -z2
+    u2_0 = bot2 - top2
     f2 = _softplus(u2_0)
-    df2 = -torch.sigmoid(u2_0)
-    a2 = _scaled(alpha, df2)  # d loss / d log rho_2
+    ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
+    a2 = _scaled(-alpha, ndf2)  # d loss / d log rho_2
     loss = _scaled(beta, f1) + _scaled(alpha, f2)
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_yl_tok = a1
@@ -212,21 +210,19 @@ if triton is not None:
         l1m_m_yw_tok, dl1m_m_yw_tok = _log1mexp_tl(m_yw_tok, TINY)
         top1 = m_yw_tok + l1m_m_yl_tok
         bot1 = l1m_m_yw_tok + m_yl_tok
-        z1 = top1 - bot1
-        u1_0 = -z1
+        u1_0 = bot1 - top1
         f1 = _softplus_tl(u1_0)
-        df1 = -_sigmoid_tl(u1_0)
-        a1 = _scaled_tl(beta, df1)  # d loss / d log rho_1
+        ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
+        a1 = _scaled_tl(-beta, ndf1)  # d loss / d log rho_1
         # term 2: α·[−log σ(log ρ)] (per token)
         #   log WMC(top) = log p_w
         #   log WMC(bottom) = log1mexp(log p_w)
         top2 = m_yw_tok
         bot2 = l1m_m_yw_tok
-        z2 = top2 - bot2
-        u2_0 = -z2
+        u2_0 = bot2 - top2
         f2 = _softplus_tl(u2_0)
-        df2 = -_sigmoid_tl(u2_0)
-        a2 = _scaled_tl(alpha, df2)  # d loss / d log rho_2
+        ndf2 = _sigmoid_tl(u2_0)  # -f'(z2)
+        a2 = _scaled_tl(-alpha, ndf2)  # d loss / d log rho_2
         loss = _scaled_tl(beta, f1) + _scaled_tl(alpha, f2)
         # backward: the chain rule through the plans, collected per input
         g_l1m_m_yl_tok = a1

@@ -86,21 +86,19 @@ def loss_and_grads_torch(
     #   log WMC(bottom) = log p_l + log r_w
     top1 = m_yw + ref_yl
     bot1 = m_yl + ref_yw
-    z1 = beta * (top1 - bot1)
-    u1_0 = -z1
+    u1_0 = beta * (bot1 - top1)
     f1 = _softplus(u1_0)
-    df1 = -torch.sigmoid(u1_0)
-    a1 = _scaled(c1, beta * df1)  # d loss / d log rho_1
+    ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
+    a1 = _scaled(c1, -beta * ndf1)  # d loss / d log rho_1
     # term 2: (-ε_ls/(1 - 2·ε_ls))·[−log σ(β·log ρ)]
     #   log WMC(top) = log p_l + log r_w
     #   log WMC(bottom) = log p_w + log r_l
     top2 = m_yl + ref_yw
     bot2 = m_yw + ref_yl
-    z2 = beta * (top2 - bot2)
-    u2_0 = -z2
+    u2_0 = beta * (bot2 - top2)
     f2 = _softplus(u2_0)
-    df2 = -torch.sigmoid(u2_0)
-    a2 = _scaled(c2, beta * df2)  # d loss / d log rho_2
+    ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
+    a2 = _scaled(c2, -beta * ndf2)  # d loss / d log rho_2
     loss = _scaled(c1, f1) + _scaled(c2, f2)
     # backward: the chain rule through the plans, collected per input
     d_chosen_logps = a1 - a2
@@ -168,21 +166,19 @@ if triton is not None:
         #   log WMC(bottom) = log p_l + log r_w
         top1 = m_yw + ref_yl
         bot1 = m_yl + ref_yw
-        z1 = beta * (top1 - bot1)
-        u1_0 = -z1
+        u1_0 = beta * (bot1 - top1)
         f1 = _softplus_tl(u1_0)
-        df1 = -_sigmoid_tl(u1_0)
-        a1 = _scaled_tl(c1, beta * df1)  # d loss / d log rho_1
+        ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
+        a1 = _scaled_tl(c1, -beta * ndf1)  # d loss / d log rho_1
         # term 2: (-ε_ls/(1 - 2·ε_ls))·[−log σ(β·log ρ)]
         #   log WMC(top) = log p_l + log r_w
         #   log WMC(bottom) = log p_w + log r_l
         top2 = m_yl + ref_yw
         bot2 = m_yw + ref_yl
-        z2 = beta * (top2 - bot2)
-        u2_0 = -z2
+        u2_0 = beta * (bot2 - top2)
         f2 = _softplus_tl(u2_0)
-        df2 = -_sigmoid_tl(u2_0)
-        a2 = _scaled_tl(c2, beta * df2)  # d loss / d log rho_2
+        ndf2 = _sigmoid_tl(u2_0)  # -f'(z2)
+        a2 = _scaled_tl(c2, -beta * ndf2)  # d loss / d log rho_2
         loss = _scaled_tl(c1, f1) + _scaled_tl(c2, f2)
         # backward: the chain rule through the plans, collected per input
         d_chosen_logps = a1 - a2

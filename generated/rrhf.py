@@ -104,19 +104,18 @@ def loss_and_grads_torch(
     z1 = top1 - bot1
     u1_0 = 0.0 - z1
     f1 = torch.relu(u1_0)
-    df1 = -(u1_0 > 0.0).to(z1.dtype)
-    a1 = df1  # d loss / d log rho_1
+    ndf1 = (u1_0 > 0.0).to(z1.dtype)  # -f'(z1)
+    a1 = -ndf1  # d loss / d log rho_1
     # term 2: α·[−log σ(log ρ)] (per token)
     #   log WMC(top) = log p_w
     #   log WMC(bottom) = log1mexp(log p_w)
     l1m_m_yw_tok, dl1m_m_yw_tok = _log1mexp(m_yw_tok, TINY)
     top2 = m_yw_tok
     bot2 = l1m_m_yw_tok
-    z2 = top2 - bot2
-    u2_0 = -z2
+    u2_0 = bot2 - top2
     f2 = _softplus(u2_0)
-    df2 = -torch.sigmoid(u2_0)
-    a2 = _scaled(alpha, df2)  # d loss / d log rho_2
+    ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
+    a2 = _scaled(-alpha, ndf2)  # d loss / d log rho_2
     loss = f1 + _scaled(alpha, f2)
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_yw_tok = -a2
@@ -209,19 +208,18 @@ if triton is not None:
         z1 = top1 - bot1
         u1_0 = 0.0 - z1
         f1 = tl.maximum(u1_0, 0.0)
-        df1 = -tl.where(u1_0 > 0.0, 1.0, 0.0)
-        a1 = df1  # d loss / d log rho_1
+        ndf1 = tl.where(u1_0 > 0.0, 1.0, 0.0)  # -f'(z1)
+        a1 = -ndf1  # d loss / d log rho_1
         # term 2: α·[−log σ(log ρ)] (per token)
         #   log WMC(top) = log p_w
         #   log WMC(bottom) = log1mexp(log p_w)
         l1m_m_yw_tok, dl1m_m_yw_tok = _log1mexp_tl(m_yw_tok, TINY)
         top2 = m_yw_tok
         bot2 = l1m_m_yw_tok
-        z2 = top2 - bot2
-        u2_0 = -z2
+        u2_0 = bot2 - top2
         f2 = _softplus_tl(u2_0)
-        df2 = -_sigmoid_tl(u2_0)
-        a2 = _scaled_tl(alpha, df2)  # d loss / d log rho_2
+        ndf2 = _sigmoid_tl(u2_0)  # -f'(z2)
+        a2 = _scaled_tl(-alpha, ndf2)  # d loss / d log rho_2
         loss = f1 + _scaled_tl(alpha, f2)
         # backward: the chain rule through the plans, collected per input
         g_l1m_m_yw_tok = -a2

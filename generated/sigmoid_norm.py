@@ -81,11 +81,10 @@ def loss_and_grads_torch(
     #   log WMC(bottom) = log p_l + log r_w
     top1 = m_yw_tok + ref_yl_tok
     bot1 = m_yl_tok + ref_yw_tok
-    z1 = beta * (top1 - bot1)
-    u1_0 = -z1
+    u1_0 = beta * (bot1 - top1)
     f1 = _softplus(u1_0)
-    df1 = -torch.sigmoid(u1_0)
-    a1 = beta * df1  # d loss / d log rho_1
+    ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
+    a1 = -beta * ndf1  # d loss / d log rho_1
     loss = f1
     # backward: the chain rule through the plans, collected per input
     g_m_yl_tok = -a1
@@ -159,11 +158,10 @@ if triton is not None:
         #   log WMC(bottom) = log p_l + log r_w
         top1 = m_yw_tok + ref_yl_tok
         bot1 = m_yl_tok + ref_yw_tok
-        z1 = beta * (top1 - bot1)
-        u1_0 = -z1
+        u1_0 = beta * (bot1 - top1)
         f1 = _softplus_tl(u1_0)
-        df1 = -_sigmoid_tl(u1_0)
-        a1 = beta * df1  # d loss / d log rho_1
+        ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
+        a1 = -beta * ndf1  # d loss / d log rho_1
         loss = f1
         # backward: the chain rule through the plans, collected per input
         g_m_yl_tok = -a1

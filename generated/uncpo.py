@@ -93,11 +93,10 @@ def loss_and_grads_torch(
     s1, s1_wa, s1_wb = _logaddexp(m_yw, l1m_m_yw + l1m_m_yl)
     top1 = s1
     bot1 = l1m_m_yw + m_yl
-    z1 = beta * (top1 - bot1)
-    u1_0 = -z1
+    u1_0 = beta * (bot1 - top1)
     f1 = _softplus(u1_0)
-    df1 = -torch.sigmoid(u1_0)
-    a1 = beta * df1  # d loss / d log rho_1
+    ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
+    a1 = -beta * ndf1  # d loss / d log rho_1
     loss = f1
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_yl = a1 * s1_wb
@@ -186,11 +185,10 @@ if triton is not None:
         s1, s1_wa, s1_wb = _logaddexp_tl(m_yw, l1m_m_yw + l1m_m_yl)
         top1 = s1
         bot1 = l1m_m_yw + m_yl
-        z1 = beta * (top1 - bot1)
-        u1_0 = -z1
+        u1_0 = beta * (bot1 - top1)
         f1 = _softplus_tl(u1_0)
-        df1 = -_sigmoid_tl(u1_0)
-        a1 = beta * df1  # d loss / d log rho_1
+        ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
+        a1 = -beta * ndf1  # d loss / d log rho_1
         loss = f1
         # backward: the chain rule through the plans, collected per input
         g_l1m_m_yl = a1 * s1_wb

@@ -332,27 +332,42 @@ def check_link(link) -> None:
         _emit_link(_Body(sfx), link, 1, {}, lambda v, stem: _py(sympy.sympify(v), 2))
 
 
-def _emit_link(body: _Body, link, k: int, params: dict, const) -> None:
-    """``f{k} = f(z{k})`` and ``df{k} = f'(z{k})`` from the link's expression; shared parts computed once."""
-    z = sympy.Symbol(f"z{k}", real=True)
+def _emit_link(body: _Body, link, k: int, params: dict, const, z: tuple[str, str] | None = None) -> bool:
+    """``f{k} = f(z{k})`` and ``df{k} = f'(z{k})`` from the link's expression; shared parts computed once.
+
+    ``z`` is the text of ``z{k}`` and of ``−z{k}``: when the link uses z only as −z (the logistic link, softplus(−z)),
+    −z is computed directly, one pass fewer. A derivative with a leading minus (−σ(−z)) is emitted as
+    ``ndf{k} = −f'(z{k})`` and True returned: the caller folds the sign into its scalar factor, another pass fewer.
+    """
+    zs = sympy.Symbol(f"z{k}", real=True)
     values = {s: params.get(name, default) for name, default in link.params for s in [sympy.Symbol(name, real=True)]}
     names = {s: const(v, "p") for s, v in values.items()}
-    f = link.expr.xreplace({Z: z})
-    df = link.derivative.xreplace({Z: z})
+    f = link.expr.xreplace({Z: zs})
+    df = link.derivative.xreplace({Z: zs})
     temps, (f, df) = sympy.cse([f, df], symbols=sympy.numbered_symbols(f"u{k}_"), optimizations="basic")
     body.zvar = f"z{k}"
     printer = _LinkPrinter(body, names)
-    printer.dynamic.add(z)
+    printer.dynamic.add(zs)
+    rest = [e for _, e in temps] + [f, df]
+    neg_z = next((sym for sym, e in temps if e == -zs and sum(zs in r.free_symbols for r in rest) == 1), None)
+    if z is not None and neg_z is not None:
+        body.zvar = str(neg_z)
+    elif z is not None:
+        body.emit(f"z{k} = {z[0]}")
     for sym, e in temps:
         if not printer._scalar(e):
             printer.dynamic.add(sym)
-        body.emit(f"{sym} = {printer.doprint(e)}")
+        body.emit(f"{sym} = {z[1] if z is not None and sym == neg_z else printer.doprint(e)}")
     body.emit(f"f{k} = {printer.doprint(f)}")
     if printer._scalar(df):  # a linear link: a constant derivative, made a tensor (every gradient is one)
         zeros = "tl.zeros_like" if printer.tl else "torch.zeros_like"
-        body.emit(f"df{k} = {zeros}(z{k}) + {printer.doprint(df)}")
-    else:
-        body.emit(f"df{k} = {printer.doprint(df)}")
+        body.emit(f"df{k} = {zeros}({body.zvar}) + {printer.doprint(df)}")
+        return False
+    if df.could_extract_minus_sign():
+        body.emit(f"ndf{k} = {printer.doprint(-df)}  # -f'(z{k})")
+        return True
+    body.emit(f"df{k} = {printer.doprint(df)}")
+    return False
 
 
 def _term_comment(k: int, t: Term) -> list[str]:
@@ -427,15 +442,21 @@ def _body(program: Program, sfx: str) -> _Body:
                 z += f" + {const(-shift, 'g')}"
             else:
                 z += f" - {const(shift, 'g')}"
-        body.emit(f"z{k} = {z}")
-        _emit_link(body, LINKS[t.link], k, dict(t.link_params), const)
+        neg_z = f"{scale} * (bot{k} - top{k})" if scale else f"bot{k} - top{k}"
+        if not _is_zero(shift):
+            neg_z += f" - {const(-shift, 'g')}" if shift.could_extract_minus_sign() else f" + {const(shift, 'g')}"
+        negated = _emit_link(body, LINKS[t.link], k, dict(t.link_params), const, (z, neg_z))
         coef = sympy.sympify(t.coef)
-        grad_factor = f"{scale} * df{k}" if scale else f"df{k}"
+        if negated:  # the factor carries the derivative's sign: (−β)·ndf is one pass, β·(−ndf) two
+            grad_factor = f"-{scale} * ndf{k}" if scale else f"-ndf{k}"
+        else:
+            grad_factor = f"{scale} * df{k}" if scale else f"df{k}"
         if coef.free_symbols:
             # a coefficient may vanish (label smoothing 0, alpha 0): the term then contributes exactly nothing
             c = const(coef, "c")
             loss_parts.append(f"{body.helper('scaled')}({c}, f{k})")
-            body.emit(f"a{k} = {body.helper('scaled')}({c}, {grad_factor})  # d loss / d log rho_{k}")
+            cf = (f"-{c}", f"ndf{k}") if negated and not scale else (c, grad_factor)  # the sign on the scalar
+            body.emit(f"a{k} = {body.helper('scaled')}({cf[0]}, {cf[1]})  # d loss / d log rho_{k}")
         elif _is_one(coef):
             loss_parts.append(f"f{k}")
             body.emit(f"a{k} = {grad_factor}  # d loss / d log rho_{k}")
