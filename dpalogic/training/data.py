@@ -320,9 +320,8 @@ def write_bad_rows(path: str | os.PathLike, sources: Sequence[tuple[str, Sequenc
     return p
 
 
-def load_preferences(path: str | os.PathLike, *, strict: bool = False, split: str | None = None) -> PreferenceRows:
-    """Read and validate a preference file; malformed rows are skipped (or, with ``strict``, fatal)."""
-    records, issues = read_records(path, split)
+def _validated(source: str, records, issues: list[RowIssue], strict: bool) -> PreferenceRows:
+    """Normalize numbered ``records``; malformed rows join ``issues`` and are skipped (or, with ``strict``, fatal)."""
     rows, numbers = [], []
     for n, rec in records:
         row, why = normalize_row(rec)
@@ -333,27 +332,21 @@ def load_preferences(path: str | os.PathLike, *, strict: bool = False, split: st
             numbers.append(n)
     issues.sort(key=lambda i: i.row)
     if strict and issues:
-        raise _fatal(str(path), issues)
-    if not rows:
-        raise _no_rows(str(path), issues)
-    return PreferenceRows(str(path), rows, numbers, issues)
-
-
-def from_records(records: Sequence[dict[str, Any]], source: str = "<rows>", strict: bool = False) -> PreferenceRows:
-    """Validate in-memory rows (e.g. the synthetic demo task) exactly like rows read from a file."""
-    rows, numbers, issues = [], [], []
-    for n, rec in enumerate(records, 1):
-        row, why = normalize_row(rec)
-        if row is None:
-            issues.append(RowIssue(n, why))
-        else:
-            rows.append(row)
-            numbers.append(n)
-    if strict and issues:
         raise _fatal(source, issues)
     if not rows:
         raise _no_rows(source, issues)
     return PreferenceRows(source, rows, numbers, issues)
+
+
+def load_preferences(path: str | os.PathLike, *, strict: bool = False, split: str | None = None) -> PreferenceRows:
+    """Read and validate a preference file; malformed rows are skipped (or, with ``strict``, fatal)."""
+    records, issues = read_records(path, split)
+    return _validated(str(path), records, issues, strict)
+
+
+def from_records(records: Sequence[dict[str, Any]], source: str = "<rows>", strict: bool = False) -> PreferenceRows:
+    """Validate in-memory rows (e.g. the synthetic demo task) exactly like rows read from a file."""
+    return _validated(source, enumerate(records, 1), [], strict)
 
 
 # --------------------------------------------------------------------------------------------------- tokenization
