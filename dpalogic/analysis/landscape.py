@@ -9,121 +9,29 @@
   in full (smallest readable structure first, distinct losses counted); larger ones are counted exactly and
   listed lazily.
 
-**Same loss function, decided exactly by evaluation.** Two structures give the same loss exactly when
-``ρ1 ≡ ρ2`` as rational functions, i.e. when ``C = N1·D2 − N2·D1 ≡ 0`` with ``N = WMC(✓)``, ``D = WMC(✗)``
-(multilinear, so ``C`` has degree ≤ 2 in each variable). Every atom probability is evaluated on the product grid
-``{1/4, 1/2, 3/4}^n``: three distinct values per variable, so ``C`` vanishes on the grid only if ``C ≡ 0`` (a
-non-zero polynomial of degree ≤ d_i in x_i cannot vanish on a product grid with d_i + 1 values per variable,
-by induction on the variables). Inside the open unit cube a non-empty side has ``WMC > 0``, so ``ρ`` is a
-positive rational at every grid point and ``C(x) = 0 ⇔ ρ1(x) = ρ2(x)``. Hence the tuple of ``ρ`` values on the
-grid, each reduced to lowest terms, is a canonical key: equal keys ⇔ the same loss function. Not probabilistic.
-Scaled by ``4^n`` each ``WMC`` is an integer (a world's weight is a product of 1s, 2s and 3s), so the key needs
-only small-integer arithmetic: no SymPy, no ``cancel``.
+Whether two structures give the same loss function is decided exactly by :mod:`dpalogic.analysis.loss_keys`.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections import Counter
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from math import comb
 from operator import add
 from typing import Any
 
+from dpalogic.analysis.loss_keys import Q, _key, _ratio_ids, _subset_vectors, loss_key
+from dpalogic.analysis.loss_keys import _world_weights as _world_weights  # re-exported
 from dpalogic.errors import DPALogicError
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.structure import Structure, align, common_atoms, full_mask, readable
 
-# the grid values are a/Q with a ∈ GRID: three distinct interior points per variable (see the module docstring)
-GRID = (1, 2, 3)
-Q = 4
 MAX_EXACT_ATOMS = 3  # 4^(2^4) ≈ 4.3e9 structures: the exact count stops at three atoms
 MAX_ATOMS = 8
 MAX_INTERVAL = 1 << 18  # explore enumerates at most this many structures
-
-
-# --------------------------------------------------------------------------------------------------- loss keys
-
-
-@cache
-def _world_weights(n: int) -> tuple[tuple[int, ...], ...]:
-    """``Q^n ×`` the weight of each world at each grid point: ``Π_i (a_i if atom i is true else Q − a_i)``."""
-    points = list(itertools.product(GRID, repeat=n))
-    out = []
-    for w in range(1 << n):
-        row = []
-        for pt in points:
-            v = 1
-            for i, a in enumerate(pt):
-                v *= a if (w >> i) & 1 else Q - a
-            row.append(v)
-        out.append(tuple(row))
-    return tuple(out)
-
-
-def wmc_vector(mask: int, n: int) -> tuple[int, ...]:
-    """``Q^n · WMC(mask)`` at every grid point (integers; all positive when the mask is non-empty)."""
-    ws = _world_weights(n)
-    acc = [0] * len(ws[0])
-    for w in range(1 << n):
-        if (mask >> w) & 1:
-            acc = list(map(add, acc, ws[w]))
-    return tuple(acc)
-
-
-def _subset_vectors(base: int, free: int, n: int) -> list[tuple[int, tuple[int, ...]]]:
-    """``(mask, wmc_vector(mask))`` for ``mask = base | sub`` over every ``sub ⊆ free``, one vector add each."""
-    ws = _world_weights(n)
-    bits = [w for w in range(1 << n) if (free >> w) & 1]
-    masks = [base]
-    vecs = [wmc_vector(base, n)]
-    for k in range(1, 1 << len(bits)):
-        low = (k & -k).bit_length() - 1  # k = (k with its lowest bit cleared) + that bit's world
-        prev = k & (k - 1)
-        masks.append(masks[prev] | (1 << bits[low]))
-        vecs.append(tuple(map(add, vecs[prev], ws[bits[low]])))
-    return list(zip(masks, vecs))
-
-
-@lru_cache(maxsize=4)
-def _ratio_ids(n: int) -> list[int]:
-    """``ids[a·(T+1) + b]`` = a canonical integer for the fraction ``a/b`` (``1 ≤ a, b ≤ T = Q^n``).
-
-    The reduced fraction ``a'/b'`` is encoded as ``a'·(T+1) + b'``, injective because ``b' ≤ T``.
-    """
-    t = Q**n
-    ids = [0] * ((t + 1) * (t + 1))
-    for a in range(1, t + 1):
-        for b in range(1, t + 1):
-            g = math.gcd(a, b)
-            ids[a * (t + 1) + b] = (a // g) * (t + 1) + b // g
-    return ids
-
-
-def _key(top_vec: tuple[int, ...], bottom_vec: tuple[int, ...], n: int) -> tuple[int, ...]:
-    """The canonical loss key of a non-degenerate structure from its two WMC vectors."""
-    if n <= 4:
-        ids, t1 = _ratio_ids(n), Q**n + 1
-        return tuple(ids[a * t1 + b] for a, b in zip(top_vec, bottom_vec))
-    out = []
-    for a, b in zip(top_vec, bottom_vec):
-        g = math.gcd(a, b)
-        out.extend((a // g, b // g))
-    return tuple(out)
-
-
-def loss_key(s: Structure) -> tuple:
-    """A canonical key of a structure's loss function over its atoms: equal keys ⇔ ``ρ1 ≡ ρ2`` (exact).
-
-    Compare keys of structures over the same atoms (``align`` them first); degenerate structures get the
-    markers ``("infinite",)``, ``("zero",)`` and ``("undefined",)``.
-    """
-    if s.top == 0 or s.bottom == 0:
-        return ("undefined",) if s.top == s.bottom else ("infinite",) if s.top == 0 else ("zero",)
-    return _key(wmc_vector(s.top, s.n), wmc_vector(s.bottom, s.n), s.n)
 
 
 # --------------------------------------------------------------------------------------------------- landscape
@@ -358,24 +266,12 @@ def _catalog_index(atoms: tuple[Atom, ...]) -> tuple[dict, dict]:
     return by_sides, by_key
 
 
-def explore(
-    a: str | Structure,
-    b: str | Structure,
-    atoms: list[str] | tuple[Atom, ...] | None = None,
-    limit: int = 20,
-    distinct: bool = False,
-    closed_forms: bool = True,
-) -> dict[str, Any]:
-    """The structures strictly between two comparable losses, smallest readable triple first.
-
-    With ``A`` stronger than ``B`` the interval is ``✓_A ⊆ ✓ ⊆ ✓_B`` and ``✗_B ⊆ ✗ ⊆ ✗_A`` (docs/semantics.md §5);
-    the endpoints are left out. ``distinct`` keeps the smallest structure of each loss function.
-    """
+def _endpoints(
+    a: str | Structure, b: str | Structure, atoms: list[str] | tuple[Atom, ...] | None
+) -> tuple[Structure, Structure, str, str, bool]:
+    """The two losses over common atoms, stronger first: ``(stronger, weaker, its name, its name, swapped)``."""
     from dpalogic.analysis.order import join, meet, relation
-    from dpalogic.semantics.program import rho_sympy, semantic_loss_sympy
 
-    if limit < 0:
-        raise DPALogicError(f"--limit must be ≥ 0, got {limit}")
     name_a = a if isinstance(a, str) else a.text("ascii")
     name_b = b if isinstance(b, str) else b.text("ascii")
     sa = _structure_of(a) if isinstance(a, str) else a.check()
@@ -387,25 +283,26 @@ def explore(
     else:
         sa, sb = align(sa, sb)
     rel = relation(sa, sb)
-    swapped = False
     if rel == "weaker":
-        sa, sb, name_a, name_b, swapped = sb, sa, name_b, name_a, True
-    elif rel == "equivalent":
+        return sb, sa, name_b, name_a, True
+    if rel == "equivalent":
         raise DPALogicError(f"{name_a} and {name_b} have the same structure: nothing lies strictly between them")
-    elif rel == "incomparable":
+    if rel == "incomparable":
         m, j = meet(sa, sb), join(sa, sb)
         raise DPALogicError(
             f"{name_a} and {name_b} are incomparable, so no interval lies between them; both lie between their "
             f"meet {m.text('ascii')!r} and their join {j.text('ascii')!r} (try: dpalogic explore --between "
             f"'{m.text('ascii')}' '{j.text('ascii')}')"
         )
-    at, n, full = sa.atoms, sa.n, full_mask(sa.n)
-    free_top = sb.top & ~sa.top & full
-    free_bottom = sa.bottom & ~sb.bottom & full
-    free = free_top.bit_count() + free_bottom.bit_count()
-    by_sides, by_key = _catalog_index(at)
-    endpoints = {(sa.top, sa.bottom), (sb.top, sb.bottom)}
+    return sa, sb, name_a, name_b, False
+
+
+def _row_maker(at: tuple[Atom, ...], by_sides: dict, by_key: dict, closed_forms: bool):
+    """``row(✓, ✗, size)``: one listed structure with its catalog names, its class and (optionally) closed forms."""
     from dpalogic.analysis import factoring
+    from dpalogic.semantics.program import rho_sympy, semantic_loss_sympy
+
+    n = len(at)
 
     def row_of(t: int, b_: int, size: int | None) -> dict[str, Any]:
         s = Structure(at, t, b_)
@@ -422,44 +319,87 @@ def explore(
             row["loss"] = str(semantic_loss_sympy(s))
         return row
 
-    enumerated = 1 << free <= MAX_INTERVAL
+    return row_of
+
+
+def _list_all(sa: Structure, sb: Structure, free_top: int, free_bottom: int, row_of, limit: int, distinct: bool):
+    """Small enough to key every member: the members' loss keys (an exact distinct count), and the first ``limit``
+    rows in readable-size order."""
+    at, n = sa.atoms, sa.n
+    endpoints = {(sa.top, sa.bottom), (sb.top, sb.bottom)}
+    tops = _subset_vectors(sa.top, free_top, n)
+    bottoms = _subset_vectors(sb.bottom, free_bottom, n)
+    keys: dict[tuple[int, int], tuple] = {}
+    for t, vt in tops:
+        for b_, vb in bottoms:
+            if (t, b_) not in endpoints and t and b_:
+                keys[(t, b_)] = _key(vt, vb, n)
+    members = Counter(keys.values())
+    seen: set[tuple] = set()
     listed: list[dict[str, Any]] = []
+    for sort_key, (t, b_) in _in_size_order(list(keys), at) if limit else ():
+        k = keys[(t, b_)]
+        if distinct and k in seen:
+            continue
+        seen.add(k)
+        listed.append({**row_of(t, b_, sort_key[0]), "structures_with_this_loss": members[k]})
+        if len(listed) >= limit:
+            break
+    return listed, keys, members
+
+
+def _list_lazily(sa: Structure, sb: Structure, free_top: int, free_bottom: int, row_of, limit: int, distinct: bool):
+    """Too many to enumerate (up to 2^(2·2^n)): the first ``limit`` rows from the stronger end."""
+    from dpalogic.analysis import factoring
+
+    endpoints = {(sa.top, sa.bottom), (sb.top, sb.bottom)}
+    first_seen: dict[tuple[int, int], int] = {}
+    listed: list[dict[str, Any]] = []
+    for t, b_ in _interval_members(sa.top, free_top, sb.bottom, free_bottom) if limit else ():
+        if (t, b_) in endpoints:
+            continue
+        canon = factoring.canonical_structure(t, b_, sa.n)
+        if distinct and canon in first_seen:
+            continue
+        row = row_of(t, b_, None)
+        row["same_loss_as_listed"] = first_seen.get(canon)
+        first_seen.setdefault(canon, len(listed) + 1)
+        listed.append(row)
+        if len(listed) >= limit:
+            break
+    return listed
+
+
+def explore(
+    a: str | Structure,
+    b: str | Structure,
+    atoms: list[str] | tuple[Atom, ...] | None = None,
+    limit: int = 20,
+    distinct: bool = False,
+    closed_forms: bool = True,
+) -> dict[str, Any]:
+    """The structures strictly between two comparable losses, smallest readable triple first.
+
+    With ``A`` stronger than ``B`` the interval is ``✓_A ⊆ ✓ ⊆ ✓_B`` and ``✗_B ⊆ ✗ ⊆ ✗_A`` (docs/semantics.md §5);
+    the endpoints are left out. ``distinct`` keeps the smallest structure of each loss function.
+    """
+    if limit < 0:
+        raise DPALogicError(f"--limit must be ≥ 0, got {limit}")
+    sa, sb, name_a, name_b, swapped = _endpoints(a, b, atoms)
+    at, full = sa.atoms, full_mask(sa.n)
+    free_top = sb.top & ~sa.top & full
+    free_bottom = sa.bottom & ~sb.bottom & full
+    free = free_top.bit_count() + free_bottom.bit_count()
+    by_sides, by_key = _catalog_index(at)
+    endpoints = {(sa.top, sa.bottom), (sb.top, sb.bottom)}
+    row_of = _row_maker(at, by_sides, by_key, closed_forms)
+    enumerated = 1 << free <= MAX_INTERVAL
     if enumerated:
-        # small enough to key every member: exact distinct count, and listing in readable-size order
-        tops = _subset_vectors(sa.top, free_top, n)
-        bottoms = _subset_vectors(sb.bottom, free_bottom, n)
-        keys: dict[tuple[int, int], tuple] = {}
-        for t, vt in tops:
-            for b_, vb in bottoms:
-                if (t, b_) not in endpoints and t and b_:
-                    keys[(t, b_)] = _key(vt, vb, n)
-        members = Counter(keys.values())
-        seen: set[tuple] = set()
-        for sort_key, (t, b_) in _in_size_order(list(keys), at) if limit else ():
-            k = keys[(t, b_)]
-            if distinct and k in seen:
-                continue
-            seen.add(k)
-            listed.append({**row_of(t, b_, sort_key[0]), "structures_with_this_loss": members[k]})
-            if len(listed) >= limit:
-                break
+        listed, keys, members = _list_all(sa, sb, free_top, free_bottom, row_of, limit, distinct)
         inside = [sides for sides in by_sides if sides in keys]
         strictly, distinct_losses = len(keys), len(members)
     else:
-        # too many to enumerate (up to 2^(2·2^n)): count exactly, list lazily from the stronger end
-        first_seen: dict[tuple[int, int], int] = {}
-        for t, b_ in _interval_members(sa.top, free_top, sb.bottom, free_bottom) if limit else ():
-            if (t, b_) in endpoints:
-                continue
-            canon = factoring.canonical_structure(t, b_, n)
-            if distinct and canon in first_seen:
-                continue
-            row = row_of(t, b_, None)
-            row["same_loss_as_listed"] = first_seen.get(canon)
-            first_seen.setdefault(canon, len(listed) + 1)
-            listed.append(row)
-            if len(listed) >= limit:
-                break
+        listed = _list_lazily(sa, sb, free_top, free_bottom, row_of, limit, distinct)
         inside = [sd for sd in by_sides if sd not in endpoints and _inside(sd, sa, sb)]
         # every member has ✓ ⊇ ✓_A ≠ ∅ and ✗ ⊇ ✗_B ≠ ∅: none is degenerate
         strictly, distinct_losses = (1 << free) - len(endpoints), None
