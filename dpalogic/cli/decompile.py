@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             print_library(args.library, version, rows)
         return 0
     if args.python is not None:
-        from dpalogic.analysis.trace import decompile_python
+        from dpalogic.analysis.python_loss import decompile_python
 
         info = decompile_python(args.python, args.arg, args.hp)
     else:
