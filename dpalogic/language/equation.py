@@ -16,6 +16,7 @@ import re
 import sympy
 
 from dpalogic.errors import DPALogicError, FormulaSyntaxError, unknown
+from dpalogic.language.fold import fold
 
 MAX_EQUATION_CHARS = 4000
 MAX_EQUATION_NODES = 1000
@@ -118,35 +119,25 @@ class _EquationParser:
             raise DPALogicError(
                 f"the equation nests too deeply to parse; the limit is {MAX_EQUATION_DEPTH} levels"
             ) from None
-        values: list[sympy.Expr] = []
-        stack: list[tuple] = [(tree.body, 1, None)]
-        while stack:
-            node, level, combine = stack.pop()
-            if combine is not None:  # its operands are built
-                count = combine[1]
-                args = values[len(values) - count :]
-                del values[len(values) - count :]
-                values.append(self.apply(combine[0], args, node))
-                continue
-            self.nodes += 1
-            if self.nodes > MAX_EQUATION_NODES:
-                raise self.err(f"the equation has more than {MAX_EQUATION_NODES} parts (the limit)", node)
-            step = self.expand(node)
-            if isinstance(step, sympy.Basic):
-                values.append(step)
-                continue
-            if level > MAX_EQUATION_DEPTH:
-                raise self.err(
-                    f"the equation nests more than {MAX_EQUATION_DEPTH} operators deep here (the limit; a chain "
-                    "a + b - c … is one level)",
-                    node,
-                )
-            func, operands = step
-            stack.append((node, level, (func, len(operands))))
-            stack.extend((c, level + 1, None) for c in reversed(operands))
-        expr = values[0]
+        expr = fold(
+            tree.body,
+            self.expand,
+            self.apply,
+            max_level=MAX_EQUATION_DEPTH,
+            too_deep=lambda node: self.err(
+                f"the equation nests more than {MAX_EQUATION_DEPTH} operators deep here (the limit; a chain "
+                "a + b - c … is one level)",
+                node,
+            ),
+            visit=self._count,
+        )
         self.check_result(expr, tree.body)
         return expr
+
+    def _count(self, node: ast.AST) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_EQUATION_NODES:
+            raise self.err(f"the equation has more than {MAX_EQUATION_NODES} parts (the limit)", node)
 
     def apply(self, func, args: list[sympy.Expr], node: ast.AST) -> sympy.Expr:
         if any(a in _NOT_FINITE for a in args):

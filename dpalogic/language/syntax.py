@@ -16,6 +16,7 @@ import sympy
 from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Equivalent, Implies, Not, Or, Xor
 
 from dpalogic.errors import DPALogicError, FormulaSyntaxError, unknown
+from dpalogic.language.fold import fold
 
 # --------------------------------------------------------------------------------------------------- atoms
 
@@ -208,31 +209,17 @@ class _Builder:
         return FormulaSyntaxError(msg, self.text, pos)
 
     def build(self, root) -> Boolean:
-        # post-order over (node, level, children-done); a node's operands are built first and left on `values`
-        values: list[Boolean] = []
-        stack: list[tuple] = [(root, 1, None)]
-        while stack:
-            node, level, pending = stack.pop()
-            if pending is not None:  # its operands are built: combine them
-                func, count = pending
-                args = values[len(values) - count :]
-                del values[len(values) - count :]
-                values.append(func(*args))
-                continue
-            step = self.expand(node)
-            if not isinstance(step, tuple):  # a leaf: an atom or a constant
-                values.append(step)
-                continue
-            if level > MAX_NESTING:
-                raise self.err(
-                    f"the formula nests {self.depth(root)} operators deep; the limit is {MAX_NESTING} levels (the "
-                    "caret marks the first one beyond it; a chain of one operator, a & b & c …, is one level)",
-                    node,
-                )
-            func, operands = step
-            stack.append((node, level, (func, len(operands))))
-            stack.extend((c, level + 1, None) for c in reversed(operands))
-        return values[0]
+        return fold(
+            root,
+            self.expand,
+            lambda func, args, node: func(*args),
+            max_level=MAX_NESTING,
+            too_deep=lambda node: self.err(
+                f"the formula nests {self.depth(root)} operators deep; the limit is {MAX_NESTING} levels (the "
+                "caret marks the first one beyond it; a chain of one operator, a & b & c …, is one level)",
+                node,
+            ),
+        )
 
     def depth(self, root) -> int:
         """How many operator levels the formula nests (for the message; leaves and errors in them are skipped)."""
