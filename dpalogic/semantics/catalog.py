@@ -69,6 +69,12 @@ def _smoothed(s: Structure, scale, shift=0, normalized: bool = False) -> list[Te
     ]
 
 
+def _each_answer(link: str, **kw) -> list[Term]:
+    """Each answer scored on its own, with one link: the chosen one up, the rejected one down (BCO, SPPO, APO-zero)."""
+    S = _structures()
+    return [Term(S["chosen"], link, **kw), Term(S["rejected"].reversed(), link, **kw)]
+
+
 def _program(name: str, terms: list[Term], **hp: float) -> Program:
     return Program(tuple(terms), tuple(hp.items()), name)
 
@@ -110,17 +116,13 @@ def entries() -> dict[str, Entry]:
                   Term(rejected.reversed(), "logistic", coef=half, scale=beta)], beta=0.1),
               "Noise Contrastive Alignment (pairwise)", "Chen et al. 2024, arXiv:2402.05369",
               "Liger DPO 'nca_pair'", (), "nca_pair"),
-        Entry("bco_pair", _program("bco_pair", [
-                  Term(chosen, "logistic", scale=beta), Term(rejected.reversed(), "logistic", scale=beta)], beta=0.1),
+        Entry("bco_pair", _program("bco_pair", _each_answer("logistic", scale=beta), beta=0.1),
               "Binary Classifier Optimization (pairwise, no reward shift)", "Jung et al. 2024, arXiv:2404.04656",
               "Liger DPO 'bco_pair'", (), "bco_pair"),
-        Entry("sppo_hard", _program("sppo_hard", [
-                  Term(chosen, "squared", scale=1, shift=half / beta),
-                  Term(rejected.reversed(), "squared", scale=1, shift=half / beta)], beta=0.1),
+        Entry("sppo_hard", _program("sppo_hard", _each_answer("squared", scale=1, shift=half / beta), beta=0.1),
               "Self-Play Preference Optimization (hard labels)", "Wu et al. 2024, arXiv:2405.00675",
               "Liger DPO 'sppo_hard'", (), "sppo_hard"),
-        Entry("apo_zero", _program("apo_zero", [
-                  Term(chosen, "sigmoid", scale=beta), Term(rejected.reversed(), "sigmoid", scale=beta)], beta=0.1),
+        Entry("apo_zero", _program("apo_zero", _each_answer("sigmoid", scale=beta), beta=0.1),
               "Anchored Preference Optimization (zero)", "D'Oosterlinck et al. 2024, arXiv:2408.06266",
               "Liger DPO 'apo_zero'", (), "apo_zero"),
         Entry("apo_down", _program("apo_down", [
