@@ -3,9 +3,11 @@
     python benchmarks/kernels.py            # CPU: small shapes, a few minutes; CUDA: the big shapes
     python benchmarks/kernels.py --quick    # fewer sizes (a smoke run)
 
-(a) per-pair loss on log-probs, forward + backward, B = 1k … 64k: dpalogic's generated module (its torch twin on CPU,
-    the fused Triton kernel on CUDA) vs PreferenceLoss's autograd evaluation vs Liger-Kernel's preference_loss_fn
-    (the plain torch expression TRL/Liger use) vs torch.compile of that expression vs TRL's own ORPO loss method.
+(a) per-pair loss on log-probs, forward + backward, B = 1k … 64k: PreferenceLoss (what a user calls: input checks,
+    then the generated module, its torch twin on CPU and the fused Triton kernel on CUDA) and the generated module's
+    per_pair_loss alone vs Liger-Kernel's preference_loss_fn (the plain torch expression TRL/Liger use) vs
+    torch.compile of that expression vs TRL's own ORPO loss method. Every candidate gets the same tensors (ORPO's
+    token counts as the float tensors Liger's expression divides by).
 (b) the fused LM-head path from hidden states (DPO, ORPO, SimPO, CPO): FusedLinearPreferenceLoss vs a full-logits
     reference (materialize [2B·T, V], log_softmax, autograd) vs Liger's LigerFusedLinear*Loss(compiled=False) vs
     TRL's chunked log-prob path (trl.kernels.ChunkedLogProbFunction, which DPOTrainer's fused LM head runs) plus the
@@ -131,12 +133,12 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def bench_per_pair(sizes: list[int]) -> str:
     rows = [_per_pair_case(name, B) for name in ("dpo", "orpo") for B in sizes]
-    gen = "generated Triton kernel" if DEV.type == "cuda" else "generated torch twin"
+    gen = "Triton kernel" if DEV.type == "cuda" else "torch twin"
     header = [
         "loss",
         "B",
-        f"{gen} ms (anchor)",
-        "PreferenceLoss autograd ×",
+        f"PreferenceLoss ({gen}) ms (anchor)",
+        "generated per_pair_loss ×",
         "Liger expr ×",
         "torch.compile(Liger expr) ×",
         "TRL expr ×",
@@ -150,11 +152,10 @@ def _per_pair_case(name: str, B: int) -> list[str]:
 
     hp = {"beta": 0.1} if name == "dpo" else {"beta": 0.1, "alpha": 0.0}  # ORPO without its NLL term, as Liger's
     mod = module_for(lookup(name).program)
-    ours_autograd = PreferenceLoss(name, backend="torch", **hp)
+    ours = PreferenceLoss(name, **hp)
     g = torch.Generator().manual_seed(B)
     leaves = [(-torch.rand(B, generator=g) * 40 - 1).to(DEV).requires_grad_() for _ in range(4)]
-    lens = [torch.randint(5, 200, (B,), generator=g).to(DEV) for _ in range(2)]
-    nc, nr = (n.float() for n in lens)
+    nc, nr = (torch.randint(5, 200, (B,), generator=g).to(DEV).float() for _ in range(2))
     target = torch.empty(2 * B, device=DEV)  # Liger reads only its first dimension (the number of pairs)
 
     if name == "dpo":
@@ -162,19 +163,19 @@ def _per_pair_case(name: str, B: int) -> list[str]:
         def generated():
             mod.per_pair_loss(*leaves, beta=0.1).mean().backward()
 
-        def autograd():
-            ours_autograd(*leaves).backward()
+        def preference_loss():
+            ours(*leaves).backward()
 
         def liger_expr(c, r, rc, rr):
             return LigerFusedLinearDPOFunction.preference_loss_fn(c, r, target, rc, rr, beta=0.1)[0]
 
     else:
 
-        def generated():
-            mod.per_pair_loss(leaves[0], leaves[1], lens[0], lens[1], **hp).mean().backward()
+        def generated():  # the whole catalog program: its NLL term is evaluated and multiplied by alpha = 0
+            mod.per_pair_loss(leaves[0], leaves[1], nc, nr, **hp).mean().backward()
 
-        def autograd():
-            ours_autograd(leaves[0], leaves[1], chosen_lengths=lens[0], rejected_lengths=lens[1]).backward()
+        def preference_loss():  # PreferenceLoss compiles only the terms alpha = 0 leaves on
+            ours(leaves[0], leaves[1], chosen_lengths=nc, rejected_lengths=nr).backward()
 
         def liger_expr(c, r, rc, rr):  # Liger's ORPO takes average (per-token) log-probs
             return LigerFusedLinearORPOFunction.preference_loss_fn(c / nc, r / nr, target, beta=0.1)[0]
@@ -207,22 +208,22 @@ def _per_pair_case(name: str, B: int) -> list[str]:
     except Exception as e:  # noqa: BLE001 - torch.compile may be unavailable (no C++ compiler on the machine)
         print(f"  torch.compile skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
     repeat = 20 if B <= 4096 else 7
-    fns = {"gen": generated, "auto": autograd, "liger": liger}
+    fns = {"ours": preference_loss, "gen": generated, "liger": liger}
     if compiled:
         fns["comp"] = compiled
     if trl:
         fns["trl"] = trl
     t = timeit_interleaved(fns, repeat)
-    t_gen, t_auto, t_lig, t_comp = t["gen"], t["auto"], t["liger"], t.get("comp", float("nan"))
-    print(f"  (a) {name} B={B}: generated {t_gen * 1e3:.3f} ms", flush=True)
+    t_ours, t_gen, t_lig, t_comp = t["ours"], t["gen"], t["liger"], t.get("comp", float("nan"))
+    print(f"  (a) {name} B={B}: PreferenceLoss {t_ours * 1e3:.3f} ms, Liger expr {t_lig * 1e3:.3f} ms", flush=True)
     return [
         name,
         f"{B:,}",
-        f"{t_gen * 1e3:.3f}",
-        f"{t_auto / t_gen:.2f}",
-        f"{t_lig / t_gen:.2f}",
-        f"{t_comp / t_gen:.2f}" if compiled else "n/a",
-        f"{t['trl'] / t_gen:.2f}" if trl else "n/a",
+        f"{t_ours * 1e3:.3f}",
+        f"{t_gen / t_ours:.2f}",
+        f"{t_lig / t_ours:.2f}",
+        f"{t_comp / t_ours:.2f}" if compiled else "n/a",
+        f"{t['trl'] / t_ours:.2f}" if trl else "n/a",
     ]
 
 
@@ -389,11 +390,13 @@ def main() -> int:
         default="bfloat16" if DEV.type == "cuda" else "float32",
         help="hidden states and LM head in (b) (default: bfloat16 on CUDA, float32 on the CPU)",
     )
+    ap.add_argument("--section", choices=["a", "b", "all"], default="all", help="run only (a) or (b)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(f"device: {machine()}")
-    print(f"command: python benchmarks/kernels.py{' --quick' if args.quick else ''} --dtype {args.dtype}\n", flush=True)
+    flags = f"{' --quick' if args.quick else ''} --dtype {args.dtype} --section {args.section}"
+    print(f"command: python benchmarks/kernels.py{flags}\n", flush=True)
     sizes = [1024, 65536] if args.quick else [1024, 4096, 16384, 65536]
     if DEV.type == "cuda":
         shapes = [(4, 1024, 4096, 32000), (4, 1024, 4096, 128256), (8, 512, 2048, 128256), (1, 4096, 4096, 128256)]
@@ -403,8 +406,12 @@ def main() -> int:
         repeat = 4
         if args.quick:
             shapes = shapes[:1]
-    print("(a) per-pair loss on log-probs, forward + backward; ratios are time / the generated module's time\n")
-    print(bench_per_pair(sizes), "\n", flush=True)
+    if args.section in ("a", "all"):
+        print("(a) per-pair loss on log-probs, forward + backward; ratios are their time / PreferenceLoss's time")
+        print("    (above 1: PreferenceLoss is faster)\n")
+        print(bench_per_pair(sizes), "\n", flush=True)
+    if args.section == "a":
+        return 0
     print("(b) fused LM head + loss from hidden states, forward + backward (chunk_size = 1 pair for ours and Liger;")
     print("    ours: chunk '64 tokens' is max_chunk_tokens=64, two passes over quarter-pair slices)")
     print("    ratios are ours / theirs: below 1 means dpalogic is faster or smaller\n")

@@ -227,10 +227,12 @@ class LossFunction(torch.autograd.Function):
         for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
-                if g.dtype != dt:  # narrower inputs (bfloat16, float16) get their gradients in their dtype,
-                    # saturated at its largest finite value: near log p = 0 the float32 gradient of a
+                if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
+                    # dtype, saturated at its largest finite value: near log p = 0 the float32 gradient of a
                     # log1mexp(log p) factor (about 1/|log p|) is finite but exceeds float16's range
                     g = g.clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt)
+                elif g.dtype != dt:  # a wider input (float64 among float32 ones) takes them as they are
+                    g = g.to(dt)
                 scaled[k, dt] = g
             out.append(scaled[k, dt] if need else None)
         return None, None, *out, *[None] * len(LENGTHS)
