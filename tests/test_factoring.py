@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import sympy
 
-from dpalogic.analysis.landscape import _world_weights, landscape, loss_classes
 from dpalogic.analysis import factoring
+from dpalogic.analysis.landscape import _world_weights, landscape, loss_classes
 from dpalogic.cli import main
 from dpalogic.logic.structure import full_mask
 

@@ -9,7 +9,7 @@
   in full (smallest readable structure first, distinct losses counted); larger ones are counted exactly and
   listed lazily.
 
-Whether two structures give the same loss function is decided exactly by :mod:`dpalogic.analysis.loss_keys`.
+Whether two structures give the same loss function is decided exactly by :mod:`dpalogic.semantics.loss_keys`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from math import comb
 from operator import add
 from typing import Any
 
-from dpalogic.analysis.loss_keys import Q, _key, _ratio_ids, _subset_vectors, loss_key
-from dpalogic.analysis.loss_keys import _world_weights as _world_weights  # re-exported
 from dpalogic.errors import DPALogicError
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.structure import Structure, align, common_atoms, full_mask, readable
+from dpalogic.semantics.catalog import catalog_index
+from dpalogic.semantics.loss_keys import Q, _key, _ratio_ids, _subset_vectors, loss_key
+from dpalogic.semantics.loss_keys import _world_weights as _world_weights  # re-exported
 
 MAX_EXACT_ATOMS = 3  # 4^(2^4) ≈ 4.3e9 structures: the exact count stops at three atoms
 MAX_ATOMS = 8
@@ -250,22 +251,6 @@ def _parse_atoms(texts: list[str] | None) -> tuple[Atom, ...]:
     return tuple(out)
 
 
-def _catalog_index(atoms: tuple[Atom, ...]) -> tuple[dict, dict]:
-    """Catalog single structures over (a subset of) ``atoms``: by ``(✓, ✗)`` and by loss key."""
-    from dpalogic.semantics.catalog import entries
-
-    by_sides: dict[tuple[int, int], list[str]] = {}
-    by_key: dict[tuple, list[str]] = {}
-    for name, e in entries().items():
-        s = e.program.structure
-        if s is None or not set(s.atoms) <= set(atoms):
-            continue
-        s = s.over(atoms)
-        by_sides.setdefault((s.top, s.bottom), []).append(name)
-        by_key.setdefault(loss_key(s), []).append(name)
-    return by_sides, by_key
-
-
 def _endpoints(
     a: str | Structure, b: str | Structure, atoms: list[str] | tuple[Atom, ...] | None
 ) -> tuple[Structure, Structure, str, str, bool]:
@@ -390,7 +375,7 @@ def explore(
     free_top = sb.top & ~sa.top & full
     free_bottom = sa.bottom & ~sb.bottom & full
     free = free_top.bit_count() + free_bottom.bit_count()
-    by_sides, by_key = _catalog_index(at)
+    by_sides, by_key = catalog_index(at)  # one catalog index: dpalogic.semantics.catalog
     endpoints = {(sa.top, sa.bottom), (sb.top, sb.bottom)}
     row_of = _row_maker(at, by_sides, by_key, closed_forms)
     enumerated = 1 << free <= MAX_INTERVAL

@@ -250,23 +250,37 @@ def resolve(spec) -> Program:
     return single_structure_program(Structure.parse(text).check())
 
 
-def catalog_matches(s: Structure) -> tuple[list[str], list[str]]:
-    """Catalog names whose (single) structure is equivalent to ``s``, and those with the same loss function."""
-    from dpalogic.logic.structure import align
-    from dpalogic.semantics.program import same_ratio
+@lru_cache(maxsize=16)
+def catalog_index(atoms: tuple) -> tuple[dict, dict]:
+    """Catalog single structures over (a subset of) ``atoms``, lifted to them: by ``(✓, ✗)`` and by loss key."""
+    from dpalogic.semantics.loss_keys import loss_key
 
-    equivalent: list[str] = []
-    same: list[str] = []
-    catalog_atoms = {a for e in entries().values() for t in e.program.terms for a in t.structure.atoms}
-    if not set(s.atoms) <= catalog_atoms:  # an atom no catalog loss has (y3, …): nothing can match
-        return equivalent, same
+    by_sides: dict[tuple[int, int], list[str]] = {}
+    by_key: dict[tuple, list[str]] = {}
     for name, e in entries().items():
-        other = e.program.structure
-        if other is None:
+        s = e.program.structure
+        if s is None or not set(s.atoms) <= set(atoms):
             continue
-        a, b = align(s, other)
-        if a.top == b.top and a.bottom == b.bottom:
-            equivalent.append(name)
-        if same_ratio(s, other):
-            same.append(name)
-    return equivalent, same
+        s = s.over(atoms)
+        by_sides.setdefault((s.top, s.bottom), []).append(name)
+        by_key.setdefault(loss_key(s), []).append(name)
+    return by_sides, by_key
+
+
+def catalog_matches(s: Structure) -> tuple[list[str], list[str]]:
+    """Catalog names whose (single) structure is equivalent to ``s``, and those with the same loss function.
+
+    Both are looked up over the union of ``s``'s and the catalog's atoms: lifting structures to more atoms keeps
+    equal sides equal and equal ratios equal, so one index answers every query.
+    """
+    from dpalogic.logic.structure import common_atoms
+    from dpalogic.semantics.loss_keys import loss_key
+
+    singles = [e.program.structure for e in entries().values() if e.program.structure is not None]
+    catalog_atoms = {a for t in singles for a in t.atoms}
+    if not set(s.atoms) <= catalog_atoms:  # an atom no catalog loss has (y3, …): nothing can match
+        return [], []
+    atoms = common_atoms(s, *singles)
+    lifted = s.over(atoms)
+    by_sides, by_key = catalog_index(atoms)
+    return list(by_sides.get((lifted.top, lifted.bottom), [])), list(by_key.get(loss_key(lifted), []))

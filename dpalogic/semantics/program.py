@@ -1,7 +1,6 @@
 """Semantics: weighted model counts, the ratio ρ, links and loss programs (docs/semantics.md §1, §3, §6).
 
-* ``wmc_poly``      — WMC of a truth table as an exact multilinear polynomial (integer coefficients), the
-                      fingerprint used to decide whether two structures give the same loss function.
+* ``wmc_poly``      — WMC of a truth table as an exact multilinear polynomial (integer coefficients).
 * ``wmc_sympy``     — the same polynomial as a factored SymPy expression, for display and closed forms.
 * ``side_circuit``  — a side's ``log WMC`` as a log-space circuit (:mod:`dpalogic.semantics.circuit`, the IR every backend
                       folds): ``log p``, ``log(1 − p)`` (log1mexp), sums of logs for products and ``logaddexp``
@@ -63,35 +62,13 @@ def wmc_poly(mask: int, n: int) -> Poly:
     return {tuple((w >> i) & 1 for i in range(n)): v for w, v in enumerate(c) if v}
 
 
-def poly_mul(a: Poly, b: Poly) -> Poly:
-    out: Poly = {}
-    for ea, ca in a.items():
-        for eb, cb in b.items():
-            e = tuple(x + y for x, y in zip(ea, eb))
-            out[e] = out.get(e, 0) + ca * cb
-    return {e: v for e, v in out.items() if v}
-
-
 def same_ratio(s1: Structure, s2: Structure) -> bool:
-    """Do two structures give the same loss function? ``WMC(✓1)·WMC(✗2) ≡ WMC(✓2)·WMC(✗1)`` (docs/semantics.md §5)."""
+    """Do two structures give the same loss function? ``ρ1 ≡ ρ2``, decided exactly by their loss keys
+    (:mod:`dpalogic.semantics.loss_keys`: ρ on a grid that no non-zero difference can vanish on)."""
+    from dpalogic.semantics.loss_keys import loss_key
+
     a, b = align(s1, s2)
-    n = a.n
-    return poly_mul(wmc_poly(a.top, n), wmc_poly(b.bottom, n)) == poly_mul(wmc_poly(b.top, n), wmc_poly(a.bottom, n))
-
-
-def ratio_fingerprint(s: Structure) -> tuple:
-    """A canonical key of the loss function: ``ρ = N/D`` reduced to lowest terms, as sorted monomial lists.
-
-    Equal keys ⇔ equal loss functions (over the same atoms). Used to group the landscape and the catalog.
-    """
-    num, den = wmc_sympy(s.top, s.atoms, factored=False), wmc_sympy(s.bottom, s.atoms, factored=False)
-    frac = sympy.cancel(num / den)
-    n, d = sympy.fraction(frac)
-    gens = sorted(n.free_symbols | d.free_symbols, key=lambda x: x.name) or [weight_symbol(s.atoms[0])]
-    pn, pd = sympy.Poly(n, *gens, domain="QQ"), sympy.Poly(d, *gens, domain="QQ")
-    lc = pd.LC()
-    names = tuple(g.name for g in gens)
-    return (names, tuple(sorted(pn.quo_ground(lc).terms())), tuple(sorted(pd.quo_ground(lc).terms())))
+    return loss_key(a) == loss_key(b)
 
 
 # --------------------------------------------------------------------------------------------------- SymPy forms
