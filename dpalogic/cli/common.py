@@ -34,6 +34,12 @@ def print_json(info: Any) -> None:
     print(json.dumps(info, indent=2, ensure_ascii=False))
 
 
+def report(info: Any, as_json: bool, printer) -> int:
+    """Every command's ending: the result as JSON (``--json``) or through its printer; exit status 0."""
+    print_json(info) if as_json else printer(info)
+    return 0
+
+
 def console():
     """A rich console that wraps only on a terminal: a file or pipe gets whole lines (LaTeX stays one piece), without
     the padding rich adds to fill the last column."""

@@ -6,7 +6,7 @@ import argparse
 import math
 from typing import Any
 
-from dpalogic.cli.common import Subparsers, console, print_json, structure_info
+from dpalogic.cli.common import Subparsers, console, report, structure_info
 from dpalogic.cli.derive import print_structure
 from dpalogic.errors import DPALogicError
 
@@ -180,14 +180,12 @@ def run_compare(args: argparse.Namespace) -> int:
     info = compare(args.a, args.b)
     if args.plot:
         info.update(plot_compare(args.a, args.b, args.plot, base=args.base, log_y=args.log_y))
-    print_json(info) if args.json else print_compare(info)
-    return 0
+    return report(info, args.json, print_compare)
 
 
 def run_lattice_op(args: argparse.Namespace) -> int:
     info = lattice_op(args.command, args.a, args.b)
-    print_json(info) if args.json else print_structure(info)
-    return 0
+    return report(info, args.json, print_structure)
 
 
 def register(subparsers: Subparsers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpalogic.cli.common import Subparsers, console, print_json
+from dpalogic.cli.common import Subparsers, console, print_json, report
 
 
 def print_decompiled(info: dict[str, Any]) -> None:
@@ -69,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from dpalogic.analysis.decompile import decompile_spec
 
         info = decompile_spec(args.expr)
-    print_json(info) if args.json else print_decompiled(info)
-    return 0
+    return report(info, args.json, print_decompiled)
 
 
 def register(subparsers: Subparsers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpalogic.cli.common import Subparsers, console, parse_hp, print_json, structure_info
+from dpalogic.cli.common import Subparsers, console, parse_hp, report, structure_info
 from dpalogic.errors import DPALogicError
 
 
@@ -82,8 +82,7 @@ def print_structure(info: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     info = derive(args.formula, args.given, args.additive, args.link, parse_hp(args.hp))
-    print_json(info) if args.json else print_structure(info)
-    return 0
+    return report(info, args.json, print_structure)
 
 
 def register(subparsers: Subparsers) -> None:

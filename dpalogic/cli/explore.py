@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpalogic.cli.common import Subparsers, print_json
+from dpalogic.cli.common import Subparsers, report
 
 
 def _print_row(k: int, row: dict[str, Any]) -> None:
@@ -54,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from dpalogic.analysis.landscape import explore
 
     info = explore(args.between[0], args.between[1], args.atoms, args.limit, args.distinct)
-    print_json(info) if args.json else print_explore(info)
-    return 0
+    return report(info, args.json, print_explore)
 
 
 def register(subparsers: Subparsers) -> None:

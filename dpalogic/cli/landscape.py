@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpalogic.cli.common import Subparsers, print_json
+from dpalogic.cli.common import Subparsers, report
 from dpalogic.errors import DPALogicError
 
 
@@ -34,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.examples < 0:
         raise DPALogicError(f"--examples must be ≥ 0, got {args.examples}")
     info = landscape(n, examples=args.examples).as_dict(landscape_atoms(n))
-    print_json(info) if args.json else print_landscape(info)
-    return 0
+    return report(info, args.json, print_landscape)
 
 
 def register(subparsers: Subparsers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpalogic.cli.common import Subparsers, console, print_json, structure_info
+from dpalogic.cli.common import Subparsers, console, report, structure_info
 
 _SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 
@@ -169,8 +169,7 @@ def print_show(info: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     info = show(args.name)
-    print_json(info) if args.json else print_show(info)
-    return 0
+    return report(info, args.json, print_show)
 
 
 def register(subparsers: Subparsers) -> None:
