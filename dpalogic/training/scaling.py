@@ -169,7 +169,16 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def layer_classes(model) -> set[str]:
-    return set(getattr(hf_model(model), "_no_split_modules", None) or [])
+    """The class names of the model's transformer layers, as accelerate's FSDP plugin finds them: the layers the
+    architecture declares unsplittable, or those an ``accelerate launch`` config names (FSDP_TRANSFORMER_CLS_TO_WRAP)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    try:
+        plugin.set_auto_wrap_policy(hf_model(model))
+    except ValueError:  # a named class that this model does not contain: no layer to shard by
+        return set()
+    return set(plugin.transformer_cls_names_to_wrap or [])
 
 
 def shard(model) -> None:
