@@ -53,7 +53,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpalogic.compile.codegen import _refuse_to_clobber, compile_spec
+    from dpalogic.compile.codegen import refuse_to_clobber, compile_spec
 
     if args.catalog:
         return _run_catalog(args)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise DPALogicError(f"the folder {str(out.parent)!r} does not exist")
-    _refuse_to_clobber(out, args.overwrite)
+    refuse_to_clobber(out, args.overwrite)
     out.write_text(compiled.source, encoding="utf-8")
     print(out)
     return 0

@@ -1,0 +1,282 @@
+"""The straight-line statements of a program: circuit folds forward, reverse mode backward, links printed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from dpalogic.compile.names import _var, input_name
+from dpalogic.compile.printers import _is_one, _is_zero, _LinkPrinter, _py
+from dpalogic.semantics import circuit
+from dpalogic.semantics.links import Z
+from dpalogic.semantics.program import LINKS, Program, Term, circuit_text, side_circuit
+
+# --------------------------------------------------------------------------------------------------- emitter
+
+
+@dataclass
+class _Body:
+    """Straight-line statements for one flavor (``""`` torch, ``"_tl"`` Triton); helper names carry the suffix."""
+
+    sfx: str
+    lines: list[str] = field(default_factory=list)
+    l1m: dict[str, str] = field(default_factory=dict)  # input variable → its log1mexp variable
+    grads: dict[str, list[str]] = field(default_factory=dict)  # variable → signed adjoint contributions
+    sums: list[str] = field(default_factory=list)  # logaddexp variables, in emission order
+    sum_var: dict[int, str] = field(default_factory=dict)  # circuit sum node → its logaddexp variable
+    used: set[str] = field(default_factory=set)  # helpers the statements call
+    zvar: str = ""  # the link argument being emitted (dtype of indicator functions)
+    counter: int = 0
+    grad_slot: list[int] = field(default_factory=list)  # input → its distinct gradient (inputs may share one)
+
+    def emit(self, line: str) -> None:
+        self.lines.append(line)
+
+    def helper(self, name: str) -> str:
+        self.used.add(name)  # the module emits exactly the helpers its statements asked for
+        return f"_{name}{self.sfx}"
+
+    def fresh(self, stem: str) -> str:
+        self.counter += 1
+        return f"{stem}{self.counter}"
+
+    def contribute(self, var: str, term: str) -> None:
+        self.grads.setdefault(var, []).append(term)
+
+
+def _scale(adj: str, factor: str) -> str:
+    return factor if adj == "1.0" else f"{adj} * {factor}"
+
+
+def _circuit_forward(body: _Body, root: circuit.Node, names: list[str]) -> str:
+    """Emit the forward code of a side's circuit (each shared node once); returns the expression of its root.
+
+    Literals are the input names or their ``log1mexp`` variables, products are inline sums, and each ``sum`` node
+    becomes one ``logaddexp`` call whose softmax weights (``s_wa``, ``s_wb``) the backward pass reuses.
+    """
+
+    def lit(i: int, positive: bool) -> str:
+        v = names[i]
+        if positive:
+            return v
+        if v not in body.l1m:
+            body.emit(f"l1m_{v}, dl1m_{v} = {body.helper('log1mexp')}({v}, TINY)")
+            body.l1m[v] = f"l1m_{v}"
+        return body.l1m[v]
+
+    def lae(parts: list[str]) -> str:
+        s = body.fresh("s")
+        body.emit(f"{s}, {s}_wa, {s}_wb = {body.helper('logaddexp')}({parts[0]}, {parts[1]})")
+        body.sums.append(s)
+        return s
+
+    first = len(body.sums)
+    out = circuit.fold(root, lit=lit, one=lambda: "zero", prod=" + ".join, sum=lae)
+    # the fold visits nodes in topological order: the k-th sum node of this circuit got the k-th new name
+    sum_nodes = [n for n in circuit.topological(root) if n.op == "sum"]
+    for node, name in zip(sum_nodes, body.sums[first:]):
+        body.sum_var.setdefault(id(node), name)
+    return out
+
+
+def _circuit_backward(body: _Body, root: circuit.Node, adj: str, sign: str, names: list[str]) -> None:
+    """Reverse mode over the circuit: adjoints flow from the root to the literals, summed where subcircuits are
+    shared, and each literal's adjoint is collected on its variable with ``sign`` (``+`` for ✓, ``-`` for ✗)."""
+    adjoint: dict[int, list[str]] = {id(root): [adj]}
+    for node in reversed(circuit.topological(root)):
+        parts = adjoint.pop(id(node), [])
+        if not parts or node.op == "one":
+            continue
+        a = parts[0] if len(parts) == 1 else "(" + " + ".join(parts) + ")"
+        if node.op == "lit":
+            v = names[node.atom] if node.positive else body.l1m[names[node.atom]]
+            body.contribute(v, sign + a)
+        elif node.op == "prod":
+            for c in node.children:
+                adjoint.setdefault(id(c), []).append(a)
+        else:
+            s = body.sum_var[id(node)]
+            adjoint.setdefault(id(node.children[0]), []).append(_scale(a, f"{s}_wa"))
+            adjoint.setdefault(id(node.children[1]), []).append(_scale(a, f"{s}_wb"))
+
+
+def _sum_terms(terms: list[str]) -> str:
+    out = ""
+    for t in terms:
+        if t.startswith("-"):
+            out += f" - {t[1:]}" if out else t
+        else:
+            out += f" + {t[1:]}" if out else t[1:]
+    return out
+
+
+def check_link(link) -> None:
+    """Raise a :class:`DPALogicError` unless the link and its derivative can be emitted for torch and Triton."""
+    for sfx in ("", "_tl"):
+        _emit_link(_Body(sfx), link, 1, {}, lambda v, stem: _py(sympy.sympify(v), 2))
+
+
+def _emit_link(body: _Body, link, k: int, params: dict, const, z: tuple[str, str] | None = None) -> bool:
+    """``f{k} = f(z{k})`` and ``df{k} = f'(z{k})`` from the link's expression; shared parts computed once.
+
+    ``z`` is the text of ``z{k}`` and of ``−z{k}``: when the link uses z only as −z (the logistic link, softplus(−z)),
+    −z is computed directly, one pass fewer. A derivative with a leading minus (−σ(−z)) is emitted as
+    ``ndf{k} = −f'(z{k})`` and True returned: the caller folds the sign into its scalar factor, another pass fewer.
+    """
+    zs = sympy.Symbol(f"z{k}", real=True)
+    values = {s: params.get(name, default) for name, default in link.params for s in [sympy.Symbol(name, real=True)]}
+    names = {s: const(v, "p") for s, v in values.items()}
+    f = link.expr.xreplace({Z: zs})
+    df = link.derivative.xreplace({Z: zs})
+    temps, (f, df) = sympy.cse([f, df], symbols=sympy.numbered_symbols(f"u{k}_"), optimizations="basic")
+    body.zvar = f"z{k}"
+    printer = _LinkPrinter(body, names)
+    printer.dynamic.add(zs)
+    rest = [e for _, e in temps] + [f, df]
+    neg_z = next((sym for sym, e in temps if e == -zs and sum(zs in r.free_symbols for r in rest) == 1), None)
+    if z is not None and neg_z is not None:
+        body.zvar = str(neg_z)
+    elif z is not None:
+        body.emit(f"z{k} = {z[0]}")
+    for sym, e in temps:
+        if not printer._scalar(e):
+            printer.dynamic.add(sym)
+        body.emit(f"{sym} = {z[1] if z is not None and sym == neg_z else printer.doprint(e)}")
+    body.emit(f"f{k} = {printer.doprint(f)}")
+    if printer._scalar(df):  # a linear link: a constant derivative, made a tensor (every gradient is one)
+        zeros = "tl.zeros_like" if printer.tl else "torch.zeros_like"
+        body.emit(f"df{k} = {zeros}({body.zvar}) + {printer.doprint(df)}")
+        return False
+    if df.could_extract_minus_sign():
+        body.emit(f"ndf{k} = {printer.doprint(-df)}  # -f'(z{k})")
+        return True
+    body.emit(f"df{k} = {printer.doprint(df)}")
+    return False
+
+
+def _term_comment(k: int, t: Term) -> list[str]:
+    s = t.structure
+    top = circuit_text(side_circuit(s.top, s.n), s.atoms)
+    bot = circuit_text(side_circuit(s.bottom, s.n), s.atoms)
+    out = [f"# term {k}: {t.text()}{' (per token)' if t.normalized else ''}"]
+    out.append(f"#   log WMC(top) = {top}")
+    out.append(f"#   log WMC(bottom) = {bot}")
+    return out
+
+
+def _body(program: Program, sfx: str) -> _Body:
+    """The straight-line loss-and-gradient statements of a program, for one flavor.
+
+    Inputs are the variables ``m_yw``, ``ref_yl``, … (log-probs in the compute dtype) and ``n_yw``, … (token counts
+    clamped to ≥ 1); outputs are ``loss`` and ``d_<input name>`` for every atom.
+    """
+    body = _Body(sfx)
+    atoms = program.atoms
+    normalized_vars: dict[str, tuple[str, str]] = {}  # token-level variable → (sequence variable, length variable)
+    constants: list[str] = []
+    const_cache: dict[str, str] = {}
+
+    def const(e: sympy.Expr, stem: str) -> str:
+        """An inline constant, or a named scalar computed once from the hyperparameters."""
+        e = sympy.sympify(e)
+        if e.is_Symbol or e.is_Number:
+            return _py(e, 2)
+        text = _py(e)
+        if text not in const_cache:
+            name = f"{stem}{len(const_cache) + 1}"
+            const_cache[text] = name
+            constants.append(f"{name} = {text}")
+        return const_cache[text]
+
+    # length-normalized weights first (shared by every term that uses them)
+    for t in program.terms:
+        if t.normalized:
+            for a in t.structure.atoms:
+                v = _var(a) + "_tok"
+                if v not in normalized_vars:
+                    normalized_vars[v] = (_var(a), f"n_{a.answer}")
+    for v, (seq, n) in sorted(normalized_vars.items()):
+        body.emit(f"{v} = {seq} / {n}  # per-token log-weight (length-normalized)")
+
+    needs_zero = any(
+        side_circuit(m, t.structure.n) is circuit.ONE
+        for t in program.terms
+        for m in (t.structure.top, t.structure.bottom)
+    )
+    if needs_zero:
+        first = _var(atoms[0])
+        body.emit(f"zero = {first} * 0.0  # log 1: a side that holds in every world")
+
+    loss_parts: list[str] = []
+    for k, t in enumerate(program.terms, 1):
+        s = t.structure
+        names = [_var(a) + ("_tok" if t.normalized else "") for a in s.atoms]
+        for c in _term_comment(k, t):
+            body.emit(c)
+        top_circuit, bottom_circuit = side_circuit(s.top, s.n), side_circuit(s.bottom, s.n)
+        top = _circuit_forward(body, top_circuit, names)
+        bot = _circuit_forward(body, bottom_circuit, names)
+        body.emit(f"top{k} = {top}")
+        body.emit(f"bot{k} = {bot}")
+        scale = const(t.scale, "k") if not _is_one(t.scale) else None
+        z = f"{scale} * (top{k} - bot{k})" if scale else f"top{k} - bot{k}"
+        shift = sympy.sympify(t.shift)
+        if not _is_zero(shift):
+            if shift.could_extract_minus_sign():
+                z += f" + {const(-shift, 'g')}"
+            else:
+                z += f" - {const(shift, 'g')}"
+        neg_z = f"{scale} * (bot{k} - top{k})" if scale else f"bot{k} - top{k}"
+        if not _is_zero(shift):
+            neg_z += f" - {const(-shift, 'g')}" if shift.could_extract_minus_sign() else f" + {const(shift, 'g')}"
+        negated = _emit_link(body, LINKS[t.link], k, dict(t.link_params), const, (z, neg_z))
+        coef = sympy.sympify(t.coef)
+        if negated:  # the factor carries the derivative's sign: (−β)·ndf is one pass, β·(−ndf) two
+            grad_factor = f"-{scale} * ndf{k}" if scale else f"-ndf{k}"
+        else:
+            grad_factor = f"{scale} * df{k}" if scale else f"df{k}"
+        if coef.free_symbols:
+            # a coefficient may vanish (label smoothing 0, alpha 0): the term then contributes exactly nothing
+            c = const(coef, "c")
+            loss_parts.append(f"{body.helper('scaled')}({c}, f{k})")
+            cf = (f"-{c}", f"ndf{k}") if negated and not scale else (c, grad_factor)  # the sign on the scalar
+            body.emit(f"a{k} = {body.helper('scaled')}({cf[0]}, {cf[1]})  # d loss / d log rho_{k}")
+        elif _is_one(coef):
+            loss_parts.append(f"f{k}")
+            body.emit(f"a{k} = {grad_factor}  # d loss / d log rho_{k}")
+        else:
+            c = _py(coef, 2)
+            loss_parts.append(f"{c} * f{k}")
+            body.emit(f"a{k} = {c} * {grad_factor}  # d loss / d log rho_{k}")
+        _circuit_backward(body, top_circuit, f"a{k}", "+", names)
+        _circuit_backward(body, bottom_circuit, f"a{k}", "-", names)
+
+    body.emit("loss = " + " + ".join(loss_parts))
+    body.emit("# backward: the chain rule through the plans, collected per input")
+    # log1mexp variables first: their adjoints flow into the variable they were computed from
+    for v, lv in sorted(body.l1m.items()):
+        if lv in body.grads:
+            body.emit(f"g_{lv} = {_sum_terms(body.grads[lv])}")
+            body.contribute(v, f"+g_{lv} * d{lv}")
+    for v in sorted(normalized_vars):
+        if v in body.grads:
+            body.emit(f"g_{v} = {_sum_terms(body.grads[v])}")
+    same: dict[str, str] = {}  # gradient expression → the first input given it
+    slot: dict[str, int] = {}  # gradient expression → its distinct gradient's index
+    for a in atoms:
+        v = _var(a)
+        parts = list(body.grads.get(v, []))
+        tok = v + "_tok"
+        if tok in normalized_vars and tok in body.grads:
+            parts.append(f"+g_{tok} / n_{a.answer}")
+        rhs = _sum_terms(parts) if parts else f"{v} * 0.0"
+        # an input whose gradient is another's (DPO: d chosen = d ref rejected) names that one in the twin (one tensor,
+        # saved once); the kernel stores each distinct gradient once
+        name = f"d_{input_name(a)}"
+        if rhs not in same or not sfx:
+            body.emit(f"{name} = {same.get(rhs, rhs)}")
+        same.setdefault(rhs, name)
+        body.grad_slot.append(slot.setdefault(rhs, len(slot)))
+    body.lines = constants + body.lines
+    return body
