@@ -53,7 +53,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpalogic.compile.codegen import refuse_to_clobber, compile_spec
+    from dpalogic.compile.codegen import compile_spec, refuse_to_clobber
 
     if args.catalog:
         return _run_catalog(args)
