@@ -142,6 +142,39 @@ def _wrap_body(lines: list[str], indent: int) -> list[str]:
     return out
 
 
+@dataclass
+class _Parts:
+    """What every section of a generated module needs to know about the program."""
+
+    name: str
+    program: Program
+    atoms: tuple[Atom, ...]
+    inputs: tuple[str, ...]
+    answers: tuple[str, ...]
+    lengths: tuple[str, ...]
+    hp: dict[str, float]
+    torch_body: object
+    tl_body: object
+
+    @property
+    def args(self) -> list[str]:
+        return list(self.inputs + self.lengths)
+
+    @property
+    def signature(self) -> list[str]:
+        sig = [f"    {x}: torch.Tensor," for x in self.args]
+        return sig + (["    *,", *[f"    {k}: float," for k in self.hp]] if self.hp else [])
+
+    @property
+    def distinct(self) -> list[str]:
+        """The inputs whose gradient is not another input's (the kernel stores these)."""
+        slots = self.torch_body.grad_slot
+        return [x for i, x in enumerate(self.inputs) if slots[i] not in slots[:i]]
+
+
+RULE = "# " + "-" * 100
+
+
 def compile_program(
     program: Program,
     name: str,
@@ -160,21 +193,28 @@ def compile_program(
         t.structure.check()
         if t.link not in LINKS:  # pragma: no cover - Term validates its link
             raise DPALogicError(f"unknown link {t.link!r}")
-    inputs = tuple(input_name(a) for a in atoms)
     answers = length_answers(program)
-    lengths = tuple(length_name(a) for a in answers)
-    hp = dict(sorted(program.defaults.items()))
+    parts = _Parts(
+        name,
+        program,
+        atoms,
+        tuple(input_name(a) for a in atoms),
+        answers,
+        tuple(length_name(a) for a in answers),
+        dict(sorted(program.defaults.items())),
+        _body(program, ""),
+        _body(program, "_tl"),
+    )
     origin = origin or (f"the catalog program {program.name!r}" if program.name else "a derived program")
+    lines = _docstring_header(name, program, title, citation, origin, command)
+    lines += _prelude(parts) + _torch_twin(parts) + _triton_section(parts) + _AUTOGRAD + _per_pair_loss(parts)
+    src = "\n".join(lines).rstrip("\n") + "\n"
+    return Compiled(name, src, program, atoms, parts.inputs, answers, parts.hp)
 
-    torch_body = _body(program, "")
-    tl_body = _body(program, "_tl")
 
-    args = list(inputs + lengths)
-    kernel = f"{name}_fwd_bwd"
-    rule = "# " + "-" * 100
-
-    L: list[str] = _docstring_header(name, program, title, citation, origin, command)
-    L += [
+def _prelude(p: _Parts) -> list[str]:
+    """Imports (triton optional, dpalogic optional) and the module's constants."""
+    return [
         "",
         "from __future__ import annotations",
         "",
@@ -194,50 +234,55 @@ def compile_program(
         "except ImportError:  # pragma: no cover - the module also works without dpalogic",
         "    _InputError = ValueError",
         "",
-        f"NAME = {_lit(name)}",
-        f"ATOMS = {_lit(tuple(a.name for a in atoms))}",
-        f"INPUTS = {_lit(inputs)}",
-        f"LENGTHS = {_lit(lengths)}",
-        f"HYPERPARAMETERS = {_lit(hp)}",
+        f"NAME = {_lit(p.name)}",
+        f"ATOMS = {_lit(tuple(a.name for a in p.atoms))}",
+        f"INPUTS = {_lit(p.inputs)}",
+        f"LENGTHS = {_lit(p.lengths)}",
+        f"HYPERPARAMETERS = {_lit(p.hp)}",
         "# d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor",
-        f"GRAD_SLOT = {_lit(tuple(torch_body.grad_slot))}",
+        f"GRAD_SLOT = {_lit(tuple(p.torch_body.grad_slot))}",
         f"BLOCK = {BLOCK}",
         "LN2 = math.log(2.0)",
         "# @triton.jit picks Triton's interpreter or its compiler when this module is imported",
         'INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"',
         "",
-        f"{rule} torch twin",
+        f"{RULE} torch twin",
     ]
-    for n in _closure(torch_body.used, _TORCH_DEPS):
-        L += ["", "", *_TORCH_HELPERS[n].strip("\n").split("\n")]
 
-    sig = [f"    {x}: torch.Tensor," for x in args]
-    if hp:
-        sig += ["    *,", *[f"    {k}: float," for k in hp]]
-    L += ["", "", "def loss_and_grads_torch(", *sig, ") -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:"]
+
+def _torch_twin(p: _Parts) -> list[str]:
+    """The torch helpers the statements call, then ``loss_and_grads_torch``: the same statements as the kernel."""
+    L: list[str] = []
+    for n in _closure(p.torch_body.used, _TORCH_DEPS):
+        L += ["", "", *_TORCH_HELPERS[n].strip("\n").split("\n")]
+    L += ["", "", "def loss_and_grads_torch(", *p.signature, ") -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:"]
     L += [
         '    """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""',
-        f"    dt = torch.float64 if {inputs[0]}.dtype == torch.float64 else torch.float32",
+        f"    dt = torch.float64 if {p.inputs[0]}.dtype == torch.float64 else torch.float32",
     ]
-    if torch_body.l1m:
+    if p.torch_body.l1m:
         L.append("    TINY = torch.finfo(dt).tiny")
-    L += [f"    {_var(a)} = {x}.to(dt)" for a, x in zip(atoms, inputs)]
-    L += [f"    n_{ans} = {ln}.to(dt).clamp(min=1.0)" for ans, ln in zip(answers, lengths)]
-    L += _wrap_body(torch_body.lines, 4)
-    grads = [f"d_{x}" for x in inputs]
-    L += _wrap_call(4, "return loss, (", grads, ")") if len(grads) > 1 else [f"    return loss, (d_{inputs[0]},)"]
+    L += [f"    {_var(a)} = {x}.to(dt)" for a, x in zip(p.atoms, p.inputs)]
+    L += [f"    n_{ans} = {ln}.to(dt).clamp(min=1.0)" for ans, ln in zip(p.answers, p.lengths)]
+    L += _wrap_body(p.torch_body.lines, 4)
+    grads = [f"d_{x}" for x in p.inputs]
+    L += _wrap_call(4, "return loss, (", grads, ")") if len(grads) > 1 else [f"    return loss, (d_{p.inputs[0]},)"]
+    return L
 
-    L += ["", "", f"{rule} Triton kernel", "", "if triton is not None:", ""]
-    helpers = _closure(tl_body.used, _TRITON_DEPS)
+
+def _triton_section(p: _Parts) -> list[str]:
+    """The Triton helpers, the kernel (one program per BLOCK pairs) and ``loss_and_grads_triton`` that launches it."""
+    L = ["", "", f"{RULE} Triton kernel", "", "if triton is not None:", ""]
+    helpers = _closure(p.tl_body.used, _TRITON_DEPS)
     for i, n in enumerate(helpers):
         if i:
             L.append("")
         L += _TRITON_HELPERS[n].strip("\n").split("\n")
     if helpers:
         L.append("")
-    distinct = [x for i, x in enumerate(inputs) if torch_body.grad_slot[i] not in torch_body.grad_slot[:i]]
-    kargs = [f"{x}_ptr" for x in args] + ["loss_ptr"] + [f"d_{x}_ptr" for x in distinct] + ["n_pairs"]
-    kargs += list(hp) + ["TINY: tl.constexpr", "BLOCK: tl.constexpr"]
+    kernel = f"{p.name}_fwd_bwd"
+    kargs = [f"{x}_ptr" for x in p.args] + ["loss_ptr"] + [f"d_{x}_ptr" for x in p.distinct] + ["n_pairs"]
+    kargs += list(p.hp) + ["TINY: tl.constexpr", "BLOCK: tl.constexpr"]
     L += ["    @triton.jit", f"    def {kernel}(", *[f"        {a}," for a in kargs], "    ):"]
     L += [
         '        """BLOCK pairs per program: loads the log-probs, writes loss[B] and d loss / d log-prob of each input."""',
@@ -245,16 +290,23 @@ def compile_program(
         "        mask = offs < n_pairs",
         "        dt = loss_ptr.dtype.element_ty",
     ]
-    L += [f"        {_var(a)} = tl.load({x}_ptr + offs, mask=mask, other=-1.0).to(dt)" for a, x in zip(atoms, inputs)]
+    L += [
+        f"        {_var(a)} = tl.load({x}_ptr + offs, mask=mask, other=-1.0).to(dt)" for a, x in zip(p.atoms, p.inputs)
+    ]
     L += [
         f"        n_{ans} = tl.maximum(tl.load({ln}_ptr + offs, mask=mask, other=1).to(dt), 1.0)"
-        for ans, ln in zip(answers, lengths)
+        for ans, ln in zip(p.answers, p.lengths)
     ]
-    L += _wrap_body(tl_body.lines, 8)
+    L += _wrap_body(p.tl_body.lines, 8)
     L.append("        tl.store(loss_ptr + offs, loss, mask=mask)")
-    L += [f"        tl.store(d_{x}_ptr + offs, d_{x}, mask=mask)" for x in distinct]
+    L += [f"        tl.store(d_{x}_ptr + offs, d_{x}, mask=mask)" for x in p.distinct]
     L += ["", f"    KERNEL = {kernel}", "else:  # pragma: no cover", "    KERNEL = None"]
-    L += [
+    return L + _launcher(p)
+
+
+def _launcher(p: _Parts) -> list[str]:
+    first = p.inputs[0]
+    L = [
         "",
         "",
         "def triton_available(device: torch.device) -> bool:",
@@ -263,67 +315,74 @@ def compile_program(
         "",
         "",
         "def loss_and_grads_triton(",
-        *sig,
+        *p.signature,
         ") -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:",
         '    """The same as `loss_and_grads_torch`, from one launch of the fused kernel (inputs: contiguous, 1-D)."""',
-        f"    if not triton_available({inputs[0]}.device):",
+        f"    if not triton_available({first}.device):",
         "        raise _InputError(",
         '            "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton and this module "',
         '            "are imported (the CPU interpreter)"',
         "        )",
-        f"    dt = torch.float64 if {inputs[0]}.dtype == torch.float64 else torch.float32",
-        f"    n = {inputs[0]}.numel()",
-        f"    loss = torch.empty(n, dtype=dt, device={inputs[0]}.device)",
-        f"    grads = [torch.empty_like(loss) for _ in range({len(distinct)})]",
+        f"    dt = torch.float64 if {first}.dtype == torch.float64 else torch.float32",
+        f"    n = {first}.numel()",
+        f"    loss = torch.empty(n, dtype=dt, device={first}.device)",
+        f"    grads = [torch.empty_like(loss) for _ in range({len(p.distinct)})]",
         "    if n:",
         "        grid = (triton.cdiv(n, BLOCK),)",
     ]
-    launch = [*args, "loss", "*grads", "n", *[f"float({k})" for k in hp], "TINY=torch.finfo(dt).tiny", "BLOCK=BLOCK"]
-    L += _wrap_call(8, "KERNEL[grid](", launch)
+    launch = [*p.args, "loss", "*grads", "n", *[f"float({k})" for k in p.hp], "TINY=torch.finfo(dt).tiny"]
+    L += _wrap_call(8, "KERNEL[grid](", [*launch, "BLOCK=BLOCK"])
     L.append("    return loss, tuple(grads[k] for k in GRAD_SLOT)")
+    return L
 
-    L += [
-        "",
-        "",
-        "class LossFunction(torch.autograd.Function):",
-        '    """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""',
-        "",
-        "    @staticmethod",
-        "    def forward(ctx, use_triton: bool, hyperparameters: dict, *tensors: torch.Tensor) -> torch.Tensor:",
-        '        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape."""',
-        "        shape = tensors[0].shape",
-        "        if use_triton:  # the kernel reads and writes contiguous 1-D buffers",
-        "            flat = [t.reshape(-1).contiguous() for t in tensors]",
-        "            loss, grads = loss_and_grads_triton(*flat, **hyperparameters)",
-        "            loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]",
-        "        else:  # elementwise torch ops take the tensors as they are",
-        "            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)",
-        "        # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once",
-        "        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])",
-        "        ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]",
-        "        return loss",
-        "",
-        "    @staticmethod",
-        "    def backward(ctx, grad_loss: torch.Tensor):",
-        "        saved, scaled = ctx.saved_tensors, {}",
-        "        out = []",
-        "        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):",
-        "            if need and (k, dt) not in scaled:",
-        "                g = grad_loss * saved[k]",
-        "                if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their",
-        "                    # dtype, saturated at its largest finite value: near log p = 0 the float32 gradient of a",
-        "                    # log1mexp(log p) factor (about 1/|log p|) is finite but exceeds float16's range",
-        "                    g = g.clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt)",
-        "                elif g.dtype != dt:  # a wider input (float64 among float32 ones) takes them as they are",
-        "                    g = g.to(dt)",
-        "                scaled[k, dt] = g",
-        "            out.append(scaled[k, dt] if need else None)",
-        "        return None, None, *out, *[None] * len(LENGTHS)",
-    ]
-    pp = [f"    {x}: torch.Tensor," for x in args]
-    pp += ["    *,", *[f"    {k}: float = {v!r}," for k, v in hp.items()], '    backend: str = "auto",']
-    hp_dict = "{" + ", ".join(f"{_lit(k)}: {k}" for k in hp) + "}"
-    L += [
+
+# the same for every program: forward runs the twin or the kernel, backward scales the saved gradients
+_AUTOGRAD = [
+    "",
+    "",
+    "class LossFunction(torch.autograd.Function):",
+    '    """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""',
+    "",
+    "    @staticmethod",
+    "    def forward(ctx, use_triton: bool, hyperparameters: dict, *tensors: torch.Tensor) -> torch.Tensor:",
+    '        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape."""',
+    "        shape = tensors[0].shape",
+    "        if use_triton:  # the kernel reads and writes contiguous 1-D buffers",
+    "            flat = [t.reshape(-1).contiguous() for t in tensors]",
+    "            loss, grads = loss_and_grads_triton(*flat, **hyperparameters)",
+    "            loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]",
+    "        else:  # elementwise torch ops take the tensors as they are",
+    "            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)",
+    "        # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once",
+    "        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])",
+    "        ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]",
+    "        return loss",
+    "",
+    "    @staticmethod",
+    "    def backward(ctx, grad_loss: torch.Tensor):",
+    "        saved, scaled = ctx.saved_tensors, {}",
+    "        out = []",
+    "        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):",
+    "            if need and (k, dt) not in scaled:",
+    "                g = grad_loss * saved[k]",
+    "                if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their",
+    "                    # dtype, saturated at its largest finite value: near log p = 0 the float32 gradient of a",
+    "                    # log1mexp(log p) factor (about 1/|log p|) is finite but exceeds float16's range",
+    "                    g = g.clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt)",
+    "                elif g.dtype != dt:  # a wider input (float64 among float32 ones) takes them as they are",
+    "                    g = g.to(dt)",
+    "                scaled[k, dt] = g",
+    "            out.append(scaled[k, dt] if need else None)",
+    "        return None, None, *out, *[None] * len(LENGTHS)",
+]
+
+
+def _per_pair_loss(p: _Parts) -> list[str]:
+    """The module's entry point: broadcast, the backend rule (copied from the one in dpalogic), the autograd call."""
+    pp = [f"    {x}: torch.Tensor," for x in p.args]
+    pp += ["    *,", *[f"    {k}: float = {v!r}," for k, v in p.hp.items()], '    backend: str = "auto",']
+    hp_dict = "{" + ", ".join(f"{_lit(k)}: {k}" for k in p.hp) + "}"
+    return [
         "",
         "",
         "# the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated",
@@ -337,7 +396,7 @@ def compile_program(
         "",
         '    backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".',
         '    """',
-        *_wrap_call(4, "tensors = (", args, ")" if len(args) > 1 else ",)"),
+        *_wrap_call(4, "tensors = (", p.args, ")" if len(p.args) > 1 else ",)"),
         "    shape, device = tensors[0].shape, tensors[0].device",
         "    if any(t.shape != shape for t in tensors):  # views of one shape, made only when the shapes differ",
         "        tensors = torch.broadcast_tensors(*tensors)",
@@ -348,5 +407,3 @@ def compile_program(
         "        raise _InputError(refused)",
         f"    return LossFunction.apply(use_triton, {hp_dict}, *tensors)",
     ]
-    src = "\n".join(L).rstrip("\n") + "\n"
-    return Compiled(name, src, program, atoms, inputs, answers, hp)
