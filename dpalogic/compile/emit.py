@@ -165,6 +165,24 @@ def _term_comment(k: int, t: Term) -> list[str]:
     return out
 
 
+class _Constants:
+    """Hyperparameter expressions as inline scalars, or named once (``k1 = 1.0 / (2 * beta)``) when compound."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.names: dict[str, str] = {}
+
+    def __call__(self, e: sympy.Expr, stem: str) -> str:
+        e = sympy.sympify(e)
+        if e.is_Symbol or e.is_Number:
+            return _py(e, 2)
+        text = _py(e)
+        if text not in self.names:
+            self.names[text] = f"{stem}{len(self.names) + 1}"
+            self.lines.append(f"{self.names[text]} = {text}")
+        return self.names[text]
+
+
 def _body(program: Program, sfx: str) -> _Body:
     """The straight-line loss-and-gradient statements of a program, for one flavor.
 
@@ -172,87 +190,77 @@ def _body(program: Program, sfx: str) -> _Body:
     clamped to ≥ 1); outputs are ``loss`` and ``d_<input name>`` for every atom.
     """
     body = _Body(sfx)
-    atoms = program.atoms
-    normalized_vars: dict[str, tuple[str, str]] = {}  # token-level variable → (sequence variable, length variable)
-    constants: list[str] = []
-    const_cache: dict[str, str] = {}
-
-    def const(e: sympy.Expr, stem: str) -> str:
-        """An inline constant, or a named scalar computed once from the hyperparameters."""
-        e = sympy.sympify(e)
-        if e.is_Symbol or e.is_Number:
-            return _py(e, 2)
-        text = _py(e)
-        if text not in const_cache:
-            name = f"{stem}{len(const_cache) + 1}"
-            const_cache[text] = name
-            constants.append(f"{name} = {text}")
-        return const_cache[text]
-
-    # length-normalized weights first (shared by every term that uses them)
-    for t in program.terms:
-        if t.normalized:
-            for a in t.structure.atoms:
-                v = _var(a) + "_tok"
-                if v not in normalized_vars:
-                    normalized_vars[v] = (_var(a), f"n_{a.answer}")
-    for v, (seq, n) in sorted(normalized_vars.items()):
-        body.emit(f"{v} = {seq} / {n}  # per-token log-weight (length-normalized)")
-
-    needs_zero = any(
+    const = _Constants()
+    normalized_vars = _normalized_weights(body, program)
+    if any(
         side_circuit(m, t.structure.n) is circuit.ONE
         for t in program.terms
         for m in (t.structure.top, t.structure.bottom)
-    )
-    if needs_zero:
-        first = _var(atoms[0])
-        body.emit(f"zero = {first} * 0.0  # log 1: a side that holds in every world")
-
-    loss_parts: list[str] = []
-    for k, t in enumerate(program.terms, 1):
-        s = t.structure
-        names = [_var(a) + ("_tok" if t.normalized else "") for a in s.atoms]
-        for c in _term_comment(k, t):
-            body.emit(c)
-        top_circuit, bottom_circuit = side_circuit(s.top, s.n), side_circuit(s.bottom, s.n)
-        top = _circuit_forward(body, top_circuit, names)
-        bot = _circuit_forward(body, bottom_circuit, names)
-        body.emit(f"top{k} = {top}")
-        body.emit(f"bot{k} = {bot}")
-        scale = const(t.scale, "k") if not _is_one(t.scale) else None
-        z = f"{scale} * (top{k} - bot{k})" if scale else f"top{k} - bot{k}"
-        shift = sympy.sympify(t.shift)
-        if not _is_zero(shift):
-            if shift.could_extract_minus_sign():
-                z += f" + {const(-shift, 'g')}"
-            else:
-                z += f" - {const(shift, 'g')}"
-        neg_z = f"{scale} * (bot{k} - top{k})" if scale else f"bot{k} - top{k}"
-        if not _is_zero(shift):
-            neg_z += f" - {const(-shift, 'g')}" if shift.could_extract_minus_sign() else f" + {const(shift, 'g')}"
-        negated = _emit_link(body, LINKS[t.link], k, dict(t.link_params), const, (z, neg_z))
-        coef = sympy.sympify(t.coef)
-        if negated:  # the factor carries the derivative's sign: (−β)·ndf is one pass, β·(−ndf) two
-            grad_factor = f"-{scale} * ndf{k}" if scale else f"-ndf{k}"
-        else:
-            grad_factor = f"{scale} * df{k}" if scale else f"df{k}"
-        if coef.free_symbols:
-            # a coefficient may vanish (label smoothing 0, alpha 0): the term then contributes exactly nothing
-            c = const(coef, "c")
-            loss_parts.append(f"{body.helper('scaled')}({c}, f{k})")
-            cf = (f"-{c}", f"ndf{k}") if negated and not scale else (c, grad_factor)  # the sign on the scalar
-            body.emit(f"a{k} = {body.helper('scaled')}({cf[0]}, {cf[1]})  # d loss / d log rho_{k}")
-        elif _is_one(coef):
-            loss_parts.append(f"f{k}")
-            body.emit(f"a{k} = {grad_factor}  # d loss / d log rho_{k}")
-        else:
-            c = _py(coef, 2)
-            loss_parts.append(f"{c} * f{k}")
-            body.emit(f"a{k} = {c} * {grad_factor}  # d loss / d log rho_{k}")
-        _circuit_backward(body, top_circuit, f"a{k}", "+", names)
-        _circuit_backward(body, bottom_circuit, f"a{k}", "-", names)
-
+    ):
+        body.emit(f"zero = {_var(program.atoms[0])} * 0.0  # log 1: a side that holds in every world")
+    loss_parts = [_term(body, k, t, const) for k, t in enumerate(program.terms, 1)]
     body.emit("loss = " + " + ".join(loss_parts))
+    _gradients(body, program.atoms, normalized_vars)
+    body.lines = const.lines + body.lines
+    return body
+
+
+def _normalized_weights(body: _Body, program: Program) -> dict[str, tuple[str, str]]:
+    """Length-normalized weights first (shared by every term that uses them): token variable → (sequence, length)."""
+    normalized_vars: dict[str, tuple[str, str]] = {}
+    for t in program.terms:
+        if t.normalized:
+            for a in t.structure.atoms:
+                normalized_vars.setdefault(_var(a) + "_tok", (_var(a), f"n_{a.answer}"))
+    for v, (seq, n) in sorted(normalized_vars.items()):
+        body.emit(f"{v} = {seq} / {n}  # per-token log-weight (length-normalized)")
+    return normalized_vars
+
+
+def _term(body: _Body, k: int, t: Term, const: _Constants) -> str:
+    """Term k forward (both sides' circuits, z, the link) and its adjoints; returns its part of the loss."""
+    s = t.structure
+    names = [_var(a) + ("_tok" if t.normalized else "") for a in s.atoms]
+    for c in _term_comment(k, t):
+        body.emit(c)
+    top_circuit, bottom_circuit = side_circuit(s.top, s.n), side_circuit(s.bottom, s.n)
+    top, bot = _circuit_forward(body, top_circuit, names), _circuit_forward(body, bottom_circuit, names)
+    body.emit(f"top{k} = {top}")
+    body.emit(f"bot{k} = {bot}")
+    scale = const(t.scale, "k") if not _is_one(t.scale) else None
+    z = f"{scale} * (top{k} - bot{k})" if scale else f"top{k} - bot{k}"
+    neg_z = f"{scale} * (bot{k} - top{k})" if scale else f"bot{k} - top{k}"
+    shift = sympy.sympify(t.shift)
+    if not _is_zero(shift):
+        minus = shift.could_extract_minus_sign()
+        z += f" + {const(-shift, 'g')}" if minus else f" - {const(shift, 'g')}"
+        neg_z += f" - {const(-shift, 'g')}" if minus else f" + {const(shift, 'g')}"
+    negated = _emit_link(body, LINKS[t.link], k, dict(t.link_params), const, (z, neg_z))
+    if negated:  # the factor carries the derivative's sign: (−β)·ndf is one pass, β·(−ndf) two
+        grad_factor = f"-{scale} * ndf{k}" if scale else f"-ndf{k}"
+    else:
+        grad_factor = f"{scale} * df{k}" if scale else f"df{k}"
+    coef = sympy.sympify(t.coef)
+    if coef.free_symbols:
+        # a coefficient may vanish (label smoothing 0, alpha 0): the term then contributes exactly nothing
+        c = const(coef, "c")
+        part = f"{body.helper('scaled')}({c}, f{k})"
+        cf = (f"-{c}", f"ndf{k}") if negated and not scale else (c, grad_factor)  # the sign on the scalar
+        body.emit(f"a{k} = {body.helper('scaled')}({cf[0]}, {cf[1]})  # d loss / d log rho_{k}")
+    elif _is_one(coef):
+        part = f"f{k}"
+        body.emit(f"a{k} = {grad_factor}  # d loss / d log rho_{k}")
+    else:
+        c = _py(coef, 2)
+        part = f"{c} * f{k}"
+        body.emit(f"a{k} = {c} * {grad_factor}  # d loss / d log rho_{k}")
+    _circuit_backward(body, top_circuit, f"a{k}", "+", names)
+    _circuit_backward(body, bottom_circuit, f"a{k}", "-", names)
+    return part
+
+
+def _gradients(body: _Body, atoms, normalized_vars: dict[str, tuple[str, str]]) -> None:
+    """Collect each input's adjoint: through its log1mexp variable and its length-normalized weight."""
     body.emit("# backward: the chain rule through the plans, collected per input")
     # log1mexp variables first: their adjoints flow into the variable they were computed from
     for v, lv in sorted(body.l1m.items()):
@@ -274,9 +282,7 @@ def _body(program: Program, sfx: str) -> _Body:
         # an input whose gradient is another's (DPO: d chosen = d ref rejected) names that one in the twin (one tensor,
         # saved once); the kernel stores each distinct gradient once
         name = f"d_{input_name(a)}"
-        if rhs not in same or not sfx:
+        if rhs not in same or not body.sfx:
             body.emit(f"{name} = {same.get(rhs, rhs)}")
         same.setdefault(rhs, name)
         body.grad_slot.append(slot.setdefault(rhs, len(slot)))
-    body.lines = constants + body.lines
-    return body
