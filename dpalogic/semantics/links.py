@@ -27,8 +27,12 @@ class softplus(sympy.Function):  # noqa: N801 - named as in torch
     def fdiff(self, argindex: int = 1) -> sympy.Expr:
         return sigmoid(self.args[0])
 
-    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:
+    def as_exp(self) -> sympy.Expr:
+        u = self.args[0]
         return sympy.log(1 + sympy.exp(u))
+
+    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:  # SymPy's rewrite(exp) hook
+        return self.as_exp()
 
     def _latex(self, printer) -> str:
         return rf"\log\left(1 + e^{{{printer._print(self.args[0])}}}\right)"
@@ -40,8 +44,12 @@ class sigmoid(sympy.Function):  # noqa: N801
     def fdiff(self, argindex: int = 1) -> sympy.Expr:
         return sigmoid(self.args[0]) * sigmoid(-self.args[0])
 
-    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:
+    def as_exp(self) -> sympy.Expr:
+        u = self.args[0]
         return 1 / (1 + sympy.exp(-u))
+
+    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:  # SymPy's rewrite(exp) hook
+        return self.as_exp()
 
     def _latex(self, printer) -> str:
         return rf"\sigma\left({printer._print(self.args[0])}\right)"
@@ -53,8 +61,12 @@ class logsigmoid(sympy.Function):  # noqa: N801
     def fdiff(self, argindex: int = 1) -> sympy.Expr:
         return sigmoid(-self.args[0])
 
-    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:
+    def as_exp(self) -> sympy.Expr:
+        u = self.args[0]
         return -sympy.log(1 + sympy.exp(-u))
+
+    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:  # SymPy's rewrite(exp) hook
+        return self.as_exp()
 
     def _latex(self, printer) -> str:
         return rf"\log\sigma\left({printer._print(self.args[0])}\right)"
@@ -85,7 +97,7 @@ FORMULA_NAMES = {"margin": "m", **DISPLAY}  # names in the general formula f(z)
 def to_exp(expr: sympy.Expr) -> sympy.Expr:
     """The primitives written out with ``exp`` and ``log`` (closed forms for display and algebra)."""
     return expr.replace(
-        lambda e: isinstance(e, (softplus, sigmoid, logsigmoid)), lambda e: e._eval_rewrite_as_exp(*e.args)
+        lambda e: isinstance(e, (softplus, sigmoid, logsigmoid)), lambda e: e.as_exp()
     )
 
 
