@@ -262,12 +262,10 @@ class _FusedLinearPreference(torch.autograd.Function):
                 logits = _chunk_logits(h, weight, bias, buf[:rows])
                 tok, lse, total = _logps_phase(logits, lbl, raw, ignore_index, use_triton)
             else:  # two passes: log-probs slice by slice now, the logits are recomputed for the gradients below
-                tok = torch.empty(rows, dtype=acc, device=dev)
-                lse = torch.empty(rows, dtype=acc, device=dev)
                 slices = [(a, min(rows, a + buf.shape[0])) for a in range(0, rows, buf.shape[0])]
-                for a, z in slices:
-                    logits = _chunk_logits(h[a:z], weight, bias, buf[: z - a])
-                    tok[a:z], lse[a:z], total = _logps_phase(logits, lbl[a:z], raw[a:z], ignore_index, use_triton)
+                tok, lse, total, logits = _sliced_logps(
+                    h, weight, bias, buf, lbl, raw, slices, ignore_index, use_triton
+                )
             seq = (tok * mask).view(2 * c, T).sum(1)
             seq_logps[rows_idx] = seq
             per, gc, gr = _pair_loss_and_grads(loss_fn, seq, c, s, e, B, lengths, ref_chosen, ref_rejected)
@@ -279,24 +277,9 @@ class _FusedLinearPreference(torch.autograd.Function):
                 _grad_phase(logits, lbl, raw, lse, total, coef, ignore_index, use_triton)
                 gh = grads.add(logits, h)
             else:
-                gh = torch.empty_like(h) if need_h else None
-                # the last slice is still in the buffer as the first pass left it: it goes first, without a matmul
-                for i, (a, z) in enumerate(reversed(slices)):
-                    if i:
-                        logits = _chunk_logits(h[a:z], weight, bias, buf[: z - a])
-                    _grad_phase(
-                        logits,
-                        lbl[a:z],
-                        raw[a:z],
-                        lse[a:z],
-                        total if i == 0 else None,
-                        coef[a:z],
-                        ignore_index,
-                        use_triton,
-                    )
-                    gh_slice = grads.add(logits, h[a:z])
-                    if gh is not None:
-                        gh[a:z] = gh_slice
+                gh = _sliced_grads(
+                    grads, logits, h, weight, bias, buf, lbl, raw, lse, total, coef, slices, ignore_index, use_triton
+                )
             if gh is not None:
                 grads.grad_h.index_copy_(0, rows_idx, gh.view(2 * c, T, H).to(grads.grad_h.dtype))
         loss = losses.sum() * scale
@@ -316,6 +299,33 @@ class _FusedLinearPreference(torch.autograd.Function):
         gw = None if grad_w is None else grad_w.to(w_dtype)
         gb = None if grad_b is None else grad_b.to(b_dtype)
         return grad_h, gw, gb, None, None, None, None, None, None, None, None, None
+
+
+def _sliced_logps(h, weight, bias, buf, lbl, raw, slices, ignore_index, use_triton):
+    """Pass 1 over token slices that do not fit the buffer together: per-row label log-probs and logsumexps."""
+    rows = h.shape[0]
+    tok = torch.empty(rows, dtype=buf.dtype, device=h.device)
+    lse = torch.empty(rows, dtype=buf.dtype, device=h.device)
+    total = logits = None
+    for a, z in slices:
+        logits = _chunk_logits(h[a:z], weight, bias, buf[: z - a])
+        tok[a:z], lse[a:z], total = _logps_phase(logits, lbl[a:z], raw[a:z], ignore_index, use_triton)
+    return tok, lse, total, logits
+
+
+def _sliced_grads(grads, logits, h, weight, bias, buf, lbl, raw, lse, total, coef, slices, ignore_index, use_triton):
+    """Pass 2: each slice's logits again (the last one is still in the buffer: it goes first, without a matmul),
+    turned into ∂logits in place, then into ∂h and ∂W; returns ∂h of the chunk's rows (None when not needed)."""
+    gh = torch.empty_like(h) if grads.grad_h is not None else None
+    for i, (a, z) in enumerate(reversed(slices)):
+        if i:
+            logits = _chunk_logits(h[a:z], weight, bias, buf[: z - a])
+        last = total if i == 0 else None
+        _grad_phase(logits, lbl[a:z], raw[a:z], lse[a:z], last, coef[a:z], ignore_index, use_triton)
+        gh_slice = grads.add(logits, h[a:z])
+        if gh is not None:
+            gh[a:z] = gh_slice
+    return gh
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):
