@@ -21,55 +21,62 @@ from dpalogic.errors import DPALogicError, unknown
 Z = sympy.Symbol("z", real=True)
 
 
-class softplus(sympy.Function):  # noqa: N801 - named as in torch
+class _Primitive(sympy.Function):
+    """A stable primitive: its derivative in primitives (``fdiff``), its ``exp``/``log`` form, its LaTeX."""
+
+    latex = ""  # with {u} for the argument
+
+    @classmethod
+    def written_out(cls, u: sympy.Expr) -> sympy.Expr:  # pragma: no cover - every primitive defines it
+        raise NotImplementedError
+
+    def as_exp(self) -> sympy.Expr:
+        return self.written_out(self.args[0])
+
+    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:  # SymPy's rewrite(exp) hook
+        return self.as_exp()
+
+    def _latex(self, printer) -> str:  # SymPy's LaTeX printer hook
+        return self.latex.format(u=printer.doprint(self.args[0]))
+
+
+class softplus(_Primitive):  # noqa: N801 - named as in torch
     """``log(1 + e^u)``; derivative ``σ(u)``."""
+
+    latex = r"\log\left(1 + e^{{{u}}}\right)"
+
+    @classmethod
+    def written_out(cls, u: sympy.Expr) -> sympy.Expr:
+        return sympy.log(1 + sympy.exp(u))
 
     def fdiff(self, argindex: int = 1) -> sympy.Expr:
         return sigmoid(self.args[0])
 
-    def as_exp(self) -> sympy.Expr:
-        u = self.args[0]
-        return sympy.log(1 + sympy.exp(u))
 
-    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:  # SymPy's rewrite(exp) hook
-        return self.as_exp()
-
-    def _latex(self, printer) -> str:
-        return rf"\log\left(1 + e^{{{printer._print(self.args[0])}}}\right)"
-
-
-class sigmoid(sympy.Function):  # noqa: N801
+class sigmoid(_Primitive):  # noqa: N801
     """``1/(1 + e^(−u))``; derivative ``σ(u)·σ(−u)`` (no cancellation where σ ≈ 1)."""
+
+    latex = r"\sigma\left({u}\right)"
+
+    @classmethod
+    def written_out(cls, u: sympy.Expr) -> sympy.Expr:
+        return 1 / (1 + sympy.exp(-u))
 
     def fdiff(self, argindex: int = 1) -> sympy.Expr:
         return sigmoid(self.args[0]) * sigmoid(-self.args[0])
 
-    def as_exp(self) -> sympy.Expr:
-        u = self.args[0]
-        return 1 / (1 + sympy.exp(-u))
 
-    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:  # SymPy's rewrite(exp) hook
-        return self.as_exp()
-
-    def _latex(self, printer) -> str:
-        return rf"\sigma\left({printer._print(self.args[0])}\right)"
-
-
-class logsigmoid(sympy.Function):  # noqa: N801
+class logsigmoid(_Primitive):  # noqa: N801
     """``log σ(u) = −softplus(−u)``; derivative ``σ(−u)``."""
+
+    latex = r"\log\sigma\left({u}\right)"
+
+    @classmethod
+    def written_out(cls, u: sympy.Expr) -> sympy.Expr:
+        return -sympy.log(1 + sympy.exp(-u))
 
     def fdiff(self, argindex: int = 1) -> sympy.Expr:
         return sigmoid(-self.args[0])
-
-    def as_exp(self) -> sympy.Expr:
-        u = self.args[0]
-        return -sympy.log(1 + sympy.exp(-u))
-
-    def _eval_rewrite_as_exp(self, u: sympy.Expr, **kwargs) -> sympy.Expr:  # SymPy's rewrite(exp) hook
-        return self.as_exp()
-
-    def _latex(self, printer) -> str:
-        return rf"\log\sigma\left({printer._print(self.args[0])}\right)"
 
 
 PRIMITIVES = {"softplus": softplus, "sigmoid": sigmoid, "logsigmoid": logsigmoid}
@@ -97,7 +104,7 @@ FORMULA_NAMES = {"margin": "m", **DISPLAY}  # names in the general formula f(z)
 def to_exp(expr: sympy.Expr) -> sympy.Expr:
     """The primitives written out with ``exp`` and ``log`` (closed forms for display and algebra)."""
     return expr.replace(
-        lambda e: isinstance(e, (softplus, sigmoid, logsigmoid)), lambda e: e.as_exp()
+        lambda e: isinstance(e, _Primitive), lambda e: e.as_exp()
     )
 
 
