@@ -62,13 +62,25 @@ def wmc_poly(mask: int, n: int) -> Poly:
     return {tuple((w >> i) & 1 for i in range(n)): v for w, v in enumerate(c) if v}
 
 
-def same_ratio(s1: Structure, s2: Structure) -> bool:
-    """Do two structures give the same loss function? ``ρ1 ≡ ρ2``, decided exactly by their loss keys
-    (:mod:`dpalogic.semantics.loss_keys`: ρ on a grid that no non-zero difference can vanish on)."""
-    from dpalogic.semantics.loss_keys import loss_key
+def poly_mul(a: Poly, b: Poly) -> Poly:
+    out: Poly = {}
+    for ea, ca in a.items():
+        for eb, cb in b.items():
+            e = tuple(x + y for x, y in zip(ea, eb))
+            out[e] = out.get(e, 0) + ca * cb
+    return {e: v for e, v in out.items() if v}
 
+
+def same_ratio(s1: Structure, s2: Structure) -> bool:
+    """Do two structures give the same loss function? ``WMC(✓1)·WMC(✗2) ≡ WMC(✓2)·WMC(✗1)`` as polynomials.
+
+    The pairwise test, exact and polynomial in the number of worlds (12 atoms included). Grouping many structures
+    uses the hashable form of the same question, :func:`dpalogic.semantics.loss_keys.loss_key` (a test checks that
+    equal keys and this test agree); the landscape counts with :mod:`dpalogic.analysis.factoring`.
+    """
     a, b = align(s1, s2)
-    return loss_key(a) == loss_key(b)
+    n = a.n
+    return poly_mul(wmc_poly(a.top, n), wmc_poly(b.bottom, n)) == poly_mul(wmc_poly(b.top, n), wmc_poly(a.bottom, n))
 
 
 # --------------------------------------------------------------------------------------------------- SymPy forms
