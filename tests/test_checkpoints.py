@@ -336,3 +336,21 @@ def test_a_damaged_reference_cache_is_recomputed_with_a_note(tmp_path, files, ca
     ckpt.write_tensors(cache, good)
     assert torch.equal(read_reference_cache(cache, good["fingerprint"], len(good["logps"]))[0], good["logps"])
     assert "another reference model" in read_reference_cache(cache, "0" * 16, len(good["logps"]))[1]
+
+
+def test_checkpoint_parts_get_the_usual_file_permissions(tmp_path):
+    """safetensors writes 0600 files; checkpoint parts follow the umask like every other file the run writes."""
+    import os
+
+    import torch
+
+    from dpalogic.training import checkpoint
+
+    old = os.umask(0o022)
+    try:
+        checkpoint.write_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(3)})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "x.safetensors").st_mode & 0o777 == os.stat(tmp_path / "plain.txt").st_mode & 0o777
+    assert checkpoint.read_tensors(tmp_path / "x.safetensors")["a"].tolist() == [0.0, 0.0, 0.0]

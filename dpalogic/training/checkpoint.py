@@ -138,7 +138,17 @@ def write_tensors(path: Path, obj: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     tree = encode(obj, tensors)
     save_file(tensors, str(path), metadata={_TREE_KEY: json.dumps(tree)})
+    os.chmod(
+        path, _file_mode()
+    )  # safetensors creates 0600 files; a checkpoint is as readable as any file the user writes
     _fsync(path)
+
+
+def _file_mode() -> int:
+    """The permissions ``open()`` gives a new file: 0666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_tensors(path: Path) -> Any:
