@@ -88,8 +88,8 @@ def main() -> None:
     pairs = list(itertools.combinations(programs, 2))
     compare_s = best_of(lambda: [compare(programs[a], programs[b], a, b) for a, b in pairs], r)
 
-    from dpalogic.analysis.landscape import landscape
     from dpalogic.analysis import factoring
+    from dpalogic.analysis.landscape import landscape
 
     factored = {n: best_of(lambda n=n: landscape(n, examples=0), r) for n in (3, 4, 8)}
     n2 = best_of(lambda: loss_classes(2), r)
