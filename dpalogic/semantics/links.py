@@ -103,9 +103,7 @@ FORMULA_NAMES = {"margin": "m", **DISPLAY}  # names in the general formula f(z)
 
 def to_exp(expr: sympy.Expr) -> sympy.Expr:
     """The primitives written out with ``exp`` and ``log`` (closed forms for display and algebra)."""
-    return expr.replace(
-        lambda e: isinstance(e, _Primitive), lambda e: e.as_exp()
-    )
+    return expr.replace(lambda e: isinstance(e, _Primitive), lambda e: e.as_exp())
 
 
 @dataclass(frozen=True)
