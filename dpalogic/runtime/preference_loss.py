@@ -111,7 +111,7 @@ class PreferenceLoss(torch.nn.Module):
         if backend not in BACKENDS:
             raise DPALogicError(backend_rule(backend, False, False, False)[1])
         self.backend = backend
-        self._generated: dict = {}  # generated modules (dpalogic.compile.codegen), compiled on first Triton use
+        self._generated: dict = {}  # the compiled module (dpalogic.compile.codegen), per Triton mode, built on first use
         self.program: Program = resolve(spec)
         if link is not None:  # a link of the user's own, f(z) with z = β·log ρ − γ; its parameters are hyperparameters
             self.program = with_link(self.program, link, hyperparameters)
