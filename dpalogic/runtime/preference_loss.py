@@ -85,6 +85,9 @@ class PreferenceLoss(torch.nn.Module):
     ``link="<expression in z>"`` replaces the preference terms' link by one of the user's own (``z = β·log ρ − γ``;
     its other names are hyperparameters: ``link="softplus(margin - z)", margin=0.5``).
 
+    Names of losses outside the fragment that train anyway (``kto``, ``bco``, ``f_dpo``, ``dpop``, ``alphapo``,
+    ``aot``, …) build a plain torch module with no structure instead (:mod:`dpalogic.runtime.unstructured`).
+
     The loss runs the program's compiled module (:mod:`dpalogic.compile.codegen`): ``backend="torch"`` its torch twin,
     ``"triton"`` its fused forward+backward kernel (CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``), and
     ``"auto"`` (default) Triton for CUDA tensors when triton is installed and the twin otherwise.
@@ -93,6 +96,18 @@ class PreferenceLoss(torch.nn.Module):
     counts) are needed by length-normalized losses (SimPO, IPO, ORPO, the NLL terms). Formulas over answers
     ``y1 … yK`` take ``logps={"M(y1)": …, "Ref(y1)": …}`` and ``lengths={"y1": …}`` instead.
     """
+
+    def __new__(cls, spec=None, *args, **kwargs):
+        # a loss outside the fragment that trains anyway (KTO, BCO, f-DPO, DPOP, AlphaPO, AOT) is a plain torch module
+        # with no structure: the name builds that module instead (dpalogic.runtime.unstructured)
+        if cls is PreferenceLoss and isinstance(spec, str):
+            from dpalogic.semantics.catalog import unstructured_name
+
+            if unstructured_name(spec) is not None:
+                from dpalogic.runtime.unstructured_stats import make_unstructured
+
+                return make_unstructured(spec, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -160,6 +175,7 @@ class PreferenceLoss(torch.nn.Module):
         *,
         logps: Mapping[str, torch.Tensor] | None = None,
         lengths: Mapping[str, torch.Tensor] | None = None,
+        margin: torch.Tensor | None = None,
     ) -> torch.Tensor:
         atom_lp: dict[str, torch.Tensor] = dict(logps or {})
         for name, t in (
@@ -175,22 +191,37 @@ class PreferenceLoss(torch.nn.Module):
             ans_len["yw"] = chosen_lengths
         if rejected_lengths is not None:
             ans_len["yl"] = rejected_lengths
-        return self._reduce(self.per_pair(atom_lp, ans_len))
+        return self._reduce(self.per_pair(atom_lp, ans_len, margin=margin))
 
-    def per_pair(self, atom_lp: Mapping[str, torch.Tensor], ans_len: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def per_pair(
+        self,
+        atom_lp: Mapping[str, torch.Tensor],
+        ans_len: Mapping[str, torch.Tensor],
+        *,
+        margin: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The loss of every pair, ``[B]``, from log-probs keyed by atom name and lengths keyed by answer.
 
         Runs the program's compiled module: its Triton kernel on CUDA tensors, its torch twin elsewhere (the
         backend rule of :func:`dpalogic.runtime.backend.use_triton`). Gradients reach every log-prob input.
+        ``margin [B]`` shifts each pair's link (docs/semantics.md, per-example margins): every preference term's
+        ``z = β·log ρ − γ`` becomes ``z − margin_i``, a smoothing term's (the preference reversed, ``−z``)
+        ``−z + margin_i``, NLL terms are unchanged. Margins are data: no gradient flows to them.
         """
         if not atom_lp:
             raise DPALogicError("no log-probabilities given")
         self._check_inputs(atom_lp, ans_len)  # shapes, types and signs: refused before any kernel runs
         first = next(iter(atom_lp.values()))
+        if margin is not None:
+            self._check_margin(margin, first)
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         if not self.terms:  # every coefficient is zero (label smoothing 0 and alpha 0 and …)
             return torch.zeros_like(first, dtype=dtype)
         if not self._running_atoms:  # a constant structure (its formula reduced to true/false parts): no kernel
+            if margin is not None:
+                raise DPALogicError(
+                    "this loss is a constant (its structure mentions no atom): a margin cannot shift it"
+                )
             values = {sympy.Symbol(k): v for k, v in self.hyperparameters.items()}
             return torch.full_like(first, float(self._running.sympy().xreplace(values)), dtype=dtype)
         backend = "triton" if use_triton(self.backend, first) else "torch"
@@ -213,7 +244,24 @@ class PreferenceLoss(torch.nn.Module):
                 )
             else:  # only switched-off terms use it: any count gives the same loss
                 args.append(torch.ones_like(args[0], dtype=torch.long))
-        return mod.per_pair_loss(*args, **self.hyperparameters, backend=backend)
+        return mod.per_pair_loss(*args, **self.hyperparameters, pair_margin=margin, backend=backend)
+
+    def _check_margin(self, margin: torch.Tensor, first: torch.Tensor) -> None:
+        """A margin is a finite float tensor of the log-probs' shape, for a loss with a preference to shift."""
+        if not isinstance(margin, torch.Tensor):
+            raise DPALogicError(f"margin must be a torch.Tensor [B], got {type(margin).__name__}")
+        if not margin.is_floating_point():
+            raise DPALogicError(f"margin must be floating point, got {margin.dtype}")
+        if margin.shape != first.shape:
+            raise DPALogicError(
+                f"margin must have the log-probs' shape {tuple(first.shape)}, got {tuple(margin.shape)}"
+            )
+        if margin.device != first.device:
+            raise DPALogicError(f"margin is on {margin.device} but the log-probs are on {first.device}")
+        if not bool(torch.isfinite(margin.detach()).all()):
+            raise DPALogicError("margin holds a NaN or an infinite value")
+        if not any(t.role in ("preference", "smoothing") for t in self._running.terms):
+            raise DPALogicError(f"{self.program.name or 'this loss'} has no preference term for a margin to shift")
 
     def _check_inputs(self, atom_lp: Mapping[str, torch.Tensor], ans_len: Mapping[str, torch.Tensor]) -> None:
         """Every input a tensor of one shape [B] (no silent broadcasting), every key a known atom/answer."""

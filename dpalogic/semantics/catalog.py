@@ -193,9 +193,26 @@ OUTSIDE: dict[str, OutsideFragment] = {
                         "statistic, not a function of one pair (its pairwise form without δ is 'bco_pair')",
                         "Jung et al. 2024, arXiv:2404.04656"),
         OutsideFragment("f_dpo", "f-divergence DPO (forward KL, JS, α) replaces log(π/πref) by f'(π/πref), "
-                        "e.g. 1 − πref/π: not a log-ratio of WMCs", "Wang et al. 2023, arXiv:2309.16240"),
+                        "e.g. 1 − πref/π: not a log-ratio of WMCs", "Wang et al. 2023, arXiv:2309.16240",
+                        ("f_dpo_reverse_kl", "f_dpo_forward_kl", "f_dpo_js_divergence", "f_dpo_alpha_divergence")),
     ]
 }  # fmt: skip
+
+
+# The losses above that train anyway, as plain torch with no structure (dpalogic.runtime.unstructured): trainable
+# name → the OUTSIDE entry saying why it has none. Kept here, torch-free, so `show` can say so without importing torch.
+UNSTRUCTURED: dict[str, str] = {
+    "kto": "kto", "bco": "bco", "dpop": "dpop", "alphapo": "alphapo",
+    "aot": "aot", "aot_pair": "aot", "aot_unpaired": "aot",
+    "f_dpo": "f_dpo", "f_dpo_reverse_kl": "f_dpo", "f_dpo_forward_kl": "f_dpo", "f_dpo_js_divergence": "f_dpo",
+    "f_dpo_alpha_divergence": "f_dpo",
+}  # fmt: skip
+
+
+def unstructured_name(name: str) -> str | None:
+    """``name`` normalized, if it is a loss trainable without a structure (KTO, BCO, f-DPO, …), else None."""
+    key = name.strip().lower().replace("-", "_")
+    return key if key in UNSTRUCTURED else None
 
 
 def names() -> list[str]:
@@ -221,7 +238,11 @@ def lookup(name: str) -> Entry:
     if o is not None:
         from dpalogic.errors import DPALogicError
 
-        raise DPALogicError(f"{name!r} is a known loss outside dpalogic's program fragment: {o.reason} ({o.citation})")
+        trainable = [n for n, o2 in UNSTRUCTURED.items() if o2 == o.name]
+        hint = f"; it trains without a structure (--loss {trainable[0]})" if trainable else ""
+        raise DPALogicError(
+            f"{name!r} is a known loss outside dpalogic's program fragment: {o.reason} ({o.citation}){hint}"
+        )
     raise unknown("loss name", name, list(amap) + list(OUTSIDE))
 
 
