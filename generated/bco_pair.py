@@ -66,6 +66,7 @@ def loss_and_grads_torch(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
+    pair_margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
     dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
@@ -73,12 +74,16 @@ def loss_and_grads_torch(
     m_yl = rejected_logps.to(dt)
     ref_yw = ref_chosen_logps.to(dt)
     ref_yl = ref_rejected_logps.to(dt)
+    if pair_margin is not None:
+        pair_margin = pair_margin.to(dt)
     # term 1: −log σ(β·log ρ)
     #   log WMC(top) = log p_w
     #   log WMC(bottom) = log r_w
     top1 = m_yw
     bot1 = ref_yw
     u1_0 = beta * (bot1 - top1)
+    if pair_margin is not None:
+        u1_0 = u1_0 + pair_margin
     f1 = _softplus(u1_0)
     ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
     a1 = -beta * ndf1  # d loss / d log rho_1
@@ -88,6 +93,8 @@ def loss_and_grads_torch(
     top2 = ref_yl
     bot2 = m_yl
     u2_0 = beta * (bot2 - top2)
+    if pair_margin is not None:
+        u2_0 = u2_0 + pair_margin
     f2 = _softplus(u2_0)
     ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
     a2 = -beta * ndf2  # d loss / d log rho_2
@@ -129,6 +136,7 @@ if triton is not None:
         rejected_logps_ptr,
         ref_chosen_logps_ptr,
         ref_rejected_logps_ptr,
+        pair_margin_ptr,
         loss_ptr,
         d_chosen_logps_ptr,
         d_rejected_logps_ptr,
@@ -136,6 +144,7 @@ if triton is not None:
         d_ref_rejected_logps_ptr,
         n_pairs,
         beta,
+        HAS_MARGIN: tl.constexpr,
         TINY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -153,6 +162,8 @@ if triton is not None:
         top1 = m_yw
         bot1 = ref_yw
         u1_0 = beta * (bot1 - top1)
+        if HAS_MARGIN:
+            u1_0 = u1_0 + tl.load(pair_margin_ptr + offs, mask=mask, other=0.0).to(dt)
         f1 = _softplus_tl(u1_0)
         ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
         a1 = -beta * ndf1  # d loss / d log rho_1
@@ -162,6 +173,8 @@ if triton is not None:
         top2 = ref_yl
         bot2 = m_yl
         u2_0 = beta * (bot2 - top2)
+        if HAS_MARGIN:
+            u2_0 = u2_0 + tl.load(pair_margin_ptr + offs, mask=mask, other=0.0).to(dt)
         f2 = _softplus_tl(u2_0)
         ndf2 = _sigmoid_tl(u2_0)  # -f'(z2)
         a2 = -beta * ndf2  # d loss / d log rho_2
@@ -194,6 +207,7 @@ def loss_and_grads_triton(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
+    pair_margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The same as `loss_and_grads_torch`, from one launch of the fused kernel (inputs: contiguous, 1-D)."""
     if not triton_available(chosen_logps.device):
@@ -212,10 +226,12 @@ def loss_and_grads_triton(
             rejected_logps,
             ref_chosen_logps,
             ref_rejected_logps,
+            loss if pair_margin is None else pair_margin,
             loss,
             *grads,
             n,
             float(beta),
+            HAS_MARGIN=pair_margin is not None,
             TINY=torch.finfo(dt).tiny,
             BLOCK=BLOCK,
         )
@@ -226,15 +242,18 @@ class LossFunction(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, use_triton: bool, hyperparameters: dict, *tensors: torch.Tensor) -> torch.Tensor:
-        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape."""
+    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:
+        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;
+        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""
         shape = tensors[0].shape
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
-            loss, grads = loss_and_grads_triton(*flat, **hyperparameters)
+            if pair_margin is not None:
+                pair_margin = pair_margin.reshape(-1).contiguous()
+            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin)
             loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]
         else:  # elementwise torch ops take the tensors as they are
-            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)
+            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
         ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
@@ -244,7 +263,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
@@ -255,7 +274,7 @@ class LossFunction(torch.autograd.Function):
                     g = g.to(dt)
                 scaled[k, dt] = g
             out.append(scaled[k, dt] if need else None)
-        return None, None, *out, *[None] * len(LENGTHS)
+        return None, None, None, *out, *[None] * len(LENGTHS)
 
 
 # the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
@@ -285,10 +304,13 @@ def per_pair_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float = 0.1,
+    pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
+    pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed
+    preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -297,7 +319,11 @@ def per_pair_loss(
         tensors = torch.broadcast_tensors(*tensors)
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
+    if pair_margin is not None:
+        if pair_margin.device != device:
+            raise _InputError("pair_margin must be on the inputs' device")
+        pair_margin = torch.broadcast_to(pair_margin.detach(), tensors[0].shape)
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
     if refused:
         raise _InputError(refused)
-    return LossFunction.apply(use_triton, {"beta": beta}, *tensors)
+    return LossFunction.apply(use_triton, {"beta": beta}, pair_margin, *tensors)

@@ -75,11 +75,15 @@ def _log1mexp(x: torch.Tensor, tiny: float) -> tuple[torch.Tensor, torch.Tensor]
 
 def loss_and_grads_torch(
     chosen_logps: torch.Tensor,
+    *,
+    pair_margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
     dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     TINY = torch.finfo(dt).tiny
     m_yw = chosen_logps.to(dt)
+    if pair_margin is not None:
+        pair_margin = pair_margin.to(dt)
     # term 1: −log σ(log ρ)
     #   log WMC(top) = log p_w
     #   log WMC(bottom) = log1mexp(log p_w)
@@ -87,6 +91,8 @@ def loss_and_grads_torch(
     top1 = m_yw
     bot1 = l1m_m_yw
     u1_0 = bot1 - top1
+    if pair_margin is not None:
+        u1_0 = u1_0 + pair_margin
     f1 = _softplus(u1_0)
     ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
     a1 = -ndf1  # d loss / d log rho_1
@@ -145,9 +151,11 @@ if triton is not None:
     @triton.jit
     def ce_fwd_bwd(
         chosen_logps_ptr,
+        pair_margin_ptr,
         loss_ptr,
         d_chosen_logps_ptr,
         n_pairs,
+        HAS_MARGIN: tl.constexpr,
         TINY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -163,6 +171,8 @@ if triton is not None:
         top1 = m_yw
         bot1 = l1m_m_yw
         u1_0 = bot1 - top1
+        if HAS_MARGIN:
+            u1_0 = u1_0 + tl.load(pair_margin_ptr + offs, mask=mask, other=0.0).to(dt)
         f1 = _softplus_tl(u1_0)
         ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
         a1 = -ndf1  # d loss / d log rho_1
@@ -185,6 +195,8 @@ def triton_available(device: torch.device) -> bool:
 
 def loss_and_grads_triton(
     chosen_logps: torch.Tensor,
+    *,
+    pair_margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The same as `loss_and_grads_torch`, from one launch of the fused kernel (inputs: contiguous, 1-D)."""
     if not triton_available(chosen_logps.device):
@@ -198,7 +210,16 @@ def loss_and_grads_triton(
     grads = [torch.empty_like(loss) for _ in range(1)]
     if n:
         grid = (triton.cdiv(n, BLOCK),)
-        KERNEL[grid](chosen_logps, loss, *grads, n, TINY=torch.finfo(dt).tiny, BLOCK=BLOCK)
+        KERNEL[grid](
+            chosen_logps,
+            loss if pair_margin is None else pair_margin,
+            loss,
+            *grads,
+            n,
+            HAS_MARGIN=pair_margin is not None,
+            TINY=torch.finfo(dt).tiny,
+            BLOCK=BLOCK,
+        )
     return loss, tuple(grads[k] for k in GRAD_SLOT)
 
 
@@ -206,15 +227,18 @@ class LossFunction(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, use_triton: bool, hyperparameters: dict, *tensors: torch.Tensor) -> torch.Tensor:
-        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape."""
+    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:
+        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;
+        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""
         shape = tensors[0].shape
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
-            loss, grads = loss_and_grads_triton(*flat, **hyperparameters)
+            if pair_margin is not None:
+                pair_margin = pair_margin.reshape(-1).contiguous()
+            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin)
             loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]
         else:  # elementwise torch ops take the tensors as they are
-            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)
+            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
         ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
@@ -224,7 +248,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
@@ -235,7 +259,7 @@ class LossFunction(torch.autograd.Function):
                     g = g.to(dt)
                 scaled[k, dt] = g
             out.append(scaled[k, dt] if need else None)
-        return None, None, *out, *[None] * len(LENGTHS)
+        return None, None, None, *out, *[None] * len(LENGTHS)
 
 
 # the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
@@ -261,10 +285,13 @@ def backend_rule(backend: str, is_cuda: bool, triton_ready: bool, interpreting: 
 def per_pair_loss(
     chosen_logps: torch.Tensor,
     *,
+    pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
+    pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed
+    preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
     tensors = (chosen_logps,)
@@ -273,7 +300,11 @@ def per_pair_loss(
         tensors = torch.broadcast_tensors(*tensors)
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
+    if pair_margin is not None:
+        if pair_margin.device != device:
+            raise _InputError("pair_margin must be on the inputs' device")
+        pair_margin = torch.broadcast_to(pair_margin.detach(), tensors[0].shape)
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
     if refused:
         raise _InputError(refused)
-    return LossFunction.apply(use_triton, {}, *tensors)
+    return LossFunction.apply(use_triton, {}, pair_margin, *tensors)

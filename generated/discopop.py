@@ -62,6 +62,7 @@ def loss_and_grads_torch(
     *,
     beta: float,
     discopop_tau: float,
+    pair_margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
     dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
@@ -69,12 +70,16 @@ def loss_and_grads_torch(
     m_yl = rejected_logps.to(dt)
     ref_yw = ref_chosen_logps.to(dt)
     ref_yl = ref_rejected_logps.to(dt)
+    if pair_margin is not None:
+        pair_margin = pair_margin.to(dt)
     # term 1: (1 − σ((β·log ρ)/τ))·(−log σ(β·log ρ)) + σ((β·log ρ)/τ)·exp(−(β·log ρ))
     #   log WMC(top) = log p_w + log r_l
     #   log WMC(bottom) = log p_l + log r_w
     top1 = m_yw + ref_yl
     bot1 = m_yl + ref_yw
     z1 = beta * (top1 - bot1)
+    if pair_margin is not None:
+        z1 = z1 - pair_margin
     u1_0 = 1.0 / discopop_tau
     u1_1 = u1_0 * z1
     u1_2 = torch.exp(-z1 - _softplus(-u1_1))
@@ -122,12 +127,14 @@ if triton is not None:
         rejected_logps_ptr,
         ref_chosen_logps_ptr,
         ref_rejected_logps_ptr,
+        pair_margin_ptr,
         loss_ptr,
         d_chosen_logps_ptr,
         d_rejected_logps_ptr,
         n_pairs,
         beta,
         discopop_tau,
+        HAS_MARGIN: tl.constexpr,
         TINY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -145,6 +152,8 @@ if triton is not None:
         top1 = m_yw + ref_yl
         bot1 = m_yl + ref_yw
         z1 = beta * (top1 - bot1)
+        if HAS_MARGIN:
+            z1 = z1 - tl.load(pair_margin_ptr + offs, mask=mask, other=0.0).to(dt)
         u1_0 = 1.0 / discopop_tau
         u1_1 = u1_0 * z1
         u1_2 = tl.exp(-z1 - _softplus_tl(-u1_1))
@@ -180,6 +189,7 @@ def loss_and_grads_triton(
     *,
     beta: float,
     discopop_tau: float,
+    pair_margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The same as `loss_and_grads_torch`, from one launch of the fused kernel (inputs: contiguous, 1-D)."""
     if not triton_available(chosen_logps.device):
@@ -198,11 +208,13 @@ def loss_and_grads_triton(
             rejected_logps,
             ref_chosen_logps,
             ref_rejected_logps,
+            loss if pair_margin is None else pair_margin,
             loss,
             *grads,
             n,
             float(beta),
             float(discopop_tau),
+            HAS_MARGIN=pair_margin is not None,
             TINY=torch.finfo(dt).tiny,
             BLOCK=BLOCK,
         )
@@ -213,15 +225,18 @@ class LossFunction(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, use_triton: bool, hyperparameters: dict, *tensors: torch.Tensor) -> torch.Tensor:
-        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape."""
+    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:
+        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;
+        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""
         shape = tensors[0].shape
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
-            loss, grads = loss_and_grads_triton(*flat, **hyperparameters)
+            if pair_margin is not None:
+                pair_margin = pair_margin.reshape(-1).contiguous()
+            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin)
             loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]
         else:  # elementwise torch ops take the tensors as they are
-            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)
+            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
         ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
@@ -231,7 +246,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
@@ -242,7 +257,7 @@ class LossFunction(torch.autograd.Function):
                     g = g.to(dt)
                 scaled[k, dt] = g
             out.append(scaled[k, dt] if need else None)
-        return None, None, *out, *[None] * len(LENGTHS)
+        return None, None, None, *out, *[None] * len(LENGTHS)
 
 
 # the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
@@ -273,10 +288,13 @@ def per_pair_loss(
     *,
     beta: float = 0.1,
     discopop_tau: float = 0.05,
+    pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
+    pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed
+    preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -285,7 +303,11 @@ def per_pair_loss(
         tensors = torch.broadcast_tensors(*tensors)
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
+    if pair_margin is not None:
+        if pair_margin.device != device:
+            raise _InputError("pair_margin must be on the inputs' device")
+        pair_margin = torch.broadcast_to(pair_margin.detach(), tensors[0].shape)
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
     if refused:
         raise _InputError(refused)
-    return LossFunction.apply(use_triton, {"beta": beta, "discopop_tau": discopop_tau}, *tensors)
+    return LossFunction.apply(use_triton, {"beta": beta, "discopop_tau": discopop_tau}, pair_margin, *tensors)

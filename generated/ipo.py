@@ -58,6 +58,7 @@ def loss_and_grads_torch(
     rejected_lengths: torch.Tensor,
     *,
     beta: float,
+    pair_margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
     dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
@@ -65,6 +66,8 @@ def loss_and_grads_torch(
     m_yl = rejected_logps.to(dt)
     ref_yw = ref_chosen_logps.to(dt)
     ref_yl = ref_rejected_logps.to(dt)
+    if pair_margin is not None:
+        pair_margin = pair_margin.to(dt)
     n_yw = chosen_lengths.to(dt).clamp(min=1.0)
     n_yl = rejected_lengths.to(dt).clamp(min=1.0)
     g1 = 1.0 / (2.0 * beta)
@@ -78,6 +81,8 @@ def loss_and_grads_torch(
     top1 = m_yw_tok + ref_yl_tok
     bot1 = m_yl_tok + ref_yw_tok
     z1 = top1 - bot1 - g1
+    if pair_margin is not None:
+        z1 = z1 - pair_margin
     f1 = z1 * z1
     df1 = 2.0 * z1
     a1 = df1  # d loss / d log rho_1
@@ -106,6 +111,7 @@ if triton is not None:
         ref_rejected_logps_ptr,
         chosen_lengths_ptr,
         rejected_lengths_ptr,
+        pair_margin_ptr,
         loss_ptr,
         d_chosen_logps_ptr,
         d_rejected_logps_ptr,
@@ -113,6 +119,7 @@ if triton is not None:
         d_ref_rejected_logps_ptr,
         n_pairs,
         beta,
+        HAS_MARGIN: tl.constexpr,
         TINY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -137,6 +144,8 @@ if triton is not None:
         top1 = m_yw_tok + ref_yl_tok
         bot1 = m_yl_tok + ref_yw_tok
         z1 = top1 - bot1 - g1
+        if HAS_MARGIN:
+            z1 = z1 - tl.load(pair_margin_ptr + offs, mask=mask, other=0.0).to(dt)
         f1 = z1 * z1
         df1 = 2.0 * z1
         a1 = df1  # d loss / d log rho_1
@@ -175,6 +184,7 @@ def loss_and_grads_triton(
     rejected_lengths: torch.Tensor,
     *,
     beta: float,
+    pair_margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The same as `loss_and_grads_torch`, from one launch of the fused kernel (inputs: contiguous, 1-D)."""
     if not triton_available(chosen_logps.device):
@@ -195,10 +205,12 @@ def loss_and_grads_triton(
             ref_rejected_logps,
             chosen_lengths,
             rejected_lengths,
+            loss if pair_margin is None else pair_margin,
             loss,
             *grads,
             n,
             float(beta),
+            HAS_MARGIN=pair_margin is not None,
             TINY=torch.finfo(dt).tiny,
             BLOCK=BLOCK,
         )
@@ -209,15 +221,18 @@ class LossFunction(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, use_triton: bool, hyperparameters: dict, *tensors: torch.Tensor) -> torch.Tensor:
-        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape."""
+    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:
+        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;
+        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""
         shape = tensors[0].shape
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
-            loss, grads = loss_and_grads_triton(*flat, **hyperparameters)
+            if pair_margin is not None:
+                pair_margin = pair_margin.reshape(-1).contiguous()
+            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin)
             loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]
         else:  # elementwise torch ops take the tensors as they are
-            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)
+            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
         ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
@@ -227,7 +242,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
@@ -238,7 +253,7 @@ class LossFunction(torch.autograd.Function):
                     g = g.to(dt)
                 scaled[k, dt] = g
             out.append(scaled[k, dt] if need else None)
-        return None, None, *out, *[None] * len(LENGTHS)
+        return None, None, None, *out, *[None] * len(LENGTHS)
 
 
 # the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
@@ -270,10 +285,13 @@ def per_pair_loss(
     rejected_lengths: torch.Tensor,
     *,
     beta: float = 0.1,
+    pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
+    pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed
+    preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     """
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths)
@@ -282,7 +300,11 @@ def per_pair_loss(
         tensors = torch.broadcast_tensors(*tensors)
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
+    if pair_margin is not None:
+        if pair_margin.device != device:
+            raise _InputError("pair_margin must be on the inputs' device")
+        pair_margin = torch.broadcast_to(pair_margin.detach(), tensors[0].shape)
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
     if refused:
         raise _InputError(refused)
-    return LossFunction.apply(use_triton, {"beta": beta}, *tensors)
+    return LossFunction.apply(use_triton, {"beta": beta}, pair_margin, *tensors)

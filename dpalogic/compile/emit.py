@@ -29,6 +29,18 @@ class _Body:
     zvar: str = ""  # the link argument being emitted (dtype of indicator functions)
     counter: int = 0
     grad_slot: list[int] = field(default_factory=list)  # input → its distinct gradient (inputs may share one)
+    uses_margin: bool = False  # some term's z is shifted by the per-pair margin
+
+    def shift_by_margin(self, var: str, sign: str) -> None:
+        """``var {sign}= margin_i`` when a per-pair margin is given: a branch on its presence (a ``constexpr`` in the
+        kernel), so the loss without margins runs exactly the statements it ran before."""
+        self.uses_margin = True
+        if self.sfx:
+            self.emit("if HAS_MARGIN:")
+            self.emit(f"    {var} = {var} {sign} tl.load(pair_margin_ptr + offs, mask=mask, other=0.0).to(dt)")
+        else:
+            self.emit("if pair_margin is not None:")
+            self.emit(f"    {var} = {var} {sign} pair_margin")
 
     def emit(self, line: str) -> None:
         self.lines.append(line)
@@ -117,12 +129,15 @@ def check_link(link) -> None:
         _emit_link(_Body(sfx), link, 1, {}, lambda v, stem: _py(sympy.sympify(v), 2))
 
 
-def _emit_link(body: _Body, link, k: int, params: dict, const, z: tuple[str, str] | None = None) -> bool:
+def _emit_link(
+    body: _Body, link, k: int, params: dict, const, z: tuple[str, str] | None = None, margin: str = ""
+) -> bool:
     """``f{k} = f(z{k})`` and ``df{k} = f'(z{k})`` from the link's expression; shared parts computed once.
 
     ``z`` is the text of ``z{k}`` and of ``−z{k}``: when the link uses z only as −z (the logistic link, softplus(−z)),
     −z is computed directly, one pass fewer. A derivative with a leading minus (−σ(−z)) is emitted as
     ``ndf{k} = −f'(z{k})`` and True returned: the caller folds the sign into its scalar factor, another pass fewer.
+    ``margin`` (``"-"`` or ``"+"``) shifts z by the per-pair margin right where z (or −z) is computed: ``z − m_i``.
     """
     zs = sympy.Symbol(f"z{k}", real=True)
     values = {s: params.get(name, default) for name, default in link.params for s in [sympy.Symbol(name, real=True)]}
@@ -139,10 +154,14 @@ def _emit_link(body: _Body, link, k: int, params: dict, const, z: tuple[str, str
         body.zvar = str(neg_z)
     elif z is not None:
         body.emit(f"z{k} = {z[0]}")
+        if margin:
+            body.shift_by_margin(f"z{k}", margin)
     for sym, e in temps:
         if not printer._scalar(e):
             printer.dynamic.add(sym)
         body.emit(f"{sym} = {z[1] if z is not None and sym == neg_z else printer.doprint(e)}")
+        if margin and z is not None and sym == neg_z:  # −z shifts the other way
+            body.shift_by_margin(str(sym), "+" if margin == "-" else "-")
     body.emit(f"f{k} = {printer.doprint(f)}")
     if printer._scalar(df):  # a linear link: a constant derivative, made a tensor (every gradient is one)
         zeros = "tl.zeros_like" if printer.tl else "torch.zeros_like"
@@ -235,7 +254,10 @@ def _term(body: _Body, k: int, t: Term, const: _Constants) -> str:
         minus = shift.could_extract_minus_sign()
         z += f" + {const(-shift, 'g')}" if minus else f" - {const(shift, 'g')}"
         neg_z += f" - {const(-shift, 'g')}" if minus else f" + {const(shift, 'g')}"
-    negated = _emit_link(body, LINKS[t.link], k, dict(t.link_params), const, (z, neg_z))
+    # a per-pair margin m_i shifts a preference term's z to z − m_i, as a per-pair γ would; a smoothing term is its
+    # preference term reversed (z → −z, γ → −γ), so its z becomes z + m_i; NLL terms have no preference to shift
+    margin = {"preference": "-", "smoothing": "+"}.get(t.role, "")
+    negated = _emit_link(body, LINKS[t.link], k, dict(t.link_params), const, (z, neg_z), margin)
     if negated:  # the factor carries the derivative's sign: (−β)·ndf is one pass, β·(−ndf) two
         grad_factor = f"-{scale} * ndf{k}" if scale else f"-ndf{k}"
     else:

@@ -163,7 +163,7 @@ class _Parts:
     @property
     def signature(self) -> list[str]:
         sig = [f"    {x}: torch.Tensor," for x in self.args]
-        return sig + (["    *,", *[f"    {k}: float," for k in self.hp]] if self.hp else [])
+        return sig + ["    *,", *[f"    {k}: float," for k in self.hp], "    pair_margin: torch.Tensor | None = None,"]
 
     @property
     def distinct(self) -> list[str]:
@@ -263,6 +263,8 @@ def _torch_twin(p: _Parts) -> list[str]:
     if p.torch_body.l1m:
         L.append("    TINY = torch.finfo(dt).tiny")
     L += [f"    {_var(a)} = {x}.to(dt)" for a, x in zip(p.atoms, p.inputs)]
+    if p.torch_body.uses_margin:
+        L += ["    if pair_margin is not None:", "        pair_margin = pair_margin.to(dt)"]
     L += [f"    n_{ans} = {ln}.to(dt).clamp(min=1.0)" for ans, ln in zip(p.answers, p.lengths)]
     L += _wrap_body(p.torch_body.lines, 4)
     grads = [f"d_{x}" for x in p.inputs]
@@ -281,8 +283,8 @@ def _triton_section(p: _Parts) -> list[str]:
     if helpers:
         L.append("")
     kernel = f"{p.name}_fwd_bwd"
-    kargs = [f"{x}_ptr" for x in p.args] + ["loss_ptr"] + [f"d_{x}_ptr" for x in p.distinct] + ["n_pairs"]
-    kargs += list(p.hp) + ["TINY: tl.constexpr", "BLOCK: tl.constexpr"]
+    kargs = [f"{x}_ptr" for x in p.args] + ["pair_margin_ptr", "loss_ptr"] + [f"d_{x}_ptr" for x in p.distinct]
+    kargs += ["n_pairs", *p.hp, "HAS_MARGIN: tl.constexpr", "TINY: tl.constexpr", "BLOCK: tl.constexpr"]
     L += ["    @triton.jit", f"    def {kernel}(", *[f"        {a}," for a in kargs], "    ):"]
     L += [
         '        """BLOCK pairs per program: loads the log-probs, writes loss[B] and d loss / d log-prob of each input."""',
@@ -330,7 +332,9 @@ def _launcher(p: _Parts) -> list[str]:
         "    if n:",
         "        grid = (triton.cdiv(n, BLOCK),)",
     ]
-    launch = [*p.args, "loss", "*grads", "n", *[f"float({k})" for k in p.hp], "TINY=torch.finfo(dt).tiny"]
+    # without margins the kernel gets any pointer in their place (the loss buffer) and never reads it
+    launch = [*p.args, "loss if pair_margin is None else pair_margin", "loss", "*grads", "n"]
+    launch += [*[f"float({k})" for k in p.hp], "HAS_MARGIN=pair_margin is not None", "TINY=torch.finfo(dt).tiny"]
     L += _wrap_call(8, "KERNEL[grid](", [*launch, "BLOCK=BLOCK"])
     L.append("    return loss, tuple(grads[k] for k in GRAD_SLOT)")
     return L
@@ -344,15 +348,18 @@ _AUTOGRAD = [
     '    """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""',
     "",
     "    @staticmethod",
-    "    def forward(ctx, use_triton: bool, hyperparameters: dict, *tensors: torch.Tensor) -> torch.Tensor:",
-    '        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape."""',
+    "    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:",
+    '        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;',
+    '        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""',
     "        shape = tensors[0].shape",
     "        if use_triton:  # the kernel reads and writes contiguous 1-D buffers",
     "            flat = [t.reshape(-1).contiguous() for t in tensors]",
-    "            loss, grads = loss_and_grads_triton(*flat, **hyperparameters)",
+    "            if pair_margin is not None:",
+    "                pair_margin = pair_margin.reshape(-1).contiguous()",
+    "            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin)",
     "            loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]",
     "        else:  # elementwise torch ops take the tensors as they are",
-    "            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters)",
+    "            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)",
     "        # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once",
     "        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])",
     "        ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]",
@@ -362,7 +369,7 @@ _AUTOGRAD = [
     "    def backward(ctx, grad_loss: torch.Tensor):",
     "        saved, scaled = ctx.saved_tensors, {}",
     "        out = []",
-    "        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[2:]):",
+    "        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):",
     "            if need and (k, dt) not in scaled:",
     "                g = grad_loss * saved[k]",
     "                if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their",
@@ -373,14 +380,15 @@ _AUTOGRAD = [
     "                    g = g.to(dt)",
     "                scaled[k, dt] = g",
     "            out.append(scaled[k, dt] if need else None)",
-    "        return None, None, *out, *[None] * len(LENGTHS)",
+    "        return None, None, None, *out, *[None] * len(LENGTHS)",
 ]
 
 
 def _per_pair_loss(p: _Parts) -> list[str]:
     """The module's entry point: broadcast, the backend rule (copied from the one in dpalogic), the autograd call."""
     pp = [f"    {x}: torch.Tensor," for x in p.args]
-    pp += ["    *,", *[f"    {k}: float = {v!r}," for k, v in p.hp.items()], '    backend: str = "auto",']
+    pp += ["    *,", *[f"    {k}: float = {v!r}," for k, v in p.hp.items()]]
+    pp += ["    pair_margin: torch.Tensor | None = None,", '    backend: str = "auto",']
     hp_dict = "{" + ", ".join(f"{_lit(k)}: {k}" for k in p.hp) + "}"
     return [
         "",
@@ -394,6 +402,8 @@ def _per_pair_loss(p: _Parts) -> list[str]:
         ") -> torch.Tensor:",
         '    """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.',
         "",
+        "    pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed",
+        "    preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.",
         '    backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".',
         '    """',
         *_wrap_call(4, "tensors = (", p.args, ")" if len(p.args) > 1 else ",)"),
@@ -402,8 +412,12 @@ def _per_pair_loss(p: _Parts) -> list[str]:
         "        tensors = torch.broadcast_tensors(*tensors)",
         "    if any(t.device != device for t in tensors):",
         '        raise _InputError("all inputs must be on the same device")',
+        "    if pair_margin is not None:",
+        "        if pair_margin.device != device:",
+        '            raise _InputError("pair_margin must be on the inputs\' device")',
+        "        pair_margin = torch.broadcast_to(pair_margin.detach(), tensors[0].shape)",
         '    use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)',
         "    if refused:",
         "        raise _InputError(refused)",
-        f"    return LossFunction.apply(use_triton, {hp_dict}, *tensors)",
+        *_wrap_call(4, "return LossFunction.apply(", ["use_triton", hp_dict, "pair_margin", "*tensors"]),
     ]
