@@ -44,12 +44,18 @@ def legend_text(p, code: str = "") -> list[str]:
 
 def outside_info(o) -> dict[str, Any]:
     """What ``show`` says about a known loss outside the fragment: it is known, and why it has no program."""
+    from dpalogic.semantics.catalog import UNSTRUCTURED
+
+    train_with = [n for n, why in UNSTRUCTURED.items() if why == o.name]
     return {
         "name": o.name,
         "aliases": list(o.aliases),
         "in_fragment": False,
         "reason": o.reason,
         "citation": o.citation,
+        # trainable anyway, as plain torch with no structure (dpalogic.runtime.unstructured)
+        "trainable": bool(train_with),
+        "train_with": train_with,
     }
 
 
@@ -124,6 +130,12 @@ def _print_outside(info: dict[str, Any]) -> None:
     if info["aliases"]:
         c.print(f"aliases: {', '.join(info['aliases'])}")
     c.print(f"why: {escape(info['reason'])}")
+    if info["trainable"]:
+        names = ", ".join(info["train_with"])
+        c.print(
+            f"trainable without a structure (plain torch, no ρ or circuit): dpalogic train --loss NAME, "
+            f"PreferenceLoss(NAME), NAME one of {names}"
+        )
 
 
 def print_show(info: dict[str, Any]) -> None:
