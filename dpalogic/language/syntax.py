@@ -16,6 +16,7 @@ import sympy
 from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Equivalent, Implies, Not, Or, Xor
 
 from dpalogic.errors import DPALogicError, FormulaSyntaxError, unknown
+from dpalogic.language.cardinality import CONSTRUCTS, Count, Ranked
 from dpalogic.language.fold import fold
 
 # --------------------------------------------------------------------------------------------------- atoms
@@ -24,7 +25,7 @@ PREDICATES = ("M", "Ref")
 PREDICATE_READING = {"M": "the policy deems {y} valid", "Ref": "the reference model deems {y} valid"}
 ANSWER_ALIASES = {"yw": "yw", "y_w": "yw", "yl": "yl", "y_l": "yl"}
 PROMPTS = ("x",)
-MAX_ANSWERS = 16
+MAX_ANSWERS = 256  # y1 … y256: lists of answers (best-of-n, group sampling) reach 64 and beyond
 
 
 @dataclass(frozen=True, order=True)
@@ -209,10 +210,10 @@ class _Builder:
         return FormulaSyntaxError(msg, self.text, pos)
 
     def build(self, root) -> Boolean:
-        return fold(
+        value = fold(
             root,
             self.expand,
-            lambda func, args, node: func(*args),
+            self.combine,
             max_level=MAX_NESTING,
             too_deep=lambda node: self.err(
                 f"the formula nests {self.depth(root)} operators deep; the limit is {MAX_NESTING} levels (the "
@@ -220,6 +221,32 @@ class _Builder:
                 node,
             ),
         )
+        if isinstance(value, (_Range, _Number)):
+            raise self.err(value.misplaced(), value.node)
+        return value
+
+    def combine(self, func, args: list, node) -> Boolean:
+        """Apply a connective or construct: ranges spliced into variadic ones, a count only where one is due."""
+        takes_number = func in _NUMBERED
+        if takes_number:
+            if not args or not isinstance(args[0], _Number):
+                raise self.err(f"{_NUMBERED[func]} takes a count first: {_NUMBERED[func]}(2, M(y1..y4))", node)
+            number, args = args[0], args[1:]
+            if not args:
+                raise self.err(f"{_NUMBERED[func]} needs formulas after its count", node)
+        operands: list = []
+        for a in args:
+            if isinstance(a, _Number):
+                raise self.err(a.misplaced(), a.node)
+            if isinstance(a, _Range):
+                if func not in _VARIADIC and func not in _NUMBERED:
+                    raise self.err(a.misplaced(), a.node)
+                operands.extend(a.symbols)
+            else:
+                operands.append(a)
+        if takes_number:
+            return func(number.value, *operands)
+        return func(*operands)
 
     def depth(self, root) -> int:
         """How many operator levels the formula nests (for the message; leaves and errors in them are skipped)."""
@@ -265,6 +292,10 @@ class _Builder:
             return _BINARY[kind], list(node.children)
         if kind == "call":
             return self.call(node)
+        if kind == "number":
+            return _Number(int(str(node.children[0])[:6]) if len(str(node.children[0])) <= 6 else 10**6, node)
+        if kind == "answer_range":
+            raise self.err("a range of answers y1..yK goes inside M(...) or Ref(...): M(y1..y4)", node)
         raise self.err(f"unexpected construct {kind}", node)  # pragma: no cover - grammar and builder agree
 
     def call(self, node) -> Boolean | tuple:
@@ -279,11 +310,15 @@ class _Builder:
                 want = f"exactly {lo}" if lo == hi else f"at least {lo}"
                 raise self.err(f"{name} takes {want} argument(s), got {len(args)}", node)
             return {"and": And, "or": Or, "xor": Xor, "implies": Implies, "iff": Equivalent, "not": Not}[op], args
-        valid = list(PREDICATES) + sorted(set(CONNECTIVES))
+        if name in CONSTRUCTS:
+            return CONSTRUCTS[name][0], args
+        valid = list(PREDICATES) + sorted(set(CONNECTIVES)) + list(CONSTRUCTS)
         raise FormulaSyntaxError(str(unknown("predicate or connective", name, valid)), self.text, name_tok.start_pos)
 
-    def atom(self, pred: str, args, node) -> Boolean:
+    def atom(self, pred: str, args, node) -> Boolean | _Range:
         names = []
+        if args and args[-1].data == "answer_range":
+            return self.atom_range(pred, args, node)
         for a in args:
             if a.data != "bare_name":
                 raise self.err(f"the arguments of {pred}(...) are names such as x, yw, yl, y1", a)
@@ -302,11 +337,63 @@ class _Builder:
             raise self.err(
                 f"{pred}(...) takes an answer, optionally after the prompt: {pred}(yw) or {pred}(x, yw)", node
             )
-        answer = canonical_answer(str(answer_tok))
+        return atom_symbol(pred, self.answer(answer_tok))
+
+    def answer(self, tok) -> str:
+        answer = canonical_answer(str(tok))
         if answer is None:
+            m = re.fullmatch(r"y_?([0-9]+)", str(tok))
+            if m and (len(m.group(1)) > 6 or int(m.group(1)) > MAX_ANSWERS):
+                shown = str(tok) if len(str(tok)) <= 12 else str(tok)[:10] + "…"
+                raise FormulaSyntaxError(
+                    f"unknown answer {shown}: answers go up to y{MAX_ANSWERS}", self.text, tok.start_pos
+                )
             valid = ["yw", "yl", "y_w", "y_l"] + [f"y{i}" for i in range(1, 10)]
-            raise FormulaSyntaxError(str(unknown("answer", str(answer_tok), valid)), self.text, answer_tok.start_pos)
-        return atom_symbol(pred, answer)
+            raise FormulaSyntaxError(str(unknown("answer", str(tok), valid)), self.text, tok.start_pos)
+        return answer
+
+    def atom_range(self, pred: str, args, node) -> _Range:
+        """``M(y1..y4)`` → M(y1), M(y2), M(y3), M(y4) (``M(x, y1..y4)`` too); ranges run upward over y1 … y256."""
+        *prompt, rng = args
+        if len(prompt) > 1 or (prompt and (prompt[0].data != "bare_name" or str(prompt[0].children[0]) not in PROMPTS)):
+            raise self.err(f"{pred}(...) takes an answer range, optionally after the prompt: {pred}(x, y1..y4)", node)
+        first, last = rng.children
+        a, b = self.answer(first), self.answer(last)
+        if a in ("yw", "yl") or b in ("yw", "yl"):
+            raise self.err("a range runs over numbered answers: y1..y4", rng)
+        i, j = int(a[1:]), int(b[1:])
+        if j < i:
+            raise FormulaSyntaxError(f"the range {a}..{b} runs downward; write {b}..{a}", self.text, first.start_pos)
+        return _Range(tuple(atom_symbol(pred, f"y{k}") for k in range(i, j + 1)), rng)
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The atoms of ``M(y1..yK)``: spliced into the arguments of a variadic connective or construct."""
+
+    symbols: tuple
+    node: object
+
+    def misplaced(self) -> str:
+        return (
+            "a range M(y1..yK) stands for several atoms: use it inside And, Or, Xor, Iff, ExactlyOne, AtMost, "
+            "AtLeast, Exactly or Ranked"
+        )
+
+
+@dataclass(frozen=True)
+class _Number:
+    """A count: the first argument of AtMost, AtLeast and Exactly."""
+
+    value: int
+    node: object
+
+    def misplaced(self) -> str:
+        return "a number is only allowed as the count of AtMost(k, ...), AtLeast(k, ...) or Exactly(k, ...)"
+
+
+_VARIADIC = {And, Or, Xor, Equivalent, CONSTRUCTS["ExactlyOne"][0], Ranked}
+_NUMBERED = {CONSTRUCTS[n][0]: n for n in CONSTRUCTS if CONSTRUCTS[n][1]}
 
 
 def parse_formula(text: str) -> Boolean:
@@ -363,12 +450,79 @@ def _order_key(e: Boolean):
 
 
 def _kind(e: Boolean) -> str:
-    if isinstance(e, (BooleanTrue, BooleanFalse)) or isinstance(e, sympy.Symbol):
+    if isinstance(e, (BooleanTrue, BooleanFalse, sympy.Symbol, Count, Ranked)) or _compact_call(e):
         return "atom"
     return {And: "and", Or: "or", Xor: "xor", Implies: "implies", Equivalent: "iff", Not: "not"}[e.func]
 
 
+MIN_RUN = 3  # M(y1), M(y2), M(y3) and longer print as M(y1..y3)
+
+
+def _run_end(ops, i: int) -> int:
+    """The last index of the run of consecutive answers of one predicate that starts at ``ops[i]``."""
+    j = i
+    if isinstance(ops[i], sympy.Symbol) and atom_of(ops[i]).answer[1:].isdigit():
+        a = atom_of(ops[i])
+        while j + 1 < len(ops) and isinstance(ops[j + 1], sympy.Symbol):
+            b = atom_of(ops[j + 1])
+            if b.pred != a.pred or not b.answer[1:].isdigit() or int(b.answer[1:]) != int(a.answer[1:]) + j + 1 - i:
+                break
+            j += 1
+    return j
+
+
+def _operand_texts(ops, st: dict, prec: int) -> list[str]:
+    """Operands in order, a run of consecutive answers of one predicate (M(y1), …, M(y64)) as one range."""
+    out: list[str] = []
+    i = 0
+    while i < len(ops):
+        j = _run_end(ops, i)
+        if j - i + 1 >= MIN_RUN:
+            first, last = atom_of(ops[i]), atom_of(ops[j])
+            if st is _STYLES["latex"]:
+                out.append(st["atom"](first) + r", \ldots, " + st["atom"](last))
+            else:
+                out.append(f"{first.pred}({first.answer}..{last.answer})")
+            i = j + 1
+        else:
+            out.append(_fmt(ops[i], st, prec))
+            i += 1
+    return out
+
+
+def _compact_call(e: Boolean) -> bool:
+    """An And/Or/Xor with a long run of answers prints as a call with a range: And(M(y1..y64))."""
+    if e.func not in (And, Or, Xor) or len(e.args) < MIN_RUN:
+        return False
+    ops = sorted(e.args, key=_order_key)
+    return any(_run_end(ops, i) - i + 1 >= MIN_RUN for i in range(len(ops)))
+
+
+def _call_text(name: str, texts: list[str], st: dict) -> str:
+    head = rf"\mathrm{{{name}}}" if st is _STYLES["latex"] else name
+    return head + "(" + ", ".join(texts) + ")"
+
+
+def _fmt_call(e: Boolean, st: dict) -> str:
+    """Constructs over many answers, in their call form with ranges kept compact."""
+    if isinstance(e, Ranked):
+        return _call_text("Ranked", _operand_texts(e.operands, st, 0), st)
+    if isinstance(e, Count):
+        name, k = e.construct
+        texts = _operand_texts(sorted(e.operands, key=_order_key), st, 0)
+        if name == "Between":  # no construct of its own: AtLeast(lo, …) ∧ AtMost(hi, …)
+            lo, hi = _call_text("AtLeast", [str(e.lo), *texts], st), _call_text("AtMost", [str(e.hi), *texts], st)
+            return _call_text("And", [lo, hi], st)
+        return _call_text(name, ([str(k)] if k is not None else []) + texts, st)
+    name = {And: "And", Or: "Or", Xor: "Xor"}[e.func]
+    return _call_text(name, _operand_texts(sorted(e.args, key=_order_key), st, 0), st)
+
+
 def _fmt(e: Boolean, st: dict, parent_prec: int, right_of_implies: bool = False) -> str:
+    if isinstance(e, (Count, Ranked)) or (
+        not isinstance(e, (sympy.Symbol, BooleanTrue, BooleanFalse)) and _compact_call(e)
+    ):
+        return _fmt_call(e, st)
     if isinstance(e, BooleanTrue):
         return st["t"]
     if isinstance(e, BooleanFalse):

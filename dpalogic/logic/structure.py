@@ -16,6 +16,7 @@ import sympy
 from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Equivalent, Implies, Not, Or, Xor
 
 from dpalogic.errors import DegenerateStructureError, DPALogicError
+from dpalogic.language.cardinality import Count, Ranked
 from dpalogic.language.syntax import Atom, atoms_of, parse_structure_text, to_ascii, to_latex, to_unicode
 
 # --------------------------------------------------------------------------------------------------- truth tables
@@ -53,6 +54,19 @@ def truth_table(expr: Boolean, atoms: tuple[Atom, ...]) -> int:
         if isinstance(e, sympy.Symbol):
             return atom_mask(index[e.name], n)
         f = e.func
+        if f is Count:  # masks of "exactly c operands true", c = 0 … hi, built one operand at a time
+            exact = [full]
+            for v in (ev(a) for a in e.operands):
+                nxt = [exact[0] & ~v & full]
+                for c in range(1, min(len(exact), e.hi) + 1):
+                    nxt.append(((exact[c] if c < len(exact) else 0) & ~v & full) | (exact[c - 1] & v))
+                exact = nxt
+            out = 0
+            for c in range(e.lo, min(e.hi, len(exact) - 1) + 1):
+                out |= exact[c]
+            return out
+        if f is Ranked:
+            return ev(e.expanded())
         if f is Not:
             return full & ~ev(e.args[0])
         vals = [ev(a) for a in e.args]
@@ -96,6 +110,11 @@ def extend_mask(mask: int, atoms: tuple[Atom, ...], to: tuple[Atom, ...]) -> int
         if (mask >> sub) & 1:
             out |= 1 << w
     return out
+
+
+def _has_construct(e: Boolean) -> bool:
+    """Does a formula use Count/Ranked? Written that way it reads better than any minimized And/Or form."""
+    return isinstance(e, (Count, Ranked)) or any(_has_construct(a) for a in e.args if isinstance(a, Boolean))
 
 
 def worlds(mask: int, n: int) -> list[int]:
@@ -306,7 +325,7 @@ class Structure:
     def _as_written(self) -> bool:
         """Beyond MINIMIZE_ATOMS atoms, minimizing formulas (Quine–McCluskey) costs seconds to minutes, so a parsed
         structure is shown as written instead."""
-        return self.n > MINIMIZE_ATOMS and self.source is not None
+        return self.source is not None and (self.n > MINIMIZE_ATOMS or any(_has_construct(e) for e in self.source))
 
     @property
     def top_formula(self) -> Boolean:

@@ -1,0 +1,152 @@
+"""Structures over many answers: the sides ✓/✗ as OBDDs instead of truth tables (docs/semantics.md §8).
+
+A :class:`ListStructure` means exactly what a :class:`~dpalogic.logic.structure.Structure` means —
+``✓ = P ∧ P_C``, ``✗ = (¬P ∧ P_C) ∨ P_A`` — but holds its sides as nodes of one shared OBDD, so it scales to
+hundreds of atoms. Structures with at most :data:`~dpalogic.logic.structure.MAX_ATOMS` atoms stay truth tables
+(every analysis works on them); :func:`parse_any` picks the representation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import sympy
+from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Not, Or
+
+from dpalogic.errors import DegenerateStructureError, DPALogicError
+from dpalogic.language.syntax import Atom, atoms_of, parse_structure_text, to_ascii, to_latex, to_unicode
+from dpalogic.logic.bdd import BDD, FALSE, compile_formula, to_circuit
+from dpalogic.logic.structure import MAX_ATOMS, Structure
+
+MAX_LIST_ATOMS = 512  # M and Ref of y1 … y256
+
+
+def bdd_order(atoms: tuple[Atom, ...]) -> tuple[Atom, ...]:
+    """The variable order: by answer, then M before Ref — keeps per-answer constraints (M(yj) ∨ Ref(yj)) local."""
+    return tuple(sorted(atoms, key=lambda a: (a.sort_key[1], a.sort_key[0])))
+
+
+@dataclass(frozen=True, eq=False)
+class ListStructure:
+    """A preference structure whose sides are OBDD nodes; ``atoms`` in canonical order (as for Structure)."""
+
+    atoms: tuple[Atom, ...]
+    source: tuple[Boolean, Boolean, Boolean]
+    given_is_literal_false: bool = False
+    bdd: BDD = field(repr=False, default=None)  # type: ignore[assignment]
+    top: int = FALSE
+    bottom: int = FALSE
+    order: tuple[Atom, ...] = ()
+
+    @classmethod
+    def from_parts(
+        cls,
+        core: Boolean,
+        given: Boolean | None = None,
+        additional: Boolean | None = None,
+        given_is_literal_false: bool = False,
+    ) -> ListStructure:
+        given = sympy.true if given is None else given
+        additional = sympy.false if additional is None else additional
+        atoms = atoms_of(core, given, additional)
+        if len(atoms) > MAX_LIST_ATOMS:
+            raise DPALogicError(
+                f"{len(atoms)} atoms: a structure takes at most {MAX_LIST_ATOMS} (M and Ref of y1 … y256)"
+            )
+        order = bdd_order(atoms)
+        index = {a.name: i for i, a in enumerate(order)}
+        bdd = BDD(len(order))
+        p, c, a = (compile_formula(bdd, e, index) for e in (core, given, additional))
+        top = bdd.apply("and", p, c)
+        bottom = bdd.apply("or", bdd.apply("and", bdd.neg(p), c), a)
+        return cls(atoms, (core, given, additional), given_is_literal_false, bdd, top, bottom, order)
+
+    # ---- views
+    @property
+    def n(self) -> int:
+        return len(self.atoms)
+
+    @cached_property
+    def _atom_of_var(self) -> tuple[int, ...]:
+        pos = {a: i for i, a in enumerate(self.atoms)}
+        return tuple(pos[a] for a in self.order)
+
+    def side_circuit(self, which: str):
+        """``log WMC`` of ``"top"`` or ``"bottom"`` as a circuit over ``self.atoms`` (indices as in Structure)."""
+        return to_circuit(self.bdd, self.top if which == "top" else self.bottom, self._atom_of_var)
+
+    def sizes(self) -> dict[str, int]:
+        """OBDD nodes of each side and circuit nodes of both together (shared subcircuits counted once)."""
+        from dpalogic.semantics import circuit
+
+        roots = [self.side_circuit(w) for w in ("top", "bottom") if getattr(self, w) != FALSE]
+        nodes = {id(x) for r in roots for x in circuit.topological(r)}
+        return {
+            "bdd_top": len(self.bdd.support(self.top)),
+            "bdd_bottom": len(self.bdd.support(self.bottom)),
+            "circuit": len(nodes),
+        }
+
+    @property
+    def top_formula(self) -> Boolean:
+        core, given, _ = self.source
+        return And(core, given)
+
+    @property
+    def bottom_formula(self) -> Boolean:
+        core, given, additional = self.source
+        return Or(And(Not(core), given), additional)
+
+    def readable_triple(self) -> tuple[Boolean, Boolean, Boolean]:
+        return self.source
+
+    def text(self, style: str = "unicode") -> str:
+        fmt = {"unicode": to_unicode, "ascii": to_ascii, "latex": to_latex}[style]
+        core, given, additional = self.source
+        parts = [core, given, additional]
+        if isinstance(additional, BooleanFalse):
+            parts.pop()
+            if isinstance(given, BooleanTrue):
+                parts.pop()
+        if len(parts) == 1:
+            return fmt(core)
+        return "(" + ", ".join(fmt(x) for x in parts) + ")"
+
+    def __str__(self) -> str:
+        return self.text()
+
+    # ---- checks (decided on the OBDDs: no enumeration of 2^n worlds)
+    def problems(self) -> list[str]:
+        out = []
+        if self.given_is_literal_false:
+            out.append("P_C is the literal false: no world is counted, the loss is undefined")
+        else:
+            if self.top == FALSE:
+                out.append("the ✓ side P ∧ P_C is unsatisfiable, so WMC(✓) = 0 and the loss is +∞ everywhere")
+            if self.bottom == FALSE:
+                out.append("the ✗ side (¬P ∧ P_C) ∨ P_A is unsatisfiable, so WMC(✗) = 0 and the loss is 0 everywhere")
+        return out
+
+    def check(self) -> ListStructure:
+        probs = self.problems()
+        if probs:
+            raise DegenerateStructureError(f"degenerate structure {self.text()}: " + "; ".join(probs))
+        return self
+
+
+def parse_any(text: str, given: str | None = None, additional: str | None = None) -> Structure | ListStructure:
+    """Structure text as a truth-table Structure (≤ 12 atoms) or, beyond, a ListStructure."""
+    ps = parse_structure_text(text)
+    parts = [x for x in (ps.core, ps.given, ps.additional) if x is not None]
+    if given is None and additional is None and len(atoms_of(*parts)) > MAX_ATOMS:
+        return ListStructure.from_parts(ps.core, ps.given, ps.additional, ps.given_is_literal_false)
+    return Structure.parse(text, given, additional)
+
+
+def as_list_structure(s: Structure | ListStructure) -> ListStructure:
+    """Any structure as OBDD sides (a Structure through its parsed source, or its sides as written)."""
+    if isinstance(s, ListStructure):
+        return s
+    core, given, additional = s.source if s.source is not None else s.readable_triple()
+    return ListStructure.from_parts(core, given, additional, s.given_is_literal_false)
