@@ -157,7 +157,8 @@ def test_show_a_loss_outside_the_fragment_is_not_an_error(capsys):
 
     out = run_json(capsys, "show", "kto", "--json")
     kto = OUTSIDE["kto"]
-    assert out == {"name": "kto", "aliases": [], "in_fragment": False, "reason": kto.reason, "citation": kto.citation}
+    assert out == {"name": "kto", "aliases": [], "in_fragment": False, "reason": kto.reason, "citation": kto.citation,
+                   "trainable": True, "train_with": ["kto"]}  # fmt: skip
     assert run_json(capsys, "show", "AOT-pair", "--json")["name"] == "aot"  # aliases, any case, - for _
     proc = subprocess.run([sys.executable, "-m", "dpalogic", "show", "kto"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == ""
