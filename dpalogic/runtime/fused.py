@@ -37,6 +37,7 @@ from dpalogic.errors import DPALogicError
 from dpalogic.runtime.backend import use_triton
 from dpalogic.runtime.metrics import pair_rewards
 from dpalogic.runtime.preference_loss import PreferenceLoss
+from dpalogic.runtime.token_weights import check_float_tensor, check_token_weights
 
 _PAIR_ATOMS = {"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"}
 
@@ -108,10 +109,12 @@ def sequence_logps(
     chunk_rows: int = 2,
     max_chunk_tokens: int | None = None,
     use_triton: bool = False,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label log-probs ``[N]`` and token counts ``[N]`` of every row of ``hidden [N, T, H]``, no gradients.
 
-    Used for the reference model. The token rows are processed ``chunk_rows·T`` at a time (at most
+    With ``token_weights [N, T]`` the sums are weighted, ``Σ_t w_t log π(y_t)``, and the counts are ``Σ_t w_t``
+    (over non-ignored labels). Used for the reference model. The token rows are processed ``chunk_rows·T`` at a time (at most
     ``max_chunk_tokens``) in one float32 logits buffer. With ``use_triton`` the label log-probs come from
     :func:`dpalogic.runtime.fused_kernels.label_logprobs` (the buffer is only read), otherwise from in-place torch ops.
     """
@@ -134,6 +137,9 @@ def sequence_logps(
                 tok[a:b] = fused_kernels.label_logprobs(logits, flat_labels[a:b].contiguous(), ignore_index)[1]
             else:
                 tok[a:b] = _token_logps_inplace(logits, safe[a:b])[0]
+    if token_weights is not None:
+        w = token_weights.to(acc) * valid
+        return (tok.view(N, T) * w).sum(1), w.sum(1)
     return (tok.view(N, T) * valid).sum(1), valid.sum(1)
 
 
@@ -167,10 +173,12 @@ def _grad_phase(logits, lbl, raw, lse, total, coef, ignore_index, use_triton) ->
     logits.scatter_add_(1, lbl[:, None], coef[:, None])
 
 
-def _pair_loss_and_grads(loss_fn, seq, c, s, e, B, lengths, ref_chosen, ref_rejected):
+def _pair_loss_and_grads(loss_fn, seq, c, s, e, B, lengths, ref_chosen, ref_rejected, margin=None):
     """The program's per-pair loss for pairs ``s:e`` and its gradient w.r.t. their summed log-probs ``seq``."""
     with torch.enable_grad():
         lc, lr = seq[:c].detach().requires_grad_(), seq[c:].detach().requires_grad_()
+        # a margin only when there is one: losses without structure (dpalogic.runtime.unstructured) take none
+        extra = {} if margin is None else {"margin": margin[s:e].to(seq.dtype)}
         per = loss_fn(
             lc,
             lr,
@@ -178,6 +186,7 @@ def _pair_loss_and_grads(loss_fn, seq, c, s, e, B, lengths, ref_chosen, ref_reje
             None if ref_rejected is None else ref_rejected[s:e],
             chosen_lengths=lengths[s:e],
             rejected_lengths=lengths[B + s : B + e],
+            **extra,
         )
         per_sum = per.sum()
         gc = gr = None
@@ -221,6 +230,8 @@ class _FusedLinearPreference(torch.autograd.Function):
         labels,
         ref_chosen,
         ref_rejected,
+        margin,
+        token_weights,
         loss_fn,
         ignore_index,
         chunk,
@@ -235,8 +246,10 @@ class _FusedLinearPreference(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         valid = labels != ignore_index
         safe = torch.where(valid, labels, 0)
-        lengths = valid.sum(1)
         acc = _acc_dtype(hidden.dtype)
+        # token weights: each token's log-prob counts w_t times, and a length-normalized term divides by Σ_t w_t
+        weights = None if token_weights is None else token_weights.to(acc) * valid
+        lengths = valid.sum(1) if weights is None else weights.sum(1)
         grads = _Grads(
             weight,
             grad_h=torch.empty_like(hidden) if need_h else None,
@@ -256,7 +269,7 @@ class _FusedLinearPreference(torch.autograd.Function):
             h = hidden.index_select(0, rows_idx).reshape(rows, H)
             lbl = safe.index_select(0, rows_idx).reshape(rows)
             raw = labels.index_select(0, rows_idx).reshape(rows)  # ignore_index kept: the kernels mask those rows
-            mask = valid.index_select(0, rows_idx).reshape(rows)
+            mask = (valid if weights is None else weights).index_select(0, rows_idx).reshape(rows)
             rows_fit = rows <= buf.shape[0]
             if rows_fit:  # one pass: the buffer keeps what the gradient phase needs
                 logits = _chunk_logits(h, weight, bias, buf[:rows])
@@ -268,7 +281,7 @@ class _FusedLinearPreference(torch.autograd.Function):
                 )
             seq = (tok * mask).view(2 * c, T).sum(1)
             seq_logps[rows_idx] = seq
-            per, gc, gr = _pair_loss_and_grads(loss_fn, seq, c, s, e, B, lengths, ref_chosen, ref_rejected)
+            per, gc, gr = _pair_loss_and_grads(loss_fn, seq, c, s, e, B, lengths, ref_chosen, ref_rejected, margin)
             losses[s:e] = per
             if not (need_h or need_w or need_b):
                 continue
@@ -298,7 +311,7 @@ class _FusedLinearPreference(torch.autograd.Function):
             grad_b = None if grad_b is None else grad_b * grad_loss
         gw = None if grad_w is None else grad_w.to(w_dtype)
         gb = None if grad_b is None else grad_b.to(b_dtype)
-        return grad_h, gw, gb, None, None, None, None, None, None, None, None, None
+        return grad_h, gw, gb, *[None] * 11
 
 
 def _sliced_logps(h, weight, bias, buf, lbl, raw, slices, ignore_index, use_triton):
@@ -352,6 +365,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     :mod:`dpalogic.runtime.fused_kernels` on CUDA tensors when triton is installed and torch ops otherwise; ``"triton"``
     always the kernels (on the CPU only under ``TRITON_INTERPRET=1``); ``"torch"`` always torch ops. The matmuls are
     torch's either way.
+
+    ``margin [B]`` shifts each pair's link as :meth:`PreferenceLoss.per_pair` does. ``token_weights [2B, T]`` (laid
+    out as ``labels``) make an atom's log-weight ``Σ_t w_t log π(y_t)`` (the reference's too, from ``ref_hidden``), and
+    a length-normalized term divides by ``Σ_t w_t`` (:mod:`dpalogic.runtime.token_weights`).
     """
 
     def __init__(
@@ -410,8 +427,12 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ref_hidden: torch.Tensor | None = None,
         ref_weight: torch.Tensor | None = None,
         ref_bias: torch.Tensor | None = None,
+        *,
+        margin: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(hidden, lm_head_weight, labels, bias)
+        self._check_extras(hidden, margin, token_weights)
         triton_here = use_triton(self.backend, hidden)  # the one backend rule (dpalogic.runtime.backend)
         B = hidden.shape[0] // 2
         ref_c, ref_r = ref_chosen_logps, ref_rejected_logps
@@ -434,6 +455,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 chunk_rows=2 * self.chunk_size,
                 max_chunk_tokens=self.max_chunk_tokens,
                 use_triton=triton_here,
+                token_weights=token_weights,
             )
             ref_c, ref_r = ref[:B], ref[B:]
         for name, t in (("ref_chosen_logps", ref_c), ("ref_rejected_logps", ref_r)):
@@ -446,6 +468,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             labels,
             None if ref_c is None else ref_c.detach(),
             None if ref_r is None else ref_r.detach(),
+            None if margin is None else margin.detach(),
+            None if token_weights is None else token_weights.detach(),
             self.loss_fn,
             self.ignore_index,
             self.chunk_size,
@@ -478,6 +502,13 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                     f"labels must be token ids in [0, {weight.shape[0]}) or ignore_index={self.ignore_index}; "
                     f"found {lo if lo < 0 else hi}"
                 )
+
+    def _check_extras(self, hidden, margin, token_weights) -> None:
+        N, T = hidden.shape[:2]
+        if margin is not None:
+            check_float_tensor("margin", margin, (N // 2,), hidden.device)
+        if token_weights is not None:
+            check_token_weights(token_weights, (N, T), hidden.device)
 
     def _metrics(self, seq, lengths, losses, ref_c, ref_r) -> dict[str, torch.Tensor]:
         """Per-sequence log-probs, rewards, margins and accuracy (detached), named as TRL/Liger log them.
