@@ -298,6 +298,8 @@ def check_loss(loss: str, hp: Mapping[str, float]) -> None:
     from dpalogic.runtime.preference_loss import PreferenceLoss, bind_term
 
     fn = PreferenceLoss(loss, reduction="none", **hp)
+    if getattr(fn, "structure_free", False):  # no terms to inspect: it checked its own hyperparameters (β > 0, …)
+        return
     values = fn.hyperparameters
     name = fn.program.name or _show(loss)
     shown = ", ".join(f"{k}={v:g}" for k, v in values.items())

@@ -34,14 +34,13 @@ import torch
 
 from dpalogic.errors import DPALogicError
 from dpalogic.training import scaling
+from dpalogic.training.checkpoint import read_json
 from dpalogic.training.config import TrainConfig
 from dpalogic.training.data import (
     BAD_ROWS_FILE,
     PreferenceRows,
     TokenizedData,
-    load_preferences,
     pad_id,
-    tokenize_rows,
     write_bad_rows,
 )
 from dpalogic.training.model import load_model_and_tokenizer
@@ -52,6 +51,7 @@ from dpalogic.training.resume import rng_state as rng_state  # re-exported
 from dpalogic.training.resume import set_rng_state as set_rng_state
 from dpalogic.training.runlog import RunLog, interrupts, say
 from dpalogic.training.steps import STAT_NAMES, PairForward, Policy, evaluate, lr_lambda, micro_batches
+from dpalogic.training.unpaired import load_rows, needs_live_reference, tokenize_any
 
 # the atoms of a pair loss: a formula over y1 … yK (or one without a policy atom) cannot train on chosen/rejected rows
 PAIR_ATOMS = frozenset({"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"})
@@ -171,6 +171,11 @@ class Trainer:
 
         cfg = self.cfg
         self.loss_fn = PreferenceLoss(cfg.loss, reduction="none", **cfg.hp)
+        if getattr(self.loss_fn, "structure_free", False):  # KTO, BCO, f-DPO, …: plain torch on the log-probs
+            if cfg.fused:
+                raise DPALogicError(f"--fused runs compiled programs; {cfg.loss} has no structure: drop --fused")
+            self.needs_ref, self.fused = self.loss_fn.needs_reference, None
+            return
         names = {a.name for a in self.loss_fn.atoms}
         if not names <= PAIR_ATOMS:
             raise DPALogicError(
@@ -197,9 +202,12 @@ class Trainer:
         if train_rows is None:
             if not cfg.data:
                 raise DPALogicError("no training data: pass --data FILE (JSONL, JSON, Parquet or a datasets folder)")
-            train_rows = load_preferences(cfg.data, strict=cfg.strict_data)
+            train_rows = load_rows(cfg.data, strict=cfg.strict_data)  # pairs, or unpaired rows (kto, bco)
         if eval_rows is None and cfg.eval:
-            eval_rows = load_preferences(cfg.eval, strict=cfg.strict_data, split="eval")
+            eval_rows = load_rows(cfg.eval, strict=cfg.strict_data, split="eval")
+        if needs_live_reference(self.loss_fn, cfg.loss, train_rows, eval_rows) and cfg.reference == "cache":
+            self.say(f"{cfg.loss}: a live reference model, not a reference cache (the cache holds pairs only)")
+            cfg.reference = "model"
         self.train_data = self._tokenize(train_rows, "train data")
         self.eval_data = self._tokenize(eval_rows, "eval data") if eval_rows is not None else None
         if self.dist.main:  # every skipped row with its number and reason (the console lists only the first few)
@@ -218,7 +226,7 @@ class Trainer:
             )
 
     def _tokenize(self, rows: PreferenceRows, what: str) -> TokenizedData:
-        tok = tokenize_rows(
+        tok = tokenize_any(
             rows,
             self.tokenizer,
             max_length=self.cfg.max_length,
@@ -462,6 +470,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "config": asdict(self.cfg),
         }
+        if hasattr(self.loss_fn, "stats_state"):  # batch statistics carried across steps (BCO's δ)
+            state["loss_state"] = self.loss_fn.stats_state()
         self.last_checkpoint = save_checkpoint(
             self.out / CHECKPOINT_DIR, state, self.dist, self.model, self.optimizer, lora=self.lora,
             keep=self.cfg.keep_checkpoints,
@@ -474,6 +484,8 @@ class Trainer:
             path, self.dist, self.model, self.optimizer, self.scheduler, fsdp=self.fsdp, lora=self.lora,
             global_batch=self.global_batch, train_pairs=len(self.train_data.examples),
         )  # fmt: skip
+        if hasattr(self.loss_fn, "load_stats_state"):  # BCO's running mean δ, as it was at that step
+            self.loss_fn.load_stats_state(read_json(path / "state.json").get("loss_state", {}))
         self.last_checkpoint = path
         self.say(f"resumed from {path} at step {self.step}")
 

@@ -91,10 +91,18 @@ class PairForward:
     def batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         from accelerate.utils import send_to_device
 
+        if getattr(self.loss_fn, "structure_free", False):  # unpaired rows, KTO's mismatched pairs
+            from dpalogic.training.unpaired import collate_any
+
+            return send_to_device(collate_any(examples, self.pad, kl=self.loss_fn.needs_kl), self.acc.device)
         return send_to_device(collate(examples, self.pad), self.acc.device)
 
     def pair_losses(self, module, batch: dict[str, torch.Tensor], cache: torch.Tensor | None):
         """Per-pair losses ``[B]`` (or the fused mean loss) and the per-pair log-probs for metrics."""
+        if getattr(self.loss_fn, "structure_free", False):  # KTO, BCO, f-DPO, …: plain torch, no structure
+            from dpalogic.training.unpaired import structure_free_losses
+
+            return structure_free_losses(self, module, batch, cache)
         ref_c = ref_r = None
         if self.needs_ref:
             ref_c, ref_r = batch_reference_logps(batch, cache, self.reference.model, self.model, self.acc.autocast)
