@@ -118,12 +118,14 @@ def _dry_run(cfg, as_json: bool) -> int:
     """Read and check the data files (no model, no tokenizer, nothing written) and print the settings."""
     from dataclasses import asdict
 
+    from dpalogic.training.annotations import annotate_rows
     from dpalogic.training.data import load_preferences
 
     reports = []
     for what, path, split in (("train data", cfg.data, None), ("eval data", cfg.eval, "eval")):
-        if path is not None:
-            reports.append(load_preferences(path, strict=cfg.strict_data, split=split).summary(what))
+        if path is not None:  # margins and spans checked too
+            rows = annotate_rows(load_preferences(path, strict=cfg.strict_data, split=split), cfg)
+            reports.append(rows.summary(what))
     if as_json:
         print(json.dumps(asdict(cfg), indent=2, ensure_ascii=False))
     else:

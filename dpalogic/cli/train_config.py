@@ -48,6 +48,9 @@ HELP = {
     "fused_max_chunk_tokens": "cap the fused loss's logits buffer at N token rows (two passes when a chunk is larger)",
     "bf16": "bf16 autocast: auto (GPUs that support it), true, false",
     "strict_data": "stop at malformed rows instead of skipping them",
+    "margin_from": "a per-pair margin m_i from each row, shifting the loss's link to f(z - m_i): 'margin' (the row's "
+    "margin field) or 'scores' (chosen_score - rejected_score); a row without it is a bad row",
+    "margin_scale": "multiply each row's margin (or score difference) by this",
     "log_every": "log training metrics every N steps",
     "eval_every": "evaluate every N steps (0: only at the start and the end)",
     "save_every": "checkpoint every N steps (0: only at the end)",
@@ -87,6 +90,7 @@ DEFAULT_TEXT = {
     "deepspeed": "none",
     "lora_r": "none: train every weight",
     "lora_alpha": "2 × --lora-r",
+    "margin_from": "none: no margins",
 }
 
 

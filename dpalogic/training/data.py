@@ -24,6 +24,8 @@ from typing import Any
 from dpalogic.errors import DPALogicError
 
 FIELDS = ("prompt", "chosen", "rejected")
+# what a row may carry besides (dpalogic.training.annotations): a margin, or the scores it is made from, and spans
+ANNOTATIONS = ("margin", "chosen_score", "rejected_score", "chosen_spans", "rejected_spans", "outside_span_weight")
 IGNORE_INDEX = -100
 MAX_LISTED_ISSUES = 5  # the console shows the first few bad rows; bad_rows.jsonl has them all
 BAD_ROWS_FILE = "bad_rows.jsonl"
@@ -162,7 +164,7 @@ def _read_csv(path: Path) -> list[tuple[int, Any]]:
                     f"{path}: the first line must name the columns prompt, chosen, rejected; got {shown}"
                 )
             continue
-        records.append((start, {k: v for k, v in zip(header, cells) if k in FIELDS}))
+        records.append((start, {k: v for k, v in zip(header, cells) if k in FIELDS or k in ANNOTATIONS}))
     return records
 
 
@@ -287,7 +289,8 @@ def normalize_row(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
             return None, f"empty {f!r} answer"
     if chosen == rejected:
         return None, "chosen and rejected are identical (no preference to learn)"
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
+    extra = {k: rec[k] for k in ANNOTATIONS if rec.get(k) is not None}  # checked by annotations.annotate
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}, None
 
 
 def _fatal(source: str, issues: Sequence[RowIssue]) -> BadRowsError:
@@ -361,6 +364,9 @@ class Example:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    margin: float | None = None  # the pair's margin (--margin-from)
+    chosen_weights: tuple[float, ...] | None = None  # per answer token, from spans (dpalogic.training.annotations)
+    rejected_weights: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -433,6 +439,8 @@ def tokenize_rows(
     """
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise DPALogicError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+    from dpalogic.training.annotations import PAIR_MARGIN, span_token_weights  # it imports this module
+
     examples, issues, truncated = [], [], 0
     for i, (row, n) in enumerate(zip(data.rows, data.row_numbers)):
         try:
@@ -441,6 +449,10 @@ def tokenize_rows(
             raise
         except Exception as e:  # a template or tokenizer failure on one row should not end the run
             issues.append(RowIssue(n, f"could not tokenize ({type(e).__name__}: {e})"))
+            continue
+        weights = span_token_weights(tokenizer, row, len(p), (c, r))
+        if isinstance(weights, str):
+            issues.append(RowIssue(n, weights))
             continue
         cut = False
         if max_prompt_length is not None and len(p) > max_prompt_length:
@@ -456,7 +468,8 @@ def tokenize_rows(
             issues.append(RowIssue(n, "an answer has no tokens after tokenization"))
             continue
         truncated += cut
-        examples.append(Example(i, n, p, c, r))
+        cw, rw = (None if w is None else w[: len(ids)] for w, ids in zip(weights, (c, r)))
+        examples.append(Example(i, n, p, c, r, row.get(PAIR_MARGIN), cw, rw))
     if strict and issues:
         raise _fatal(data.source, issues)
     if not examples:
@@ -474,6 +487,8 @@ def pad_id(tokenizer) -> int:
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:
     """Stack chosen over rejected: ``input_ids``/``attention_mask``/``labels`` ``[2B, T]``, lengths ``[B]``."""
     import torch
+
+    from dpalogic.training.annotations import annotation_tensors
 
     seqs, labels = [], []
     for side in ("chosen_ids", "rejected_ids"):
@@ -496,4 +511,5 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:
         "chosen_lengths": torch.tensor([len(ex.chosen_ids) for ex in examples]),
         "rejected_lengths": torch.tensor([len(ex.rejected_ids) for ex in examples]),
         "index": torch.tensor([ex.index for ex in examples]),
+        **annotation_tensors(examples, width),
     }

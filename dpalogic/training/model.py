@@ -110,11 +110,18 @@ def load_model_and_tokenizer(spec: str, *, seed: int = 0, dropout: float = 0.0, 
 # --------------------------------------------------------------------------------------------------- log-probs
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Summed log-probabilities of the labelled (answer) tokens of every sequence, ``[N]``, in float32.
 
     ``logits[:, t]`` predicts ``labels[:, t + 1]``; positions labelled ``-100`` (prompt, padding) contribute 0.
+    ``token_weights`` (aligned with ``labels``, from answer spans) make the sum ``Σ_t w_t log π(y_t)``.
     """
+    if token_weights is not None:
+        from dpalogic.runtime.token_weights import weighted_sequence_logps
+
+        return weighted_sequence_logps(logits[:, :-1].float(), labels[:, 1:], token_weights[:, 1:].float())[0]
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX
@@ -126,7 +133,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def policy_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One forward pass over the stacked batch: ``[2B]`` summed answer log-probs (chosen first)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return sequence_logps(out.logits, batch["labels"])
+    return sequence_logps(out.logits, batch["labels"], batch.get("token_weights"))
 
 
 @torch.no_grad()
@@ -168,4 +175,6 @@ def fingerprint(model, examples: Sequence[Example]) -> str:
             h.update(repr((tuple(p.shape), flat.float().sum().item(), flat[:64].float().cpu().tolist())).encode())
     for ex in examples:
         h.update(repr((ex.prompt_ids, ex.chosen_ids, ex.rejected_ids)).encode())
+        if ex.chosen_weights is not None or ex.rejected_weights is not None:  # span weights change the log-probs
+            h.update(repr((ex.chosen_weights, ex.rejected_weights)).encode())
     return h.hexdigest()[:16]

@@ -130,6 +130,6 @@ def batch_reference_logps(
     adapter_off = policy_model.disable_adapter() if ref is policy_model else nullcontext()
     with torch.no_grad(), autocast(), adapter_off:
         logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    lp = sequence_logps(logits, batch["labels"])
+    lp = sequence_logps(logits, batch["labels"], batch.get("token_weights"))
     n = lp.shape[0] // 2
     return lp[:n], lp[n:]
