@@ -48,6 +48,8 @@ class TrainConfig:
     fused_max_chunk_tokens: int | None = None  # cap on the fused loss's logits rows (two passes beyond it)
     bf16: str = "auto"  # "auto" (on when the GPU supports it), "true", "false"
     strict_data: bool = False  # a malformed row is fatal instead of skipped
+    margin_from: str | None = None  # "margin" or "scores": a per-pair margin from each row (training.annotations)
+    margin_scale: float = 1.0  # the margin is margin_scale × the row's margin (or its score difference)
     log_every: int = 10
     eval_every: int = 100  # 0: evaluate only at the start and the end
     save_every: int = 500  # 0: only the final checkpoint
@@ -106,6 +108,8 @@ class TrainConfig:
                 )
         self._check_scaling()
         check_loss(self.loss, self.hp)
+        if self.margin_from is not None:
+            check_margin_loss(self.loss, self.hp)
 
     def _check_scaling(self) -> None:
         """Settings that cannot go together, refused with the reason before anything loads."""
@@ -172,6 +176,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reference": ("cache", "model"),
     "bf16": ("auto", "true", "false"),
     "device": ("auto", "cpu", "cuda"),
+    "margin_from": ("margin", "scores"),
 }
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -328,4 +333,17 @@ def check_loss(loss: str, hp: Mapping[str, float]) -> None:
         raise DPALogicError(
             f"{name} with {shown}: the preference terms weigh {pref:g} and the label-smoothing terms {smooth:g}, so "
             "nothing is left that prefers the chosen answer (lower label_smoothing, or give the preference weight)"
+        )
+
+
+def check_margin_loss(loss: str, hp: Mapping[str, float]) -> None:
+    """A per-pair margin shifts the link of a loss's preference terms: the loss must have some."""
+    from dpalogic.runtime.preference_loss import PreferenceLoss
+
+    fn = PreferenceLoss(loss, reduction="none", **hp)
+    terms = [] if getattr(fn, "structure_free", False) else fn.program.terms
+    if not any(t.role in ("preference", "smoothing") for t in terms):
+        raise DPALogicError(
+            f"margin_from: a per-pair margin shifts the link of a loss's preference terms, and {_show(loss)} has "
+            "none (it has no structure, or only likelihood terms)"
         )

@@ -34,6 +34,7 @@ import torch
 
 from dpalogic.errors import DPALogicError
 from dpalogic.training import scaling
+from dpalogic.training.annotations import annotate_rows
 from dpalogic.training.checkpoint import read_json
 from dpalogic.training.config import TrainConfig
 from dpalogic.training.data import (
@@ -208,6 +209,7 @@ class Trainer:
         if needs_live_reference(self.loss_fn, cfg.loss, train_rows, eval_rows) and cfg.reference == "cache":
             self.say(f"{cfg.loss}: a live reference model, not a reference cache (the cache holds pairs only)")
             cfg.reference = "model"
+        train_rows, eval_rows = (annotate_rows(r, cfg) for r in (train_rows, eval_rows))  # margins, spans
         self.train_data = self._tokenize(train_rows, "train data")
         self.eval_data = self._tokenize(eval_rows, "eval data") if eval_rows is not None else None
         if self.dist.main:  # every skipped row with its number and reason (the console lists only the first few)

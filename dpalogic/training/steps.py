@@ -12,7 +12,7 @@ import torch
 
 from dpalogic.runtime.metrics import pair_rewards
 from dpalogic.training import scaling
-from dpalogic.training.data import Example, TokenizedData, collate
+from dpalogic.training.data import IGNORE_INDEX, Example, TokenizedData, collate
 from dpalogic.training.model import sequence_logps
 from dpalogic.training.reference import Reference, batch_reference_logps
 
@@ -110,12 +110,12 @@ class PairForward:
             return (*self._fused_losses(module, batch, ref_c, ref_r), ref_c, ref_r)
         with self.acc.autocast():
             logits = module(batch["input_ids"], batch["attention_mask"])
-        lp = sequence_logps(logits, batch["labels"])
+        lp = sequence_logps(logits, batch["labels"], batch.get("token_weights"))
         n = lp.shape[0] // 2
         chosen, rejected = lp[:n], lp[n:]
-        per = self.loss_fn(
-            chosen, rejected, ref_c, ref_r, batch["chosen_lengths"].float(), batch["rejected_lengths"].float()
-        )
+        lc, lr = answer_lengths(batch)
+        margin = {"margin": batch["margin"]} if "margin" in batch else {}  # --margin-from
+        per = self.loss_fn(chosen, rejected, ref_c, ref_r, lc, lr, **margin)
         return per, chosen, rejected, ref_c, ref_r
 
     def _fused_losses(self, module, batch, ref_c, ref_r):
@@ -126,9 +126,11 @@ class PairForward:
         # sequence_logps does with logits; under autocast the head is cast to the hidden states' dtype
         weight = head.weight.to(hidden.dtype)
         bias = head.bias.to(hidden.dtype) if head.bias is not None else None
+        w = batch.get("token_weights")
         loss, metrics = self.fused(
-            hidden[:, :-1], weight, batch["labels"][:, 1:], bias=bias, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r
-        )
+            hidden[:, :-1], weight, batch["labels"][:, 1:], bias=bias, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+            margin=batch.get("margin"), token_weights=None if w is None else w[:, 1:],
+        )  # fmt: skip
         chosen = metrics.get("chosen_logps") if isinstance(metrics, dict) else None
         rejected = metrics.get("rejected_logps") if isinstance(metrics, dict) else None
         return loss, chosen, rejected
@@ -143,6 +145,16 @@ class PairForward:
             return torch.zeros(5, dtype=torch.float64, device=self.acc.device)
         m = pair_rewards(chosen, rejected, ref_c, ref_r)
         return torch.stack([m[k].sum() for k in _STAT_KEYS]).double()
+
+
+def answer_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lengths length-normalized terms divide by: token counts, or with span weights ``Σ_t w_t`` of each answer."""
+    w = batch.get("token_weights")
+    if w is None:
+        return batch["chosen_lengths"].float(), batch["rejected_lengths"].float()
+    total = (w * (batch["labels"] != IGNORE_INDEX)).sum(1)
+    n = total.shape[0] // 2
+    return total[:n], total[n:]
 
 
 @torch.no_grad()
