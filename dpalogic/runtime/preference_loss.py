@@ -21,7 +21,9 @@ import torch
 from dpalogic.compile.codegen import length_answers, module_for
 from dpalogic.errors import DPALogicError, NoPolicyAtomWarning
 from dpalogic.language.syntax import Atom
+from dpalogic.logic.listwise import ListStructure
 from dpalogic.runtime.backend import BACKENDS, backend_rule, use_triton
+from dpalogic.runtime.listwise import ListwiseProgram, as_mapping, matrix_columns
 from dpalogic.semantics.program import Program, Term, with_link
 
 _ATOM_NAME = re.compile(r"(M|Ref)\((yw|yl|y[1-9][0-9]*)\)")
@@ -141,6 +143,10 @@ class PreferenceLoss(torch.nn.Module):
         self._running = replace(self.program, terms=kept) if kept else self.program
         self._running_atoms = self._running.atoms
         self._known = {a.name for a in self.atoms}
+        # structures beyond truth tables (K answers, OBDD sides) run the vectorized listwise evaluator instead
+        self._listwise = None
+        if any(isinstance(t.structure, ListStructure) for t in kept):
+            self._listwise = ListwiseProgram(kept, [b for b in bound if b.coef != 0.0])
         self._length_answers = length_answers(self._running)
         self._needed_lengths = {a.answer for t in self.terms if t.normalized for a in t.atoms}
         if not any(a.pred == "M" for t in self.terms for a in t.atoms):
@@ -173,10 +179,13 @@ class PreferenceLoss(torch.nn.Module):
         chosen_lengths: torch.Tensor | None = None,
         rejected_lengths: torch.Tensor | None = None,
         *,
-        logps: Mapping[str, torch.Tensor] | None = None,
-        lengths: Mapping[str, torch.Tensor] | None = None,
+        logps: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+        lengths: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
         margin: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if isinstance(logps, torch.Tensor) or ref_logps is not None:  # K answers: [B, K] matrices
+            return self._reduce(self.per_list(logps, ref_logps, lengths, margin=margin))
         atom_lp: dict[str, torch.Tensor] = dict(logps or {})
         for name, t in (
             ("M(yw)", chosen_logps),
@@ -245,6 +254,33 @@ class PreferenceLoss(torch.nn.Module):
             else:  # only switched-off terms use it: any count gives the same loss
                 args.append(torch.ones_like(args[0], dtype=torch.long))
         return mod.per_pair_loss(*args, **self.hyperparameters, pair_margin=margin, backend=backend)
+
+    def per_list(
+        self,
+        logps: torch.Tensor,
+        ref_logps: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        *,
+        margin: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of every prompt, ``[B]``, from ``[B, K]`` log-probs (column j is answer y(j+1)).
+
+        Structures over at most 12 atoms run their compiled module on the columns; larger ones (OBDD sides) the
+        vectorized evaluator of :mod:`dpalogic.runtime.listwise`.
+        """
+        if not isinstance(logps, torch.Tensor):
+            raise DPALogicError("ref_logps [B, K] goes with logps [B, K] (column j is answer y(j+1))")
+        columns, lengths = matrix_columns(logps, ref_logps, lengths)
+        if self._listwise is None:
+            atom_lp, ans_len = as_mapping(columns, lengths)
+            return self.per_pair(atom_lp, ans_len, margin=margin)
+        for name, mat in columns.items():
+            if mat.numel() and (worst := float(mat.detach().max())) > POSITIVE_SLACK:
+                arg = "logps" if name == "M" else "ref_logps"
+                raise DPALogicError(f"log-probabilities must be <= 0: {arg} has {worst:.6g} (pass summed log-probs)")
+        if margin is not None:
+            self._check_margin(margin, logps[:, 0])
+        return self._listwise.per_pair(columns, lengths, margin)
 
     def _check_margin(self, margin: torch.Tensor, first: torch.Tensor) -> None:
         """A margin is a finite float tensor of the log-probs' shape, for a loss with a preference to shift."""

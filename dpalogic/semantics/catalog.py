@@ -258,7 +258,9 @@ def resolve(spec) -> Program:
 
     if isinstance(spec, Program):
         return spec
-    if isinstance(spec, Structure):
+    from dpalogic.logic.listwise import ListStructure, parse_any
+
+    if isinstance(spec, (Structure, ListStructure)):
         return single_structure_program(spec.check())
     if not isinstance(spec, str):
         from dpalogic.errors import DPALogicError
@@ -268,7 +270,7 @@ def resolve(spec) -> Program:
     constants = {"true", "True", "false", "False"}
     if text and all(c.isalnum() or c in "_-" for c in text) and text not in constants:
         return lookup(text).program
-    return single_structure_program(Structure.parse(text).check())
+    return single_structure_program(parse_any(text).check())
 
 
 @lru_cache(maxsize=16)

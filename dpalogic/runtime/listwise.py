@@ -1,0 +1,266 @@
+"""Loss programs over K answers, evaluated on ``[B, K]`` log-prob matrices (docs/semantics.md §8).
+
+Each term's ``log ρ`` is computed in vectorized torch from its structure's lifted form
+(:mod:`dpalogic.semantics.lifted`: log-odds, ``logsumexp`` for ``e_1``, a counting recurrence for other ``e_c``) or,
+when the structure has no symmetry to exploit (``Ranked``), by folding its OBDD circuit. The link and its derivative
+come from the same generated code as the pair modules (:mod:`dpalogic.compile.link_module`). Everything is in log
+space and float32 (float64 stays float64); gradients come from torch's autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from dpalogic.compile.link_module import link_function
+from dpalogic.language.syntax import Atom
+from dpalogic.logic.listwise import ListStructure
+from dpalogic.semantics import circuit
+from dpalogic.semantics.lifted import Lifted, lift
+
+
+class _LogOdds(torch.autograd.Function):
+    """``log(p / (1 − p)) = x − log(1 − eˣ)`` from ``x = log p``; x is clamped just below 0 (p = 1 is finite).
+
+    One saved factor, ``1 / (1 − eˣ)``, is the whole backward (autograd through the pieces would take five passes).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        tiny = torch.finfo(x.dtype).tiny
+        xc = torch.clamp(x, max=-tiny)
+        one_minus_p = torch.expm1(xc).neg_()  # 1 − eˣ, accurate near 0
+        ctx.save_for_backward(one_minus_p, x)
+        return xc - one_minus_p.log()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        one_minus_p, x = ctx.saved_tensors
+        tiny = torch.finfo(x.dtype).tiny
+        return grad / one_minus_p * (x <= -tiny)
+
+
+def log_odds(x: torch.Tensor) -> torch.Tensor:
+    return _LogOdds.apply(x)
+
+
+def log_esym(lo: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
+    """``log e_c`` of the odds ``exp(lo)`` along the last axis, for each ``c`` in ``counts`` (``[B]`` each).
+
+    ``e_0 = 1``, ``e_1`` is a logsumexp, ``e_n`` a sum and ``e_{n−1} = e_n · e_1(1/o)``; other counts run the
+    recurrence ``e_c ← e_c + o_j · e_{c−1}`` over the answers, from whichever end needs fewer steps
+    (``e_c(o) = e_n(o) · e_{n−c}(1/o)``).
+    """
+    n = lo.shape[-1]
+    out: dict[int, torch.Tensor] = {}
+    total = None
+    for c in counts:
+        if c == 0:
+            out[c] = torch.zeros(lo.shape[:-1], dtype=lo.dtype, device=lo.device)
+        elif c == 1:
+            out[c] = torch.logsumexp(lo, dim=-1)
+        elif c == n:
+            out[c] = total = lo.sum(-1) if total is None else total
+        elif c == n - 1:
+            total = lo.sum(-1) if total is None else total
+            out[c] = total + torch.logsumexp(-lo, dim=-1)
+    rest = [c for c in counts if c not in out]
+    low = [c for c in rest if c <= n - c]
+    high = [n - c for c in rest if c > n - c]
+    if low:
+        table = _recurrence(lo, max(low))
+        out.update({c: table[c] for c in low})
+    if high:
+        total = lo.sum(-1) if total is None else total
+        table = _recurrence(-lo, max(high))
+        out.update({n - m: total + table[m] for m in high})
+    return out
+
+
+def _recurrence(lo: torch.Tensor, m: int) -> list[torch.Tensor]:
+    """``log e_0 … log e_m`` by one pass over the answers (each step a logaddexp over the counts)."""
+    shape = (*lo.shape[:-1], m + 1)
+    table = torch.full(shape, float("-inf"), dtype=lo.dtype, device=lo.device)
+    table[..., 0] = 0.0
+    for j in range(lo.shape[-1]):
+        shifted = table[..., :-1] + lo[..., j : j + 1]
+        table = torch.cat([table[..., :1], torch.logaddexp(table[..., 1:], shifted)], dim=-1)
+    return list(table.unbind(-1))
+
+
+def _lifted_sides(lf: Lifted, x: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log WMC`` of both sides up to the groups' common factor ``Σ log(1 − p)`` (which cancels in ρ)."""
+    esym = []
+    for g, members in enumerate(lf.groups):
+        idx = torch.as_tensor(members, device=x.device)
+        esym.append(log_esym(lo.index_select(-1, idx), lf.counts_needed(g)))
+    single = None
+    if lf.singletons:
+        idx = torch.as_tensor(lf.singletons, device=x.device)
+        xs = x.index_select(-1, idx)
+        single = torch.stack([xs - lo.index_select(-1, idx), xs], dim=-1)  # [B, S, (log(1 − p), log p)]
+    sides = []
+    for configs in (lf.top, lf.bottom):
+        parts = []
+        for sigma, counts in configs:
+            v = sum(esym[g][c] for g, c in enumerate(counts))
+            if single is not None:
+                pick = torch.as_tensor(sigma, device=x.device)
+                v = v + single.gather(-1, pick.expand(*single.shape[:-1]).unsqueeze(-1)).squeeze(-1).sum(-1)
+            parts.append(v)
+        sides.append(parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, -1), -1))
+    return sides[0], sides[1]
+
+
+def _circuit_side(root: circuit.Node, x: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    cols = x.unbind(-1)
+    l1m = (x - lo).unbind(-1)
+    return circuit.fold(
+        root,
+        lit=lambda i, positive: cols[i] if positive else l1m[i],
+        one=lambda: torch.zeros_like(cols[0]),
+        prod=lambda xs: sum(xs[1:], xs[0]),
+        sum=lambda xs: torch.logaddexp(xs[0], xs[1]),
+    )
+
+
+class ListwiseTerm:
+    """One term's ``log ρ`` on a ``[B, n]`` matrix of its atoms' log-probs (columns in ``structure.atoms`` order)."""
+
+    def __init__(self, structure: ListStructure) -> None:
+        self.structure = structure
+        self.atoms: tuple[Atom, ...] = structure.atoms
+        self.lifted = lift(structure.atoms, structure.source)
+        self._circuits = None
+        if self.lifted is None:
+            self._circuits = (structure.side_circuit("top"), structure.side_circuit("bottom"))
+
+    @property
+    def method(self) -> str:
+        return "lifted" if self.lifted is not None else "circuit"
+
+    def log_ratio(self, x: torch.Tensor) -> torch.Tensor:
+        lo = log_odds(x)
+        if self.lifted is not None:
+            top, bottom = _lifted_sides(self.lifted, x, lo)
+        else:
+            top, bottom = (_circuit_side(c, x, lo) for c in self._circuits)
+        return top - bottom
+
+
+class _Link(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, fn) -> torch.Tensor:
+        f, df = fn(z)
+        ctx.save_for_backward(df)
+        return f
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (df,) = ctx.saved_tensors
+        return grad * df, None
+
+
+def apply_link(link: str, params: Mapping[str, float], z: torch.Tensor) -> torch.Tensor:
+    return _Link.apply(z, link_function(link, params))
+
+
+def atom_matrix(atoms: tuple[Atom, ...], columns: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``[B, n]`` log-probs of ``atoms`` in order, from ``[B, K]`` matrices keyed ``"M"``/``"Ref"`` (column j is
+    answer y(j+1)); one contiguous slice per predicate when the atoms are a run ``y1 … yK``."""
+    parts = []
+    i = 0
+    while i < len(atoms):
+        pred = atoms[i].pred
+        j = i
+        while j < len(atoms) and atoms[j].pred == pred:
+            j += 1
+        cols = [int(a.answer[1:]) - 1 for a in atoms[i:j]]
+        mat = columns[pred]
+        if cols == list(range(cols[0], cols[0] + len(cols))):
+            parts.append(mat[:, cols[0] : cols[0] + len(cols)])
+        else:
+            parts.append(mat.index_select(1, torch.as_tensor(cols, device=mat.device)))
+        i = j
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    return out.to(dtype)
+
+
+MAX_K = 256
+
+
+def matrix_columns(
+    logps: torch.Tensor, ref_logps: torch.Tensor | None, lengths: torch.Tensor | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Check ``[B, K]`` inputs (column j is answer y(j+1)): ``{"M": logps, "Ref": ref_logps}`` and the lengths."""
+    from dpalogic.errors import DPALogicError
+
+    columns = {"M": logps}
+    if ref_logps is not None:
+        columns["Ref"] = ref_logps
+    for name, t in (("logps", logps), ("ref_logps", ref_logps), ("lengths", lengths)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise DPALogicError(f"{name} must be a torch.Tensor [B, K], got {type(t).__name__}")
+        if t.dim() != 2 or not 1 <= t.shape[1] <= MAX_K:
+            raise DPALogicError(
+                f"{name} must be [B, K] with 1 ≤ K ≤ {MAX_K} (column j is answer y(j+1)), got {tuple(t.shape)}"
+            )
+        if t.shape != logps.shape:
+            raise DPALogicError(f"{name} has shape {tuple(t.shape)}, logps has {tuple(logps.shape)}: they must match")
+        if name != "lengths" and not t.is_floating_point():
+            raise DPALogicError(f"{name} must be floating point, got {t.dtype}")
+    return columns, lengths
+
+
+def as_mapping(columns: Mapping[str, torch.Tensor], lengths: torch.Tensor | None):
+    """The same inputs keyed by atom (``"M(y3)"``) and answer (``"y3"``), as column views (no copies)."""
+    atom_lp = {f"{pred}(y{j + 1})": mat[:, j] for pred, mat in columns.items() for j in range(mat.shape[1])}
+    ans_len = {} if lengths is None else {f"y{j + 1}": lengths[:, j] for j in range(lengths.shape[1])}
+    return atom_lp, ans_len
+
+
+class ListwiseProgram:
+    """``Σ_k c_k · f_k(β_k · log ρ_k − γ_k − margin)`` over K-answer structures (bound terms: plain floats)."""
+
+    def __init__(self, terms, bound) -> None:
+        """``terms``: the program's :class:`~dpalogic.semantics.program.Term` objects; ``bound``: the same terms with
+        their hyperparameters substituted (``BoundTerm``)."""
+        from dpalogic.logic.listwise import as_list_structure
+
+        self.roles = [t.role for t in terms]
+        self.bound = list(bound)
+        self.evals = [ListwiseTerm(as_list_structure(t.structure)) for t in terms]
+
+    def per_pair(
+        self,
+        columns: Mapping[str, torch.Tensor],
+        lengths: torch.Tensor | None,
+        margin: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        from dpalogic.errors import DPALogicError
+
+        first = next(iter(columns.values()))
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        total = None
+        for bt, s_role, ev in zip(self.bound, self.roles, self.evals):
+            for a in ev.atoms:
+                if a.pred not in columns:
+                    raise DPALogicError(f"this loss needs ref_logps: its structure mentions {a.name}")
+                if a.answer[1:].isdigit() and int(a.answer[1:]) > columns[a.pred].shape[1]:
+                    raise DPALogicError(
+                        f"this loss mentions {a.name} but the inputs have K = {columns[a.pred].shape[1]} answers"
+                    )
+            x = atom_matrix(ev.atoms, columns, dtype)
+            if bt.normalized:
+                if lengths is None:
+                    raise DPALogicError("this loss is length-normalized: pass lengths= [B, K] (token counts)")
+                x = x / atom_matrix(ev.atoms, {"M": lengths, "Ref": lengths}, dtype).clamp(min=1.0)
+            z = bt.scale * ev.log_ratio(x) - bt.shift
+            if margin is not None and s_role != "nll":
+                z = z - margin.to(dtype) if s_role == "preference" else z + margin.to(dtype)
+            part = bt.coef * apply_link(bt.link, bt.params, z)
+            total = part if total is None else total + part
+        return total
