@@ -131,11 +131,8 @@ def _print_outside(info: dict[str, Any]) -> None:
         c.print(f"aliases: {', '.join(info['aliases'])}")
     c.print(f"why: {escape(info['reason'])}")
     if info["trainable"]:
-        names = ", ".join(info["train_with"])
-        c.print(
-            f"trainable without a structure (plain torch, no ρ or circuit): dpalogic train --loss NAME, "
-            f"PreferenceLoss(NAME), NAME one of {names}"
-        )
+        names = " | ".join(info["train_with"])
+        c.print(f"trainable without a structure (plain torch, no ρ or circuit): dpalogic train --loss {names}")
 
 
 def print_show(info: dict[str, Any]) -> None:

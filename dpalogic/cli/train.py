@@ -119,12 +119,12 @@ def _dry_run(cfg, as_json: bool) -> int:
     from dataclasses import asdict
 
     from dpalogic.training.annotations import annotate_rows
-    from dpalogic.training.data import load_preferences
+    from dpalogic.training.unpaired import load_rows
 
     reports = []
     for what, path, split in (("train data", cfg.data, None), ("eval data", cfg.eval, "eval")):
         if path is not None:  # margins and spans checked too
-            rows = annotate_rows(load_preferences(path, strict=cfg.strict_data, split=split), cfg)
+            rows = annotate_rows(load_rows(path, strict=cfg.strict_data, split=split), cfg)
             reports.append(rows.summary(what))
     if as_json:
         print(json.dumps(asdict(cfg), indent=2, ensure_ascii=False))

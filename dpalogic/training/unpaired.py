@@ -217,11 +217,12 @@ def structure_free_losses(fwd, module, batch: dict[str, torch.Tensor], cache: to
     and the per-pair log-probs for metrics (``None`` for unpaired rows, which have no pairs to compare)."""
     from dpalogic.training.model import sequence_logps
     from dpalogic.training.reference import batch_reference_logps
+    from dpalogic.training.steps import answer_lengths
 
     loss_fn = fwd.loss_fn
     with fwd.acc.autocast():
         logits = module(batch["input_ids"], batch["attention_mask"])
-    lp = sequence_logps(logits, batch["labels"])
+    lp = sequence_logps(logits, batch["labels"], batch.get("token_weights"))  # spans weigh tokens here too
     ref = None
     if fwd.needs_ref:
         ref = torch.cat(batch_reference_logps(batch, cache, fwd.reference.model, fwd.model, fwd.acc.autocast))
@@ -238,5 +239,5 @@ def structure_free_losses(fwd, module, batch: dict[str, torch.Tensor], cache: to
     n = lp.shape[0] // 2
     c, r = lp[:n], lp[n:]
     rc, rr = (ref[:n], ref[n:]) if ref is not None else (None, None)
-    per = loss_fn(c, r, rc, rr, batch["chosen_lengths"].float(), batch["rejected_lengths"].float(), **kw)
+    per = loss_fn(c, r, rc, rr, *answer_lengths(batch), **kw)
     return per, c, r, rc, rr
