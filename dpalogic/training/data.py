@@ -325,6 +325,10 @@ def write_bad_rows(path: str | os.PathLike, sources: Sequence[tuple[str, Sequenc
 
 def _validated(source: str, records, issues: list[RowIssue], strict: bool) -> PreferenceRows:
     """Normalize numbered ``records``; malformed rows join ``issues`` and are skipped (or, with ``strict``, fatal)."""
+    from dpalogic.training import ranked  # it imports this module
+
+    if ranked.is_ranked(records):  # K answers per prompt: {"prompt", "responses", "scores"}
+        return ranked.validated_ranked(source, records, issues, strict)
     rows, numbers = [], []
     for n, rec in records:
         row, why = normalize_row(rec)
