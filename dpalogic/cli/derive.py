@@ -21,7 +21,7 @@ def derive(
     With ``link`` (an expression in ``z``) the loss is ``f(log ρ)`` for that link instead of ``−log σ(log ρ)``; the
     link's parameters keep their names in the closed form and take their values from ``hyperparameters``.
     """
-    from dpalogic.logic.structure import Structure
+    from dpalogic.logic.listwise import ListStructure, parse_any
     from dpalogic.semantics.catalog import _alias_map, catalog_matches, outside
 
     key = text.strip().lower().replace("-", "_")
@@ -30,7 +30,19 @@ def derive(
             f"{text.strip()!r} is a loss name, not a formula; try `dpalogic show {text.strip()}`"
             ' (derive takes a formula or structure, e.g. "M(yl) -> M(yw)")'
         )
-    s = Structure.parse(text, given=given, additional=additive).check()
+    s = parse_any(text, given=given, additional=additive).check()
+    if isinstance(s, ListStructure):  # beyond truth tables: lifted closed forms, OBDD sizes (docs/semantics.md §8)
+        from dpalogic.semantics.listwise_form import list_structure_info
+
+        info = list_structure_info(s)
+        info["equivalent_to"], info["same_loss_as"] = [], []
+        info["input"] = text
+        info["link_formula"] = "−log σ(z)"
+        if link is not None:
+            raise DPALogicError(
+                "--link with a structure over more than 12 atoms: not supported yet (use PreferenceLoss)"
+            )
+        return info
     info = structure_info(s)
     info["equivalent_to"], info["same_loss_as"] = catalog_matches(s)
     info["input"] = text
@@ -75,6 +87,14 @@ def print_structure(info: dict[str, Any]) -> None:
     link = info.get("link_formula", "−log σ(z)").replace("z", "log ρ")
     t.add_row("loss", f"{link} = {info['loss']}")
     t.add_row("LaTeX", info["latex"])
+    if "circuit_nodes" in info:  # a structure over many answers: how it compiles
+        t.add_row("where", info.get("legend", "no lifted form: the sides are evaluated as OBDD circuits"))
+        obdd = info["obdd_nodes"]
+        t.add_row(
+            "compiled",
+            f"{info['method']}; OBDD ✓ {obdd['top']} + ✗ {obdd['bottom']} nodes, circuit {info['circuit_nodes']} nodes "
+            f"(vs {info['worlds']} worlds)",
+        )
     t.add_row("equivalent to", ", ".join(info["equivalent_to"]) or "(no catalog loss)")
     t.add_row("same loss as", ", ".join(info["same_loss_as"]) or "(no catalog loss)")
     console().print(t)

@@ -490,6 +490,11 @@ def _operand_texts(ops, st: dict, prec: int) -> list[str]:
     return out
 
 
+def atoms_text(symbols) -> str:
+    """A list of atoms, runs of consecutive answers as ranges: ``M(y2..y64), Ref(y1)``."""
+    return ", ".join(_operand_texts(sorted(symbols, key=_order_key), _STYLES["ascii"], 0))
+
+
 def _compact_call(e: Boolean) -> bool:
     """An And/Or/Xor with a long run of answers prints as a call with a range: And(M(y1..y64))."""
     if e.func not in (And, Or, Xor) or len(e.args) < MIN_RUN:

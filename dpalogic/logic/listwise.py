@@ -17,7 +17,7 @@ from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Not, Or
 from dpalogic.errors import DegenerateStructureError, DPALogicError
 from dpalogic.language.syntax import Atom, atoms_of, parse_structure_text, to_ascii, to_latex, to_unicode
 from dpalogic.logic.bdd import BDD, FALSE, compile_formula, to_circuit
-from dpalogic.logic.structure import MAX_ATOMS, Structure
+from dpalogic.logic.structure import MAX_ATOMS, Structure, text_fields
 
 MAX_LIST_ATOMS = 512  # M and Ref of y1 … y256
 
@@ -113,6 +113,9 @@ class ListStructure:
             return fmt(core)
         return "(" + ", ".join(fmt(x) for x in parts) + ")"
 
+    def text_fields(self) -> dict[str, str]:
+        return text_fields(self)
+
     def __str__(self) -> str:
         return self.text()
 
@@ -136,12 +139,28 @@ class ListStructure:
 
 
 def parse_any(text: str, given: str | None = None, additional: str | None = None) -> Structure | ListStructure:
-    """Structure text as a truth-table Structure (≤ 12 atoms) or, beyond, a ListStructure."""
+    """Structure text as a truth-table Structure (≤ 12 atoms) or, beyond, a ListStructure.
+
+    ``given``/``additional`` override ``P_C``/``P_A`` as in :meth:`Structure.parse` (the CLI's --given/--additive).
+    """
+    from dpalogic.language.syntax import parse_formula
+
     ps = parse_structure_text(text)
-    parts = [x for x in (ps.core, ps.given, ps.additional) if x is not None]
-    if given is None and additional is None and len(atoms_of(*parts)) > MAX_ATOMS:
-        return ListStructure.from_parts(ps.core, ps.given, ps.additional, ps.given_is_literal_false)
-    return Structure.parse(text, given, additional)
+    g, a, lit_false = ps.given, ps.additional, ps.given_is_literal_false
+    extra = [parse_formula(x) for x in (given, additional) if x is not None]
+    parts = [x for x in (ps.core, g, a, *extra) if x is not None]
+    if len(atoms_of(*parts)) <= MAX_ATOMS:
+        return Structure.parse(text, given, additional)
+    if given is not None:
+        if g is not None:
+            raise DPALogicError(f"P_C is given twice: in the structure text ({to_ascii(g)}) and by --given ({given})")
+        g = parse_formula(given)
+        lit_false = isinstance(g, BooleanFalse)
+    if additional is not None:
+        if a is not None:
+            raise DPALogicError(f"P_A is given twice: in the structure text ({to_ascii(a)}) and by --additive")
+        a = parse_formula(additional)
+    return ListStructure.from_parts(ps.core, g, a, lit_false)
 
 
 def as_list_structure(s: Structure | ListStructure) -> ListStructure:

@@ -367,18 +367,7 @@ class Structure:
 
     def text_fields(self) -> dict[str, str]:
         """The structure, its readable triple and ✓/✗ as text: the fields ``derive --json`` and ``explore`` share."""
-        core, given, additive = self.readable_triple()
-        return {
-            "structure": self.text("ascii"),
-            "structure_unicode": self.text("unicode"),
-            "core": to_ascii(core),
-            "given": to_ascii(given),
-            "additive": to_ascii(additive),
-            "top": to_ascii(self.top_formula),
-            "bottom": to_ascii(self.bottom_formula),
-            "top_unicode": to_unicode(self.top_formula),
-            "bottom_unicode": to_unicode(self.bottom_formula),
-        }
+        return text_fields(self)
 
     def __str__(self) -> str:
         return self.text("unicode")
@@ -429,6 +418,22 @@ class Structure:
                 + "\n  - ".join(probs)
             )
         return self
+
+
+def text_fields(s) -> dict[str, str]:
+    """A structure's text, readable triple and ✓/✗ (any structure: truth tables or OBDD sides)."""
+    core, given, additive = s.readable_triple()
+    return {
+        "structure": s.text("ascii"),
+        "structure_unicode": s.text("unicode"),
+        "core": to_ascii(core),
+        "given": to_ascii(given),
+        "additive": to_ascii(additive),
+        "top": to_ascii(s.top_formula),
+        "bottom": to_ascii(s.bottom_formula),
+        "top_unicode": to_unicode(s.top_formula),
+        "bottom_unicode": to_unicode(s.bottom_formula),
+    }
 
 
 def common_atoms(*structures: Structure) -> tuple[Atom, ...]:

@@ -79,13 +79,18 @@ def log_esym(lo: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
 
 
 def _recurrence(lo: torch.Tensor, m: int) -> list[torch.Tensor]:
-    """``log e_0 … log e_m`` by one pass over the answers (each step a logaddexp over the counts)."""
-    shape = (*lo.shape[:-1], m + 1)
-    table = torch.full(shape, float("-inf"), dtype=lo.dtype, device=lo.device)
-    table[..., 0] = 0.0
+    """``log e_0 … log e_m`` by one pass over the answers (each step a logaddexp over the counts).
+
+    The table grows by one count per answer until it holds ``m + 1``: no entry is ever ``−inf`` (an unreachable
+    count), whose ``logaddexp`` would have a NaN gradient.
+    """
+    table = torch.zeros((*lo.shape[:-1], 1), dtype=lo.dtype, device=lo.device)
     for j in range(lo.shape[-1]):
-        shifted = table[..., :-1] + lo[..., j : j + 1]
-        table = torch.cat([table[..., :1], torch.logaddexp(table[..., 1:], shifted)], dim=-1)
+        step = table + lo[..., j : j + 1]  # e_{c-1} · o_j
+        parts = [table[..., :1], torch.logaddexp(table[..., 1:], step[..., :-1])]
+        if table.shape[-1] <= m:
+            parts.append(step[..., -1:])
+        table = torch.cat(parts, dim=-1)
     return list(table.unbind(-1))
 
 

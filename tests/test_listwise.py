@@ -1,0 +1,345 @@
+"""K answers: constructs, the OBDD compiler, lifted counting and the [B, K] loss, against brute force.
+
+References are independent of the code under test: worlds enumerated one by one and formulas evaluated by the small
+interpreter below (counting true operands directly), e_c from polynomial multiplication, softmax from torch, and
+gradients from finite differences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import sympy
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sympy.logic.boolalg import And, Equivalent, Implies, Not, Or, Xor
+
+from dpalogic import PreferenceLoss
+from dpalogic.cli import main
+from dpalogic.errors import DPALogicError, FormulaSyntaxError
+from dpalogic.language.cardinality import Count, Ranked
+from dpalogic.language.syntax import atoms_of, parse_formula, parse_structure_text, to_ascii, to_latex, to_unicode
+from dpalogic.logic.listwise import ListStructure, parse_any
+from dpalogic.logic.structure import Structure
+from dpalogic.runtime.listwise import ListwiseTerm, log_esym
+from dpalogic.semantics import circuit
+from dpalogic.semantics.lifted import lift
+
+# --------------------------------------------------------------------------------------------------- references
+
+
+def holds(e, world: dict[str, bool]) -> bool:
+    """The truth of a formula in one world, read off its definition."""
+    if e is sympy.true:
+        return True
+    if e is sympy.false:
+        return False
+    if isinstance(e, sympy.Symbol):
+        return world[e.name]
+    if isinstance(e, Count):
+        k = sum(holds(a, world) for a in e.operands)
+        return e.lo <= k <= e.hi
+    if isinstance(e, Ranked):
+        v = [holds(a, world) for a in e.operands]
+        return all(v[i] or not v[i + 1] for i in range(len(v) - 1))
+    vals = [holds(a, world) for a in e.args]
+    f = e.func
+    if f is Not:
+        return not vals[0]
+    if f is And:
+        return all(vals)
+    if f is Or:
+        return any(vals)
+    if f is Xor:
+        return sum(vals) % 2 == 1
+    if f is Implies:
+        return (not vals[0]) or vals[1]
+    if f is Equivalent:
+        return all(vals) or not any(vals)
+    raise AssertionError(f)
+
+
+def brute_log_sides(text: str, lp: dict[str, float]) -> tuple[float, float]:
+    """log WMC(✓), log WMC(✗) by enumerating every world (float64)."""
+    ps = parse_structure_text(text)
+    core = ps.core
+    given_ = sympy.true if ps.given is None else ps.given
+    add = sympy.false if ps.additional is None else ps.additional
+    atoms = [a.name for a in atoms_of(core, given_, add)]
+    top = bot = 0.0
+    for bits in itertools.product((False, True), repeat=len(atoms)):
+        w = dict(zip(atoms, bits))
+        weight = math.prod(math.exp(lp[a]) if w[a] else -math.expm1(lp[a]) for a in atoms)
+        p, c, a = holds(core, w), holds(given_, w), holds(add, w)
+        top += weight * (p and c)
+        bot += weight * (((not p) and c) or a)
+    return math.log(top), math.log(bot)
+
+
+def esym_reference(odds: list[float]) -> list[float]:
+    """Elementary symmetric polynomials as the coefficients of Π (1 + o_j t)."""
+    coef = [1.0]
+    for o in odds:
+        coef = [a + o * b for a, b in zip(coef + [0.0], [0.0] + coef)]
+    return coef
+
+
+def circuit_value(node: circuit.Node, lps: list[float]) -> float:
+    return circuit.fold(
+        node,
+        lit=lambda i, pos: lps[i] if pos else math.log(-math.expm1(lps[i])),
+        one=lambda: 0.0,
+        prod=sum,
+        sum=lambda xs: math.log(sum(math.exp(x) for x in xs)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- the language
+
+
+def test_ranges_expand_and_print_compactly():
+    e = parse_formula("ExactlyOne(M(y1..y64))")
+    assert isinstance(e, Count) and (e.lo, e.hi) == (1, 1) and len(e.operands) == 64
+    assert to_ascii(e) == "ExactlyOne(M(y1..y64))" and to_unicode(e) == "ExactlyOne(M(y1..y64))"
+    assert r"\ldots" in to_latex(e) and "\n" not in to_latex(e)
+    s = parse_formula("AtMost(2, M(y1..y3), Ref(y1..y256))")
+    assert len(s.operands) == 259 and to_ascii(s) == "AtMost(2, M(y1..y3), Ref(y1..y256))"
+    assert to_ascii(parse_formula("Ranked(M(y3..y5), M(y1))")) == "Ranked(M(y3..y5), M(y1))"  # order kept
+    assert to_ascii(parse_formula("And(M(x, y1..y4))")) == "And(M(y1..y4))"
+    assert parse_formula("AtLeast(0, M(y1..y4))") is sympy.true and parse_formula("AtMost(5, M(y1..y4))") is sympy.true
+    assert parse_formula("AtLeast(5, M(y1..y4))") is sympy.false
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("M(y1..y3)", "stands for several atoms"),
+        ("~M(y1..y3)", "stands for several atoms"),
+        ("AtMost(M(y1), M(y2))", "takes a count first"),
+        ("AtMost(2)", "needs formulas after its count"),
+        ("And(2, M(y1))", "only allowed as the count"),
+        ("M(y4..y2)", "runs downward"),
+        ("M(yw..y3)", "numbered answers"),
+        ("M(y1..y300)", "go up to y256"),
+        ("ExactlyOen(M(y1..y3))", "ExactlyOne"),
+    ],
+)
+def test_bad_constructs_are_reported_with_a_caret(text, message, capsys):
+    with pytest.raises(FormulaSyntaxError, match=message) as info:
+        parse_formula(text)
+    assert 0 <= info.value.pos <= len(text)
+    assert main(["derive", text]) == 2
+    assert "^" in capsys.readouterr().err
+
+
+# random formulas over a few answers, with every construct
+ATOMS = [sympy.Symbol(f"{p}(y{j})") for j in range(1, 5) for p in ("M", "Ref")][:7]
+
+
+def formulas(depth: int = 2):
+    leaf = st.sampled_from(ATOMS)
+    if depth == 0:
+        return leaf
+    sub = formulas(depth - 1)
+    ops = st.lists(sub, min_size=1, max_size=4)
+    return st.one_of(
+        leaf,
+        sub.map(Not),
+        ops.map(lambda xs: And(*xs)),
+        ops.map(lambda xs: Or(*xs)),
+        ops.map(lambda xs: Xor(*xs)),
+        st.tuples(sub, sub).map(lambda ab: Implies(*ab)),
+        st.tuples(st.integers(0, 3), st.integers(0, 4), ops).map(lambda t: Count(t[0], t[0] + t[1], *t[2])),
+        ops.map(lambda xs: Ranked(*xs)),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(formulas())
+def test_printed_formulas_read_back_to_the_same_function(e):
+    back = parse_formula(to_ascii(e))
+    atoms = sorted({s.name for s in e.free_symbols | back.free_symbols})
+    for bits in itertools.product((False, True), repeat=len(atoms)):
+        w = dict(zip(atoms, bits))
+        assert holds(e, w) == holds(back, w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(formulas(), formulas(), st.lists(st.floats(-6.0, -1e-3), min_size=7, max_size=7))
+def test_obdd_lifted_and_truth_table_sides_equal_brute_force(core, cond, lps):
+    text = f"({to_ascii(core)}, {to_ascii(cond)})"
+    ps = parse_structure_text(text)
+    if not (ps.core.free_symbols | ps.given.free_symbols):
+        return
+    try:
+        small = Structure.parse(text).check()
+    except DPALogicError:
+        return  # degenerate: nothing to compare
+    lp = {a.name: v for a, v in zip(ATOMS, lps)}
+    top, bot = brute_log_sides(text, lp)
+    big = ListStructure.from_parts(ps.core, ps.given, ps.additional).check()
+    x = [lp[a.name] for a in big.atoms]
+    assert circuit_value(big.side_circuit("top"), x) == pytest.approx(top, rel=1e-9, abs=1e-9)
+    assert circuit_value(big.side_circuit("bottom"), x) == pytest.approx(bot, rel=1e-9, abs=1e-9)
+    term = ListwiseTerm(big)
+    got = float(term.log_ratio(torch.tensor([x], dtype=torch.float64))[0])
+    assert got == pytest.approx(top - bot, rel=1e-9, abs=1e-9)
+    loss = PreferenceLoss(small, reduction="none")(logps={a.name: torch.tensor([lp[a.name]]) for a in small.atoms})
+    assert float(loss[0]) == pytest.approx(math.log1p(math.exp(bot - top)), rel=1e-4, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- large K
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "(M(y1), ExactlyOne(M(y1..y14)))",
+        "(M(y1) & M(y2), AtMost(3, M(y1..y14)))",
+        "(AtLeast(2, M(y1..y13)), M(y1) | M(y14))",
+        "(M(y1), ExactlyOne(M(y1..y7)) & And(M(y1) | Ref(y1), M(y2) | Ref(y2), M(y3) | Ref(y3), M(y4) | Ref(y4), "
+        "M(y5) | Ref(y5), M(y6) | Ref(y6), M(y7) | Ref(y7)))",
+        "(Ranked(M(y1..y14)), M(y1) | M(y2))",
+        "(Exactly(2, M(y1..y13)) ^ M(y14), true, M(y1) & M(y2) & M(y3))",
+    ],
+)
+def test_large_structures_equal_brute_force_enumeration(text):
+    s = parse_any(text)
+    assert isinstance(s, ListStructure) and s.n > 12
+    g = torch.Generator().manual_seed(len(text))
+    B = 3
+    K = max(int(a.answer[1:]) for a in s.atoms)
+    logps = -torch.rand(B, K, generator=g, dtype=torch.float64) * 4 - 1e-3
+    ref = -torch.rand(B, K, generator=g, dtype=torch.float64) * 4 - 1e-3
+    uses_ref = any(a.pred == "Ref" for a in s.atoms)
+    loss = PreferenceLoss(text, reduction="none", beta=1.0)(logps=logps, ref_logps=ref if uses_ref else None)
+    for b in range(B):
+        lp = {f"M(y{j + 1})": float(logps[b, j]) for j in range(K)}
+        lp.update({f"Ref(y{j + 1})": float(ref[b, j]) for j in range(K)})
+        top, bot = brute_log_sides(text, lp)
+        assert float(loss[b]) == pytest.approx(math.log1p(math.exp(bot - top)), rel=1e-9)
+
+
+def test_top1_exactly_one_is_a_softmax_over_log_odds_up_to_k256():
+    for K in (13, 64, 256):
+        s = parse_any(f"(M(y1), ExactlyOne(M(y1..y{K})))")
+        lf = lift(s.atoms, s.source)
+        assert lf is not None and len(lf.top) == 1 and len(lf.bottom) == 1  # one configuration a side: no 2^K
+        logps = -torch.rand(5, K, dtype=torch.float64) * 10
+        lo = logps - torch.log(-torch.expm1(logps))
+        got = PreferenceLoss(f"(M(y1), ExactlyOne(M(y1..y{K})))", reduction="none")(logps=logps)
+        torch.testing.assert_close(got, -torch.log_softmax(lo, dim=1)[:, 0], rtol=1e-10, atol=1e-10)
+
+
+def test_at_most_k_conditioning_equals_its_closed_form_at_k64():
+    K, k = 64, 3
+    logps = -torch.rand(4, K, dtype=torch.float64) * 3 - 0.5
+    got = PreferenceLoss(f"(M(y1), AtMost({k}, M(y1..y{K})))", reduction="none")(logps=logps)
+    for b in range(4):
+        p = logps[b].exp().tolist()
+        odds = [q / (1 - q) for q in p[1:]]
+        e = esym_reference(odds)
+        top = p[0] * sum(e[:k])  # y1 true: at most k−1 of the others
+        bot = (1 - p[0]) * sum(e[: k + 1])
+        assert float(got[b]) == pytest.approx(math.log1p(bot / top), rel=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-8.0, 3.0), min_size=1, max_size=12), st.data())
+def test_log_esym_equals_polynomial_coefficients(lo, data):
+    n = len(lo)
+    counts = data.draw(st.lists(st.integers(0, n), min_size=1, max_size=n + 1, unique=True))
+    got = log_esym(torch.tensor([lo], dtype=torch.float64), counts)
+    ref = esym_reference([math.exp(v) for v in lo])
+    for c in counts:
+        assert math.exp(float(got[c][0])) == pytest.approx(ref[c], rel=1e-9)
+
+
+@pytest.mark.parametrize("text", ["(M(y1), AtMost(2, M(y1..y14)))", "(Ranked(M(y1..y13)), M(y1) | M(y2))"])
+def test_gradients_match_finite_differences(text):
+    K = max(int(a.answer[1:]) for a in parse_any(text).atoms)
+    logps = (-torch.rand(2, K, dtype=torch.float64) * 3 - 0.1).requires_grad_()
+    fn = PreferenceLoss(text, reduction="sum", beta=0.7)
+    assert torch.autograd.gradcheck(lambda x: fn(logps=x), (logps,))
+
+
+def test_values_and_gradients_finite_at_the_extremes_and_low_precision_accumulates_in_float32():
+    K = 64
+    edge = torch.tensor([0.0, -1e-12, -1e-4, -0.69, -5.0, -80.0, -1e3, -1e4])
+    logps = edge[torch.randint(0, len(edge), (16, K))]
+    for text in [f"(M(y1), ExactlyOne(M(y1..y{K})))", f"(M(y1), AtMost(3, M(y1..y{K})))", "Ranked(M(y1..y20))"]:
+        x = logps[:, : max(int(a.answer[1:]) for a in parse_any(text).atoms)].clone().requires_grad_()
+        loss = PreferenceLoss(text, beta=0.5)(logps=x)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), text
+    half = logps.to(torch.bfloat16)
+    out = PreferenceLoss(f"(M(y1), ExactlyOne(M(y1..y{K})))", reduction="none")(logps=half)
+    assert out.dtype == torch.float32
+
+
+def test_bad_list_inputs_are_clear_errors():
+    fn = PreferenceLoss("(M(y1), ExactlyOne(M(y1..y20)))")
+    with pytest.raises(DPALogicError, match=r"\[B, K\]"):
+        fn(logps=torch.zeros(4))
+    with pytest.raises(DPALogicError, match="K = 10"):
+        fn(logps=-torch.ones(4, 10))
+    with pytest.raises(DPALogicError, match="<= 0"):
+        fn(logps=torch.ones(4, 20))
+    with pytest.raises(DPALogicError, match="must match"):
+        fn(logps=-torch.ones(4, 20), ref_logps=-torch.ones(3, 20))
+    with pytest.raises(DPALogicError, match="ref_logps"):
+        PreferenceLoss("(M(y1) & Ref(y2), ExactlyOne(M(y1..y20)))")(logps=-torch.ones(2, 20))
+
+
+def test_small_k_runs_the_compiled_module_and_equals_the_large_path():
+    """K ≤ 12 atoms: truth tables and a compiled module; the OBDD path gives the same numbers."""
+    text = "(M(y1), AtMost(2, M(y1..y6)) & Ranked(Ref(y1..y6)))"
+    s = Structure.parse(text)
+    logps, ref = -torch.rand(7, 6, dtype=torch.float64) * 3, -torch.rand(7, 6, dtype=torch.float64) * 3
+    small = PreferenceLoss(s, reduction="none")(logps=logps, ref_logps=ref)
+    from dpalogic.logic.listwise import as_list_structure
+
+    big = PreferenceLoss(as_list_structure(s), reduction="none")(logps=logps, ref_logps=ref)
+    torch.testing.assert_close(small, big, rtol=1e-10, atol=1e-10)
+
+
+def test_small_k_triton_kernel_in_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    text = "(M(y1), ExactlyOne(M(y1..y4)))"
+    logps = -torch.rand(5, 4, dtype=torch.float32) * 4
+    a = PreferenceLoss(text, reduction="none", backend="triton")(logps=logps)
+    lo = logps.double() - torch.log(-torch.expm1(logps.double()))
+    torch.testing.assert_close(a.double(), -torch.log_softmax(lo, 1)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- sizes, derive
+
+
+def test_circuits_grow_polynomially_in_k():
+    sizes = {}
+    for K in (16, 32, 64, 128):
+        sizes[K] = parse_any(f"(M(y1), AtMost(3, M(y1..y{K})) & Ranked(Ref(y1..y{K})))").sizes()["circuit"]
+    # a counting DP times a chain: linear in K for a fixed count (doubling K at most doubles the size, plus slack)
+    for K in (32, 64, 128):
+        assert sizes[K] <= 2.25 * sizes[K // 2]
+
+
+def test_derive_prints_a_compact_closed_form_for_k64(capsys):
+    assert main(["derive", "(M(y1), ExactlyOne(M(y1..y64)))", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "lifted" and out["groups"] == ["M(y2..y64)"]
+    assert out["rho"] == "p_1/(e_1(o[M(y2..y64)])*(1 - p_1))"
+    assert out["structure"] == "(M(y1), ExactlyOne(M(y1..y64)))" and out["worlds"] == "2^64"
+    assert main(["derive", "Ranked(M(y1..y64))", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "circuit" and out["circuit_nodes"] < 64 * 64
+
+
+def test_degenerate_large_structures_are_reported(capsys):
+    assert main(["derive", "(M(y1), ExactlyOne(M(y1..y20)) & AtLeast(2, M(y1..y20)))"]) == 2
+    assert "degenerate" in capsys.readouterr().err
