@@ -73,7 +73,7 @@ class KTO(_Unpaired):
     desirable ``λ_D·(1 − σ(β·(log ρ − z₀)))``, undesirable ``λ_U·(1 − σ(β·(z₀ − log ρ)))``, ρ = π/π_ref, averaged over
     the answers. The reference point z₀ is the batch's KL estimate: the mean of ``log π − log π_ref`` over mismatched
     (prompt, completion) pairs (``kl_logps``, ``ref_kl_logps``; TRL pairs prompt i with completion i − 1), detached,
-    averaged over processes and clamped at 0. ``kl=`` passes an estimate of one's own instead.
+    averaged over processes (in training) and clamped at 0. ``kl=`` passes an estimate of one's own instead.
 
     As pairs, each pair is a desirable and an undesirable answer; the pair's loss is their mean, so the mean over
     pairs is TRL's mean over answers. ``desirable_weight``/``undesirable_weight`` are λ_D and λ_U.
@@ -103,7 +103,9 @@ class KTO(_Unpaired):
             )
         x = checked({"kl_logps": kl_logps, "ref_kl_logps": ref_kl_logps}, ["kl_logps", "ref_kl_logps"], self.name)
         est = (x["kl_logps"] - x["ref_kl_logps"]).mean().detach()
-        if _distributed():  # TRL gathers every process's estimate and averages them
+        # TRL gathers every process's estimate and averages them; only in training, where every process runs the
+        # same batches (an evaluation's processes may run different numbers of them: a collective could hang)
+        if _distributed() and torch.is_grad_enabled():
             est = est.clone()
             torch.distributed.all_reduce(est)
             est = est / torch.distributed.get_world_size()
