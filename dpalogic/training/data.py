@@ -327,6 +327,7 @@ def _validated(source: str, records, issues: list[RowIssue], strict: bool) -> Pr
     """Normalize numbered ``records``; malformed rows join ``issues`` and are skipped (or, with ``strict``, fatal)."""
     from dpalogic.training import ranked  # it imports this module
 
+    records = list(records)  # is_ranked looks at the first row: an iterator (from_records) would lose it
     if ranked.is_ranked(records):  # K answers per prompt: {"prompt", "responses", "scores"}
         return ranked.validated_ranked(source, records, issues, strict)
     rows, numbers = [], []
