@@ -51,6 +51,9 @@ HELP = {
     "margin_from": "a per-pair margin m_i from each row, shifting the loss's link to f(z - m_i): 'margin' (the row's "
     "margin field) or 'scores' (chosen_score - rejected_score); a row without it is a bad row",
     "margin_scale": "multiply each row's margin (or score difference) by this",
+    "pairs": "make pairs from K-answer rows {prompt, responses, scores} for a pairwise loss: all (every two answers "
+    "with different scores), adjacent (consecutive score levels) or best-vs-rest",
+    "curriculum": "easy-to-hard: train the pairs in order of score gap, largest first (Curry-DPO), not shuffled",
     "log_every": "log training metrics every N steps",
     "eval_every": "evaluate every N steps (0: only at the start and the end)",
     "save_every": "checkpoint every N steps (0: only at the end)",

@@ -50,6 +50,8 @@ class TrainConfig:
     strict_data: bool = False  # a malformed row is fatal instead of skipped
     margin_from: str | None = None  # "margin" or "scores": a per-pair margin from each row (training.annotations)
     margin_scale: float = 1.0  # the margin is margin_scale × the row's margin (or its score difference)
+    pairs: str | None = None  # "all", "adjacent", "best-vs-rest": pairs from K-answer rows (training.ranked)
+    curriculum: str | None = None  # "easy-to-hard": those pairs ordered by score gap, largest first (Curry-DPO)
     log_every: int = 10
     eval_every: int = 100  # 0: evaluate only at the start and the end
     save_every: int = 500  # 0: only the final checkpoint
@@ -110,6 +112,10 @@ class TrainConfig:
         check_loss(self.loss, self.hp)
         if self.margin_from is not None:
             check_margin_loss(self.loss, self.hp)
+        if self.curriculum is not None and self.pairs is None:
+            raise DPALogicError(
+                "curriculum orders pairs made from K-answer rows, but pairs is not set: pass --pairs all, adjacent or best-vs-rest"
+            )
 
     def _check_scaling(self) -> None:
         """Settings that cannot go together, refused with the reason before anything loads."""
@@ -177,6 +183,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "bf16": ("auto", "true", "false"),
     "device": ("auto", "cpu", "cuda"),
     "margin_from": ("margin", "scores"),
+    "pairs": ("all", "adjacent", "best-vs-rest"),
+    "curriculum": ("easy-to-hard",),
 }
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 

@@ -45,6 +45,8 @@ from dpalogic.training.data import (
     write_bad_rows,
 )
 from dpalogic.training.model import load_model_and_tokenizer
+from dpalogic.training.ranked import RankedRows, tokenize_ranked
+from dpalogic.training.ranked_steps import RankedForward, list_size, prepare_rows
 from dpalogic.training.reference import Reference, build_reference
 from dpalogic.training.reference import read_reference_cache as read_reference_cache  # re-exported
 from dpalogic.training.resume import CHECKPOINT_DIR, find_resume, load_checkpoint, save_checkpoint
@@ -172,6 +174,10 @@ class Trainer:
 
         cfg = self.cfg
         self.loss_fn = PreferenceLoss(cfg.loss, reduction="none", **cfg.hp)
+        self.list_k = list_size(self.loss_fn, cfg.fused)  # K of a loss over y1 … yK (training.ranked_steps), or None
+        if self.list_k is not None:
+            self.needs_ref, self.fused = self.loss_fn.needs_reference, None
+            return
         if getattr(self.loss_fn, "structure_free", False):  # KTO, BCO, f-DPO, …: plain torch on the log-probs
             if cfg.fused:
                 raise DPALogicError(f"--fused runs compiled programs; {cfg.loss} has no structure: drop --fused")
@@ -206,6 +212,10 @@ class Trainer:
             train_rows = load_rows(cfg.data, strict=cfg.strict_data)  # pairs, or unpaired rows (kto, bco)
         if eval_rows is None and cfg.eval:
             eval_rows = load_rows(cfg.eval, strict=cfg.strict_data, split="eval")
+        # K-answer rows: kept for a loss over y1 … yK, or made into pairs (--pairs, --curriculum)
+        train_rows, eval_rows = (
+            prepare_rows(r, cfg, self.list_k, self.needs_ref, self.say) for r in (train_rows, eval_rows)
+        )
         if needs_live_reference(self.loss_fn, cfg.loss, train_rows, eval_rows) and cfg.reference == "cache":
             self.say(f"{cfg.loss}: a live reference model, not a reference cache (the cache holds pairs only)")
             cfg.reference = "model"
@@ -228,7 +238,7 @@ class Trainer:
             )
 
     def _tokenize(self, rows: PreferenceRows, what: str) -> TokenizedData:
-        tok = tokenize_any(
+        tok = (tokenize_ranked if isinstance(rows, RankedRows) else tokenize_any)(
             rows,
             self.tokenizer,
             max_length=self.cfg.max_length,
@@ -264,7 +274,7 @@ class Trainer:
                 scaling.shard(self.ref_model)
         elif self.dist.world > 1:
             self.policy = self.acc.prepare(self.policy)  # DistributedDataParallel
-        self.forward = PairForward(
+        self.forward = (RankedForward if self.list_k is not None else PairForward)(
             self.loss_fn, self.fused, self.model, self.reference, self.needs_ref, self.acc, self.pad
         )
 
@@ -295,6 +305,7 @@ class Trainer:
         micro = micro_batches(
             self.train_data.examples, step=self.step, steps_per_epoch=self.steps_per_epoch, seed=cfg.seed,
             batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, world=self.dist.world, rank=self.dist.rank,
+            ordered=cfg.curriculum is not None,
         )  # fmt: skip
         for a, examples in enumerate(micro):
             batch = fwd.batch(examples)
@@ -315,7 +326,7 @@ class Trainer:
         totals = self.dist.sum(totals)  # one all-reduce: loss, metrics and the stop flag of every rank
         n = totals[1].item()
         record = {"split": "train", "step": self.step + 1, "loss": totals[0].item() / n}
-        record.update({k: totals[2 + i].item() / n for i, k in enumerate(STAT_NAMES)})
+        record.update({k: totals[2 + i].item() / n for i, k in enumerate(getattr(fwd, "stat_names", STAT_NAMES))})
         record["grad_norm"] = float(grad_norm)
         record["lr"] = self.scheduler.get_last_lr()[0]
         self._stop_signal = self._stop_signal or totals[7].item() > 0
@@ -408,7 +419,9 @@ class Trainer:
             while self.step < self.total_steps:
                 rec = self._train_step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['reward_accuracy']:.2f}")
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.4f}", acc=f"{rec.get('reward_accuracy', rec.get('top1_accuracy')):.2f}"
+                )
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self.log(rec)
                 if self.eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0:

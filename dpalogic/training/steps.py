@@ -48,10 +48,12 @@ def micro_batches(
     grad_accum: int,
     world: int,
     rank: int,
+    ordered: bool = False,
 ) -> list[list[Example]]:
-    """This rank's micro-batches for optimizer step ``step`` (its slice of each global micro-batch)."""
+    """This rank's micro-batches for optimizer step ``step`` (its slice of each global micro-batch); ``ordered``
+    keeps the data's order in every epoch (a curriculum) instead of shuffling."""
     epoch, k = divmod(step, steps_per_epoch)
-    order = epoch_order(len(examples), seed, epoch)
+    order = list(range(len(examples))) if ordered else epoch_order(len(examples), seed, epoch)
     b, w, r = batch_size, world, rank
     out = []
     for a in range(grad_accum):
@@ -168,7 +170,8 @@ def evaluate(fwd: PairForward, module, data: TokenizedData, batch_size: int, *, 
     # under FSDP every forward is collective (all-gathers), so every rank runs as many batches as the rank with
     # the most; one that has run out scores a stand-in pair and counts nothing
     batches = math.ceil(math.ceil(len(ex) / acc.num_processes) / bs) if fsdp else math.ceil(len(mine) / bs)
-    totals = torch.zeros(7, dtype=torch.float64, device=acc.device)
+    names = getattr(fwd, "stat_names", STAT_NAMES)  # a RankedForward has its own
+    totals = torch.zeros(2 + len(names), dtype=torch.float64, device=acc.device)
     try:
         for i in range(batches):
             chunk = mine[i * bs : (i + 1) * bs]
@@ -185,6 +188,6 @@ def evaluate(fwd: PairForward, module, data: TokenizedData, batch_size: int, *, 
     n = totals[1].item()
     out = {"loss": totals[0].item() / n}
     if fwd.fused is None or totals[2:].abs().sum() > 0:
-        out.update({k: totals[2 + i].item() / n for i, k in enumerate(STAT_NAMES)})
+        out.update({k: totals[2 + i].item() / n for i, k in enumerate(names)})
     out["pairs"] = int(n)
     return out
