@@ -12,13 +12,22 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from dpalogic.analysis import order_large
 from dpalogic.logic.structure import Structure, align, full_mask
 from dpalogic.semantics import circuit
-from dpalogic.semantics.program import LINKS, Program, same_ratio, side_circuit
+from dpalogic.semantics.program import LINKS, Program, side_circuit
+from dpalogic.semantics.program import same_ratio as _same_ratio_tables
+
+
+def same_ratio(s1, s2) -> bool:
+    """Equal ρ as polynomials: on truth tables up to 12 atoms, exactly on OBDDs beyond (:mod:`.order_large`)."""
+    return (order_large.same_ratio if order_large.is_large(s1, s2) else _same_ratio_tables)(s1, s2)
 
 
 def relation(s1: Structure, s2: Structure) -> str:
     """``equivalent``, ``stronger`` (s1 entails s2's loss bound), ``weaker`` or ``incomparable``."""
+    if order_large.is_large(s1, s2):  # beyond truth tables: decided on OBDDs
+        return order_large.relation(s1, s2)
     a, b = align(s1, s2)
     full = full_mask(a.n)
     le = (a.top & ~b.top & full) == 0 and (b.bottom & ~a.bottom & full) == 0  # a stronger-or-equal b
@@ -34,12 +43,16 @@ def relation(s1: Structure, s2: Structure) -> str:
 
 def meet(s1: Structure, s2: Structure) -> Structure:
     """The weakest structure stronger than both: ``(✓1 ∧ ✓2, ✗1 ∨ ✗2)``."""
+    if order_large.is_large(s1, s2):
+        return order_large.meet(s1, s2)
     a, b = align(s1, s2)
     return Structure(a.atoms, a.top & b.top, a.bottom | b.bottom)
 
 
 def join(s1: Structure, s2: Structure) -> Structure:
     """The strongest structure weaker than both: ``(✓1 ∨ ✓2, ✗1 ∧ ✗2)``."""
+    if order_large.is_large(s1, s2):
+        return order_large.join(s1, s2)
     a, b = align(s1, s2)
     return Structure(a.atoms, a.top | b.top, a.bottom & b.bottom)
 
@@ -93,6 +106,8 @@ def _witness_points(n: int):
 
 def witnesses(s1: Structure, s2: Structure) -> list[dict]:
     """Inputs (atom log-probs) where loss 1 > loss 2 and where loss 2 > loss 1, each checked numerically."""
+    if order_large.is_large(s1, s2):
+        return order_large.witnesses(s1, s2)
     a, b = align(s1, s2)
     best_1, best_2 = None, None
     for point in _witness_points(a.n):
@@ -250,7 +265,7 @@ def compare(a, b, name_a: str | None = None, name_b: str | None = None) -> Compa
         )
         if same_rho and not same:
             notes.append(f"equal ρ, but the programs differ (link {t1.link} vs {t2.link}, or hyperparameters/terms)")
-        a1, a2 = align(s1, s2)
+        a1, a2 = order_large.shared(s1, s2) if order_large.is_large(s1, s2) else align(s1, s2)
         (c1, g1, x1), (c2, g2, x2) = a1.readable_triple(), a2.readable_triple()
         if rel != "equivalent" and c1 == c2:
             from dpalogic.language.syntax import to_unicode

@@ -156,6 +156,14 @@ def lattice_op(op: str, a: str, b: str) -> dict[str, Any]:
         raise DPALogicError(f"{op} needs single-structure losses; {a if pa.structure is None else b} has several")
     s = (meet if op == "meet" else join)(pa.structure, pb.structure)
     s.check()
+    from dpalogic.logic.listwise import ListStructure
+
+    if isinstance(s, ListStructure):  # beyond truth tables (docs/semantics.md §8): derive's report of such structures
+        from dpalogic.semantics.listwise_form import list_structure_info
+
+        info = list_structure_info(s)
+        info["equivalent_to"], info["same_loss_as"] = [], []  # no catalog loss has more than 12 atoms
+        return info
     info = structure_info(s)
     info["equivalent_to"], info["same_loss_as"] = catalog_matches(s)
     return info
