@@ -43,17 +43,37 @@ def register(subparsers: Subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d.add_argument(
-        "--losses",
-        default=",".join(DEFAULT_LOSSES),
-        help="comma-separated catalog names or structures",
+        "--task",
+        choices=("sorting", "ranking"),
+        default="sorting",
+        help="sorting: pairs (sorted vs one swap); ranking: K = 4 answers per prompt scored by inversions, a loss over "
+        "y1…y4 against pairwise losses on pairs made with --pairs",
     )
-    d.add_argument("--out", default="runs/demo", help="folder for results.json, the table and the plots")
+    d.add_argument(
+        "--losses",
+        default=None,
+        help=f"comma-separated catalog names or structures (sorting: {','.join(DEFAULT_LOSSES)}; ranking: a derived "
+        "listwise loss and dpo)",
+    )
+    d.add_argument("--pairs", choices=("all", "adjacent", "best-vs-rest"), default="all",
+                   help="ranking task: the pairs a pairwise loss trains on")  # fmt: skip
+    d.add_argument("--curriculum", choices=("easy-to-hard",), default=None,
+                   help="ranking task: train a pairwise loss's pairs largest score gap first (Curry-DPO)")  # fmt: skip
+    d.add_argument(
+        "--out",
+        default=None,
+        help="folder for results.json, the table and the plots (runs/demo, or runs/demo-ranking for the ranking task)",
+    )
     d.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps per loss")
-    d.add_argument("--batch-size", type=int, default=32, help="preference pairs per step")
+    d.add_argument("--batch-size", type=int, default=None,
+                   help="preference pairs per step (sorting: 32); ranking: prompts per step (8; a pairwise loss gets "
+                   "twice as many pairs, the same number of sequences)")  # fmt: skip
     d.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     d.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
-    d.add_argument("--train-size", type=int, default=2000, help="training pairs generated")
-    d.add_argument("--eval-size", type=int, default=256, help="held-out pairs generated")
+    d.add_argument(
+        "--train-size", type=int, default=None, help="training rows generated (sorting: 2000, ranking: 1000)"
+    )
+    d.add_argument("--eval-size", type=int, default=None, help="held-out rows generated (sorting: 256, ranking: 128)")
     d.add_argument("--seed", type=int, default=0, help="seed for the data, the model and the training order")
     d.add_argument(
         "--threads",
@@ -68,17 +88,19 @@ def register(subparsers: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpalogic.training.demo import DemoConfig, run_demo
+    from dpalogic.training.demo import DEFAULT_LOSSES, DemoConfig, run_demo
 
+    if args.task == "ranking":
+        return run_ranking(args)
     cfg = DemoConfig(
-        losses=tuple(split_losses(args.losses)),
-        out=args.out,
+        losses=tuple(split_losses(args.losses)) if args.losses is not None else DEFAULT_LOSSES,
+        out=args.out if args.out is not None else DemoConfig.out,
         steps=args.steps,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size if args.batch_size is not None else DemoConfig.batch_size,
         lr=args.lr,
         eval_every=args.eval_every,
-        train_size=args.train_size,
-        eval_size=args.eval_size,
+        train_size=args.train_size if args.train_size is not None else DemoConfig.train_size,
+        eval_size=args.eval_size if args.eval_size is not None else DemoConfig.eval_size,
         seed=args.seed,
         plot=not args.no_plot,
         progress=not args.no_progress,
@@ -100,4 +122,36 @@ def run(args: argparse.Namespace) -> int:
         ["curves.png"] + [f"curves-{r['slug']}.png" for r in results] if cfg.plot else []
     )
     print(f"written to {cfg.out}/: " + ", ".join(files), file=sys.stderr)
+    return 0
+
+
+def run_ranking(args: argparse.Namespace) -> int:
+    """``--task ranking``: :mod:`dpalogic.training.ranking_demo` (defaults: 8 prompts per step, 1000/128 rows)."""
+    from dpalogic.training.ranking_demo import RANKING_LOSSES, RankingConfig, ranking_table, run_ranking_demo
+
+    cfg = RankingConfig(
+        losses=tuple(split_losses(args.losses)) if args.losses is not None else RANKING_LOSSES,
+        pairs=args.pairs,
+        curriculum=args.curriculum,
+        out=args.out if args.out is not None else RankingConfig.out,
+        steps=args.steps,
+        batch_size=args.batch_size if args.batch_size is not None else RankingConfig.batch_size,
+        lr=args.lr,
+        train_size=args.train_size if args.train_size is not None else RankingConfig.train_size,
+        eval_size=args.eval_size if args.eval_size is not None else RankingConfig.eval_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+        threads=args.threads,
+    )
+    for name in ("steps", "batch_size", "train_size", "eval_size", "threads"):
+        if getattr(cfg, name) < 1:
+            raise DPALogicError(f"--{name.replace('_', '-')} must be at least 1")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise DPALogicError(f"--lr must be a positive number, got {cfg.lr}")
+    results = run_ranking_demo(cfg)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(ranking_table(results, cfg))
+    print(f"written to {cfg.out}/: results.md, results.json", file=sys.stderr)
     return 0
