@@ -259,12 +259,25 @@ def test_log_esym_equals_polynomial_coefficients(lo, data):
         assert math.exp(float(got[c][0])) == pytest.approx(ref[c], rel=1e-9)
 
 
-@pytest.mark.parametrize("text", ["(M(y1), AtMost(2, M(y1..y14)))", "(Ranked(M(y1..y13)), M(y1) | M(y2))"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "(M(y1), AtMost(2, M(y1..y14)))",  # the counting recurrence, through autograd
+        "(Ranked(M(y1..y13)), M(y1) | M(y2))",  # the OBDD circuit
+        "(M(y1), ExactlyOne(M(y1..y14)))",  # the fused leaves: e_0, e_1
+        "(M(y3) & Ref(y2), ExactlyOne(M(y1..y14)))",  # a singleton inside the range: gathered columns
+        "(M(y1) | M(y2), AtLeast(12, M(y1..y14)))",  # e_{n-1}, e_n
+    ],
+)
 def test_gradients_match_finite_differences(text):
     K = max(int(a.answer[1:]) for a in parse_any(text).atoms)
     logps = (-torch.rand(2, K, dtype=torch.float64) * 3 - 0.1).requires_grad_()
+    ref = (-torch.rand(2, K, dtype=torch.float64) * 3 - 0.1).requires_grad_()
     fn = PreferenceLoss(text, reduction="sum", beta=0.7)
-    assert torch.autograd.gradcheck(lambda x: fn(logps=x), (logps,))
+    if "Ref" in text:
+        assert torch.autograd.gradcheck(lambda x, r: fn(logps=x, ref_logps=r), (logps, ref))
+    else:
+        assert torch.autograd.gradcheck(lambda x: fn(logps=x), (logps,))
 
 
 def test_values_and_gradients_finite_at_the_extremes_and_low_precision_accumulates_in_float32():

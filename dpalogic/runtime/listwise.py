@@ -94,25 +94,124 @@ def _recurrence(lo: torch.Tensor, m: int) -> list[torch.Tensor]:
     return list(table.unbind(-1))
 
 
-def _lifted_sides(lf: Lifted, x: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log WMC`` of both sides up to the groups' common factor ``Σ log(1 − p)`` (which cancels in ρ)."""
-    esym = []
-    for g, members in enumerate(lf.groups):
-        idx = torch.as_tensor(members, device=x.device)
-        esym.append(log_esym(lo.index_select(-1, idx), lf.counts_needed(g)))
+def _closed_counts(counts: list[int], n: int) -> bool:
+    return all(c in (0, 1, n - 1, n) for c in counts)
+
+
+class _LiftedLeaves(torch.autograd.Function):
+    """The leaves of a lifted structure in one pass over ``x`` [B, n], with a hand-written backward.
+
+    Outputs: the singletons' ``(log(1 − p), log p)`` as [B, S, 2], then per group its ``log e_c`` for the counts
+    asked (each of 0, 1, n − 1, n: closed forms), as [B, len(counts)]. Autograd through the same steps would keep
+    a dozen [B, K] temporaries and scatter each slice's gradient into a zero-filled copy of ``x``; this backward
+    writes every column of the gradient once (every atom is a singleton or in one group).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, singles: tuple[int, ...], groups: tuple, counts: tuple):
+        tiny = torch.finfo(x.dtype).tiny
+        xc = torch.clamp(x, max=-tiny)
+        omp = torch.expm1(xc).neg_()  # 1 − p, accurate near p = 1
+        lo = omp.log().neg_().add_(xc)  # log-odds x − log(1 − p)
+        saved, outs = [], []
+        s_idx = torch.as_tensor(singles, dtype=torch.long, device=x.device)
+        xs = x.index_select(1, s_idx)
+        outs.append(torch.stack([xs - lo.index_select(1, s_idx), xs], dim=-1))
+        for cols, cs in zip(groups, counts):
+            lo_g = _columns(lo, cols)
+            n = lo_g.shape[1]
+            vals, parts = [], {}
+            for c in cs:
+                if c == 0:
+                    vals.append(torch.zeros_like(lo_g[:, 0]))
+                    continue
+                if c in (1, n - 1) and c not in parts:
+                    v = lo_g if c == 1 else -lo_g
+                    m = v.amax(1, keepdim=True)
+                    e = (v - m).exp_()
+                    total = e.sum(1, keepdim=True)
+                    parts[c] = (e, total)  # softmax = e / total, for backward
+                    lse = (m + total.log()).squeeze(1)
+                    vals.append(lse if c == 1 else lo_g.sum(1) + lse)
+                elif c == n:
+                    vals.append(lo_g.sum(1))
+            saved.append(parts)
+            outs.append(torch.stack(vals, dim=1))
+        ctx.meta = (singles, groups, counts, saved, tiny)
+        ctx.save_for_backward(x, omp)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, g_single: torch.Tensor, *g_groups: torch.Tensor):
+        x, omp = ctx.saved_tensors
+        singles, groups, counts, saved, tiny = ctx.meta
+        grad = torch.empty_like(x)
+        # singletons: d log p / dx = 1, d log(1 − p) / dx = −p / (1 − p) = 1 − 1/(1 − p)
+        s_idx = torch.as_tensor(singles, dtype=torch.long, device=x.device)
+        inv_s = (x.index_select(1, s_idx) <= -tiny) / omp.index_select(1, s_idx)  # d lo / dx; 0 where clamped
+        grad.index_copy_(1, s_idx, g_single[..., 1] + g_single[..., 0] * (1.0 - inv_s))
+        for cols, cs, parts, gg in zip(groups, counts, saved, g_groups):
+            n = len(cols)
+            glo = None
+            for k, c in enumerate(cs):
+                gc = gg[:, k : k + 1]
+                if c == 0:
+                    continue
+                if c == n or c == n - 1:  # d Σ lo / d lo_j = 1
+                    term = gc.expand(-1, n)
+                    glo = term.clone() if glo is None else glo + term
+                if c in (1, n - 1):
+                    e, total = parts[c]
+                    soft = e * (gc / total)
+                    glo = soft if glo is None else (glo + soft if c == 1 else glo - soft)
+            if glo is None:
+                glo = torch.zeros_like(_columns(x, cols))
+            # d lo / dx = 1 / (1 − p), and 0 where x was clamped (p = 1 exactly)
+            gx = glo.div_(_columns(omp, cols)).mul_(_columns(x, cols) <= -tiny)
+            _write_columns(grad, cols, gx)
+        return grad, None, None, None
+
+
+def _columns(t: torch.Tensor, cols: tuple[int, ...]) -> torch.Tensor:
+    """Columns of ``t``: a view for a run ``a, a+1, …``, a gathered copy otherwise."""
+    if cols and cols[-1] - cols[0] == len(cols) - 1:
+        return t[:, cols[0] : cols[-1] + 1]
+    return t.index_select(1, torch.as_tensor(cols, dtype=torch.long, device=t.device))
+
+
+def _write_columns(t: torch.Tensor, cols: tuple[int, ...], v: torch.Tensor) -> None:
+    if cols and cols[-1] - cols[0] == len(cols) - 1:
+        t[:, cols[0] : cols[-1] + 1] = v
+    else:
+        t.index_copy_(1, torch.as_tensor(cols, dtype=torch.long, device=t.device), v)
+
+
+def _leaves(lf: Lifted, x: torch.Tensor) -> tuple[torch.Tensor | None, list[dict[int, torch.Tensor]]]:
+    """The singletons' ``[B, S, (log(1 − p), log p)]`` and each group's ``{c: log e_c}``."""
+    counts = [lf.counts_needed(g) for g in range(len(lf.groups))]
+    if lf.singletons and all(_closed_counts(cs, len(g)) for cs, g in zip(counts, lf.groups)):
+        single, *per_group = _LiftedLeaves.apply(x, lf.singletons, lf.groups, tuple(map(tuple, counts)))
+        return single, [{c: v[:, k] for k, c in enumerate(cs)} for cs, v in zip(counts, per_group)]
+    lo = log_odds(x)
+    esym = [log_esym(_columns(lo, members), cs) for members, cs in zip(lf.groups, counts)]
     single = None
     if lf.singletons:
-        idx = torch.as_tensor(lf.singletons, device=x.device)
-        xs = x.index_select(-1, idx)
-        single = torch.stack([xs - lo.index_select(-1, idx), xs], dim=-1)  # [B, S, (log(1 − p), log p)]
+        xs, los = _columns(x, lf.singletons), _columns(lo, lf.singletons)
+        single = torch.stack([xs - los, xs], dim=-1)
+    return single, esym
+
+
+def _lifted_sides(lf: Lifted, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log WMC`` of both sides up to the groups' common factor ``Σ log(1 − p)`` (which cancels in ρ)."""
+    single, esym = _leaves(lf, x)
     sides = []
     for configs in (lf.top, lf.bottom):
         parts = []
         for sigma, counts in configs:
             v = sum(esym[g][c] for g, c in enumerate(counts))
             if single is not None:
-                pick = torch.as_tensor(sigma, device=x.device)
-                v = v + single.gather(-1, pick.expand(*single.shape[:-1]).unsqueeze(-1)).squeeze(-1).sum(-1)
+                picked = [single[:, k, bit] for k, bit in enumerate(sigma)]
+                v = v + (sum(picked[1:], picked[0]) if picked else 0)
             parts.append(v)
         sides.append(parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, -1), -1))
     return sides[0], sides[1]
@@ -146,10 +245,10 @@ class ListwiseTerm:
         return "lifted" if self.lifted is not None else "circuit"
 
     def log_ratio(self, x: torch.Tensor) -> torch.Tensor:
-        lo = log_odds(x)
         if self.lifted is not None:
-            top, bottom = _lifted_sides(self.lifted, x, lo)
+            top, bottom = _lifted_sides(self.lifted, x)
         else:
+            lo = log_odds(x)
             top, bottom = (_circuit_side(c, x, lo) for c in self._circuits)
         return top - bottom
 
