@@ -155,7 +155,7 @@ def test_to_pairs_and_the_easy_to_hard_curriculum(rows, mode, curriculum):
     for n, rec in enumerate(recs, 1):
         pairs = brute_pairs(rec["scores"], mode)
         for i, j in brute_pairs(rec["scores"], mode):
-            made.append((rec["scores"][i] - rec["scores"][j], n, rec["prompt"], rec["responses"][i], rec["responses"][j]))
+            made.append(
                 (rec["scores"][i] - rec["scores"][j], n, rec["prompt"], rec["responses"][i], rec["responses"][j])
             )
     data = from_records(recs)
