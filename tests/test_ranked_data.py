@@ -153,7 +153,6 @@ def test_to_pairs_and_the_easy_to_hard_curriculum(rows, mode, curriculum):
     recs = [{"prompt": f"p{n}", "responses": [f"r{i}" for i in range(len(s))], "scores": s} for n, s in enumerate(rows)]
     made = []  # brute force, row by row: (gap, row number, prompt, chosen, rejected)
     for n, rec in enumerate(recs, 1):
-        pairs = brute_pairs(rec["scores"], mode)
         for i, j in brute_pairs(rec["scores"], mode):
             made.append(
                 (rec["scores"][i] - rec["scores"][j], n, rec["prompt"], rec["responses"][i], rec["responses"][j])
