@@ -158,8 +158,11 @@ def report(d: Decompiled) -> dict:
 
 def decompile_spec(spec: str) -> dict:
     """``dpalogic decompile EXPR|NAME``: a catalog name is decompiled from its own closed form."""
+    from dpalogic.analysis.decompile_listwise import is_listwise, listwise_report
     from dpalogic.semantics.catalog import _alias_map, lookup
 
+    if is_listwise(spec):  # K answers: softmaxes read lifted, never expanded (docs/semantics.md §8)
+        return listwise_report(spec)
     # a name never starts with "-": "-logp_w" is an equation, not the loss "_logp_w"
     key = spec.strip().lower().replace("-", "_")
     plain = key.isidentifier() and not spec.strip().startswith(("-", "+"))

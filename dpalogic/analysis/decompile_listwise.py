@@ -1,0 +1,311 @@
+"""Decompiling listwise losses: a softmax over log-odds is ``ExactlyOne`` conditioning (docs/semantics.md §8).
+
+The pairwise decompiler (:mod:`dpalogic.analysis.decompile`) rebuilds ✓ and ✗ from the 2^n corner values of ρ; over
+K answers that is out of reach, and a softmax's denominator expands into exponentially many monomials. Here the
+equation is read *lifted*: ``logsumexp`` stays one opaque node, and the loss must be a sum of softmax cross-entropy
+terms over per-answer scores,
+
+    c · (logsumexp(s_a, s_b, …) − s_a)   =   c · (−log σ(s_a − logsumexp(s_b, …)))
+    c · (−log σ(β·(s_a − logsumexp(s_b, …)) − γ))      (also written softplus(−z))
+
+Each term is one structure, because ``logsumexp`` of log-odds is ``log e_1`` of the odds, and ``e_1(o_S)·Π_S(1 − p)``
+is the weight of "exactly one answer of S is valid":
+
+==========================================  ==========================================================  =============
+score ``s_j``                               structure of the term                                       ρ
+==========================================  ==========================================================  =============
+``logodds(logp_j)`` = log p − log(1 − p)    ``(M(ya), ExactlyOne(M(ya), M(yb), …))``                    o_a / e_1(o)
+log-odds minus reference log-odds            the same, conditioned also on ``Xor(M(yj), Ref(yj))``, each j  (o_a/ō_a) / Σ o_b/ō_b
+``logp_j`` or ``logp_j − ref_logp_j``       a single structure only against one other answer (CPO, DPO)  p_a / p_b …
+==========================================  ==========================================================  =============
+
+A softmax over log-probabilities (or over DPO's implicit rewards) with three answers or more is *not* a structure:
+its denominator ``Σ_b p_b`` takes the value 2 or more at the all-true corner, and a WMC's corner values are 0 or 1
+(multiplying ρ's numerator and denominator by any WMC keeps that corner value). A temperature inside the softmax
+(``logsumexp(β·s)``) is not one either (``Σ o^β`` is no polynomial). Both are reported as such.
+
+Variables: ``logp_1 … logp_256`` (policy log-probs of answers y1 …), ``ref_logp_1 …``; any other name is a
+hyperparameter. Functions: the equation vocabulary plus ``logsumexp(x1, …, xK)`` and ``logodds(x)`` (x − log(1 − eˣ)).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import sympy
+
+from dpalogic.errors import DPALogicError
+from dpalogic.language.equation import FUNCTIONS, parse_expression
+
+MAX_ANSWERS = 256
+LOGP = {j: sympy.Symbol(f"logp_{j}", real=True) for j in range(1, MAX_ANSWERS + 1)}
+REF_LOGP = {j: sympy.Symbol(f"ref_logp_{j}", real=True) for j in range(1, MAX_ANSWERS + 1)}
+_LISTWISE = re.compile(r"\b(logsumexp|logodds|(ref_)?logp_\d+)\b")
+
+
+class LogSumExp(sympy.Function):
+    """``log Σ exp(x_i)``, kept as one node (expanding it is what makes the pairwise decompiler exponential)."""
+
+    is_real = True
+
+    @classmethod
+    def eval(cls, *args):
+        return args[0] if len(args) == 1 else None
+
+
+class Softplus(sympy.Function):
+    """``log(1 + eˣ)``, kept as one node: SymPy would otherwise fold the log-odds inside ``e^x`` into a sum."""
+
+    is_real = True
+
+
+def _log1mexp(x: sympy.Expr) -> sympy.Expr:
+    return sympy.log(1 - sympy.exp(x))
+
+
+_FUNCTIONS = {
+    **FUNCTIONS,
+    "logsumexp": (1, MAX_ANSWERS, LogSumExp),
+    "logodds": (1, 1, lambda x: x - _log1mexp(x)),
+    "softplus": (1, 1, Softplus),
+    "logsigmoid": (1, 1, lambda x: -Softplus(-x)),
+}
+
+
+def is_listwise(text: str) -> bool:
+    """Does the equation use K-answer variables or functions (``logp_3``, ``logsumexp``)?"""
+    return bool(_LISTWISE.search(text))
+
+
+class OutsideListwiseError(DPALogicError):
+    """A listwise equation that is not a program of structures; the message says which part and why."""
+
+
+# --------------------------------------------------------------------------------------------------- scores
+
+# a score's coefficients on (log p_j, log(1 − p_j), log r_j, log(1 − r_j)) → its kind
+_KINDS = {
+    (1, -1, 0, 0): "odds",
+    (1, -1, -1, 1): "odds_vs_ref",
+    (1, 0, 0, 0): "logp",
+    (1, 0, -1, 0): "reward",
+}
+
+
+def _features(j: int) -> tuple[sympy.Expr, ...]:
+    return (LOGP[j], _log1mexp(LOGP[j]), REF_LOGP[j], _log1mexp(REF_LOGP[j]))
+
+
+def _linear(expr: sympy.Expr) -> tuple[dict[sympy.Expr, sympy.Expr], sympy.Expr]:
+    """``expr`` as ``Σ c_f · f + const`` over the features (per-answer logs and logsumexp nodes)."""
+    expr = sympy.expand(expr, log=False, power_exp=False)
+    coefs: dict[sympy.Expr, sympy.Expr] = {}
+    const = sympy.Integer(0)
+    variables = set(LOGP.values()) | set(REF_LOGP.values())
+    for t in sympy.Add.make_args(expr):
+        c, f = t.as_independent(*variables, LogSumExp, as_Add=False)
+        if f == 1:
+            const += c
+        elif f.has(*variables) and (f in variables or isinstance(f, (LogSumExp, sympy.log))):
+            coefs[f] = coefs.get(f, 0) + c
+        else:
+            raise OutsideListwiseError(
+                f"{t} is not a multiple of a log-prob, log(1 − exp(log-prob)) or logsumexp: a listwise term is "
+                "−log σ(β·(s_a − logsumexp(s_b, …)) − γ) over per-answer scores"
+            )
+    return {f: c for f, c in coefs.items() if c != 0}, const
+
+
+@dataclass(frozen=True)
+class Score:
+    answer: int
+    kind: str
+    scale: sympy.Expr
+
+
+def _score(expr: sympy.Expr) -> Score:
+    coefs, const = _linear(expr)
+    if const != 0:
+        raise OutsideListwiseError(f"the score {expr} has a constant part {const}: scores are per-answer log-odds")
+    answers = {j for f in coefs for j in LOGP if f.has(LOGP[j]) or f.has(REF_LOGP[j])}
+    if len(answers) != 1 or any(isinstance(f, LogSumExp) for f in coefs):
+        raise OutsideListwiseError(f"the score {expr} must depend on exactly one answer (it mentions {len(answers)})")
+    j = answers.pop()
+    vec = [coefs.get(f, 0) for f in _features(j)]
+    scale = next(v for v in vec if v != 0)
+    kind = _KINDS.get(tuple(sympy.nsimplify(v / scale) for v in vec))
+    if kind is None:
+        raise OutsideListwiseError(
+            f"the score {expr} of y{j} is not log-odds (logodds(logp_{j})), log-odds against the reference, "
+            f"logp_{j} or logp_{j} − ref_logp_{j}"
+        )
+    return Score(j, kind, scale)
+
+
+# --------------------------------------------------------------------------------------------------- terms
+
+
+@dataclass(frozen=True)
+class ListwiseTermInfo:
+    """One decompiled term ``coef · (−log σ(scale·log ρ − shift))``: its structure and ρ in words."""
+
+    coef: sympy.Expr
+    scale: sympy.Expr
+    shift: sympy.Expr
+    top: int
+    others: tuple[int, ...]
+    kind: str
+    structure: object  # a Structure (≤ 12 atoms) or a ListStructure
+    rho: str
+
+
+def _structure(kind: str, a: int, others: tuple[int, ...]):
+    """The structure of a softmax term (docs/semantics.md §8), and its ρ as text."""
+    from dpalogic.language.syntax import Atom, atoms_text, parse_formula
+    from dpalogic.logic.listwise import parse_any
+    from dpalogic.logic.structure import Structure
+
+    if kind in ("logp", "reward"):  # one other answer (checked): CPO's sides, DPO's sides
+        (b,) = others
+        if kind == "logp":
+            top, bottom, rho = f"M(y{a})", f"M(y{b})", f"p_{a} / p_{b}"
+        else:
+            top, bottom, rho = f"M(y{a}) & Ref(y{b})", f"M(y{b}) & Ref(y{a})", f"(p_{a}·r_{b}) / (p_{b}·r_{a})"
+        return Structure.from_sides(parse_formula(top), parse_formula(bottom)), rho
+    m = [Atom("M", f"y{j}").symbol for j in (a, *others)]
+    given = f"ExactlyOne({atoms_text(m)})"
+    rho = f"o_{a} / e_1(o[{atoms_text(m[1:])}])"
+    if kind == "odds_vs_ref":
+        given += "".join(f" & Xor(M(y{j}), Ref(y{j}))" for j in sorted((a, *others)))
+        rho = f"(o_{a}/ō_{a}) / Σ_b o_b/ō_b, b in {atoms_text(m[1:])} (ō: the reference's odds)"
+    return parse_any(f"(M(y{a}), {given})"), rho
+
+
+def _term(coef, scale, shift, top: Score, rest: list[Score]) -> ListwiseTermInfo:
+    kinds = {s.kind for s in (top, *rest)}
+    if len(kinds) != 1:
+        raise OutsideListwiseError(f"the scores mix kinds ({', '.join(sorted(kinds))}): one softmax, one kind of score")
+    kind = kinds.pop()
+    if any(s.scale != top.scale for s in rest) or top.scale != 1:
+        raise OutsideListwiseError(
+            "a temperature inside the softmax (scores times a factor): Σ o^β is not a polynomial in the "
+            "probabilities, so no structure has this ratio; put β outside: −logsigmoid(β·(s_a − logsumexp(…)))"
+        )
+    others = tuple(s.answer for s in rest)
+    if top.answer in others or len(set(others)) != len(others):
+        raise OutsideListwiseError("an answer appears twice in one softmax")
+    if kind in ("logp", "reward") and len(others) > 1:
+        what = "log-probabilities" if kind == "logp" else "implicit rewards log p − log r"
+        raise OutsideListwiseError(
+            f"a softmax over {what} of {len(others) + 1} answers is not a structure: its denominator "
+            f"{'Σ p_b' if kind == 'logp' else 'Σ p_b·Π r'} takes the value {len(others)} at the corner where every "
+            "atom is true, and a WMC's corner values are 0 or 1; over log-odds (logodds(logp_j)) it is "
+            "ExactlyOne conditioning"
+        )
+    structure, rho = _structure(kind, top.answer, others)
+    return ListwiseTermInfo(coef, scale, shift, top.answer, others, kind, structure, rho)
+
+
+def _logistic_term(coef: sympy.Expr, body: sympy.Expr) -> ListwiseTermInfo:
+    """``coef · softplus(−z)`` with ``z = β·(s_a − logsumexp(…)) − γ``."""
+    coefs, const = _linear(-body.args[0])
+    lses = [f for f in coefs if isinstance(f, LogSumExp)]
+    if len(lses) != 1:
+        raise OutsideListwiseError(f"z = {-body.args[0]} must have exactly one logsumexp (it has {len(lses)})")
+    (lse,) = lses
+    beta = -coefs.pop(lse)
+    if not beta.is_positive:
+        raise OutsideListwiseError(f"z = {-body.args[0]}: logsumexp must enter as −β·logsumexp(…) with β > 0")
+    top = _score(sympy.Add(*[c * f for f, c in coefs.items()]) / beta)
+    return _term(coef, beta, -const, top, [_score(a) for a in lse.args])
+
+
+def _softmax_terms(lses: dict, rest: sympy.Expr) -> list[ListwiseTermInfo]:
+    """``Σ_k c_k·logsumexp(A_k) − Σ_k c_k·s_k`` with each ``s_k`` among ``A_k``'s arguments. The top scores are
+    matched to the sets from the smallest set up, so Plackett–Luce's nested sets match their one way."""
+    remaining, const = _linear(rest)
+    out = []
+    for lse, c in sorted(lses.items(), key=lambda x: len(x[0].args)):
+        scores = [_score(a) for a in lse.args]
+        for i, arg in enumerate(lse.args):  # noqa: B007 - i is the match, used after the loop
+            need = {f: -c * v for f, v in _linear(arg)[0].items()}
+            if all(_part_of(remaining.get(f, sympy.Integer(0)), v) for f, v in need.items()):
+                break
+        else:
+            raise OutsideListwiseError(
+                f"{c}·{lse} is not matched by −{c}·s for a score s among its arguments: a softmax cross-entropy is "
+                "logsumexp(s_a, s_b, …) − s_a"
+            )
+        for f, v in need.items():
+            remaining[f] = sympy.expand(remaining[f] - v)
+        out.append(_term(c, sympy.Integer(1), sympy.Integer(0), scores[i], scores[:i] + scores[i + 1 :]))
+    left = " + ".join(f"({v})·{f}" for f, v in remaining.items() if v != 0)
+    if left or const != 0:
+        raise OutsideListwiseError(f"left over besides the softmax terms: {left or const}")
+    return out
+
+
+def _part_of(have: sympy.Expr, need: sympy.Expr) -> bool:
+    """Is ``need`` in ``have``: equal, or (numbers) the same sign and no larger — a score shared by several terms."""
+    if sympy.expand(have - need) == 0:
+        return True
+    return bool(have.is_number and need.is_number and have * need > 0 and abs(have) >= abs(need))
+
+
+def decompile_listwise(text: str) -> list[ListwiseTermInfo]:
+    """The terms of a listwise loss equation (see the module docstring); raises OutsideListwiseError."""
+    variables = {s.name: s for s in (*LOGP.values(), *REF_LOGP.values())}
+    expr = parse_expression(text, variables=variables, functions=_FUNCTIONS)
+    if not expr.has(LogSumExp):
+        raise OutsideListwiseError(
+            f"{text!r} has no logsumexp: listwise losses are softmax cross-entropies, "
+            "logsumexp(s_1, …, s_K) − s_1 or −logsigmoid(s_1 − logsumexp(s_2, …, s_K))"
+        )
+    terms: list[ListwiseTermInfo] = []
+    lses: dict = {}
+    rest = sympy.Integer(0)
+    for t in sympy.Add.make_args(sympy.expand(expr, log=False, power_exp=False)):
+        c, body = t.as_independent(*LOGP.values(), *REF_LOGP.values(), LogSumExp, as_Add=False)
+        if isinstance(body, LogSumExp):
+            lses[body] = lses.get(body, 0) + c
+            continue
+        if isinstance(body, Softplus):
+            terms.append(_logistic_term(c, body))
+        else:
+            rest += t
+    if lses:
+        terms += sorted(_softmax_terms(lses, rest), key=lambda t: t.top)
+    elif rest != 0:
+        raise OutsideListwiseError(f"{rest} is not a softmax or logistic term over logsumexp")
+    return terms
+
+
+def listwise_report(text: str) -> dict:
+    """``dpalogic decompile`` of a listwise equation: the keys of the pairwise report (``decompile --json``)."""
+    from dpalogic.language.syntax import to_ascii
+
+    terms = []
+    for t in decompile_listwise(text):
+        core, given, additive = t.structure.readable_triple()
+        terms.append(
+            {
+                "link": "logistic",
+                "coef": str(t.coef),
+                "beta": str(t.scale),
+                "gamma": str(t.shift),
+                "link_params": {},
+                "normalized": False,
+                "structure": t.structure.text("ascii"),
+                "core": to_ascii(core),
+                "given": to_ascii(given),
+                "additive": to_ascii(additive),
+                "top": to_ascii(t.structure.top_formula),
+                "bottom": to_ascii(t.structure.bottom_formula),
+                "rho": t.rho,
+                "same_structure_as": [],
+                "source": f"softmax over {t.kind.replace('_', ' ')} scores, y{t.top} against "
+                + ", ".join(f"y{j}" for j in t.others),
+            }
+        )
+    return {"equation": text, "terms": terms, "constant": "0", "matches": [], "matches_with": []}
