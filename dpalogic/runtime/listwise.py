@@ -157,7 +157,7 @@ class _LiftedLeaves(torch.autograd.Function):
                 gc = gg[:, k : k + 1]
                 if c == 0:
                     continue
-                if c == n or c == n - 1:  # d Σ lo / d lo_j = 1
+                if c == n or (c == n - 1 and c != 1):  # d Σ lo / d lo_j = 1 (at n = 2, e_1 took the c = 1 form)
                     term = gc.expand(-1, n)
                     glo = term.clone() if glo is None else glo + term
                 if c in (1, n - 1):
