@@ -348,7 +348,7 @@ def test_config_file_and_flags(tmp_path, task_files, capsys):
 
 def test_formula_atoms_are_checked_before_anything_loads(tmp_path, task_files, capsys):
     train_file, _ = task_files
-    for loss, fragment in (("M(y1) -> M(y2)", "uses M(y1), M(y2)"), ("Ref(yw) -> Ref(yl)", "no policy atom")):
+    for loss, fragment in (("M(y1) -> M(y2)", "is not K-answer rows"), ("Ref(yw) -> Ref(yl)", "no policy atom")):
         argv = ["train", "--loss", loss, "--model", "tiny", "--data", str(train_file), "--out", str(tmp_path / "o")]
         assert main(argv) == 2
         err = capsys.readouterr().err
