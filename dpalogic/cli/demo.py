@@ -49,11 +49,12 @@ def register(subparsers: Subparsers) -> None:
         help="sorting: pairs (sorted vs one swap); ranking: K = 4 answers per prompt scored by inversions, a loss over "
         "y1…y4 against pairwise losses on pairs made with --pairs",
     )
+    # the defaults that depend on --task are written into the help (SUPPRESS: an option not given is left unset)
     d.add_argument(
         "--losses",
-        default=None,
-        help=f"comma-separated catalog names or structures (sorting: {','.join(DEFAULT_LOSSES)}; ranking: a derived "
-        "listwise loss and dpo)",
+        default=argparse.SUPPRESS,
+        help="comma-separated catalog names or structures; the ranking task's default is a derived listwise loss and "
+        f"dpo (default: {','.join(DEFAULT_LOSSES)})",
     )
     d.add_argument("--pairs", choices=("all", "adjacent", "best-vs-rest"), default="all",
                    help="ranking task: the pairs a pairwise loss trains on")  # fmt: skip
@@ -61,19 +62,20 @@ def register(subparsers: Subparsers) -> None:
                    help="ranking task: train a pairwise loss's pairs largest score gap first (Curry-DPO)")  # fmt: skip
     d.add_argument(
         "--out",
-        default=None,
-        help="folder for results.json, the table and the plots (runs/demo, or runs/demo-ranking for the ranking task)",
+        default=argparse.SUPPRESS,
+        help="folder for results.json, the table and the plots; runs/demo-ranking for the ranking task (default: "
+        f"{DemoConfig.out})",
     )
     d.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps per loss")
-    d.add_argument("--batch-size", type=int, default=None,
-                   help="preference pairs per step (sorting: 32); ranking: prompts per step (8; a pairwise loss gets "
-                   "twice as many pairs, the same number of sequences)")  # fmt: skip
+    d.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                   help="preference pairs per step; ranking task: prompts per step, 8 by default (a pairwise loss gets "
+                   f"twice as many pairs: the same number of sequences) (default: {DemoConfig.batch_size})")  # fmt: skip
     d.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     d.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
-    d.add_argument(
-        "--train-size", type=int, default=None, help="training rows generated (sorting: 2000, ranking: 1000)"
-    )
-    d.add_argument("--eval-size", type=int, default=None, help="held-out rows generated (sorting: 256, ranking: 128)")
+    d.add_argument("--train-size", type=int, default=argparse.SUPPRESS,
+                   help=f"training rows generated; ranking task: 1000 (default: {DemoConfig.train_size})")  # fmt: skip
+    d.add_argument("--eval-size", type=int, default=argparse.SUPPRESS,
+                   help=f"held-out rows generated; ranking task: 128 (default: {DemoConfig.eval_size})")  # fmt: skip
     d.add_argument("--seed", type=int, default=0, help="seed for the data, the model and the training order")
     d.add_argument(
         "--threads",
@@ -93,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "ranking":
         return run_ranking(args)
     cfg = DemoConfig(
-        losses=tuple(split_losses(args.losses)) if args.losses is not None else DEFAULT_LOSSES,
-        out=args.out if args.out is not None else DemoConfig.out,
+        losses=tuple(split_losses(args.losses)) if "losses" in vars(args) else DEFAULT_LOSSES,
+        out=vars(args).get("out", DemoConfig.out),
         steps=args.steps,
-        batch_size=args.batch_size if args.batch_size is not None else DemoConfig.batch_size,
+        batch_size=vars(args).get("batch_size", DemoConfig.batch_size),
         lr=args.lr,
         eval_every=args.eval_every,
-        train_size=args.train_size if args.train_size is not None else DemoConfig.train_size,
-        eval_size=args.eval_size if args.eval_size is not None else DemoConfig.eval_size,
+        train_size=vars(args).get("train_size", DemoConfig.train_size),
+        eval_size=vars(args).get("eval_size", DemoConfig.eval_size),
         seed=args.seed,
         plot=not args.no_plot,
         progress=not args.no_progress,
@@ -130,15 +132,15 @@ def run_ranking(args: argparse.Namespace) -> int:
     from dpalogic.training.ranking_demo import RANKING_LOSSES, RankingConfig, ranking_table, run_ranking_demo
 
     cfg = RankingConfig(
-        losses=tuple(split_losses(args.losses)) if args.losses is not None else RANKING_LOSSES,
+        losses=tuple(split_losses(args.losses)) if "losses" in vars(args) else RANKING_LOSSES,
         pairs=args.pairs,
         curriculum=args.curriculum,
-        out=args.out if args.out is not None else RankingConfig.out,
+        out=vars(args).get("out", RankingConfig.out),
         steps=args.steps,
-        batch_size=args.batch_size if args.batch_size is not None else RankingConfig.batch_size,
+        batch_size=vars(args).get("batch_size", RankingConfig.batch_size),
         lr=args.lr,
-        train_size=args.train_size if args.train_size is not None else RankingConfig.train_size,
-        eval_size=args.eval_size if args.eval_size is not None else RankingConfig.eval_size,
+        train_size=vars(args).get("train_size", RankingConfig.train_size),
+        eval_size=vars(args).get("eval_size", RankingConfig.eval_size),
         seed=args.seed,
         progress=not args.no_progress,
         threads=args.threads,
