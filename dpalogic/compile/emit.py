@@ -10,7 +10,7 @@ from dpalogic.compile.names import _var, input_name
 from dpalogic.compile.printers import _is_one, _is_zero, _LinkPrinter, _py
 from dpalogic.semantics import circuit
 from dpalogic.semantics.links import Z
-from dpalogic.semantics.program import LINKS, Program, Term, circuit_text, side_circuit
+from dpalogic.semantics.program import LINKS, Program, Term, circuit_text, structure_circuits
 
 # --------------------------------------------------------------------------------------------------- emitter
 
@@ -176,8 +176,8 @@ def _emit_link(
 
 def _term_comment(k: int, t: Term) -> list[str]:
     s = t.structure
-    top = circuit_text(side_circuit(s.top, s.n), s.atoms)
-    bot = circuit_text(side_circuit(s.bottom, s.n), s.atoms)
+    top_c, bot_c = structure_circuits(s)
+    top, bot = circuit_text(top_c, s.atoms), circuit_text(bot_c, s.atoms)
     out = [f"# term {k}: {t.text()}{' (per token)' if t.normalized else ''}"]
     out.append(f"#   log WMC(top) = {top}")
     out.append(f"#   log WMC(bottom) = {bot}")
@@ -211,11 +211,7 @@ def _body(program: Program, sfx: str) -> _Body:
     body = _Body(sfx)
     const = _Constants()
     normalized_vars = _normalized_weights(body, program)
-    if any(
-        side_circuit(m, t.structure.n) is circuit.ONE
-        for t in program.terms
-        for m in (t.structure.top, t.structure.bottom)
-    ):
+    if any(c is circuit.ONE for t in program.terms for c in structure_circuits(t.structure)):
         body.emit(f"zero = {_var(program.atoms[0])} * 0.0  # log 1: a side that holds in every world")
     loss_parts = [_term(body, k, t, const) for k, t in enumerate(program.terms, 1)]
     body.emit("loss = " + " + ".join(loss_parts))
@@ -242,7 +238,7 @@ def _term(body: _Body, k: int, t: Term, const: _Constants) -> str:
     names = [_var(a) + ("_tok" if t.normalized else "") for a in s.atoms]
     for c in _term_comment(k, t):
         body.emit(c)
-    top_circuit, bottom_circuit = side_circuit(s.top, s.n), side_circuit(s.bottom, s.n)
+    top_circuit, bottom_circuit = structure_circuits(s)
     top, bot = _circuit_forward(body, top_circuit, names), _circuit_forward(body, bottom_circuit, names)
     body.emit(f"top{k} = {top}")
     body.emit(f"bot{k} = {bot}")

@@ -11,7 +11,7 @@ from dpalogic.compile.names import _ident, _var, input_name, length_answers, len
 from dpalogic.errors import DPALogicError
 from dpalogic.language.syntax import Atom
 from dpalogic.runtime.backend import backend_rule
-from dpalogic.semantics.program import LINKS, Program, circuit_text, side_circuit
+from dpalogic.semantics.program import LINKS, Program, circuit_text, structure_circuits
 
 REGENERATE = "dpalogic compile --catalog"
 BLOCK = 1024  # pairs per Triton program: the kernel is elementwise, so any power of two that fills a warp works
@@ -55,13 +55,8 @@ def _docstring_header(
 
         out.append(f"         top    {to_ascii(s.top_formula)}")
         out.append(f"         bottom {to_ascii(s.bottom_formula)}")
-        out.append(
-            "         log rho = "
-            + circuit_text(side_circuit(s.top, s.n), s.atoms)
-            + " - ("
-            + circuit_text(side_circuit(s.bottom, s.n), s.atoms)
-            + ")"
-        )
+        top, bottom = structure_circuits(s)
+        out.append("         log rho = " + circuit_text(top, s.atoms) + " - (" + circuit_text(bottom, s.atoms) + ")")
     out.append("inputs   " + ", ".join(f"{input_name(a)} = log {a.name}" for a in atoms))
     hp = ", ".join(f"{k}={v!r}" for k, v in sorted(program.defaults.items()))
     out.append(f"hyperparameters (defaults)  {hp or '(none)'}")

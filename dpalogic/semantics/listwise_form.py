@@ -61,6 +61,19 @@ def lifted_rho(lf: Lifted) -> tuple[sympy.Expr, dict[sympy.Symbol, str]]:
     return side(lf.top) / side(lf.bottom), latex
 
 
+def list_rho(s: ListStructure) -> sympy.Expr:
+    """ρ of a structure over many answers in closed form; a clear error when it has no lifted form."""
+    from dpalogic.errors import DPALogicError
+
+    lf = lift(s.atoms, s.source)
+    if lf is None:
+        raise DPALogicError(
+            f"{s.text()} has no closed form dpalogic can print without expanding (no interchangeable answers): "
+            "its sides are OBDD circuits; `dpalogic derive` reports their size"
+        )
+    return lifted_rho(lf)[0]
+
+
 def list_structure_info(s: ListStructure) -> dict[str, Any]:
     """What ``derive`` reports about a structure over many answers (the keys of the truth-table report, and sizes)."""
     lf = lift(s.atoms, s.source)

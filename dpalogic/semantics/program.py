@@ -109,6 +109,10 @@ def side_sympy(mask: int, atoms: tuple[Atom, ...]) -> sympy.Expr:
 
 def rho_sympy(s: Structure) -> sympy.Expr:
     """ρ = WMC(✓) / WMC(✗) in factored form (common factors cancel)."""
+    if hasattr(s, "side_circuit"):  # a ListStructure: the lifted closed form, when it has one
+        from dpalogic.semantics.listwise_form import list_rho
+
+        return list_rho(s)
     num, den = side_sympy(s.top, s.atoms), side_sympy(s.bottom, s.atoms)
     if den == 0:
         return sympy.oo
@@ -117,6 +121,8 @@ def rho_sympy(s: Structure) -> sympy.Expr:
 
 def semantic_loss_sympy(s: Structure) -> sympy.Expr:
     """``−log σ(log ρ) = −log(WMC(✓) / (WMC(✓) + WMC(✗)))`` as a SymPy expression."""
+    if hasattr(s, "side_circuit"):
+        return sympy.log(1 + 1 / rho_sympy(s))
     num, den = sympy.fraction(rho_sympy(s))
     if s.top & s.bottom == 0:  # disjoint sides: WMC(✓) + WMC(✗) = WMC(✓ ∨ ✗), often much simpler
         total = side_sympy(s.top | s.bottom, s.atoms) / (side_sympy(s.top, s.atoms) / num)
@@ -131,6 +137,13 @@ def semantic_loss_sympy(s: Structure) -> sympy.Expr:
 def side_circuit(mask: int, n: int) -> circuit.Node:
     """``log WMC`` of a non-empty truth table over ``n`` atoms as a log-space circuit."""
     return circuit.from_truth_table(mask, n)
+
+
+def structure_circuits(s) -> tuple[circuit.Node, circuit.Node]:
+    """``log WMC`` of ✓ and ✗ as circuits, for a truth-table Structure or a ListStructure (OBDD sides)."""
+    if hasattr(s, "side_circuit"):
+        return s.side_circuit("top"), s.side_circuit("bottom")
+    return side_circuit(s.top, s.n), side_circuit(s.bottom, s.n)
 
 
 def circuit_sympy(node: circuit.Node, atoms: tuple[Atom, ...]) -> sympy.Expr:
