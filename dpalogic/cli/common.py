@@ -61,7 +61,7 @@ def structure_info(s) -> dict[str, Any]:
     """A structure's sides, ratio and loss (text and LaTeX)."""
     import sympy
 
-    from dpalogic.semantics.program import circuit_text, latex_names, rho_sympy, semantic_loss_sympy, side_circuit
+    from dpalogic.semantics.program import circuit_text, latex_names, rho_sympy, semantic_loss_sympy, structure_circuits
 
     rho = rho_sympy(s)
     loss = semantic_loss_sympy(s)
@@ -73,8 +73,5 @@ def structure_info(s) -> dict[str, Any]:
         "rho_latex": sympy.latex(rho, symbol_names=names),
         "loss": str(loss),
         "latex": sympy.latex(loss, symbol_names=names),
-        "log_rho": circuit_text(side_circuit(s.top, s.n), s.atoms)
-        + " - ("
-        + circuit_text(side_circuit(s.bottom, s.n), s.atoms)
-        + ")",
+        "log_rho": " - (".join(circuit_text(c, s.atoms) for c in structure_circuits(s)) + ")",
     }

@@ -296,6 +296,8 @@ def catalog_matches(s: Structure) -> tuple[list[str], list[str]]:
     Both are looked up over the union of ``s``'s and the catalog's atoms: lifting structures to more atoms keeps
     equal sides equal and equal ratios equal, so one index answers every query.
     """
+    if not isinstance(s, Structure):  # OBDD sides (more than 12 atoms): no catalog loss has that many
+        return [], []
     from dpalogic.logic.structure import common_atoms
     from dpalogic.semantics.loss_keys import loss_key
 
