@@ -47,11 +47,7 @@ _LISTWISE = re.compile(r"\b(logsumexp|logodds|(ref_)?logp_\d+)\b")
 class LogSumExp(sympy.Function):
     """``log Σ exp(x_i)``, kept as one node (expanding it is what makes the pairwise decompiler exponential)."""
 
-    is_real = True
-
-    @classmethod
-    def eval(cls, *args):
-        return args[0] if len(args) == 1 else None
+    is_real = True  # one argument stays a node too: −logsigmoid(s_1 − logsumexp(s_2)) is a two-answer softmax
 
 
 class Softplus(sympy.Function):
