@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import sympy
-from sympy.logic.boolalg import And, Boolean, BooleanFalse, BooleanTrue, Not, Or
+from sympy.logic.boolalg import And, Boolean, BooleanFalse, Not, Or
 
 from dpalogic.errors import DegenerateStructureError, DPALogicError
-from dpalogic.language.syntax import Atom, atoms_of, parse_structure_text, to_ascii, to_latex, to_unicode
+from dpalogic.language.syntax import Atom, atoms_of, parse_structure_text, to_ascii
 from dpalogic.logic.bdd import BDD, FALSE, compile_formula, to_circuit
-from dpalogic.logic.structure import MAX_ATOMS, Structure, text_fields
+from dpalogic.logic.structure import MAX_ATOMS, Structure, text_fields, triple_text
 
 MAX_LIST_ATOMS = 512  # M and Ref of y1 … y256
 
@@ -102,16 +102,7 @@ class ListStructure:
         return self.source
 
     def text(self, style: str = "unicode") -> str:
-        fmt = {"unicode": to_unicode, "ascii": to_ascii, "latex": to_latex}[style]
-        core, given, additional = self.source
-        parts = [core, given, additional]
-        if isinstance(additional, BooleanFalse):
-            parts.pop()
-            if isinstance(given, BooleanTrue):
-                parts.pop()
-        if len(parts) == 1:
-            return fmt(core)
-        return "(" + ", ".join(fmt(x) for x in parts) + ")"
+        return triple_text(self.source, style)
 
     def text_fields(self) -> dict[str, str]:
         return text_fields(self)

@@ -354,16 +354,7 @@ class Structure:
 
     def text(self, style: str = "unicode") -> str:
         """The readable triple as text, dropping ``P_A = false`` and then ``P_C = true``."""
-        fmt = {"unicode": to_unicode, "ascii": to_ascii, "latex": to_latex}[style]
-        core, given, additional = self.readable_triple()
-        parts = [core, given, additional]
-        if isinstance(additional, BooleanFalse):
-            parts.pop()
-            if isinstance(given, BooleanTrue):
-                parts.pop()
-        if len(parts) == 1:
-            return fmt(core)
-        return "(" + ", ".join(fmt(p) for p in parts) + ")"
+        return triple_text(self.readable_triple(), style)
 
     def text_fields(self) -> dict[str, str]:
         """The structure, its readable triple and ✓/✗ as text: the fields ``derive --json`` and ``explore`` share."""
@@ -418,6 +409,19 @@ class Structure:
                 + "\n  - ".join(probs)
             )
         return self
+
+
+def triple_text(triple: tuple[Boolean, Boolean, Boolean], style: str = "unicode") -> str:
+    """``(P, P_C, P_A)`` as text, dropping ``P_A = false`` and then ``P_C = true``."""
+    fmt = {"unicode": to_unicode, "ascii": to_ascii, "latex": to_latex}[style]
+    parts = list(triple)
+    if isinstance(parts[2], BooleanFalse):
+        parts.pop()
+        if isinstance(parts[1], BooleanTrue):
+            parts.pop()
+    if len(parts) == 1:
+        return fmt(parts[0])
+    return "(" + ", ".join(fmt(p) for p in parts) + ")"
 
 
 def text_fields(s) -> dict[str, str]:
