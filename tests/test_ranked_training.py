@@ -235,3 +235,12 @@ def test_the_ranking_demo(tmp_path, capsys):
     assert all(0 <= r["top1_accuracy"] <= 1 and -1 <= r["rank_correlation"] <= 1 for r in results)
     assert results[0]["rank_correlation"] == 0.0  # the initial model is its own reference
     assert (tmp_path / "d" / "results.md").read_text().count("\n|") == 5  # header, rule, 3 rows
+
+
+def test_the_dry_run_checks_k_answer_rows_against_the_loss(files, tmp_path, capsys):
+    base = ["train", "--data", str(files["ranked"]), "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main(base + ["--loss", "dpo", "--pairs", "adjacent"]) == 0
+    assert "120 pairs (adjacent) from 40 K-answer rows" in capsys.readouterr().err  # 3 per row, 2 bad rows
+    assert main(base + ["--loss", "dpo"]) == 2
+    assert "pass --pairs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

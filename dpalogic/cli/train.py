@@ -119,12 +119,14 @@ def _dry_run(cfg, as_json: bool) -> int:
     from dataclasses import asdict
 
     from dpalogic.training.annotations import annotate_rows
+    from dpalogic.training.ranked_steps import dry_run_rows
     from dpalogic.training.unpaired import load_rows
 
     reports = []
     for what, path, split in (("train data", cfg.data, None), ("eval data", cfg.eval, "eval")):
         if path is not None:  # margins and spans checked too
-            rows = annotate_rows(load_rows(path, strict=cfg.strict_data, split=split), cfg)
+            rows = load_rows(path, strict=cfg.strict_data, split=split)
+            rows = annotate_rows(dry_run_rows(rows, cfg, lambda m: print(m, file=sys.stderr)), cfg)  # K answers
             reports.append(rows.summary(what))
     if as_json:
         print(json.dumps(asdict(cfg), indent=2, ensure_ascii=False))

@@ -92,6 +92,14 @@ def prepare_rows(rows: PreferenceRows | None, cfg: Any, k: int | None, needs_ref
     return pairs
 
 
+def dry_run_rows(rows: PreferenceRows, cfg: Any, say) -> PreferenceRows:
+    """:func:`prepare_rows` with the run's loss, for ``dpalogic train --dry-run`` (which builds no Trainer)."""
+    from dpalogic.runtime.preference_loss import PreferenceLoss
+
+    loss_fn = PreferenceLoss(cfg.loss, **cfg.hp)
+    return prepare_rows(rows, cfg, list_size(loss_fn, cfg.fused), loss_fn.needs_reference, say)
+
+
 # --------------------------------------------------------------------------------------------------- batches
 
 
