@@ -24,7 +24,7 @@ from typing import Any
 
 from dpalogic.errors import DPALogicError
 
-# ρ = (o_1 / r_1) / Σ_j o_j / r_j (o: the policy's odds, r: the reference's probabilities): the softmax of the answers'
+# ρ = (o_1 / r_1) / Σ_{j>1} o_j / r_j (o: the policy's odds, r: the reference's probabilities): the softmax of the answers'
 # log-odds ratios, conditioned on exactly one answer being accepted: a derived listwise DPO (docs/semantics.md)
 LISTWISE = "(M(y1), ExactlyOne(M(y1..y4)) & And(M(y1) | Ref(y1), M(y2) | Ref(y2), M(y3) | Ref(y3), M(y4) | Ref(y4)))"
 RANKING_LOSSES = (LISTWISE, "dpo")
