@@ -30,13 +30,14 @@ def link_source(link: str, params: Mapping[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def link_function(link: str, params: Mapping[str, float]):
+    """The loaded ``link_and_grad`` of a link with these parameter values (generated once per link and values)."""
+    return _link_function(link, tuple(sorted(params.items())))
+
+
 @lru_cache(maxsize=64)
-def _load(source: str) -> types.ModuleType:
+def _link_function(link: str, params: tuple[tuple[str, float], ...]):
     from dpalogic.compile.codegen import load
 
-    return load(types.SimpleNamespace(name="link", source=source))
-
-
-def link_function(link: str, params: Mapping[str, float]):
-    """The loaded ``link_and_grad`` of a link with these parameter values."""
-    return _load(link_source(link, params)).link_and_grad
+    source = link_source(link, dict(params))
+    return load(types.SimpleNamespace(name="link", source=source)).link_and_grad

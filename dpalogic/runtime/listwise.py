@@ -21,14 +21,15 @@ from dpalogic.semantics.lifted import Lifted, lift
 
 
 class _LogOdds(torch.autograd.Function):
-    """``log(p / (1 − p)) = x − log(1 − eˣ)`` from ``x = log p``; x is clamped just below 0 (p = 1 is finite).
+    """``log(p / (1 − p)) = x − log(1 − eˣ)`` from ``x = log p``; x is clamped just below 0 (p = 1 is finite, see
+    :func:`_clamp_bound`).
 
     One saved factor, ``1 / (1 − eˣ)``, is the whole backward (autograd through the pieces would take five passes).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        tiny = torch.finfo(x.dtype).tiny
+        tiny = _clamp_bound(x.dtype)
         xc = torch.clamp(x, max=-tiny)
         one_minus_p = torch.expm1(xc).neg_()  # 1 − eˣ, accurate near 0
         ctx.save_for_backward(one_minus_p, x)
@@ -37,7 +38,7 @@ class _LogOdds(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         one_minus_p, x = ctx.saved_tensors
-        tiny = torch.finfo(x.dtype).tiny
+        tiny = _clamp_bound(x.dtype)
         return grad / one_minus_p * (x <= -tiny)
 
 
@@ -98,59 +99,87 @@ def _closed_counts(counts: list[int], n: int) -> bool:
     return all(c in (0, 1, n - 1, n) for c in counts)
 
 
+def _clamp_bound(dtype: torch.dtype) -> float:
+    """Log-probs are clamped to ``≤ −√tiny`` here: the odds ``1/(1 − p)`` then stay below ~1e19 in float32, so a sum
+    of 256 of them cannot overflow even when every answer has log-prob 0 (with ``tiny`` itself it could)."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
 class _LiftedLeaves(torch.autograd.Function):
-    """The leaves of a lifted structure in one pass over ``x`` [B, n], with a hand-written backward.
+    """The leaves of a lifted structure from ``x`` [B, n], with a hand-written backward.
 
     Outputs: the singletons' ``(log(1 − p), log p)`` as [B, S, 2], then per group its ``log e_c`` for the counts
-    asked (each of 0, 1, n − 1, n: closed forms), as [B, len(counts)]. Autograd through the same steps would keep
-    a dozen [B, K] temporaries and scatter each slice's gradient into a zero-filled copy of ``x``; this backward
-    writes every column of the gradient once (every atom is a singleton or in one group).
+    asked (each of 0, 1, n − 1, n: closed forms), as [B, len(counts)]. A group that needs only ``e_1`` (ExactlyOne,
+    AtMost(1)) never forms its log-odds: ``e_1 = Σ e^{x_j}/(1 − e^{x_j})`` is a max-shifted sum of exponentials
+    divided by ``1 − p`` — one ``exp`` and one ``expm1`` per answer, as a softmax's one ``exp`` — so the listwise loss
+    costs about what a hand-written softmax does. The backward writes every column of the gradient once (every atom
+    is a singleton or in one group) instead of scattering each slice's gradient into a zero-filled copy of ``x``.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, singles: tuple[int, ...], groups: tuple, counts: tuple):
-        tiny = torch.finfo(x.dtype).tiny
-        xc = torch.clamp(x, max=-tiny)
-        omp = torch.expm1(xc).neg_()  # 1 − p, accurate near p = 1
-        lo = omp.log().neg_().add_(xc)  # log-odds x − log(1 − p)
-        saved, outs = [], []
-        s_idx = torch.as_tensor(singles, dtype=torch.long, device=x.device)
-        xs = x.index_select(1, s_idx)
-        outs.append(torch.stack([xs - lo.index_select(1, s_idx), xs], dim=-1))
-        for cols, cs in zip(groups, counts):
-            lo_g = _columns(lo, cols)
-            n = lo_g.shape[1]
+    def forward(ctx, x: torch.Tensor, plan: _LeafPlan):
+        eps = _clamp_bound(x.dtype)
+        omp = torch.expm1(torch.clamp(x, max=-eps)).neg_()  # 1 − p of every atom, accurate near p = 1
+        xs = plan.take(x, plan.singles)
+        outs = [torch.stack([plan.take(omp, plan.singles).log(), xs], dim=-1)]
+        saved = []
+        for g, (cols, cs) in enumerate(zip(plan.groups, plan.counts)):
+            n = len(cols)
             vals, parts = [], {}
-            for c in cs:
-                if c == 0:
-                    vals.append(torch.zeros_like(lo_g[:, 0]))
-                    continue
-                if c in (1, n - 1) and c not in parts:
-                    v = lo_g if c == 1 else -lo_g
-                    m = v.amax(1, keepdim=True)
-                    e = (v - m).exp_()
-                    total = e.sum(1, keepdim=True)
-                    parts[c] = (e, total)  # softmax = e / total, for backward
-                    lse = (m + total.log()).squeeze(1)
-                    vals.append(lse if c == 1 else lo_g.sum(1) + lse)
-                elif c == n:
-                    vals.append(lo_g.sum(1))
+            if set(cs) <= {0, 1}:  # e_1 from the odds themselves: no log over the group
+                # full rows with the other columns at −inf: reductions over an odd number of columns (63 of 64) take
+                # a slow path, and exp(−inf) = 0 leaves them out of the sum
+                xm = x.masked_fill(plan.outside(g, x.device), float("-inf"))
+                m = xm.amax(1, keepdim=True)
+                w = xm.sub_(m).exp_().div_(omp)  # odds / e^m on the group's columns, 0 elsewhere
+                total = w.sum(1, keepdim=True)
+                parts["odds"] = (w, total, bool((m > -eps).any()))
+                e1 = (m + total.log()).squeeze(1)
+                vals = [torch.zeros_like(e1) if c == 0 else e1 for c in cs]
+            else:
+                lo = plan.take(omp, cols).log().neg_().add_(plan.take(x, cols).clamp(max=-eps))  # log-odds
+                for c in cs:
+                    if c == 0:
+                        vals.append(torch.zeros_like(lo[:, 0]))
+                        continue
+                    if c in (1, n - 1) and c not in parts:
+                        v = lo if c == 1 else -lo
+                        m = v.amax(1, keepdim=True)
+                        e = (v - m).exp_()
+                        total = e.sum(1, keepdim=True)
+                        parts[c] = (e, total)  # softmax = e / total, for backward
+                        lse = (m + total.log()).squeeze(1)
+                        vals.append(lse if c == 1 else lo.sum(1) + lse)
+                    elif c == n:
+                        vals.append(lo.sum(1))
             saved.append(parts)
             outs.append(torch.stack(vals, dim=1))
-        ctx.meta = (singles, groups, counts, saved, tiny)
+        ctx.plan, ctx.parts, ctx.eps = plan, saved, eps
         ctx.save_for_backward(x, omp)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, g_single: torch.Tensor, *g_groups: torch.Tensor):
         x, omp = ctx.saved_tensors
-        singles, groups, counts, saved, tiny = ctx.meta
-        grad = torch.empty_like(x)
-        # singletons: d log p / dx = 1, d log(1 − p) / dx = −p / (1 − p) = 1 − 1/(1 − p)
-        s_idx = torch.as_tensor(singles, dtype=torch.long, device=x.device)
-        inv_s = (x.index_select(1, s_idx) <= -tiny) / omp.index_select(1, s_idx)  # d lo / dx; 0 where clamped
-        grad.index_copy_(1, s_idx, g_single[..., 1] + g_single[..., 0] * (1.0 - inv_s))
-        for cols, cs, parts, gg in zip(groups, counts, saved, g_groups):
+        plan, eps = ctx.plan, ctx.eps
+        grad = None
+        # groups that kept full rows first: their gradients are 0 outside their columns, so they add up
+        for cs, parts, gg in zip(plan.counts, ctx.parts, g_groups):
+            if "odds" in parts:  # d e_1 / dx_j = o_j / (e_1 · (1 − p_j)) = (w_j / total) / (1 − p_j)
+                w, total, clamped = parts["odds"]
+                g1 = sum((gg[:, k : k + 1] for k, c in enumerate(cs) if c == 1), torch.zeros_like(total))
+                gx = w.div(omp).mul_(g1 / total)
+                if clamped:
+                    gx.mul_(x <= -eps)
+                grad = gx if grad is None else grad.add_(gx)
+        if grad is None:
+            grad = torch.empty_like(x)
+        # singletons: d log p / dx = 1, d log(1 − p) / dx = −p/(1 − p) = 1 − 1/(1 − p) (0 where x was clamped)
+        inv_s = (plan.take(x, plan.singles) <= -eps) / plan.take(omp, plan.singles)
+        plan.put(grad, plan.singles, g_single[..., 1] + g_single[..., 0] * (1.0 - inv_s))
+        for cols, cs, parts, gg in zip(plan.groups, plan.counts, ctx.parts, g_groups):
+            if "odds" in parts:
+                continue
             n = len(cols)
             glo = None
             for k, c in enumerate(cs):
@@ -165,38 +194,74 @@ class _LiftedLeaves(torch.autograd.Function):
                     soft = e * (gc / total)
                     glo = soft if glo is None else (glo + soft if c == 1 else glo - soft)
             if glo is None:
-                glo = torch.zeros_like(_columns(x, cols))
+                glo = torch.zeros_like(plan.take(x, cols))
             # d lo / dx = 1 / (1 − p), and 0 where x was clamped (p = 1 exactly)
-            gx = glo.div_(_columns(omp, cols)).mul_(_columns(x, cols) <= -tiny)
-            _write_columns(grad, cols, gx)
-        return grad, None, None, None
+            plan.put(grad, cols, glo.div_(plan.take(omp, cols)).mul_(plan.take(x, cols) <= -eps))
+        return grad, None
 
 
-def _columns(t: torch.Tensor, cols: tuple[int, ...]) -> torch.Tensor:
-    """Columns of ``t``: a view for a run ``a, a+1, …``, a gathered copy otherwise."""
-    if cols and cols[-1] - cols[0] == len(cols) - 1:
-        return t[:, cols[0] : cols[-1] + 1]
-    return t.index_select(1, torch.as_tensor(cols, dtype=torch.long, device=t.device))
+class _LeafPlan:
+    """Which columns are singletons and which form each group, with their index tensors made once per device."""
+
+    def __init__(self, singles: tuple[int, ...], groups: tuple[tuple[int, ...], ...], counts) -> None:
+        self.singles, self.groups, self.counts = singles, groups, tuple(tuple(c) for c in counts)
+        self.width = len(singles) + sum(len(g) for g in groups)
+        self._index: dict = {}
+
+    def _runs(self, cols: tuple[int, ...]) -> bool:
+        return bool(cols) and cols[-1] - cols[0] == len(cols) - 1
+
+    def _idx(self, cols: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (cols, device)
+        if key not in self._index:
+            self._index[key] = torch.as_tensor(cols, dtype=torch.long, device=device)
+        return self._index[key]
+
+    def outside(self, g: int, device: torch.device) -> torch.Tensor:
+        """A [n] mask of the columns not in group ``g``."""
+        key = ("outside", g, device)
+        if key not in self._index:
+            mask = torch.ones(self.width, dtype=torch.bool, device=device)
+            mask[list(self.groups[g])] = False
+            self._index[key] = mask
+        return self._index[key]
+
+    def take(self, t: torch.Tensor, cols: tuple[int, ...]) -> torch.Tensor:
+        """Columns of ``t``: a view for a run ``a, a+1, …``, a gathered copy otherwise."""
+        if self._runs(cols):
+            return t[:, cols[0] : cols[-1] + 1]
+        return t.index_select(1, self._idx(cols, t.device))
+
+    def put(self, t: torch.Tensor, cols: tuple[int, ...], v: torch.Tensor) -> None:
+        if self._runs(cols):
+            t[:, cols[0] : cols[-1] + 1] = v
+        else:
+            t.index_copy_(1, self._idx(cols, t.device), v)
 
 
-def _write_columns(t: torch.Tensor, cols: tuple[int, ...], v: torch.Tensor) -> None:
-    if cols and cols[-1] - cols[0] == len(cols) - 1:
-        t[:, cols[0] : cols[-1] + 1] = v
-    else:
-        t.index_copy_(1, torch.as_tensor(cols, dtype=torch.long, device=t.device), v)
+_PLANS: dict[int, tuple[Lifted, _LeafPlan]] = {}
+
+
+def _plan(lf: Lifted) -> _LeafPlan:
+    hit = _PLANS.get(id(lf))
+    if hit is None or hit[0] is not lf:
+        counts = [lf.counts_needed(g) for g in range(len(lf.groups))]
+        hit = (lf, _LeafPlan(lf.singletons, lf.groups, counts))
+        _PLANS[id(lf)] = hit
+    return hit[1]
 
 
 def _leaves(lf: Lifted, x: torch.Tensor) -> tuple[torch.Tensor | None, list[dict[int, torch.Tensor]]]:
     """The singletons' ``[B, S, (log(1 − p), log p)]`` and each group's ``{c: log e_c}``."""
     counts = [lf.counts_needed(g) for g in range(len(lf.groups))]
     if lf.singletons and all(_closed_counts(cs, len(g)) for cs, g in zip(counts, lf.groups)):
-        single, *per_group = _LiftedLeaves.apply(x, lf.singletons, lf.groups, tuple(map(tuple, counts)))
+        single, *per_group = _LiftedLeaves.apply(x, _plan(lf))
         return single, [{c: v[:, k] for k, c in enumerate(cs)} for cs, v in zip(counts, per_group)]
     lo = log_odds(x)
-    esym = [log_esym(_columns(lo, members), cs) for members, cs in zip(lf.groups, counts)]
+    esym = [log_esym(_take(lo, members), cs) for members, cs in zip(lf.groups, counts)]
     single = None
     if lf.singletons:
-        xs, los = _columns(x, lf.singletons), _columns(lo, lf.singletons)
+        xs, los = _take(x, lf.singletons), _take(lo, lf.singletons)
         single = torch.stack([xs - los, xs], dim=-1)
     return single, esym
 
@@ -239,6 +304,28 @@ class ListwiseTerm:
         self._circuits = None
         if self.lifted is None:
             self._circuits = (structure.side_circuit("top"), structure.side_circuit("bottom"))
+        self.layout = _layout(self.atoms)  # (predicate, columns of its [B, K] matrix), worked out once
+        self.named = [a.name for a in self.atoms if not a.answer[1:].isdigit()]  # yw/yl: no column of a [B, K]
+
+    def matrix(self, columns: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The term's ``[B, n]`` log-probs (or token counts) from ``[B, K]`` matrices, after checking they cover it."""
+        from dpalogic.errors import DPALogicError
+
+        if self.named:
+            raise DPALogicError(
+                f"this loss mentions {', '.join(self.named)}: [B, K] inputs give answers y1 … yK; pass log-probs by "
+                "atom name instead (logps={'M(yw)': …, …})"
+            )
+        for pred, cols in self.layout:
+            if pred not in columns:
+                raise DPALogicError(f"this loss needs ref_logps: its structure mentions {pred}(y{cols[0] + 1})")
+            if cols[-1] >= columns[pred].shape[1]:
+                raise DPALogicError(
+                    f"this loss mentions {pred}(y{max(cols) + 1}) but the inputs have K = {columns[pred].shape[1]} answers"
+                )
+        parts = [_take(columns[pred], cols) for pred, cols in self.layout]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return out.to(dtype)
 
     @property
     def method(self) -> str:
@@ -270,25 +357,25 @@ def apply_link(link: str, params: Mapping[str, float], z: torch.Tensor) -> torch
     return _Link.apply(z, link_function(link, params))
 
 
-def atom_matrix(atoms: tuple[Atom, ...], columns: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``[B, n]`` log-probs of ``atoms`` in order, from ``[B, K]`` matrices keyed ``"M"``/``"Ref"`` (column j is
-    answer y(j+1)); one contiguous slice per predicate when the atoms are a run ``y1 … yK``."""
-    parts = []
-    i = 0
-    while i < len(atoms):
-        pred = atoms[i].pred
-        j = i
-        while j < len(atoms) and atoms[j].pred == pred:
-            j += 1
-        cols = [int(a.answer[1:]) - 1 for a in atoms[i:j]]
-        mat = columns[pred]
-        if cols == list(range(cols[0], cols[0] + len(cols))):
-            parts.append(mat[:, cols[0] : cols[0] + len(cols)])
+def _layout(atoms: tuple[Atom, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """Runs of one predicate in ``atoms`` and their answers' columns (y1 is column 0)."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for a in atoms:
+        col = int(a.answer[1:]) - 1 if a.answer[1:].isdigit() else -1
+        if col < 0:
+            continue
+        if out and out[-1][0] == a.pred:
+            out[-1] = (a.pred, out[-1][1] + (col,))
         else:
-            parts.append(mat.index_select(1, torch.as_tensor(cols, device=mat.device)))
-        i = j
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    return out.to(dtype)
+            out.append((a.pred, (col,)))
+    return out
+
+
+def _take(mat: torch.Tensor, cols: tuple[int, ...]) -> torch.Tensor:
+    """Columns of a matrix: a view for a run ``a, a+1, …`` (the usual ``y1..yK``), a gathered copy otherwise."""
+    if cols[-1] - cols[0] == len(cols) - 1:
+        return mat[:, cols[0] : cols[-1] + 1]
+    return mat.index_select(1, torch.as_tensor(cols, device=mat.device))
 
 
 MAX_K = 256
@@ -350,21 +437,20 @@ class ListwiseProgram:
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         total = None
         for bt, s_role, ev in zip(self.bound, self.roles, self.evals):
-            for a in ev.atoms:
-                if a.pred not in columns:
-                    raise DPALogicError(f"this loss needs ref_logps: its structure mentions {a.name}")
-                if a.answer[1:].isdigit() and int(a.answer[1:]) > columns[a.pred].shape[1]:
-                    raise DPALogicError(
-                        f"this loss mentions {a.name} but the inputs have K = {columns[a.pred].shape[1]} answers"
-                    )
-            x = atom_matrix(ev.atoms, columns, dtype)
+            x = ev.matrix(columns, dtype)
             if bt.normalized:
                 if lengths is None:
                     raise DPALogicError("this loss is length-normalized: pass lengths= [B, K] (token counts)")
-                x = x / atom_matrix(ev.atoms, {"M": lengths, "Ref": lengths}, dtype).clamp(min=1.0)
-            z = bt.scale * ev.log_ratio(x) - bt.shift
+                x = x / ev.matrix({"M": lengths, "Ref": lengths}, dtype).clamp(min=1.0)
+            z = ev.log_ratio(x)
+            if bt.scale != 1.0:
+                z = z * bt.scale
+            if bt.shift != 0.0:
+                z = z - bt.shift
             if margin is not None and s_role != "nll":
                 z = z - margin.to(dtype) if s_role == "preference" else z + margin.to(dtype)
-            part = bt.coef * apply_link(bt.link, bt.params, z)
+            part = apply_link(bt.link, bt.params, z)
+            if bt.coef != 1.0:
+                part = part * bt.coef
             total = part if total is None else total + part
         return total
