@@ -378,3 +378,10 @@ def test_compile_writes_a_module_for_a_large_structure_torch_and_triton(monkeypa
         (-torch.log_softmax(ref - torch.log(-torch.expm1(ref)), 1)[:, 0]).sum().backward()
         got = torch.stack([c.grad for c in cols], 1).double()
         torch.testing.assert_close(got, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_matrix_inputs_name_the_atoms_they_cannot_carry():
+    """[B, K] columns are y1 … yK: a structure beyond truth tables that also mentions yw is told to use names."""
+    text = "(M(yw), ExactlyOne(M(y1..y13)) & M(yw))"
+    with pytest.raises(DPALogicError, match="M\\(yw\\)"):
+        PreferenceLoss(text)(logps=-torch.rand(2, 13))
