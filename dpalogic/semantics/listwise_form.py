@@ -93,7 +93,8 @@ def list_structure_info(s: ListStructure) -> dict[str, Any]:
         info["rho"] = str(rho)
         info["rho_latex"] = sympy.latex(rho, symbol_names=names)
         info["log_rho"] = f"log({rho})"
-        info["loss"] = f"log(1 + 1/({rho}))"
+        num, den = sympy.fraction(rho)
+        info["loss"] = f"log(1 + {sympy.sstr(den / num)})"
         info["latex"] = r"\log\left(1 + \frac{1}{\rho}\right),\quad \rho = " + info["rho_latex"]
         info["legend"] = LEGEND
         info["groups"] = [atoms_text([s.atoms[i].symbol for i in g]) for g in lf.groups]
