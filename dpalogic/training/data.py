@@ -437,49 +437,24 @@ def tokenize_rows(
     max_prompt_length: int | None = 512,
     strict: bool = False,
 ) -> TokenizedData:
-    """Tokenize every row and apply the truncation rules.
+    """Tokenize every row and apply the truncation rules (:mod:`dpalogic.training.truncation`): the prompt keeps
+    its end, each answer its start. Rows whose spans cannot be placed on their tokens are dropped (reported)."""
+    from dpalogic.training.annotations import PAIR_MARGIN, span_token_weights  # they import this module
+    from dpalogic.training.truncation import tokenize_each
 
-    The prompt keeps its *end* (the part next to the answer) within ``max_prompt_length``; each answer keeps its
-    start within ``max_length − len(prompt)``. A row whose prompt leaves no room for an answer is dropped (reported).
-    """
-    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-        raise DPALogicError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
-    from dpalogic.training.annotations import PAIR_MARGIN, span_token_weights  # it imports this module
+    def tokenize(row: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
+        p, c, r = tokenize_pair(tokenizer, row)
+        return p, [c, r]
 
-    examples, issues, truncated = [], [], 0
-    for i, (row, n) in enumerate(zip(data.rows, data.row_numbers)):
-        try:
-            p, c, r = tokenize_pair(tokenizer, row)
-        except DPALogicError:
-            raise
-        except Exception as e:  # a template or tokenizer failure on one row should not end the run
-            issues.append(RowIssue(n, f"could not tokenize ({type(e).__name__}: {e})"))
-            continue
-        weights = span_token_weights(tokenizer, row, len(p), (c, r))
-        if isinstance(weights, str):
-            issues.append(RowIssue(n, weights))
-            continue
-        cut = False
-        if max_prompt_length is not None and len(p) > max_prompt_length:
-            p, cut = p[len(p) - max_prompt_length :], True
-        if max_length is not None:
-            room = max_length - len(p)
-            if room < 1:
-                issues.append(RowIssue(n, f"prompt of {len(p)} tokens leaves no room for an answer (max_length)"))
-                continue
-            if len(c) > room or len(r) > room:
-                c, r, cut = c[:room], r[:room], True
-        if not c or not r:
-            issues.append(RowIssue(n, "an answer has no tokens after tokenization"))
-            continue
-        truncated += cut
-        cw, rw = (None if w is None else w[: len(ids)] for w, ids in zip(weights, (c, r)))
-        examples.append(Example(i, n, p, c, r, row.get(PAIR_MARGIN), cw, rw))
-    if strict and issues:
-        raise _fatal(data.source, issues)
-    if not examples:
-        raise _no_rows(data.source, issues, "no pair survived tokenization")
-    return TokenizedData(examples, issues, truncated)
+    def example(i: int, n: int, row: dict[str, Any], p: list[int], answers: list[list[int]], weights) -> Example:
+        c, r = answers
+        cw, rw = (None if w is None else w[: len(ids)] for w, ids in zip(weights, answers))
+        return Example(i, n, p, c, r, row.get(PAIR_MARGIN), cw, rw)
+
+    def weigh(row: dict[str, Any], tokens: tuple[list[int], list[list[int]]]):
+        return span_token_weights(tokenizer, row, len(tokens[0]), tuple(tokens[1]))
+
+    return tokenize_each(data, tokenize, example, max_length, max_prompt_length, strict, what="pair", weigh=weigh)
 
 
 def pad_id(tokenizer) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 from dpalogic.errors import DPALogicError
 from dpalogic.training import data as D
 from dpalogic.training.data import PreferenceRows, RowIssue, TokenizedData
+from dpalogic.training.truncation import tokenize_each
 
 RANKED_FIELDS = ("prompt", "responses", "scores")
 MAX_ANSWERS = 256  # the language's answers go up to y256
@@ -280,34 +281,11 @@ def tokenize_ranked(
 ) -> TokenizedData:
     """Tokenize K-answer rows with the pairs' truncation rules: the prompt keeps its end within
     ``max_prompt_length``, every answer its start within ``max_length − len(prompt)``."""
-    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-        raise DPALogicError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
-    examples, issues, truncated = [], [], 0
-    for i, (row, n) in enumerate(zip(data.rows, data.row_numbers)):
-        try:
-            p, answers = tokenize_answers(tokenizer, row)
-        except DPALogicError:
-            raise
-        except Exception as e:  # a template or tokenizer failure on one row should not end the run
-            issues.append(RowIssue(n, f"could not tokenize ({type(e).__name__}: {e})"))
-            continue
-        cut = False
-        if max_prompt_length is not None and len(p) > max_prompt_length:
-            p, cut = p[len(p) - max_prompt_length :], True
-        if max_length is not None:
-            room = max_length - len(p)
-            if room < 1:
-                issues.append(RowIssue(n, f"prompt of {len(p)} tokens leaves no room for an answer (max_length)"))
-                continue
-            if any(len(a) > room for a in answers):
-                answers, cut = [a[:room] for a in answers], True
-        if not all(answers):
-            issues.append(RowIssue(n, "an answer has no tokens after tokenization"))
-            continue
-        truncated += cut
-        examples.append(RankedExample(i, n, p, tuple(answers), tuple(row["scores"])))
-    if strict and issues:
-        raise D._fatal(data.source, issues)
-    if not examples:
-        raise D._no_rows(data.source, issues, "no row survived tokenization")
-    return TokenizedData(examples, issues, truncated)
+
+    def example(i: int, n: int, row: dict[str, Any], p: list[int], answers: list[list[int]], _) -> RankedExample:
+        return RankedExample(i, n, p, tuple(answers), tuple(row["scores"]))
+
+    def tokenize(row: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
+        return tokenize_answers(tokenizer, row)
+
+    return tokenize_each(data, tokenize, example, max_length, max_prompt_length, strict, what="row")

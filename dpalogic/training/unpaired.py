@@ -25,6 +25,7 @@ import torch
 from dpalogic.errors import DPALogicError
 from dpalogic.training import data as D
 from dpalogic.training.data import IGNORE_INDEX, PreferenceRows, RowIssue, TokenizedData
+from dpalogic.training.truncation import tokenize_each
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
 
@@ -113,36 +114,18 @@ def tokenize_unpaired(
 ) -> TokenizedData:
     """Tokenize unpaired rows with the pairs' rules (:func:`~dpalogic.training.data.tokenize_rows`): the prompt
     keeps its end, the completion its start."""
-    examples, issues, truncated = [], [], 0
-    for i, (row, n) in enumerate(zip(data.rows, data.row_numbers)):
-        try:  # a pair whose two answers are this completion: the same tokenization, EOS and chat template
-            p, c, _ = D.tokenize_pair(tokenizer, {"prompt": row["prompt"], "chosen": row["completion"],
-                                                  "rejected": row["completion"]})  # fmt: skip
-        except DPALogicError:
-            raise
-        except Exception as e:  # a template or tokenizer failure on one row should not end the run
-            issues.append(RowIssue(n, f"could not tokenize ({type(e).__name__}: {e})"))
-            continue
-        cut = False
-        if max_prompt_length is not None and len(p) > max_prompt_length:
-            p, cut = p[len(p) - max_prompt_length :], True
-        if max_length is not None:
-            room = max_length - len(p)
-            if room < 1:
-                issues.append(RowIssue(n, f"prompt of {len(p)} tokens leaves no room for an answer (max_length)"))
-                continue
-            if len(c) > room:
-                c, cut = c[:room], True
-        if not c:
-            issues.append(RowIssue(n, "the completion has no tokens after tokenization"))
-            continue
-        truncated += cut
-        examples.append(UnpairedExample(i, n, p, c, row["label"]))
-    if strict and issues:
-        raise D._fatal(data.source, issues)
-    if not examples:
-        raise D._no_rows(data.source, issues, "no row survived tokenization")
-    return TokenizedData(examples, issues, truncated)
+
+    def tokenize(row: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
+        # a pair whose two answers are this completion: the same tokenization, EOS and chat template
+        pair = {"prompt": row["prompt"], "chosen": row["completion"], "rejected": row["completion"]}
+        p, c, _ = D.tokenize_pair(tokenizer, pair)
+        return p, [c]
+
+    def example(i: int, n: int, row: dict[str, Any], p: list[int], answers: list[list[int]], _) -> UnpairedExample:
+        return UnpairedExample(i, n, p, answers[0], row["label"])
+
+    empty = "the completion has no tokens after tokenization"
+    return tokenize_each(data, tokenize, example, max_length, max_prompt_length, strict, what="row", empty=empty)
 
 
 def tokenize_any(rows: PreferenceRows, tokenizer, **kw: Any) -> TokenizedData:
