@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dpalogic.errors import DPALogicError
-from dpalogic.training.data import Example, PreferenceRows, RowIssue, _fatal, _no_rows
+from dpalogic.training.data import Example, PreferenceRows, _kept
 
 MARGIN_SOURCES = ("margin", "scores")
 PAIR_MARGIN = "pair_margin"  # the key under which a row keeps its computed margin
@@ -136,20 +136,7 @@ def annotate(data: PreferenceRows, margin_from: str | None, scale: float = 1.0, 
     """Keep the rows whose margin and spans are usable; the others join ``data.issues`` (fatal with ``strict``)."""
     if margin_from is not None and margin_from not in MARGIN_SOURCES:
         raise DPALogicError(f"--margin-from must be one of {', '.join(MARGIN_SOURCES)}, got {margin_from!r}")
-    rows, numbers, issues = [], [], list(data.issues)
-    for row, n in zip(data.rows, data.row_numbers):
-        why = row_issue(row, margin_from, scale)
-        if why:
-            issues.append(RowIssue(n, why))
-        else:
-            rows.append(row)
-            numbers.append(n)
-    issues.sort(key=lambda i: i.row)
-    if strict and issues:
-        raise _fatal(data.source, issues)
-    if not rows:
-        raise _no_rows(data.source, issues)
-    return PreferenceRows(data.source, rows, numbers, issues)
+    return PreferenceRows(data.source, *_kept(data, lambda row: row_issue(row, margin_from, scale), strict))
 
 
 def annotate_rows(rows: PreferenceRows | None, cfg: Any) -> PreferenceRows | None:

@@ -301,6 +301,39 @@ def _no_rows(source: str, issues: Sequence[RowIssue], what: str = "no usable row
     return BadRowsError(source, issues, f"{source}: {what}" + (f"; {len(issues)} malformed:" if issues else ""))
 
 
+def _checked(
+    source: str, numbered, check, issues: list[RowIssue], strict: bool, what: str = "no usable rows"
+) -> tuple[list[dict[str, Any]], list[int], list[RowIssue]]:
+    """The rows, row numbers and issues of numbered records ``(n, record)`` that ``check(record)`` turns into
+    ``(row, None)`` or ``(None, reason)``: refused rows join ``issues`` (sorted by row), fatal with ``strict``; no row
+    left is fatal too (``what`` says so)."""
+    rows, numbers = [], []
+    for n, rec in numbered:
+        row, why = check(rec)
+        if row is None:
+            issues.append(RowIssue(n, why))
+        else:
+            rows.append(row)
+            numbers.append(n)
+    issues.sort(key=lambda i: i.row)
+    if strict and issues:
+        raise _fatal(source, issues)
+    if not rows:
+        raise _no_rows(source, issues, what)
+    return rows, numbers, issues
+
+
+def _kept(data: PreferenceRows, keep, strict: bool, what: str = "no usable rows"):
+    """:func:`_checked` over ``data``'s rows with ``keep(row)`` giving the reason to drop a row (or None); the
+    dropped rows join a copy of ``data.issues``."""
+
+    def check(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        why = keep(row)
+        return (None, why) if why else (row, None)
+
+    return _checked(data.source, zip(data.row_numbers, data.rows), check, list(data.issues), strict, what)
+
+
 def write_bad_rows(path: str | os.PathLike, sources: Sequence[tuple[str, Sequence[RowIssue]]]) -> Path | None:
     """Every bad row of every source, one JSON object per line: ``{"file", "row", "reason"}``.
 
@@ -330,20 +363,7 @@ def _validated(source: str, records, issues: list[RowIssue], strict: bool) -> Pr
     records = list(records)  # is_ranked looks at the first row: an iterator (from_records) would lose it
     if ranked.is_ranked(records):  # K answers per prompt: {"prompt", "responses", "scores"}
         return ranked.validated_ranked(source, records, issues, strict)
-    rows, numbers = [], []
-    for n, rec in records:
-        row, why = normalize_row(rec)
-        if row is None:
-            issues.append(RowIssue(n, why))
-        else:
-            rows.append(row)
-            numbers.append(n)
-    issues.sort(key=lambda i: i.row)
-    if strict and issues:
-        raise _fatal(source, issues)
-    if not rows:
-        raise _no_rows(source, issues)
-    return PreferenceRows(source, rows, numbers, issues)
+    return PreferenceRows(source, *_checked(source, records, normalize_row, issues, strict))
 
 
 def load_preferences(path: str | os.PathLike, *, strict: bool = False, split: str | None = None) -> PreferenceRows:

@@ -137,39 +137,16 @@ def normalize_ranked(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
 
 def validated_ranked(source: str, records, issues: list[RowIssue], strict: bool) -> RankedRows:
     """Normalize numbered K-answer ``records`` (the hook of :func:`dpalogic.training.data.load_preferences`)."""
-    rows, numbers, ties = [], [], []
-    for n, rec in records:
-        row, why = normalize_ranked(rec)
-        if row is None:
-            issues.append(RowIssue(n, why))
-            continue
-        rows.append(row)
-        numbers.append(n)
-        if (note := _tie_note([float(x) for x in rec["scores"]])) is not None:
-            ties.append(RowIssue(n, note))
-    issues.sort(key=lambda i: i.row)
-    if strict and issues:
-        raise D._fatal(source, issues)
-    if not rows:
-        raise D._no_rows(source, issues)
-    return RankedRows(source, rows, numbers, issues, ties)
+    records = list(records)
+    rows, numbers, issues = D._checked(source, records, normalize_ranked, issues, strict)
+    by_row = dict(records)  # ties are named by the answers' positions in the file, before sorting
+    notes = ((n, _tie_note([float(x) for x in by_row[n]["scores"]])) for n in numbers)
+    return RankedRows(source, rows, numbers, issues, [RowIssue(n, note) for n, note in notes if note is not None])
 
 
 def _kept(data: RankedRows, keep, strict: bool, what: str) -> RankedRows:
     """The rows for which ``keep(row)`` gives no reason to drop them; the others join the issues."""
-    rows, numbers, issues = [], [], list(data.issues)
-    for row, n in zip(data.rows, data.row_numbers):
-        why = keep(row)
-        if why:
-            issues.append(RowIssue(n, why))
-        else:
-            rows.append(row)
-            numbers.append(n)
-    issues.sort(key=lambda i: i.row)
-    if strict and issues:
-        raise D._fatal(data.source, issues)
-    if not rows:
-        raise D._no_rows(data.source, issues, what)
+    rows, numbers, issues = D._kept(data, keep, strict, what)
     ties = [t for t in data.ties if t.row in set(numbers)]
     return RankedRows(data.source, rows, numbers, issues, ties)
 

@@ -24,7 +24,7 @@ import torch
 
 from dpalogic.errors import DPALogicError
 from dpalogic.training import data as D
-from dpalogic.training.data import IGNORE_INDEX, PreferenceRows, RowIssue, TokenizedData
+from dpalogic.training.data import IGNORE_INDEX, PreferenceRows, TokenizedData
 from dpalogic.training.truncation import tokenize_each
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
@@ -88,20 +88,7 @@ def load_rows(path: str | os.PathLike, *, strict: bool = False, split: str | Non
     records, issues = D.read_records(path, split)
     if not is_unpaired(records):
         return D._validated(str(path), records, issues, strict)
-    rows, numbers = [], []
-    for n, rec in records:
-        row, why = normalize_unpaired(rec)
-        if row is None:
-            issues.append(RowIssue(n, why))
-        else:
-            rows.append(row)
-            numbers.append(n)
-    issues.sort(key=lambda i: i.row)
-    if strict and issues:
-        raise D._fatal(str(path), issues)
-    if not rows:
-        raise D._no_rows(str(path), issues)
-    return UnpairedRows(str(path), rows, numbers, issues)
+    return UnpairedRows(str(path), *D._checked(str(path), records, normalize_unpaired, issues, strict))
 
 
 def tokenize_unpaired(
