@@ -484,32 +484,34 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def stack_answers(sequences: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, Any]:
+    """(prompt, answer) token lists → right-padded ``input_ids``, ``attention_mask``, ``labels`` (−100 outside
+    the answer)."""
+    import torch
+
+    width = max(len(p) + len(a) for p, a in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (p, a) in enumerate(sequences):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
+        attn[i, : len(p) + len(a)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:
     """Stack chosen over rejected: ``input_ids``/``attention_mask``/``labels`` ``[2B, T]``, lengths ``[B]``."""
     import torch
 
     from dpalogic.training.annotations import annotation_tensors
 
-    seqs, labels = [], []
-    for side in ("chosen_ids", "rejected_ids"):
-        for ex in examples:
-            ans = getattr(ex, side)
-            seqs.append(ex.prompt_ids + ans)
-            labels.append([IGNORE_INDEX] * len(ex.prompt_ids) + ans)
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    label_t = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, lab) in enumerate(zip(seqs, labels)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        label_t[i, : len(s)] = torch.tensor(lab)
-        attn[i, : len(s)] = 1
+    sides = [(ex.prompt_ids, ex.chosen_ids) for ex in examples] + [(ex.prompt_ids, ex.rejected_ids) for ex in examples]
+    batch = stack_answers(sides, pad_token_id)
     return {
-        "input_ids": input_ids,
-        "attention_mask": attn,
-        "labels": label_t,
+        **batch,
         "chosen_lengths": torch.tensor([len(ex.chosen_ids) for ex in examples]),
         "rejected_lengths": torch.tensor([len(ex.rejected_ids) for ex in examples]),
         "index": torch.tensor([ex.index for ex in examples]),
-        **annotation_tensors(examples, width),
+        **annotation_tensors(examples, batch["input_ids"].shape[1]),
     }

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from dpalogic.errors import DPALogicError
-from dpalogic.training.data import IGNORE_INDEX, PreferenceRows
+from dpalogic.training.data import PreferenceRows, stack_answers
 from dpalogic.training.model import sequence_logps
 from dpalogic.training.ranked import RankedExample, RankedRows, listwise_rows, to_pairs
 from dpalogic.training.reference import Reference, batch_reference_logps
@@ -106,19 +106,8 @@ def dry_run_rows(rows: PreferenceRows, cfg: Any, say) -> PreferenceRows:
 def collate_ranked(examples: Sequence[RankedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """``input_ids``/``attention_mask``/``labels`` ``[B·K, T]`` (row-major), ``lengths`` and ``scores`` ``[B, K]``,
     ``index`` ``[B]``."""
-    seqs = [(ex.prompt_ids, a) for ex in examples for a in ex.answer_ids]
-    width = max(len(p) + len(a) for p, a in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (p, a) in enumerate(seqs):
-        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
-        attn[i, : len(p) + len(a)] = 1
     return {
-        "input_ids": ids,
-        "attention_mask": attn,
-        "labels": labels,
+        **stack_answers([(ex.prompt_ids, a) for ex in examples for a in ex.answer_ids], pad_token_id),
         "lengths": torch.tensor([[len(a) for a in ex.answer_ids] for ex in examples]),
         "scores": torch.tensor([ex.scores for ex in examples], dtype=torch.float64),
         "index": torch.tensor([ex.index for ex in examples]),

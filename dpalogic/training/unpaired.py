@@ -24,7 +24,7 @@ import torch
 
 from dpalogic.errors import DPALogicError
 from dpalogic.training import data as D
-from dpalogic.training.data import IGNORE_INDEX, PreferenceRows, TokenizedData
+from dpalogic.training.data import PreferenceRows, TokenizedData
 from dpalogic.training.truncation import tokenize_each
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
@@ -135,20 +135,6 @@ def needs_live_reference(loss_fn, name: str, *sets: PreferenceRows | None) -> bo
 # --------------------------------------------------------------------------------------------------- batches
 
 
-def _stack(sequences: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    """(prompt, answer) token lists → right-padded ``input_ids``, ``attention_mask``, ``labels`` (−100 outside
-    the answer)."""
-    width = max(len(p) + len(a) for p, a in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (p, a) in enumerate(sequences):
-        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
-        attn[i, : len(p) + len(a)] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
-
-
 def answers(examples: Sequence[Any]) -> list[tuple[list[int], list[int]]]:
     """(prompt, completion) of every answer of a batch: unpaired examples in order, pairs as chosen then rejected."""
     if examples and isinstance(examples[0], UnpairedExample):
@@ -162,14 +148,14 @@ def mismatched(examples: Sequence[Any], pad: int) -> dict[str, torch.Tensor]:
     if len(seqs) < 2:
         raise DPALogicError("kto's KL estimate pairs each prompt with another answer's completion: use batch_size >= 2")
     rotated = [(p, seqs[k - 1][1]) for k, (p, _) in enumerate(seqs)]
-    return {f"kl_{k}": v for k, v in _stack(rotated, pad).items()}
+    return {f"kl_{k}": v for k, v in D.stack_answers(rotated, pad).items()}
 
 
 def collate_any(examples: Sequence[Any], pad: int, *, kl: bool) -> dict[str, torch.Tensor]:
     """A batch of pairs (:func:`~dpalogic.training.data.collate`) or of unpaired answers (``label`` ``[N]``), plus
     the mismatched sequences when ``kl``."""
     if examples and isinstance(examples[0], UnpairedExample):
-        batch = _stack(answers(examples), pad)
+        batch = D.stack_answers(answers(examples), pad)
         batch["label"] = torch.tensor([e.label for e in examples])
         batch["index"] = torch.tensor([e.index for e in examples])
     else:
