@@ -117,14 +117,26 @@ def _decompile(text: str, expr: sympy.Expr) -> Decompiled:
 # --------------------------------------------------------------------------------------------------- report
 
 
-def report(d: Decompiled) -> dict:
-    """JSON-ready description: each term's link, β, γ, structure parts and ρ; catalog matches."""
+def structure_fields(structure) -> dict[str, str]:
+    """A term's structure in a report: its text and its parts (core, given, additive, top, bottom) in ASCII."""
     from dpalogic.language.syntax import to_ascii
 
+    core, given, additive = structure.readable_triple()
+    return {
+        "structure": structure.text("ascii"),
+        "core": to_ascii(core),
+        "given": to_ascii(given),
+        "additive": to_ascii(additive),
+        "top": to_ascii(structure.top_formula),
+        "bottom": to_ascii(structure.bottom_formula),
+    }
+
+
+def report(d: Decompiled) -> dict:
+    """JSON-ready description: each term's link, β, γ, structure parts and ρ; catalog matches."""
     m = matches(d)
     terms = []
     for t, names in zip(d.terms, m["terms"]):
-        core, given, additive = t.structure.readable_triple()
         terms.append(
             {
                 "link": t.link,
@@ -133,12 +145,7 @@ def report(d: Decompiled) -> dict:
                 "gamma": str(t.shift),
                 "link_params": {k: str(v) for k, v in t.link_params.items()},
                 "normalized": t.normalized,
-                "structure": t.structure.text("ascii"),
-                "core": to_ascii(core),
-                "given": to_ascii(given),
-                "additive": to_ascii(additive),
-                "top": to_ascii(t.structure.top_formula),
-                "bottom": to_ascii(t.structure.bottom_formula),
+                **structure_fields(t.structure),
                 "rho": str(rho_sympy(t.structure)),
                 "same_structure_as": names,
                 "source": t.source,

@@ -279,11 +279,10 @@ def decompile_listwise(text: str) -> list[ListwiseTermInfo]:
 
 def listwise_report(text: str) -> dict:
     """``dpalogic decompile`` of a listwise equation: the keys of the pairwise report (``decompile --json``)."""
-    from dpalogic.language.syntax import to_ascii
+    from dpalogic.analysis.decompile import structure_fields  # the pairwise report's fields, one definition
 
     terms = []
     for t in decompile_listwise(text):
-        core, given, additive = t.structure.readable_triple()
         terms.append(
             {
                 "link": "logistic",
@@ -292,12 +291,7 @@ def listwise_report(text: str) -> dict:
                 "gamma": str(t.shift),
                 "link_params": {},
                 "normalized": False,
-                "structure": t.structure.text("ascii"),
-                "core": to_ascii(core),
-                "given": to_ascii(given),
-                "additive": to_ascii(additive),
-                "top": to_ascii(t.structure.top_formula),
-                "bottom": to_ascii(t.structure.bottom_formula),
+                **structure_fields(t.structure),
                 "rho": t.rho,
                 "same_structure_as": [],
                 "source": f"softmax over {t.kind.replace('_', ' ')} scores, y{t.top} against "
