@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from typing import Any
 
 from dpalogic.cli.common import Subparsers
 from dpalogic.errors import DPALogicError
@@ -94,25 +95,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.task == "ranking":
         return run_ranking(args)
-    cfg = DemoConfig(
-        losses=tuple(split_losses(args.losses)) if "losses" in vars(args) else DEFAULT_LOSSES,
-        out=vars(args).get("out", DemoConfig.out),
-        steps=args.steps,
-        batch_size=vars(args).get("batch_size", DemoConfig.batch_size),
-        lr=args.lr,
-        eval_every=args.eval_every,
-        train_size=vars(args).get("train_size", DemoConfig.train_size),
-        eval_size=vars(args).get("eval_size", DemoConfig.eval_size),
-        seed=args.seed,
-        plot=not args.no_plot,
-        progress=not args.no_progress,
-        threads=args.threads,
+    cfg = _checked(
+        DemoConfig(
+            losses=tuple(split_losses(args.losses)) if "losses" in vars(args) else DEFAULT_LOSSES,
+            eval_every=args.eval_every,
+            plot=not args.no_plot,
+            **_shared(args, DemoConfig),
+        ),
+        "eval_every",
     )
-    for name in ("steps", "batch_size", "eval_every", "train_size", "eval_size", "threads"):
-        if getattr(cfg, name) < 1:
-            raise DPALogicError(f"--{name.replace('_', '-')} must be at least 1")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise DPALogicError(f"--lr must be a positive number, got {cfg.lr}")
     results = run_demo(cfg)
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k != "curves"} for r in results], indent=2))
@@ -131,25 +122,14 @@ def run_ranking(args: argparse.Namespace) -> int:
     """``--task ranking``: :mod:`dpalogic.training.ranking_demo` (defaults: 8 prompts per step, 1000/128 rows)."""
     from dpalogic.training.ranking_demo import RANKING_LOSSES, RankingConfig, ranking_table, run_ranking_demo
 
-    cfg = RankingConfig(
-        losses=tuple(split_losses(args.losses)) if "losses" in vars(args) else RANKING_LOSSES,
-        pairs=args.pairs,
-        curriculum=args.curriculum,
-        out=vars(args).get("out", RankingConfig.out),
-        steps=args.steps,
-        batch_size=vars(args).get("batch_size", RankingConfig.batch_size),
-        lr=args.lr,
-        train_size=vars(args).get("train_size", RankingConfig.train_size),
-        eval_size=vars(args).get("eval_size", RankingConfig.eval_size),
-        seed=args.seed,
-        progress=not args.no_progress,
-        threads=args.threads,
+    cfg = _checked(
+        RankingConfig(
+            losses=tuple(split_losses(args.losses)) if "losses" in vars(args) else RANKING_LOSSES,
+            pairs=args.pairs,
+            curriculum=args.curriculum,
+            **_shared(args, RankingConfig),
+        )
     )
-    for name in ("steps", "batch_size", "train_size", "eval_size", "threads"):
-        if getattr(cfg, name) < 1:
-            raise DPALogicError(f"--{name.replace('_', '-')} must be at least 1")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise DPALogicError(f"--lr must be a positive number, got {cfg.lr}")
     results = run_ranking_demo(cfg)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -157,3 +137,29 @@ def run_ranking(args: argparse.Namespace) -> int:
     print(ranking_table(results, cfg))
     print(f"written to {cfg.out}/: results.md, results.json", file=sys.stderr)
     return 0
+
+
+def _shared(args: argparse.Namespace, config: type) -> dict[str, Any]:
+    """The settings both demos take; those a task's flags leave out keep ``config``'s defaults."""
+    given = vars(args)
+    return {
+        "out": given.get("out", config.out),
+        "steps": args.steps,
+        "batch_size": given.get("batch_size", config.batch_size),
+        "lr": args.lr,
+        "train_size": given.get("train_size", config.train_size),
+        "eval_size": given.get("eval_size", config.eval_size),
+        "seed": args.seed,
+        "progress": not args.no_progress,
+        "threads": args.threads,
+    }
+
+
+def _checked(cfg: Any, *counts: str) -> Any:
+    """``cfg``, once its counts (the shared ones and ``counts``) are at least 1 and its learning rate is positive."""
+    for name in ("steps", "batch_size", *counts, "train_size", "eval_size", "threads"):
+        if getattr(cfg, name) < 1:
+            raise DPALogicError(f"--{name.replace('_', '-')} must be at least 1")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise DPALogicError(f"--lr must be a positive number, got {cfg.lr}")
+    return cfg
