@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpalogic.errors import DPALogicError
+from dpalogic.training.fields import is_empty, is_messages, text_issue
 
 FIELDS = ("prompt", "chosen", "rejected")
 # what a row may carry besides (dpalogic.training.annotations): a margin, or the scores it is made from, and spans
@@ -217,38 +218,6 @@ def read_records(path: str | os.PathLike, split: str | None = None) -> tuple[lis
 # --------------------------------------------------------------------------------------------------- validation
 
 
-def _is_messages(x: Any) -> bool:
-    """A chat: a list of ``{"role": str, "content": str}`` (text only; other keys such as tool calls are kept)."""
-    return isinstance(x, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x
-    )
-
-
-def _type_name(x: Any) -> str:
-    if isinstance(x, list) and x and not _is_messages(x):
-        return "a list that is not chat messages"
-    return {str: "a string", list: "a list", dict: "an object", bool: "a boolean", type(None): "null"}.get(
-        type(x), type(x).__name__
-    )
-
-
-def _undecodable(x: Any) -> bool:
-    """True when a string (or a message's content) holds lone surrogates, i.e. cannot be encoded as UTF-8."""
-    texts = [x] if isinstance(x, str) else [m.get("content") for m in x if isinstance(m.get("content"), str)]
-    for t in texts:
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-    return False
-
-
-def _is_empty(x: Any) -> bool:
-    if isinstance(x, str):
-        return not x.strip()
-    return not x or all(not str(m.get("content") or "").strip() for m in x)
-
-
 def _implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
     """Split whole conversations into the shared leading messages (the prompt) and the two different endings."""
     n = 0
@@ -270,22 +239,16 @@ def normalize_row(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
     chosen, rejected = rec["chosen"], rec["rejected"]
     prompt = rec.get("prompt")
     if prompt is None:
-        if not (_is_messages(chosen) and _is_messages(rejected)):
+        if not (is_messages(chosen) and is_messages(rejected)):
             return None, "missing 'prompt' (only conversational rows may leave it implicit)"
         prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
-    for f, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if not (isinstance(v, str) or _is_messages(v)):
-            return (
-                None,
-                f"{f!r} must be a string or a list of chat messages with 'role' and 'content', got {_type_name(v)}",
-            )
-        if _undecodable(v):
-            return None, f"undecodable text in {f!r} (not valid Unicode)"
+    if why := text_issue((("'prompt'", prompt), ("'chosen'", chosen), ("'rejected'", rejected))):
+        return None, why
     kinds = {isinstance(v, str) for v in (prompt, chosen, rejected)}
     if len(kinds) != 1:
         return None, "mixes plain strings and chat messages across prompt/chosen/rejected"
     for f, v in (("chosen", chosen), ("rejected", rejected)):
-        if _is_empty(v):
+        if is_empty(v):
             return None, f"empty {f!r} answer"
     if chosen == rejected:
         return None, "chosen and rejected are identical (no preference to learn)"

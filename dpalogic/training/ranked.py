@@ -27,6 +27,7 @@ from typing import Any
 from dpalogic.errors import DPALogicError
 from dpalogic.training import data as D
 from dpalogic.training.data import PreferenceRows, RowIssue, TokenizedData
+from dpalogic.training.fields import is_empty, record_issue, text_issue, type_name
 from dpalogic.training.truncation import tokenize_each
 
 RANKED_FIELDS = ("prompt", "responses", "scores")
@@ -91,17 +92,12 @@ def _tie_note(scores: Sequence[float]) -> str | None:
 
 def normalize_ranked(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
     """A valid row as ``{"prompt", "responses", "scores"}`` sorted best first, or the reason it is not."""
-    if not isinstance(rec, dict):
-        return None, f"expected an object with {', '.join(RANKED_FIELDS)}, got {type(rec).__name__}"
-    for f in RANKED_FIELDS:
-        if rec.get(f) is None:
-            return None, f"missing {f!r}"
-    if "chosen" in rec or "rejected" in rec:
-        return None, "mixes a K-answer row (responses, scores) with a pair (chosen, rejected)"
+    if why := record_issue(rec, RANKED_FIELDS, "a K-answer row (responses, scores)"):
+        return None, why
     prompt, responses, scores = rec["prompt"], rec["responses"], rec["scores"]
     for f, v in (("responses", responses), ("scores", scores)):
         if not isinstance(v, list):
-            return None, f"{f!r} must be a list, got {D._type_name(v)}"
+            return None, f"{f!r} must be a list, got {type_name(v)}"
     if len(responses) != len(scores):
         return None, f"{len(responses)} responses but {len(scores)} scores"
     if not 2 <= len(responses) <= MAX_ANSWERS:
@@ -112,21 +108,15 @@ def normalize_ranked(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
         if v is None:
             return (
                 None,
-                f"scores[{i}] must be a finite number, got {D._type_name(s) if isinstance(s, str) else repr(s)}",
+                f"scores[{i}] must be a finite number, got {type_name(s) if isinstance(s, str) else repr(s)}",
             )
         values.append(v)
-    for f, v in [("prompt", prompt)] + [(f"responses[{i}]", r) for i, r in enumerate(responses)]:
-        if not (isinstance(v, str) or D._is_messages(v)):
-            return (
-                None,
-                f"{f} must be a string or a list of chat messages with 'role' and 'content', got {D._type_name(v)}",
-            )
-        if D._undecodable(v):
-            return None, f"undecodable text in {f} (not valid Unicode)"
+    if why := text_issue([("prompt", prompt)] + [(f"responses[{i}]", r) for i, r in enumerate(responses)]):
+        return None, why
     if len({isinstance(v, str) for v in [prompt, *responses]}) != 1:
         return None, "mixes plain strings and chat messages across prompt/responses"
     for i, r in enumerate(responses):
-        if D._is_empty(r):
+        if is_empty(r):
             return None, f"empty responses[{i}]"
         for j in range(i):
             if responses[j] == r:

@@ -25,6 +25,7 @@ import torch
 from dpalogic.errors import DPALogicError
 from dpalogic.training import data as D
 from dpalogic.training.data import PreferenceRows, TokenizedData
+from dpalogic.training.fields import is_empty, record_issue, text_issue, type_name
 from dpalogic.training.truncation import tokenize_each
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
@@ -54,31 +55,20 @@ def is_unpaired(records: Sequence[tuple[int, Any]]) -> bool:
 
 def normalize_unpaired(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
     """A valid row as ``{"prompt", "completion", "label"}``, or the reason it is not."""
-    if not isinstance(rec, dict):
-        return None, f"expected an object with {', '.join(UNPAIRED_FIELDS)}, got {type(rec).__name__}"
-    for f in UNPAIRED_FIELDS:
-        if rec.get(f) is None:
-            return None, f"missing {f!r}"
-    if "chosen" in rec or "rejected" in rec:
-        return None, "mixes an unpaired row (completion, label) with a pair (chosen, rejected)"
+    if why := record_issue(rec, UNPAIRED_FIELDS, "an unpaired row (completion, label)"):
+        return None, why
     label = rec["label"]
     if not isinstance(label, bool):
         return (
             None,
-            f"'label' must be true or false, got {D._type_name(label) if not isinstance(label, (int, float)) else repr(label)}",
+            f"'label' must be true or false, got {type_name(label) if not isinstance(label, (int, float)) else repr(label)}",
         )
     prompt, completion = rec["prompt"], rec["completion"]
-    for f, v in (("prompt", prompt), ("completion", completion)):
-        if not (isinstance(v, str) or D._is_messages(v)):
-            return (
-                None,
-                f"{f!r} must be a string or a list of chat messages with 'role' and 'content', got {D._type_name(v)}",
-            )
-        if D._undecodable(v):
-            return None, f"undecodable text in {f!r} (not valid Unicode)"
+    if why := text_issue((("'prompt'", prompt), ("'completion'", completion))):
+        return None, why
     if isinstance(prompt, str) != isinstance(completion, str):
         return None, "mixes plain strings and chat messages across prompt/completion"
-    if D._is_empty(completion):
+    if is_empty(completion):
         return None, "empty 'completion'"
     return {"prompt": prompt, "completion": completion, "label": label}, None
 
