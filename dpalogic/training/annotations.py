@@ -24,6 +24,7 @@ from typing import Any
 
 from dpalogic.errors import DPALogicError
 from dpalogic.training.data import Example, PreferenceRows, _kept
+from dpalogic.training.fields import finite_number
 
 MARGIN_SOURCES = ("margin", "scores")
 PAIR_MARGIN = "pair_margin"  # the key under which a row keeps its computed margin
@@ -36,13 +37,7 @@ def _number(x: Any) -> float | None:
             x = float(x.strip())
         except ValueError:
             return None
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    try:
-        v = float(x)
-    except OverflowError:
-        return None
-    return v if math.isfinite(v) else None
+    return finite_number(x)
 
 
 def row_margin(row: dict[str, Any], margin_from: str, scale: float) -> tuple[float | None, str | None]:

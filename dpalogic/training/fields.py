@@ -3,6 +3,7 @@ fields, is a field text (a string or chat messages) that is valid Unicode and no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -37,6 +38,17 @@ def is_empty(x: Any) -> bool:
     if isinstance(x, str):
         return not x.strip()
     return not x or all(not str(m.get("content") or "").strip() for m in x)
+
+
+def finite_number(x: Any) -> float | None:
+    """A finite number (not a boolean, not text), or None."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        v = float(x)
+    except OverflowError:  # an integer beyond float range
+        return None
+    return v if math.isfinite(v) else None
 
 
 def text_issue(named: Iterable[tuple[str, Any]]) -> str | None:

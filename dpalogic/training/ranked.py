@@ -19,7 +19,6 @@ answers. How the rows train:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 from dpalogic.errors import DPALogicError
 from dpalogic.training import data as D
 from dpalogic.training.data import PreferenceRows, RowIssue, TokenizedData
-from dpalogic.training.fields import is_empty, record_issue, text_issue, type_name
+from dpalogic.training.fields import finite_number, is_empty, record_issue, text_issue, type_name
 from dpalogic.training.truncation import tokenize_each
 
 RANKED_FIELDS = ("prompt", "responses", "scores")
@@ -69,17 +68,6 @@ def is_ranked(records: Sequence[tuple[int, Any]]) -> bool:
     return first is not None and "responses" in first and "chosen" not in first
 
 
-def _score(x: Any) -> float | None:
-    """A finite number (not a boolean, not text), or None."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    try:
-        v = float(x)
-    except OverflowError:  # an integer beyond float range
-        return None
-    return v if math.isfinite(v) else None
-
-
 def _tie_note(scores: Sequence[float]) -> str | None:
     """``"responses[1], responses[3] both score 7"`` (positions in the file's row) for the highest tied score, or
     None without ties."""
@@ -104,7 +92,7 @@ def normalize_ranked(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{len(responses)} response(s): a row needs 2 to {MAX_ANSWERS}"
     values = []
     for i, s in enumerate(scores):
-        v = _score(s)
+        v = finite_number(s)
         if v is None:
             return (
                 None,
