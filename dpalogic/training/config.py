@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import types
 import typing
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dpalogic.errors import DPALogicError, unknown
+from dpalogic.training.fields import finite_number
 
 DEFAULT_LR = 1e-5  # fine-tuning a pretrained model
 TINY_LR = 1e-3  # a freshly initialized tiny model: at 1e-5 it barely moves in a few hundred steps
@@ -202,17 +202,6 @@ def field_kind(hint: Any) -> Any:
     return _base(hint)[0]
 
 
-def _number(v: Any) -> float | None:
-    """``v`` as a finite float, or None when it is not a finite number (bools are not numbers here)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        x = float(v)
-    except OverflowError:  # an int beyond float range
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _checked(name: str, hint: Any, v: Any, where: str) -> Any:
     """``v`` normalized to the field's type, or a DPALogicError saying what the field must be."""
     kind, optional = _base(hint)
@@ -240,12 +229,12 @@ def _checked(name: str, hint: Any, v: Any, where: str) -> Any:
             raise bad()
         return v
     if kind is int:
-        x = _number(v)
+        x = finite_number(v)
         if x is None or x != int(x):
             raise bad()
         out: Any = v if isinstance(v, int) else int(x)
     elif kind is float:
-        out = _number(v)
+        out = finite_number(v)
         if out is None:
             raise bad()
     elif kind is str:
@@ -287,7 +276,7 @@ def _checked_hp(name: str, v: Any, where: str) -> dict[str, float]:
         raise DPALogicError(f"{name} must be a mapping of hyperparameter names to numbers, got {_show(v)}{where}")
     out = {}
     for k, x in v.items():
-        num = _number(x)
+        num = finite_number(x)
         if not isinstance(k, str) or not _encodable(k):
             raise DPALogicError(f"{name}: hyperparameter names must be strings, got {_show(k)}{where}")
         if num is None:
