@@ -321,3 +321,20 @@ def test_compare_plot_says_where_it_wrote(tmp_path, capsys, monkeypatch):
     assert out["plot_base"] == -3 and -6 <= out["plot_margin_range"][0] < out["plot_margin_range"][1] <= 6
     assert main(["compare", "ipo", "hinge", "--plot", str(tmp_path / "c.png"), "--base", "1"]) == 2
     assert "--base must be negative" in capsys.readouterr().err
+
+
+def test_json_output_stays_parseable_when_a_library_prints(monkeypatch, capsys):
+    """--json: stdout is the JSON alone; a library's notice printed meanwhile (DeepSpeed's, on import) goes to stderr."""
+    import dpalogic.cli.derive as derive_cli
+
+    real = derive_cli.derive
+
+    def noisy(*args, **kwargs):
+        print("[WARNING] Setting accelerator to CPU")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(derive_cli, "derive", noisy)
+    assert main(["derive", "M(yl) -> M(yw)", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["core"] == "M(yl) -> M(yw)"
+    assert "Setting accelerator" in err and "Setting accelerator" not in out

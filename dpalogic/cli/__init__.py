@@ -51,6 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = _protect_leading_minus(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "json", False):
+            # stdout carries the JSON alone: whatever a library prints while the command runs (DeepSpeed's
+            # accelerator notice, which transformers triggers on import when DeepSpeed is installed) goes to stderr
+            from contextlib import redirect_stdout
+
+            from dpalogic.cli.common import JSON_STREAM
+
+            JSON_STREAM.append(sys.stdout)
+            try:
+                with redirect_stdout(sys.stderr):
+                    return int(args.run(args) or 0)
+            finally:
+                JSON_STREAM.pop()
         return int(args.run(args) or 0)
     except DPALogicError as e:
         print(f"error: {e}", file=sys.stderr)

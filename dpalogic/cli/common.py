@@ -30,8 +30,11 @@ def parse_hp(items: list[str]) -> dict[str, float]:
     return out
 
 
+JSON_STREAM: list = []  # where --json output goes while the command runs with stdout sent to stderr (cli.main)
+
+
 def print_json(info: Any) -> None:
-    print(json.dumps(info, indent=2, ensure_ascii=False))
+    print(json.dumps(info, indent=2, ensure_ascii=False), file=JSON_STREAM[-1] if JSON_STREAM else sys.stdout)
 
 
 def report(info: Any, as_json: bool, printer) -> int:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from typing import Any
 
-from dpalogic.cli.common import Subparsers
+from dpalogic.cli.common import Subparsers, print_json
 from dpalogic.errors import DPALogicError
 
 
@@ -106,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     )
     results = run_demo(cfg)
     if args.json:
-        print(json.dumps([{k: v for k, v in r.items() if k != "curves"} for r in results], indent=2))
+        print_json([{k: v for k, v in r.items() if k != "curves"} for r in results])
         return 0
     from dpalogic.training.demo import results_table
 
@@ -132,7 +131,7 @@ def run_ranking(args: argparse.Namespace) -> int:
     )
     results = run_ranking_demo(cfg)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print_json(results)
         return 0
     print(ranking_table(results, cfg))
     print(f"written to {cfg.out}/: results.md, results.json", file=sys.stderr)

@@ -7,12 +7,11 @@ read and checked. Nothing heavy is imported until the command runs, so ``dpalogi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from dpalogic.cli.common import Subparsers
+from dpalogic.cli.common import Subparsers, print_json
 from dpalogic.cli.train_config import add_config_arguments, config_from_args
 from dpalogic.errors import DPALogicError
 
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise DPALogicError(f"{e}\nevery bad row, with its number and reason: {where}") from None
     result.pop("history", None)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
     elif result.get("eval"):
         ev = result["eval"]
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float) and k != "epoch")
@@ -110,7 +109,7 @@ def _plan(cfg, args: argparse.Namespace) -> int:
     from dpalogic.training.plan import plan_for, plan_table
 
     plan = plan_for(cfg, gpus=args.gpus if args.gpus is not None else 1, strategy=args.strategy, dtype=args.dtype)
-    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan_table(plan))
+    print_json(plan.as_dict()) if args.json else print(plan_table(plan))
     return 0
 
 
@@ -129,7 +128,7 @@ def _dry_run(cfg, as_json: bool) -> int:
             rows = annotate_rows(dry_run_rows(rows, cfg, lambda m: print(m, file=sys.stderr)), cfg)  # K answers
             reports.append(rows.summary(what))
     if as_json:
-        print(json.dumps(asdict(cfg), indent=2, ensure_ascii=False))
+        print_json(asdict(cfg))
     else:
         print("\n".join(f"{k}: {v}" for k, v in asdict(cfg).items()))
     print(
