@@ -134,23 +134,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, files):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+NO_DEEPSPEED = "the deepspeed package is not installed"
+
+
 @pytest.mark.parametrize(
     "flags, env, fragment",
     [
         (["--fsdp", "--fused"], {}, "fused cannot run with fsdp or deepspeed"),
         (["--fsdp", "--deepspeed", "ds.json"], {}, "fsdp and deepspeed both shard the model"),
-        (["--deepspeed", "ds.json"], {}, "the deepspeed package is not installed"),
-        ([], {"ACCELERATE_USE_DEEPSPEED": "true"}, "the deepspeed package is not installed"),
+        (["--deepspeed", "ds.json"], {}, "--deepspeed: no DeepSpeed config file at 'ds.json'"),
+        # an accelerate launch's config chose ZeRO (checked once the flags are)
+        (["--fused"], {"ACCELERATE_USE_DEEPSPEED": "true"}, "--fused cannot run under FSDP or ZeRO"),
+        (["--fused"], {"ACCELERATE_USE_FSDP": "true"}, "--fused cannot run under FSDP or ZeRO"),
     ],
 )
 def test_refused_combinations_exit_2(flags, env, fragment, tmp_path, files, capsys, monkeypatch):
-    if "deepspeed package" in fragment:
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("deepspeed") is not None:
-            pytest.skip("deepspeed is installed here")
+    if importlib.util.find_spec("deepspeed") is None and (
+        "--deepspeed" in flags[:1] or env.get("ACCELERATE_USE_DEEPSPEED")
+    ):
+        fragment = NO_DEEPSPEED  # said first, before the config file or the other settings are looked at
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)  # no ds.json here
     argv = ["train", "--data", str(files[0]), "--out", str(tmp_path / "o"), "--no-progress", *flags]
     assert main(argv) == 2
     err = capsys.readouterr().err

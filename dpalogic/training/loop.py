@@ -9,7 +9,8 @@ by :mod:`dpalogic.training.checkpoint` (safetensors and JSON, checked against a 
 Processes, devices, bf16 autocast, ``no_sync``, the DDP wrapper, barriers, reductions and trackers come from
 ``accelerate`` (see :mod:`dpalogic.training.scaling`, which also says why checkpoints do not use
 ``Accelerator.save_state``). Under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE > 1``) the model is wrapped in
-``DistributedDataParallel``, or sharded with FSDP2 (``--fsdp``); each rank takes its slice of the global batch, and
+``DistributedDataParallel``, sharded with FSDP2 (``--fsdp``), or given to a DeepSpeed ZeRO engine (``--deepspeed``,
+:mod:`~dpalogic.training.zero`); each rank takes its slice of the global batch, and
 since the loss is a mean over pairs, the averaged gradient is the gradient of the global-batch mean. ``--lora-r``
 trains a peft adapter, and the reference is then the base model with the adapter switched off.
 
@@ -25,7 +26,6 @@ import math
 import shutil
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from dpalogic.errors import DPALogicError
-from dpalogic.training import scaling
+from dpalogic.training import scaling, zero
 from dpalogic.training.annotations import annotate_rows
 from dpalogic.training.checkpoint import read_json
 from dpalogic.training.config import TrainConfig
@@ -55,6 +55,7 @@ from dpalogic.training.resume import set_rng_state as set_rng_state
 from dpalogic.training.runlog import RunLog, interrupts, say
 from dpalogic.training.steps import STAT_NAMES, PairForward, Policy, evaluate, lr_lambda, micro_batches
 from dpalogic.training.unpaired import load_rows, needs_live_reference, tokenize_any
+from dpalogic.training.update import TorchUpdate, ZeroUpdate
 
 # the atoms of a pair loss: a formula over y1 … yK (or one without a policy atom) cannot train on chosen/rejected rows
 PAIR_ATOMS = frozenset({"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"})
@@ -136,8 +137,10 @@ class Trainer:
     def _build(self, train_rows, eval_rows, model, tokenizer) -> None:
         cfg = self.cfg
         self.fsdp = scaling.fsdp_requested(cfg)
-        if self.fsdp and cfg.fused:  # an accelerate config chose FSDP (--fsdp --fused is refused by the config check)
-            raise DPALogicError("--fused cannot run under FSDP: the fused loss needs the whole LM head, FSDP shards it")
+        self.engine = None  # the DeepSpeed engine, made once the optimizer is (see _setup_optimizer)
+        self.zero = scaling.deepspeed_requested(cfg)
+        if (self.fsdp or self.zero) and cfg.fused:  # an accelerate config chose them (flags are checked before)
+            raise DPALogicError("--fused cannot run under FSDP or ZeRO: the fused loss needs the whole LM head")
         self.lora = cfg.lora_r is not None
         from accelerate.utils import set_seed
 
@@ -272,7 +275,7 @@ class Trainer:
             scaling.shard(self.model)  # in place: the optimizer below sees the sharded parameters
             if self.ref_model is not None:
                 scaling.shard(self.ref_model)
-        elif self.dist.world > 1:
+        elif self.dist.world > 1 and not self.zero:
             self.policy = self.acc.prepare(self.policy)  # DistributedDataParallel
         self.forward = (RankedForward if self.list_k is not None else PairForward)(
             self.loss_fn, self.fused, self.model, self.reference, self.needs_ref, self.acc, self.pad
@@ -290,6 +293,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, warmup, cfg.min_lr_ratio)
         )
+        self.update: TorchUpdate | ZeroUpdate = TorchUpdate(
+            self.acc, self.policy, self.model, self.optimizer, fsdp=self.fsdp, clip=cfg.max_grad_norm
+        )
+        if self.zero:  # the engine partitions this AdamW (the scheduler keeps setting its learning rate)
+            config = zero.engine_config(cfg, world=self.dist.world, bf16=self.use_bf16, say=self.say)
+            self.engine = zero.make_engine(self.model, self.optimizer, config)
+            self.policy = Policy(self.engine)  # forwards through the engine: its ZeRO-3 gathers and backward hooks
+            self.update = ZeroUpdate(self.engine)
 
     # ------------------------------------------------------------------ the step
 
@@ -309,20 +320,16 @@ class Trainer:
         )  # fmt: skip
         for a, examples in enumerate(micro):
             batch = fwd.batch(examples)
-            with self._accumulating(last=a == len(micro) - 1):
+            with self.update.accumulating(last=a == len(micro) - 1):
                 per, c, r, rc, rr = fwd.pair_losses(self.policy, batch, self.reference.train)
                 loss = per.mean() if per.dim() else per
-                self.acc.backward(loss / len(micro))
+                self.update.backward(loss / len(micro))
             n = len(examples)
             totals[0] += loss.detach().double() * n
             totals[1] += n
             totals[2:7] += fwd.stats(c, r, rc, rr)
         totals[7] = float(self._stop_signal)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        trained = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm over every rank's shards
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = self.update.grad_norm()  # before the step (which it may stop)
         totals = self.dist.sum(totals)  # one all-reduce: loss, metrics and the stop flag of every rank
         n = totals[1].item()
         record = {"split": "train", "step": self.step + 1, "loss": totals[0].item() / n}
@@ -331,33 +338,25 @@ class Trainer:
         record["lr"] = self.scheduler.get_last_lr()[0]
         self._stop_signal = self._stop_signal or totals[7].item() > 0
         if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.update.discard()
             bad = "loss" if not math.isfinite(record["loss"]) else "gradient norm"
             raise TrainingStopped(
                 f"the {bad} became {record['loss'] if bad == 'loss' else record['grad_norm']} at step {self.step + 1}; "
                 f"training stopped without updating the weights. {self._last_good()}"
             )
-        self.optimizer.step()
+        self.update.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         record["epoch"] = self.step / self.steps_per_epoch
         return record
-
-    def _accumulating(self, last: bool):
-        """Gradients stay local until the last micro-batch of a step (accelerate's ``no_sync`` for DDP; FSDP2's own
-        switch, which accelerate does not drive for a model it did not shard)."""
-        if self.fsdp:
-            self.model.set_requires_gradient_sync(last)
-            return nullcontext()
-        return nullcontext() if last else self.acc.no_sync(self.policy)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and metrics over the whole eval set (split across ranks, summed exactly)."""
         assert self.eval_data is not None
         module = self.policy.module if hasattr(self.policy, "module") else self.policy
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
-        return evaluate(self.forward, module, self.eval_data, bs, fsdp=self.fsdp)
+        # under FSDP and ZeRO-3 every forward is collective: each rank runs as many batches
+        return evaluate(self.forward, module, self.eval_data, bs, fsdp=self.fsdp or self.engine is not None)
 
     def _log_eval(self, epoch: float) -> dict[str, float]:
         ev = self.evaluate()
@@ -446,6 +445,8 @@ class Trainer:
         # under FSDP the weights are gathered on rank 0 (every rank takes part); under LoRA only the adapter is saved,
         # in peft's layout (adapter_config.json, adapter_model.safetensors), so PeftModel.from_pretrained loads it
         whole = scaling.model_state(self.model, sharded=True, trainable_only=self.lora) if self.fsdp else None
+        if self.engine is not None:  # gathered one parameter at a time under ZeRO-3
+            whole = zero.state_dict(self.engine, main=self.dist.main, trainable_only=self.lora)
         if not self.dist.main:
             return
         from transformers.utils import logging as hf_logging
@@ -482,6 +483,7 @@ class Trainer:
             "train_pairs": len(self.train_data.examples),
             "world_size": self.dist.world,
             "fsdp": self.fsdp,
+            "zero_stage": int(self.engine.zero_optimization_stage()) if self.engine is not None else 0,
             "scheduler": self.scheduler.state_dict(),
             "config": asdict(self.cfg),
         }
@@ -489,7 +491,7 @@ class Trainer:
             state["loss_state"] = self.loss_fn.stats_state()
         self.last_checkpoint = save_checkpoint(
             self.out / CHECKPOINT_DIR, state, self.dist, self.model, self.optimizer, lora=self.lora,
-            keep=self.cfg.keep_checkpoints,
+            keep=self.cfg.keep_checkpoints, engine=self.engine,
         )  # fmt: skip
         return self.last_checkpoint
 
@@ -497,7 +499,7 @@ class Trainer:
         """Restore weights, optimizer, scheduler, step and RNG states from a verified checkpoint folder."""
         self.step = load_checkpoint(
             path, self.dist, self.model, self.optimizer, self.scheduler, fsdp=self.fsdp, lora=self.lora,
-            global_batch=self.global_batch, train_pairs=len(self.train_data.examples),
+            global_batch=self.global_batch, train_pairs=len(self.train_data.examples), engine=self.engine,
         )  # fmt: skip
         if hasattr(self.loss_fn, "load_stats_state"):  # BCO's running mean δ, as it was at that step
             self.loss_fn.load_stats_state(read_json(path / "state.json").get("loss_state", {}))
@@ -505,9 +507,8 @@ class Trainer:
         self.say(f"resumed from {path} at step {self.step}")
 
     def _weights_finite(self) -> bool:
-        """Every weight finite, on every rank (under FSDP each rank checks its shards)."""
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-        bad = torch.tensor([float(not all(torch.isfinite(p).all() for p in local))], device=self.dist.device)
+        """Every weight finite, on every rank (under FSDP each rank checks its shards, under ZeRO its partitions)."""
+        bad = torch.tensor([float(not self.update.weights_finite())], device=self.dist.device)
         return self.dist.sum(bad).item() == 0
 
     def _last_good(self) -> str:

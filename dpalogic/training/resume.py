@@ -19,7 +19,7 @@ import torch
 
 from dpalogic.errors import DPALogicError
 from dpalogic.training import checkpoint as ckpt
-from dpalogic.training import scaling
+from dpalogic.training import scaling, zero
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"
@@ -147,9 +147,12 @@ def trim_log(log: Path, step: int, say: Say) -> None:
     ckpt.atomic_write_text(log, "".join(line + "\n" for line in kept))
 
 
-def save_checkpoint(root: Path, state: dict[str, Any], dist, model, optimizer, *, lora: bool, keep: int) -> Path:
+def save_checkpoint(
+    root: Path, state: dict[str, Any], dist, model, optimizer, *, lora: bool, keep: int, engine=None
+) -> Path:
     """``root/step-N`` (see :mod:`dpalogic.training.checkpoint`): every rank writes its RNG states into a temporary
-    folder, rank 0 the weights, optimizer and ``state`` (step, scheduler, …), then the manifest, and renames it."""
+    folder, rank 0 the weights, optimizer and ``state`` (step, scheduler, …), then the manifest, and renames it.
+    Under DeepSpeed (``engine``) each rank writes its ZeRO optimizer partition instead of rank 0 the whole optimizer."""
     fsdp = state["fsdp"]
     final = root / f"step-{state['step']}"
     tmp = root / f"step-{state['step']}.tmp"
@@ -159,13 +162,17 @@ def save_checkpoint(root: Path, state: dict[str, Any], dist, model, optimizer, *
         tmp.mkdir(parents=True)
     dist.barrier()
     ckpt.write_tensors(tmp / f"rng-{dist.rank}.safetensors", rng_state())  # each rank's own RNG streams
-    # whole (gathered on rank 0 under FSDP; only the adapter under LoRA): a checkpoint resumes on any process count
-    weights = scaling.model_state(model, sharded=fsdp, trainable_only=lora)
-    optim = scaling.optimizer_state(model, optimizer, sharded=fsdp)
+    if engine is not None:  # ZeRO: whole weights on rank 0, each rank's optimizer partition in its own file
+        weights, optim = zero.state_dict(engine, main=dist.main, trainable_only=lora), None
+        zero.save_partitions(engine, tmp, dist.rank, dist.world)
+    else:  # whole (gathered on rank 0 under FSDP; only the adapter under LoRA): resumes on any process count
+        weights = scaling.model_state(model, sharded=fsdp, trainable_only=lora)
+        optim = scaling.optimizer_state(model, optimizer, sharded=fsdp)
     dist.barrier()
     if dist.main:
         ckpt.write_tensors(tmp / "model.safetensors", weights)
-        ckpt.write_tensors(tmp / "optimizer.safetensors", optim)
+        if optim is not None:
+            ckpt.write_tensors(tmp / "optimizer.safetensors", optim)
         ckpt.write_json(tmp / "state.json", state)
         ckpt.write_manifest(tmp)  # last: a folder with a manifest is complete
         ckpt.publish(tmp, final, keep)
@@ -174,10 +181,20 @@ def save_checkpoint(root: Path, state: dict[str, Any], dist, model, optimizer, *
 
 
 def load_checkpoint(
-    path: Path, dist, model, optimizer, scheduler, *, fsdp: bool, lora: bool, global_batch: int, train_pairs: int
+    path: Path,
+    dist,
+    model,
+    optimizer,
+    scheduler,
+    *,
+    fsdp: bool,
+    lora: bool,
+    global_batch: int,
+    train_pairs: int,
+    engine=None,
 ) -> int:
     """Restore weights, optimizer, scheduler and this rank's RNG states from a verified checkpoint folder of the same
-    run (global batch, data and FSDP unchanged); returns its step."""
+    run (global batch, data, FSDP or DeepSpeed unchanged; under DeepSpeed also the process count); returns its step."""
     state = ckpt.read_json(path / "state.json")
     if state["global_batch"] != global_batch or state["train_pairs"] != train_pairs:
         raise DPALogicError(
@@ -188,12 +205,24 @@ def load_checkpoint(
     if bool(state.get("fsdp", False)) != fsdp:  # the optimizer state is keyed differently
         saved, here = ("with", "without") if state.get("fsdp") else ("without", "with")
         raise DPALogicError(f"{path} was saved {saved} FSDP; resume it {saved} --fsdp, not {here}")
+    if bool(state.get("zero_stage")) != (engine is not None):  # ZeRO partitions, or one whole AdamW state
+        saved, here = ("with", "without") if state.get("zero_stage") else ("without", "with")
+        raise DPALogicError(f"{path} was saved {saved} DeepSpeed ZeRO; resume it {saved} --deepspeed, not {here}")
+    if engine is not None:  # refused before anything changes if the processes or the stage differ
+        zero.check_partitions(path, dist.rank, dist.world, int(engine.zero_optimization_stage()))
+        zero.load_partitions(engine, path, dist.rank, dist.world)
+        zero.load_weights(engine, ckpt.read_tensors(path / "model.safetensors") if dist.main else {}, main=dist.main)
+        return _finish_load(path, dist, scheduler, state)
     # under FSDP rank 0 reads the files and the tensors are broadcast, sharded as they arrive
     read = dist.main or not fsdp
     weights = ckpt.read_tensors(path / "model.safetensors") if read else {}
     scaling.load_model_state(model, weights, sharded=fsdp, trainable_only=lora)
     optim = ckpt.read_tensors(path / "optimizer.safetensors") if read else {}
     scaling.load_optimizer_state(model, optimizer, optim, sharded=fsdp)
+    return _finish_load(path, dist, scheduler, state)
+
+
+def _finish_load(path: Path, dist, scheduler, state: dict[str, Any]) -> int:
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / f"rng-{dist.rank}.safetensors"
     if rng_file.exists():

@@ -10,6 +10,9 @@ What it does not do, and why:
   ``load_state`` unpickles them; a checkpoint someone hands over could then run code. dpalogic keeps its own storage
   (:mod:`dpalogic.training.checkpoint`: safetensors and JSON under a sha256 manifest), and gathers sharded state here
   with ``torch.distributed.checkpoint.state_dict`` (full state dicts, assembled on rank 0).
+- *DeepSpeed.* ``accelerate`` drives DeepSpeed only on GPUs, and saves its state with pickles: the loop makes the
+  engine itself (:mod:`dpalogic.training.zero`) on accelerate's process group, from ``--deepspeed CONFIG.json`` or an
+  ``accelerate launch`` config (``ACCELERATE_USE_DEEPSPEED``), and checkpoints its partitions as safetensors.
 - *FSDP.* ``accelerate`` enables its FSDP plugin only on accelerators (on CPUs it silently falls back to DDP), so
   :func:`shard` calls ``fully_shard`` (FSDP2) itself: one code path, tested on CPUs with gloo, the same on GPUs. An
   ``accelerate launch --config_file examples/accelerate/fsdp.yaml`` run sets ``ACCELERATE_USE_FSDP``, which means
@@ -42,25 +45,18 @@ def deepspeed_requested(cfg) -> bool:
 
 
 def check_deepspeed(cfg) -> None:
-    """DeepSpeed runs need the ``deepspeed`` package; without it, say so before anything loads."""
+    """DeepSpeed runs need the ``deepspeed`` package and a config file that exists; say so before anything loads."""
     if not deepspeed_requested(cfg):
         return
     how = f"--deepspeed {cfg.deepspeed}" if cfg.deepspeed else "the accelerate config (ACCELERATE_USE_DEEPSPEED)"
     if importlib.util.find_spec("deepspeed") is None:
         raise DPALogicError(
             f"{how} asks for DeepSpeed ZeRO, but the deepspeed package is not installed: install it (pip install "
-            "deepspeed, on a machine with a CUDA toolkit), or shard with --fsdp (FSDP2 shards parameters, gradients "
-            "and optimizer state like ZeRO-3 and needs nothing beyond torch)"
+            "deepspeed), or shard with --fsdp (FSDP2 shards parameters, gradients and optimizer state like ZeRO-3 "
+            "and needs nothing beyond torch)"
         )
     if cfg.deepspeed and not os.path.isfile(cfg.deepspeed):
         raise DPALogicError(f"--deepspeed: no DeepSpeed config file at {cfg.deepspeed!r}")
-    # dpalogic's checkpoints hold the full optimizer state; ZeRO keeps it inside DeepSpeed's engine, partitioned,
-    # and only DeepSpeed's own (pickled) checkpoint files can restore it. Rather than train without exact resume:
-    raise DPALogicError(
-        f"{how}: dpalogic's training loop does not run DeepSpeed engines (its checkpoints must restore the "
-        "optimizer state exactly, which ZeRO keeps partitioned inside DeepSpeed's own pickled files). Use --fsdp, "
-        "which shards the same state, or TRL's trainer with DeepSpeed through dpalogic.integrations.trl"
-    )
 
 
 def make_accelerator(cfg, project_dir: str):
@@ -78,7 +74,19 @@ def make_accelerator(cfg, project_dir: str):
     mixed = "bf16" if use_bf16 else "no"
     _check_process_state(cpu, mixed)
     trackers = "tensorboard" if cfg.tensorboard and is_tensorboard_available() else None
-    return Accelerator(cpu=cpu, mixed_precision=mixed, log_with=trackers, project_dir=project_dir)
+    if not deepspeed_requested(cfg):
+        return Accelerator(cpu=cpu, mixed_precision=mixed, log_with=trackers, project_dir=project_dir)
+    # DeepSpeed: accelerate sets up the process group only; the engine is dpalogic's (dpalogic.training.zero), since
+    # accelerate's own DeepSpeed path needs a GPU and checkpoints with pickles. Its launch flag is hidden meanwhile.
+    from dpalogic.training.zero import use_cpu_ops
+
+    use_cpu_ops(cpu)
+    flag = os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=mixed, log_with=trackers, project_dir=project_dir)
+    finally:
+        if flag is not None:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = flag
 
 
 def _check_process_state(cpu: bool, mixed: str) -> None:
