@@ -231,6 +231,25 @@ def test_deepspeed_cli_on_two_processes_matches_one_process_and_resumes_exactly(
     assert main([*argv, f"--resume={step2}"]) == 2
 
 
+@pytest.mark.slow
+def test_deepspeed_with_lora_and_a_live_reference_matches_one_process(tmp_path, files):
+    """ZeRO-3 partitions the base model too; the reference is that model with its adapter switched off."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    extra = ["--lora-r=4", "--reference=model"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*cli_args(one, files, batch_size=8, save_every=0), *extra]) == 0
+    torchrun([*cli_args(two, files, save_every=0), f"--deepspeed={ds_config(tmp_path / 'ds.json', 3)}", *extra])
+    a, b = log_lines(one), log_lines(two)
+    assert [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], rel=1e-4, abs=1e-6)
+    assert a[-1]["loss"] < a[0]["loss"]  # it trained
+    w1, w2 = (load_file(str(r / "final" / "adapter_model.safetensors")) for r in (one, two))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4)
+
+
 def test_deepspeed_config_takes_the_runs_settings(tmp_path, monkeypatch):
     pytest.importorskip("deepspeed")
     from dpalogic.training.zero import engine_config

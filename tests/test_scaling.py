@@ -146,6 +146,7 @@ NO_DEEPSPEED = "the deepspeed package is not installed"
         # an accelerate launch's config chose ZeRO (checked once the flags are)
         (["--fused"], {"ACCELERATE_USE_DEEPSPEED": "true"}, "--fused cannot run under FSDP or ZeRO"),
         (["--fused"], {"ACCELERATE_USE_FSDP": "true"}, "--fused cannot run under FSDP or ZeRO"),
+        (["--fsdp"], {"ACCELERATE_USE_DEEPSPEED": "true"}, "and FSDP both shard the model: choose one"),
     ],
 )
 def test_refused_combinations_exit_2(flags, env, fragment, tmp_path, files, capsys, monkeypatch):

@@ -66,8 +66,9 @@ HELP = {
     "device": "auto, cpu or cuda",
     "fsdp": "shard parameters, gradients and AdamW state across the processes with FSDP2 (launch with torchrun or "
     "accelerate launch; on CPUs it runs with gloo)",
-    "deepspeed": "a DeepSpeed JSON config (ZeRO), used through accelerate; needs the deepspeed package (or launch "
-    "with accelerate launch --config_file examples/accelerate/zero3.yaml)",
+    "deepspeed": "train with DeepSpeed ZeRO (stage 1-3) from this JSON config; batch, accumulation, clipping and "
+    "precision are this run's. Needs the deepspeed package (or launch with accelerate launch --config_file "
+    "examples/accelerate/zero3.yaml)",
     "lora_r": "train a LoRA adapter of this rank (peft) instead of every weight; the reference is the base model "
     "with the adapter switched off",
     "lora_alpha": "LoRA scale numerator (the update is scaled by alpha / r)",

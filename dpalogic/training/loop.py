@@ -285,9 +285,9 @@ class Trainer:
         cfg = self.cfg
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-        )
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # DeepSpeed drops an empty group (no biases or norms train under LoRA); the scheduler must see the same groups
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"] or not self.zero], lr=cfg.lr)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -57,6 +57,8 @@ def check_deepspeed(cfg) -> None:
         )
     if cfg.deepspeed and not os.path.isfile(cfg.deepspeed):
         raise DPALogicError(f"--deepspeed: no DeepSpeed config file at {cfg.deepspeed!r}")
+    if fsdp_requested(cfg):  # one of them from an accelerate launch's environment (the flags are checked before)
+        raise DPALogicError(f"{how} and FSDP both shard the model: choose one")
 
 
 def make_accelerator(cfg, project_dir: str):
