@@ -385,3 +385,13 @@ def test_matrix_inputs_name_the_atoms_they_cannot_carry():
     text = "(M(yw), ExactlyOne(M(y1..y13)) & M(yw))"
     with pytest.raises(DPALogicError, match="M\\(yw\\)"):
         PreferenceLoss(text)(logps=-torch.rand(2, 13))
+
+
+def test_named_inputs_equal_matrix_inputs_and_compile_has_a_stated_limit(capsys):
+    text = "(M(y1), AtMost(3, M(y1..y64)))"
+    fn = PreferenceLoss(text, reduction="none")
+    x = -torch.rand(3, 64, dtype=torch.float64) * 5
+    named = fn(logps={f"M(y{j + 1})": x[:, j] for j in range(64)})
+    torch.testing.assert_close(named, fn(logps=x), rtol=1e-12, atol=1e-12)
+    assert main(["compile", text]) == 2  # 1155 circuit nodes: PreferenceLoss runs it, no module is written
+    assert "at most 400" in capsys.readouterr().err

@@ -118,10 +118,16 @@ def build_lattice(specs=None) -> Lattice:
 
     from dpalogic.analysis.order import relation
     from dpalogic.language.syntax import to_ascii, to_unicode
-    from dpalogic.logic.structure import common_atoms
+    from dpalogic.logic.structure import Structure, common_atoms
     from dpalogic.semantics.program import rho_sympy
 
     named = _named_programs(specs)
+    large = [name for name, p in named if p.structure is not None and not isinstance(p.structure, Structure)]
+    if large:  # a drawing of 2^n-world truth tables; K-answer structures are compared pairwise instead
+        raise DPALogicError(
+            f"lattice draws structures over at most 12 atoms; {', '.join(large)} has more: use `dpalogic compare`, "
+            "`meet` and `join`, which decide on OBDDs (docs/semantics.md §8)"
+        )
     notes: list[str] = []
     skipped = [name for name, p in named if p.structure is None]
     if skipped:

@@ -11,6 +11,7 @@ from dpalogic.compile.names import _ident, _var, input_name, length_answers, len
 from dpalogic.errors import DPALogicError
 from dpalogic.language.syntax import Atom
 from dpalogic.runtime.backend import backend_rule
+from dpalogic.semantics.circuit import topological
 from dpalogic.semantics.program import LINKS, Program, circuit_text, structure_circuits
 
 REGENERATE = "dpalogic compile --catalog"
@@ -170,6 +171,9 @@ class _Parts:
 RULE = "# " + "-" * 100
 
 
+MAX_COMPILED_NODES = 400  # e.g. ExactlyOne over 64 answers (316 nodes); every catalog program is far below
+
+
 def compile_program(
     program: Program,
     name: str,
@@ -188,6 +192,13 @@ def compile_program(
         t.structure.check()
         if t.link not in LINKS:  # pragma: no cover - Term validates its link
             raise DPALogicError(f"unknown link {t.link!r}")
+    nodes = sum(len(topological(c)) for t in program.terms for c in structure_circuits(t.structure))
+    if nodes > MAX_COMPILED_NODES:
+        raise DPALogicError(
+            f"the program's circuits have {nodes} nodes; a generated module takes at most {MAX_COMPILED_NODES} "
+            "(straight-line code grows with every shared node). PreferenceLoss evaluates it without compiling: "
+            "K-answer structures run vectorized on [B, K] log-probs (docs/semantics.md §8)"
+        )
     answers = length_answers(program)
     parts = _Parts(
         name,

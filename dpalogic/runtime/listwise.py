@@ -413,6 +413,16 @@ def as_mapping(columns: Mapping[str, torch.Tensor], lengths: torch.Tensor | None
     return atom_lp, ans_len
 
 
+def _named_matrix(mapping: Mapping[str, torch.Tensor], atoms: tuple[Atom, ...], key) -> torch.Tensor:
+    """``[B, n]`` of the atoms' inputs from per-atom (or per-answer) ``[B]`` tensors, in ``atoms`` order."""
+    from dpalogic.errors import DPALogicError
+
+    missing = [key(a) for a in atoms if key(a) not in mapping]
+    if missing:
+        raise DPALogicError(f"this loss needs inputs for {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
+    return torch.stack([mapping[key(a)] for a in atoms], dim=1)
+
+
 class ListwiseProgram:
     """``Σ_k c_k · f_k(β_k · log ρ_k − γ_k − margin)`` over K-answer structures (bound terms: plain floats)."""
 
@@ -424,6 +434,39 @@ class ListwiseProgram:
         self.roles = [t.role for t in terms]
         self.bound = list(bound)
         self.evals = [ListwiseTerm(as_list_structure(t.structure)) for t in terms]
+
+    def per_pair_named(
+        self,
+        atom_lp: Mapping[str, torch.Tensor],
+        ans_len: Mapping[str, torch.Tensor],
+        margin: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The same loss from ``[B]`` tensors keyed by atom (``"M(y3)"``) and answer (``"y3"``), as pairs are given."""
+        from dpalogic.errors import DPALogicError
+
+        first = next(iter(atom_lp.values()))
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        total = None
+        for bt, s_role, ev in zip(self.bound, self.roles, self.evals):
+            x = _named_matrix(atom_lp, ev.atoms, lambda a: a.name).to(dtype)
+            if bt.normalized:
+                if not ans_len:
+                    raise DPALogicError("this loss is length-normalized: pass lengths (token counts)")
+                x = x / _named_matrix(ans_len, ev.atoms, lambda a: a.answer).to(dtype).clamp(min=1.0)
+            part = self._term(bt, s_role, ev, x, margin, dtype)
+            total = part if total is None else total + part
+        return total
+
+    def _term(self, bt, s_role: str, ev: ListwiseTerm, x: torch.Tensor, margin, dtype) -> torch.Tensor:
+        z = ev.log_ratio(x)
+        if bt.scale != 1.0:
+            z = z * bt.scale
+        if bt.shift != 0.0:
+            z = z - bt.shift
+        if margin is not None and s_role != "nll":
+            z = z - margin.to(dtype) if s_role == "preference" else z + margin.to(dtype)
+        part = apply_link(bt.link, bt.params, z)
+        return part * bt.coef if bt.coef != 1.0 else part
 
     def per_pair(
         self,
@@ -442,15 +485,6 @@ class ListwiseProgram:
                 if lengths is None:
                     raise DPALogicError("this loss is length-normalized: pass lengths= [B, K] (token counts)")
                 x = x / ev.matrix({"M": lengths, "Ref": lengths}, dtype).clamp(min=1.0)
-            z = ev.log_ratio(x)
-            if bt.scale != 1.0:
-                z = z * bt.scale
-            if bt.shift != 0.0:
-                z = z - bt.shift
-            if margin is not None and s_role != "nll":
-                z = z - margin.to(dtype) if s_role == "preference" else z + margin.to(dtype)
-            part = apply_link(bt.link, bt.params, z)
-            if bt.coef != 1.0:
-                part = part * bt.coef
+            part = self._term(bt, s_role, ev, x, margin, dtype)
             total = part if total is None else total + part
         return total

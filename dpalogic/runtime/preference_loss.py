@@ -233,6 +233,8 @@ class PreferenceLoss(torch.nn.Module):
                 )
             values = {sympy.Symbol(k): v for k, v in self.hyperparameters.items()}
             return torch.full_like(first, float(self._running.sympy().xreplace(values)), dtype=dtype)
+        if self._listwise is not None:  # OBDD sides: the vectorized evaluator, on the named columns
+            return self._listwise.per_pair_named(atom_lp, ans_len, margin)
         backend = "triton" if use_triton(self.backend, first) else "torch"
         mode = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter or the compiler: one module each
         if mode not in self._generated:

@@ -158,8 +158,14 @@ def circuit_sympy(node: circuit.Node, atoms: tuple[Atom, ...]) -> sympy.Expr:
     )
 
 
+MAX_CIRCUIT_TEXT = 400  # characters: a shared DAG printed as a tree grows with every reuse (an OBDD's, quadratically)
+
+
 def circuit_text(node: circuit.Node, atoms: tuple[Atom, ...]) -> str:
-    """A circuit as readable math: ``log p_w + log1mexp(log p_l)``."""
+    """A circuit as readable math: ``log p_w + log1mexp(log p_l)``; a summary when that would be too long to read."""
+    size = len(circuit.topological(node))
+    if size > MAX_CIRCUIT_TEXT // 4:
+        return f"an OBDD circuit of {size} nodes (dpalogic derive reports its sizes)"
 
     def leaf(i: int, positive: bool) -> str:
         s = f"log {weight_symbol(atoms[i])}"
