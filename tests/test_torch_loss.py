@@ -145,7 +145,7 @@ def test_program_and_structure_specs():
     "spec,kwargs,fragment",
     [
         ("dpoo", {}, "did you mean 'dpo'"),
-        ("kto", {}, "outside dpalogic's program fragment"),
+        ("kto", {"betaa": 0.1}, "did you mean 'beta'"),  # trainable without a structure, same checks
         ("dpo", {"betaa": 0.1}, "did you mean 'beta'"),
         ("(M(yw), false)", {}, "literally 'false'"),
         ("M(yw) & ~M(yw)", {}, "✓ side"),
