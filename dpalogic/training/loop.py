@@ -467,7 +467,7 @@ class Trainer:
         self.say(f"done: {self.step} steps; model saved to {final}")
 
     def close(self) -> None:
-        scaling.release_accelerator(self.acc, self.dist.owns_group)
+        scaling.release_accelerator(self.acc, self.dist.owns_group, self.engine)
 
     # ------------------------------------------------------------------ checkpoints
 

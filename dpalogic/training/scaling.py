@@ -117,12 +117,15 @@ def _check_process_state(cpu: bool, mixed: str) -> None:
         )
 
 
-def release_accelerator(acc, owns_group: bool) -> None:
-    """End the run: its trackers, and the process group if accelerate created it for this run.
+def release_accelerator(acc, owns_group: bool, engine=None) -> None:
+    """End the run: its DeepSpeed engine (its hooks and buffers), its trackers, and the process group if accelerate
+    created it for this run.
 
     accelerate's process-wide state stays (see :func:`_check_process_state`): the next run with the same settings in
     this process reuses it.
     """
+    if engine is not None:  # before the process group goes: the engine's optimizer holds handles into it
+        engine.destroy()
     acc.end_training()
     if owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
