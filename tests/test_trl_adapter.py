@@ -41,6 +41,7 @@ def config(tmp_path, **kw) -> DPOConfig:
         logging_steps=1,
         save_strategy="no",
         use_cpu=True,
+        bf16=False,  # TRL's default is bf16; accelerate fixes precision once per process, and dpalogic's runs are fp32
         disable_tqdm=True,
     )
     base.update(kw)
