@@ -34,13 +34,17 @@ FORMULAS = {
 }
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up (first call compiles/loads)
-    best = float("inf")
+def timed_round_robin(fns: dict, repeat: int) -> dict:
+    """Minimum time of each candidate, called in turn (one call each, repeated): a burst of load from other jobs
+    slows all of them alike instead of one."""
+    for f in fns.values():
+        f()  # warm-up (first call compiles/loads)
+    best = {k: float("inf") for k in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 
@@ -146,15 +150,18 @@ def section_b(ks: list[int], B: int, repeat: int) -> None:
             x = -torch.rand(B, K, generator=g) * 20 - 1e-3
             text = f.format(K=K)
             fn = PreferenceLoss(text)
-            t_sm = timed(fwd_bwd(softmax, x), repeat)
-            t_smo = timed(fwd_bwd(softmax_odds, x), repeat)
-            t_ours = timed(fwd_bwd(lambda y, fn=fn: fn(logps=y), x), repeat)
-            t_enum = "-"
+            fns = {
+                "sm": fwd_bwd(softmax, x),
+                "smo": fwd_bwd(softmax_odds, x),
+                "ours": fwd_bwd(lambda y, fn=fn: fn(logps=y), x),
+            }
             if K <= 12:
-                t_enum = f"{timed(fwd_bwd(enumeration_loss(K, text), x), max(1, repeat // 3)) * 1e3:9.2f}"
+                fns["enum"] = fwd_bwd(enumeration_loss(K, text), x)
+            t = timed_round_robin(fns, repeat)
+            t_enum = f"{t['enum'] * 1e3:9.2f}" if "enum" in t else "-"
             print(
-                f"{kind:<18} {K:>4} {t_sm * 1e3:9.2f} {t_smo * 1e3:12.2f} {t_ours * 1e3:9.2f} {t_ours / t_sm:8.2f}"
-                f" {t_enum:>9}"
+                f"{kind:<18} {K:>4} {t['sm'] * 1e3:9.2f} {t['smo'] * 1e3:12.2f} {t['ours'] * 1e3:9.2f}"
+                f" {t['ours'] / t['sm']:8.2f} {t_enum:>9}"
             )
 
 

@@ -9,9 +9,11 @@ space and float32 (float64 stays float64); gradients come from torch's autograd.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from dpalogic.compile.link_module import link_function
 from dpalogic.language.syntax import Atom
@@ -119,9 +121,13 @@ class _LiftedLeaves(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: _LeafPlan):
         eps = _clamp_bound(x.dtype)
-        omp = torch.expm1(torch.clamp(x, max=-eps)).neg_()  # 1 − p of every atom, accurate near p = 1
+        # 1 − p of every atom, accurate near p = 1; in place on one fresh buffer: on the CPU each new [B, K] buffer
+        # costs page faults that outweigh the arithmetic on it
+        lo_path = not all(set(cs) <= {0, 1} for cs in plan.counts)  # a group that keeps 1 − p for backward
+        omp = torch.clamp(x, max=-eps, out=None if lo_path else plan.scratch(x)).expm1_().neg_()
         xs = plan.take(x, plan.singles)
-        outs = [torch.stack([plan.take(omp, plan.singles).log(), xs], dim=-1)]
+        omp_s = plan.take(omp, plan.singles).clone()  # small: the singletons' backward keeps only these columns
+        outs = [torch.stack([omp_s.log(), xs], dim=-1)]
         saved = []
         for g, (cols, cs) in enumerate(zip(plan.groups, plan.counts)):
             n = len(cols)
@@ -129,11 +135,12 @@ class _LiftedLeaves(torch.autograd.Function):
             if set(cs) <= {0, 1}:  # e_1 from the odds themselves: no log over the group
                 # full rows with the other columns at −inf: reductions over an odd number of columns (63 of 64) take
                 # a slow path, and exp(−inf) = 0 leaves them out of the sum
-                xm = x.masked_fill(plan.outside(g, x.device), float("-inf"))
+                xm = x + plan.outside(g, x)
                 m = xm.amax(1, keepdim=True)
                 w = xm.sub_(m).exp_().div_(omp)  # odds / e^m on the group's columns, 0 elsewhere
                 total = w.sum(1, keepdim=True)
-                parts["odds"] = (w, total, bool((m > -eps).any()))
+                # what backward needs, w / (1 − p), in the same buffer: omp need not outlive the forward
+                parts["odds"] = [w.div_(omp), total, bool((m > -eps).any()), m]
                 e1 = (m + total.log()).squeeze(1)
                 vals = [torch.zeros_like(e1) if c == 0 else e1 for c in cs]
             else:
@@ -155,27 +162,35 @@ class _LiftedLeaves(torch.autograd.Function):
             saved.append(parts)
             outs.append(torch.stack(vals, dim=1))
         ctx.plan, ctx.parts, ctx.eps = plan, saved, eps
-        ctx.save_for_backward(x, omp)
+        ctx.save_for_backward(x, omp_s, omp if lo_path else None)
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_single: torch.Tensor, *g_groups: torch.Tensor):
-        x, omp = ctx.saved_tensors
+        x, omp_s, omp = ctx.saved_tensors
         plan, eps = ctx.plan, ctx.eps
         grad = None
         # groups that kept full rows first: their gradients are 0 outside their columns, so they add up
-        for cs, parts, gg in zip(plan.counts, ctx.parts, g_groups):
+        for g, (cs, parts, gg) in enumerate(zip(plan.counts, ctx.parts, g_groups)):
             if "odds" in parts:  # d e_1 / dx_j = o_j / (e_1 · (1 − p_j)) = (w_j / total) / (1 − p_j)
-                w, total, clamped = parts["odds"]
+                w_omp, total, clamped, m = parts["odds"]
                 g1 = sum((gg[:, k : k + 1] for k, c in enumerate(cs) if c == 1), torch.zeros_like(total))
-                gx = w.div(omp).mul_(g1 / total)
+                if w_omp is None:  # a second backward (retain_graph): the first one used the buffer; recompute it
+                    omp_all = torch.clamp(x, max=-eps).expm1_().neg_()
+                    w_omp = (x + plan.outside(g, x)).sub_(m).exp_().div_(omp_all).div_(omp_all)
+                # the first backward writes the gradient into the saved buffer: no new [B, K] buffer (each costs page
+                # faults on the CPU); the same operations recompute it, bit for bit, if backward runs again
+                parts["odds"][0] = None
+                gx = w_omp.mul_(g1 / total)
                 if clamped:
                     gx.mul_(x <= -eps)
                 grad = gx if grad is None else grad.add_(gx)
+                del w_omp, gx
         if grad is None:
             grad = torch.empty_like(x)
         # singletons: d log p / dx = 1, d log(1 − p) / dx = −p/(1 − p) = 1 − 1/(1 − p) (0 where x was clamped)
-        inv_s = (plan.take(x, plan.singles) <= -eps) / plan.take(omp, plan.singles)
+        inv_s = (plan.take(x, plan.singles) <= -eps) / omp_s
         plan.put(grad, plan.singles, g_single[..., 1] + g_single[..., 0] * (1.0 - inv_s))
         for cols, cs, parts, gg in zip(plan.groups, plan.counts, ctx.parts, g_groups):
             if "odds" in parts:
@@ -217,14 +232,24 @@ class _LeafPlan:
             self._index[key] = torch.as_tensor(cols, dtype=torch.long, device=device)
         return self._index[key]
 
-    def outside(self, g: int, device: torch.device) -> torch.Tensor:
-        """A [n] mask of the columns not in group ``g``."""
-        key = ("outside", g, device)
+    def outside(self, g: int, like: torch.Tensor) -> torch.Tensor:
+        """A [n] row of 0 on group ``g``'s columns and −inf elsewhere (added, it masks: a broadcast add is one fast
+        pass, where masked_fill with a broadcast mask is ten times slower on the CPU)."""
+        key = ("outside", g, like.device, like.dtype)
         if key not in self._index:
-            mask = torch.ones(self.width, dtype=torch.bool, device=device)
-            mask[list(self.groups[g])] = False
-            self._index[key] = mask
+            row = torch.full((self.width,), float("-inf"), dtype=like.dtype, device=like.device)
+            row[list(self.groups[g])] = 0.0
+            self._index[key] = row
         return self._index[key]
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A [B, n] buffer reused from call to call, for what does not outlive a forward (one per thread, last shape):
+        a fresh one costs page faults on every call, about as much as the ``exp`` computed in it."""
+        key = ("scratch", threading.get_ident())
+        buf = self._index.get(key)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._index[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
 
     def take(self, t: torch.Tensor, cols: tuple[int, ...]) -> torch.Tensor:
         """Columns of ``t``: a view for a run ``a, a+1, …``, a gathered copy otherwise."""
@@ -373,6 +398,8 @@ def _layout(atoms: tuple[Atom, ...]) -> list[tuple[str, tuple[int, ...]]]:
 
 def _take(mat: torch.Tensor, cols: tuple[int, ...]) -> torch.Tensor:
     """Columns of a matrix: a view for a run ``a, a+1, …`` (the usual ``y1..yK``), a gathered copy otherwise."""
+    if cols[0] == 0 and len(cols) == mat.shape[1] and cols[-1] == len(cols) - 1:
+        return mat  # all of it: no view, whose backward would fill a zero matrix and copy the gradient into it
     if cols[-1] - cols[0] == len(cols) - 1:
         return mat[:, cols[0] : cols[-1] + 1]
     return mat.index_select(1, torch.as_tensor(cols, device=mat.device))
