@@ -4,6 +4,11 @@ Names follow TRL where TRL has the loss (``dpo`` is TRL's ``sigmoid``). Hyperpar
 defaults (``beta``, ``label_smoothing``, ``discopop_tau``, SimPO's ``gamma``); ``alpha`` weighs the auxiliary NLL
 term as in TRL's and Liger's CPO, so ``alpha=0`` leaves the preference term alone.
 
+TPO (Triple Preference Optimization) is a program over three answers, ``y1`` gold, ``y2`` preferred, ``y3``
+rejected: a reference-free preference of y2 over y3 plus ``tpo_alpha`` times the NLL of the gold answer y1, with
+TRL's TPOConfig names and defaults (``beta=0.01``, ``tpo_alpha``, TPO-L's margin ``tpo_l_gamma``). K-answer rows
+sorted best first train it as they are.
+
 Auxiliary NLL terms are the CE structure ``M(yw)`` under the logistic link (``−log σ(log(p/(1−p))) = −log p``),
 length-normalized: the mean token NLL of the chosen answer, per pair. (TRL and Liger average tokens over the whole
 batch instead; the two agree when chosen answers have equal lengths.)
@@ -23,6 +28,7 @@ from dpalogic.semantics.program import OutsideFragment, Program, Term
 
 beta, gamma, alpha = sympy.symbols("beta gamma alpha")
 ls, tau = sympy.symbols("label_smoothing discopop_tau")
+tpo_alpha, tpo_l_gamma = sympy.symbols("tpo_alpha tpo_l_gamma")
 
 
 def sides(top: str, bottom: str) -> Structure:
@@ -53,12 +59,20 @@ def _structures() -> dict[str, Structure]:
         "cunl": Structure.parse("(~M(yl), M(yw) | M(yl))"),
         "ccpo": Structure.parse("(M(yl) -> M(yw), M(yw) | M(yl))"),
         "uncpo": Structure.parse("M(yl) -> M(yw)"),
+        "tpo": sides("M(y2)", "M(y3)"),  # TPO's preferred y2 over rejected y3 (y1 is the gold answer)
+        "gold": Structure.parse("M(y1)"),
         "modified_dpo": sides("M(yw) & ~M(yl) & Ref(yl)", "M(yl) & ~M(yw) & Ref(yw)"),
     }
 
 
 def _nll() -> Term:
     return Term(_structures()["ce"], "logistic", coef=alpha, normalized=True, role="nll")
+
+
+def _tpo(name: str, terms: list[Term], **hp: float) -> Program:
+    """A TPO variant: its preference terms on (y2, y3), then ``tpo_alpha`` · the gold answer's mean token NLL."""
+    gold = Term(_structures()["gold"], "logistic", coef=tpo_alpha, normalized=True, role="nll")
+    return _program(name, [*terms, gold], beta=0.01, **hp, tpo_alpha=1.0)
 
 
 def _smoothed(s: Structure, scale, shift=0, normalized: bool = False) -> list[Term]:
@@ -170,6 +184,19 @@ def entries() -> dict[str, Entry]:
         Entry("modified_dpo", _program("modified_dpo", [Term(S["modified_dpo"], "logistic", scale=beta)], beta=0.1),
               "Modified DPO: ORPO's structure with a reference model (paper)",
               "Richardson et al. 2025, arXiv:2412.17696", "brute-force WMC", ("mdpo",)),
+        Entry("tpo", _tpo("tpo", _smoothed(S["tpo"], beta), label_smoothing=0.0),
+              "Triple Preference Optimization (y1 gold, y2 preferred, y3 rejected)",
+              "Saeidi et al. 2024, arXiv:2405.16681", "TRL TPOTrainer 'sigmoid'", (), "sigmoid (TPOTrainer)"),
+        Entry("tpo_hinge", _tpo("tpo_hinge", [Term(S["tpo"], "hinge", scale=beta, link_params=(("margin", 1),))]),
+              "TPO with SLiC's hinge (y1 gold, y2 preferred, y3 rejected)", "Saeidi et al. 2024, arXiv:2405.16681",
+              "TRL TPOTrainer 'hinge'", (), "hinge (TPOTrainer)"),
+        Entry("tpo_ipo", _tpo("tpo_ipo", [Term(S["tpo"], "squared", shift=1 / (2 * beta), normalized=True)]),
+              "TPO with IPO's squared loss (y1 gold, y2 preferred, y3 rejected)",
+              "Saeidi et al. 2024, arXiv:2405.16681", "TRL TPOTrainer 'ipo'", (), "ipo (TPOTrainer)"),
+        Entry("tpo_l", _tpo("tpo_l", _smoothed(S["tpo"], beta, tpo_l_gamma, normalized=True),
+                            label_smoothing=0.0, tpo_l_gamma=0.5),
+              "TPO-L: length-normalized TPO with a target margin (y1 gold, y2 preferred, y3 rejected)",
+              "Saeidi et al. 2024, arXiv:2405.16681", "TRL TPOTrainer 'tpo-l'", (), "tpo-l (TPOTrainer)"),
     ]  # fmt: skip
     return {e.name: e for e in E}
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from functools import cache
 
@@ -239,9 +240,13 @@ class Term:
         return f"{c}·[{body}]"
 
 
+_GREEK = {"beta": "β", "gamma": "γ", "alpha": "α", "label_smoothing": "ε_ls", "discopop_tau": "τ"}
+
+
 def _expr_text(e: sympy.Expr) -> str:
-    s = str(e).replace("beta", "β").replace("gamma", "γ").replace("**", "^").replace("*", "·")
-    return s.replace("label_smoothing", "ε_ls").replace("discopop_tau", "τ").replace("alpha", "α")
+    # whole names only: TPO's tpo_alpha and tpo_l_gamma keep the names a user passes them by
+    s = re.sub(r"\b\w+\b", lambda m: _GREEK.get(m.group(), m.group()), str(e))
+    return s.replace("**", "^").replace("*", "·")
 
 
 def _affine_text(scale: sympy.Expr, shift: sympy.Expr, x: str) -> str:
@@ -325,6 +330,8 @@ class Program:
 LATEX_HYPERPARAMETERS = {
     sympy.Symbol("label_smoothing"): r"\varepsilon_{\mathrm{ls}}",
     sympy.Symbol("discopop_tau"): r"\tau",
+    sympy.Symbol("tpo_alpha"): r"\alpha_{\mathrm{TPO}}",
+    sympy.Symbol("tpo_l_gamma"): r"\gamma_{\mathrm{TPO}}",
 }
 
 
