@@ -33,7 +33,8 @@ DERIVED = ("(M(yl) -> M(yw), M(yw) | M(yl))", "ccpo_derived")
 DERIVED_COMMAND = f"dpalogic compile '{DERIVED[0]}' --name {DERIVED[1]} --out generated/{DERIVED[1]}.py"
 
 # hyperparameters that switch every term on (label smoothing 0 would silence the smoothing terms)
-HP = {"label_smoothing": 0.1, "alpha": 0.7, "gamma": 0.3, "beta": 0.2, "discopop_tau": 0.05}
+HP = {"label_smoothing": 0.1, "alpha": 0.7, "gamma": 0.3, "beta": 0.2, "discopop_tau": 0.05, "tpo_alpha": 0.7,
+      "tpo_l_gamma": 0.3}  # fmt: skip
 
 
 def hp_for(name: str) -> dict[str, float]:
@@ -250,7 +251,7 @@ def test_twin_matches_autograd(name):
     compiled = compile_catalog_entry(name)
     mod = load(compiled)
     hp = hp_for(name)
-    lp, lens = inputs(compiled.atoms, ["yw", "yl"], seed=1)
+    lp, lens = inputs(compiled.atoms, compiled.answers, seed=1)
     want = autograd_reference(compiled.program, hp, lp, lens)
     got = generated_call(mod, compiled, lp, lens, {**compiled.hyperparameters, **hp}, "torch")
     # 1e-8, not 1e-15: torch's softplus is linear beyond 20 (relative error e^-20 in the reference, not the twin)
@@ -301,7 +302,7 @@ def test_triton_kernel_matches_twin_and_autograd(name, interpret):
     hp = {**compiled.hyperparameters, **hp_for(name)}
     for dtype, rtol, atol in ((torch.float32, 2e-5, 1e-5), (torch.float64, 1e-6, 1e-7)):
         # float64: the kernel's float arguments (hyperparameters) are float32, hence the looser tolerance
-        lp, lens = inputs(compiled.atoms, ["yw", "yl"], seed=3, dtype=dtype)
+        lp, lens = inputs(compiled.atoms, compiled.answers, seed=3, dtype=dtype)
         tri = generated_call(mod, compiled, lp, lens, hp, "triton")
         twin = generated_call(mod, compiled, lp, lens, hp, "torch")
         ref = autograd_reference(compiled.program, hp_for(name), lp, lens)
