@@ -16,7 +16,7 @@ from dpalogic.analysis.order import compare
 from dpalogic.cli import main
 from dpalogic.language.syntax import to_latex
 from dpalogic.logic.structure import Structure
-from dpalogic.semantics.catalog import entries
+from dpalogic.semantics.catalog import entries, pair_names
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -75,12 +75,14 @@ def test_program_latex(name):
     tex = p._repr_latex_()
     assert tex.startswith("$$") and tex.endswith("$$") and balanced(tex)
     assert tex.startswith(r"$$\mathcal{L}_{\mathrm{" + name.replace("_", r"\_") + "}} = ")
-    assert r"\pi_\theta(y_w)" in tex  # every catalog loss involves the chosen answer
+    best = r"\pi_\theta(y_w)" if name in pair_names() else r"\pi_\theta(y_{1})"  # TPO: y1 is the gold answer
+    assert best in tex  # every catalog loss involves the chosen answer
     assert ("ref" in tex) == any(a.pred == "Ref" for a in p.atoms)
     rhs = tex.split(" = ", 1)[1]
     assert "label_" not in rhs and "discopop" not in rhs and "p_w" not in rhs  # typeset, not raw symbol names
     typeset = {"beta": r"\beta", "gamma": r"\gamma", "alpha": r"\alpha", "label_smoothing": r"\varepsilon_{\mathrm{ls}}",
-               "discopop_tau": r"\tau"}  # fmt: skip
+               "discopop_tau": r"\tau", "tpo_alpha": r"\alpha_{\mathrm{TPO}}",
+               "tpo_l_gamma": r"\gamma_{\mathrm{TPO}}"}  # fmt: skip
     if p.hyperparameters:
         hp = ", ".join(f"{typeset[k]} = {v:g}" for k, v in p.hyperparameters)
         assert tex.endswith(rf"\qquad ({hp})$$") and tex.count(r"\qquad") == 1

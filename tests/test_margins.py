@@ -20,14 +20,15 @@ from hypothesis import strategies as st
 
 from dpalogic import DPALogicError, FusedLinearPreferenceLoss, PreferenceLoss
 from dpalogic.cli import main as cli_main
-from dpalogic.semantics.catalog import entries
+from dpalogic.semantics.catalog import entries, pair_names
 from dpalogic.training.annotations import PAIR_MARGIN, annotate, row_margin
 from dpalogic.training.config import TrainConfig
 from dpalogic.training.data import from_records
 
 HP = {"label_smoothing": 0.1, "alpha": 0.7, "gamma": 0.3, "beta": 0.2, "discopop_tau": 0.05}
+# pair losses (the calls below pass chosen/rejected); TPO's margin over y1 … y3 is checked in test_tpo.py
 SHIFTABLE = sorted(
-    n for n, e in entries().items() if any(t.role in ("preference", "smoothing") for t in e.program.terms)
+    n for n in pair_names() if any(t.role in ("preference", "smoothing") for t in entries()[n].program.terms)
 )
 
 

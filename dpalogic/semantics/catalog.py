@@ -246,6 +246,11 @@ def names() -> list[str]:
     return list(entries())
 
 
+def pair_names() -> list[str]:
+    """The catalog losses over one pair ``yw``, ``yl`` (every one but TPO's, which are over ``y1 … y3``)."""
+    return [n for n, e in entries().items() if all(a.answer in ("yw", "yl") for a in e.program.atoms)]
+
+
 def _alias_map() -> dict[str, str]:
     out = {}
     for e in entries().values():
