@@ -18,7 +18,6 @@ from torch.autograd.function import once_differentiable
 from dpalogic.compile.link_module import link_function
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
-from dpalogic.semantics import circuit
 from dpalogic.semantics.lifted import Lifted, lift
 
 
@@ -48,57 +47,9 @@ def log_odds(x: torch.Tensor) -> torch.Tensor:
     return _LogOdds.apply(x)
 
 
-def log_esym(lo: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
-    """``log e_c`` of the odds ``exp(lo)`` along the last axis, for each ``c`` in ``counts`` (``[B]`` each).
-
-    ``e_0 = 1``, ``e_1`` is a logsumexp, ``e_n`` a sum and ``e_{n−1} = e_n · e_1(1/o)``; other counts run the
-    recurrence ``e_c ← e_c + o_j · e_{c−1}`` over the answers, from whichever end needs fewer steps
-    (``e_c(o) = e_n(o) · e_{n−c}(1/o)``).
-    """
-    n = lo.shape[-1]
-    out: dict[int, torch.Tensor] = {}
-    total = None
-    for c in counts:
-        if c == 0:
-            out[c] = torch.zeros(lo.shape[:-1], dtype=lo.dtype, device=lo.device)
-        elif c == 1:
-            out[c] = torch.logsumexp(lo, dim=-1)
-        elif c == n:
-            out[c] = total = lo.sum(-1) if total is None else total
-        elif c == n - 1:
-            total = lo.sum(-1) if total is None else total
-            out[c] = total + torch.logsumexp(-lo, dim=-1)
-    rest = [c for c in counts if c not in out]
-    low = [c for c in rest if c <= n - c]
-    high = [n - c for c in rest if c > n - c]
-    if low:
-        table = _recurrence(lo, max(low))
-        out.update({c: table[c] for c in low})
-    if high:
-        total = lo.sum(-1) if total is None else total
-        table = _recurrence(-lo, max(high))
-        out.update({n - m: total + table[m] for m in high})
-    return out
-
-
-def _recurrence(lo: torch.Tensor, m: int) -> list[torch.Tensor]:
-    """``log e_0 … log e_m`` by one pass over the answers (each step a logaddexp over the counts).
-
-    The table grows by one count per answer until it holds ``m + 1``: no entry is ever ``−inf`` (an unreachable
-    count), whose ``logaddexp`` would have a NaN gradient.
-    """
-    table = torch.zeros((*lo.shape[:-1], 1), dtype=lo.dtype, device=lo.device)
-    for j in range(lo.shape[-1]):
-        step = table + lo[..., j : j + 1]  # e_{c-1} · o_j
-        parts = [table[..., :1], torch.logaddexp(table[..., 1:], step[..., :-1])]
-        if table.shape[-1] <= m:
-            parts.append(step[..., -1:])
-        table = torch.cat(parts, dim=-1)
-    return list(table.unbind(-1))
-
-
-def _closed_counts(counts: list[int], n: int) -> bool:
-    return all(c in (0, 1, n - 1, n) for c in counts)
+def closed_form(lf: Lifted) -> bool:
+    """Does every group need only ``e_0``, ``e_1``, ``e_{n−1}``, ``e_n`` (sums and logsumexps, no recurrence)?"""
+    return all(c in (0, 1, len(g) - 1, len(g)) for g_i, g in enumerate(lf.groups) for c in lf.counts_needed(g_i))
 
 
 def _clamp_bound(dtype: torch.dtype) -> float:
@@ -276,19 +227,10 @@ def _plan(lf: Lifted) -> _LeafPlan:
     return hit[1]
 
 
-def _leaves(lf: Lifted, x: torch.Tensor) -> tuple[torch.Tensor | None, list[dict[int, torch.Tensor]]]:
+def _leaves(lf: Lifted, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[int, torch.Tensor]]]:
     """The singletons' ``[B, S, (log(1 − p), log p)]`` and each group's ``{c: log e_c}``."""
-    counts = [lf.counts_needed(g) for g in range(len(lf.groups))]
-    if lf.singletons and all(_closed_counts(cs, len(g)) for cs, g in zip(counts, lf.groups)):
-        single, *per_group = _LiftedLeaves.apply(x, _plan(lf))
-        return single, [{c: v[:, k] for k, c in enumerate(cs)} for cs, v in zip(counts, per_group)]
-    lo = log_odds(x)
-    esym = [log_esym(_take(lo, members), cs) for members, cs in zip(lf.groups, counts)]
-    single = None
-    if lf.singletons:
-        xs, los = _take(x, lf.singletons), _take(lo, lf.singletons)
-        single = torch.stack([xs - los, xs], dim=-1)
-    return single, esym
+    single, *per_group = _LiftedLeaves.apply(x, _plan(lf))
+    return single, [{c: v[:, k] for k, c in enumerate(cs)} for cs, v in zip(_plan(lf).counts, per_group)]
 
 
 def _lifted_sides(lf: Lifted, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,24 +241,12 @@ def _lifted_sides(lf: Lifted, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         parts = []
         for sigma, counts in configs:
             v = sum(esym[g][c] for g, c in enumerate(counts))
-            if single is not None:
-                picked = [single[:, k, bit] for k, bit in enumerate(sigma)]
-                v = v + (sum(picked[1:], picked[0]) if picked else 0)
+            picked = [single[:, k, bit] for k, bit in enumerate(sigma)]
+            if picked:
+                v = v + sum(picked[1:], picked[0])
             parts.append(v)
         sides.append(parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, -1), -1))
     return sides[0], sides[1]
-
-
-def _circuit_side(root: circuit.Node, x: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    cols = x.unbind(-1)
-    l1m = (x - lo).unbind(-1)
-    return circuit.fold(
-        root,
-        lit=lambda i, positive: cols[i] if positive else l1m[i],
-        one=lambda: torch.zeros_like(cols[0]),
-        prod=lambda xs: sum(xs[1:], xs[0]),
-        sum=lambda xs: torch.logaddexp(xs[0], xs[1]),
-    )
 
 
 class ListwiseTerm:
@@ -325,10 +255,15 @@ class ListwiseTerm:
     def __init__(self, structure: ListStructure) -> None:
         self.structure = structure
         self.atoms: tuple[Atom, ...] = structure.atoms
-        self.lifted = lift(structure.atoms, structure.source)
-        self._circuits = None
+        lifted = lift(structure.atoms, structure.source)
+        # counted where the groups need only closed forms (ExactlyOne, AtMost(1), …); anything else — Ranked, other
+        # counts (whose e_c would need a recurrence over the answers) — runs its OBDD one variable level at a time
+        self.lifted = lifted if lifted is not None and closed_form(lifted) else None
+        self._levels = None
         if self.lifted is None:
-            self._circuits = (structure.side_circuit("top"), structure.side_circuit("bottom"))
+            from dpalogic.runtime.obdd_eval import LevelPlan
+
+            self._levels = LevelPlan(structure.bdd, (structure.top, structure.bottom), structure._atom_of_var)
         self.layout = _layout(self.atoms)  # (predicate, columns of its [B, K] matrix), worked out once
         self.named = [a.name for a in self.atoms if not a.answer[1:].isdigit()]  # yw/yl: no column of a [B, K]
 
@@ -354,15 +289,16 @@ class ListwiseTerm:
 
     @property
     def method(self) -> str:
-        return "lifted" if self.lifted is not None else "circuit"
+        return "lifted" if self.lifted is not None else "obdd levels"
 
     def log_ratio(self, x: torch.Tensor) -> torch.Tensor:
         if self.lifted is not None:
             top, bottom = _lifted_sides(self.lifted, x)
-        else:
-            lo = log_odds(x)
-            top, bottom = (_circuit_side(c, x, lo) for c in self._circuits)
-        return top - bottom
+            return top - bottom
+        from dpalogic.runtime.obdd_eval import obdd_sides
+
+        sides = obdd_sides(self._levels, x, x - log_odds(x))  # log p and log(1 − p) of every atom
+        return sides[:, 0] - sides[:, 1]
 
 
 class _Link(torch.autograd.Function):
