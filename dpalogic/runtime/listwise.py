@@ -1,10 +1,11 @@
 """Loss programs over K answers, evaluated on ``[B, K]`` log-prob matrices (docs/semantics.md §8).
 
 Each term's ``log ρ`` is computed in vectorized torch from its structure's lifted form
-(:mod:`dpalogic.semantics.lifted`: log-odds, ``logsumexp`` for ``e_1``, a counting recurrence for other ``e_c``) or,
-when the structure has no symmetry to exploit (``Ranked``), by folding its OBDD circuit. The link and its derivative
+(:mod:`dpalogic.semantics.lifted`) when its groups need only closed-form counts (``e_1`` from the odds, ``e_n`` from
+the log-odds: ExactlyOne, AtMost(1), …), and otherwise (``Ranked``, other counts) from its OBDD, one variable level
+at a time (:mod:`dpalogic.runtime.obdd_eval`). The link and its derivative
 come from the same generated code as the pair modules (:mod:`dpalogic.compile.link_module`). Everything is in log
-space and float32 (float64 stays float64); gradients come from torch's autograd.
+space and float32 (float64 stays float64); the lifted leaves and the OBDD levels have hand-written backwards.
 """
 
 from __future__ import annotations
