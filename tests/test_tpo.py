@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 
 from dpalogic import PreferenceLoss
 from dpalogic.cli import main
+from dpalogic.errors import DPALogicError
 from dpalogic.semantics.catalog import entries, lookup
+from dpalogic.training.config import check_loss
 from dpalogic.training.ranking_demo import make_ranking_task
 
 with warnings.catch_warnings():
@@ -176,6 +178,43 @@ def test_a_margin_shifts_the_preference_terms_only():
     z = b * (norm[:, 1] - norm[:, 2]) - gamma - margin
     want = (1 - ls) * F.softplus(-z) + ls * F.softplus(z) - a * norm[:, 0]
     torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(NAMES.values()))
+def test_gradients_match_finite_differences(name):
+    logps, lengths = k3_inputs(3, B=4)
+    fn = PreferenceLoss(name, reduction="sum", beta=0.5)
+    assert torch.autograd.gradcheck(lambda x: fn(logps=x, lengths=lengths), (logps.detach().requires_grad_(),))
+
+
+EXTREMES = torch.tensor([0.0, -1e-12, -1e-6, -0.6931, -5.0, -80.0, -1e4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(NAMES.values()))
+def test_finite_values_and_gradients_at_extremes(name, dtype):
+    grid = torch.cartesian_prod(EXTREMES, EXTREMES, EXTREMES).to(dtype).requires_grad_()  # every (y1, y2, y3)
+    out = PreferenceLoss(name, reduction="none")(logps=grid, lengths=torch.full(grid.shape, 5))
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(grid.grad.float()).all()
+
+
+@pytest.mark.parametrize("name", sorted(NAMES.values()))
+@pytest.mark.parametrize("beta", [-0.5, 0.3])
+def test_beta_is_accepted_exactly_when_the_loss_penalizes_the_rejected_answer(name, beta):
+    logps = torch.full((1, 3), -2.0, dtype=F64, requires_grad=True)
+    PreferenceLoss(name, beta=beta)(logps=logps, lengths=torch.ones(1, 3)).backward()
+    penalizes = logps.grad[0, 2].item() > 0  # a likelier rejected y3 costs
+    try:
+        check_loss(name, {"beta": beta})
+        accepted = True
+    except DPALogicError as e:
+        assert "rewards the rejected answer" in str(e)
+        accepted = False
+    assert accepted == penalizes == (beta > 0)
+    with pytest.raises(DPALogicError, match="NLL weight tpo_alpha = -1 must not be negative"):
+        check_loss(name, {"tpo_alpha": -1.0})
 
 
 # ---------------------------------------------------------------------------------------------- the CLI

@@ -22,7 +22,7 @@ from dpalogic.cli import main
 from dpalogic.cli.train import register
 from dpalogic.cli.train_config import config_from_args
 from dpalogic.errors import DPALogicError
-from dpalogic.semantics.catalog import entries
+from dpalogic.semantics.catalog import entries, pair_names
 from dpalogic.training.config import DEFAULT_LR, TINY_LR, TrainConfig, check_loss
 from dpalogic.training.data import (
     BAD_ROWS_FILE,
@@ -140,7 +140,8 @@ def test_yaml_numbers_with_exponents_are_numbers(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- hyperparameters
 
-BETA_LOSSES = [n for n, e in entries().items() if "beta" in e.program.defaults and n != "discopop"]
+# pair losses (the gradient below is w.r.t. yl); TPO's, w.r.t. its rejected y3, is in test_tpo.py
+BETA_LOSSES = [n for n in pair_names() if "beta" in entries()[n].program.defaults and n != "discopop"]
 
 
 def _rejected_gradient(loss: str, beta: float) -> float:
