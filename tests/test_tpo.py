@@ -160,10 +160,12 @@ def test_the_matrix_form_is_the_named_form(name):
     named = fn(
         logps={f"M(y{j + 1})": logps[:, j] for j in range(3)}, lengths={f"y{j + 1}": lengths[:, j] for j in range(3)}
     )
-    torch.testing.assert_close(matrix, named, rtol=0, atol=0)
+    # on the CPU the matrix form runs the vectorized K-answer evaluator, the named form the compiled twin: two
+    # evaluations of one program, equal to round-off
+    torch.testing.assert_close(matrix, named, rtol=1e-12, atol=1e-12)
     g1 = torch.autograd.grad(matrix.sum(), logps)[0]
     g2 = torch.autograd.grad(named.sum(), logps)[0]
-    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
 
 
 def test_a_margin_shifts_the_preference_terms_only():

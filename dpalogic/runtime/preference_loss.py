@@ -145,8 +145,10 @@ class PreferenceLoss(torch.nn.Module):
         self._known = {a.name for a in self.atoms}
         # structures beyond truth tables (K answers, OBDD sides) run the vectorized listwise evaluator instead
         self._listwise = None
+        self._kept_bound = (kept, [b for b in bound if b.coef != 0.0])
+        self._list_evaluator = None  # [B, K] inputs of a truth-table structure on the torch path (built on first use)
         if any(isinstance(t.structure, ListStructure) for t in kept):
-            self._listwise = ListwiseProgram(kept, [b for b in bound if b.coef != 0.0])
+            self._listwise = ListwiseProgram(*self._kept_bound)
         self._length_answers = length_answers(self._running)
         self._needed_lengths = {a.answer for t in self.terms if t.normalized for a in t.atoms}
         if not any(a.pred == "M" for t in self.terms for a in t.atoms):
@@ -267,22 +269,28 @@ class PreferenceLoss(torch.nn.Module):
     ) -> torch.Tensor:
         """The loss of every prompt, ``[B]``, from ``[B, K]`` log-probs (column j is answer y(j+1)).
 
-        Structures over at most 12 atoms run their compiled module on the columns; larger ones (OBDD sides) the
-        vectorized evaluator of :mod:`dpalogic.runtime.listwise`.
+        The vectorized evaluator of :mod:`dpalogic.runtime.listwise` runs it, except where the backend rule picks
+        Triton: there a structure over at most 12 atoms runs its compiled kernel on the columns (on the CPU the
+        evaluator, one pass per level or none, beats the straight-line twin's pass per circuit node).
         """
         if not isinstance(logps, torch.Tensor):
             raise DPALogicError("ref_logps [B, K] goes with logps [B, K] (column j is answer y(j+1))")
         columns, lengths = matrix_columns(logps, ref_logps, lengths)
-        if self._listwise is None:
-            atom_lp, ans_len = as_mapping(columns, lengths)
-            return self.per_pair(atom_lp, ans_len, margin=margin)
+        evaluator = self._listwise
+        if evaluator is None:  # a truth-table structure
+            if not self.terms or not self._running_atoms or use_triton(self.backend, logps):
+                atom_lp, ans_len = as_mapping(columns, lengths)
+                return self.per_pair(atom_lp, ans_len, margin=margin)
+            if self._list_evaluator is None:
+                self._list_evaluator = ListwiseProgram(*self._kept_bound)
+            evaluator = self._list_evaluator
         for name, mat in columns.items():
             if mat.numel() and (worst := float(mat.detach().max())) > POSITIVE_SLACK:
                 arg = "logps" if name == "M" else "ref_logps"
                 raise DPALogicError(f"log-probabilities must be <= 0: {arg} has {worst:.6g} (pass summed log-probs)")
         if margin is not None:
             self._check_margin(margin, logps[:, 0])
-        return self._listwise.per_pair(columns, lengths, margin)
+        return evaluator.per_pair(columns, lengths, margin)
 
     def _check_margin(self, margin: torch.Tensor, first: torch.Tensor) -> None:
         """A margin is a finite float tensor of the log-probs' shape, for a loss with a preference to shift."""
