@@ -305,16 +305,24 @@ def test_bad_list_inputs_are_clear_errors():
         PreferenceLoss("(M(y1) & Ref(y2), ExactlyOne(M(y1..y20)))")(logps=-torch.ones(2, 20))
 
 
-def test_small_k_runs_the_compiled_module_and_equals_the_large_path():
-    """K ≤ 12 atoms: truth tables and a compiled module; the OBDD path gives the same numbers."""
+def test_truth_table_structures_give_the_same_numbers_compiled_and_vectorized():
+    """Up to 12 atoms a structure is a truth table with a compiled module (named inputs run it); [B, K] inputs of one
+    with 8 atoms or more run the vectorized evaluator on the CPU. Both must agree, values and gradients."""
     text = "(M(y1), AtMost(2, M(y1..y6)) & Ranked(Ref(y1..y6)))"
     s = Structure.parse(text)
-    logps, ref = -torch.rand(7, 6, dtype=torch.float64) * 3, -torch.rand(7, 6, dtype=torch.float64) * 3
-    small = PreferenceLoss(s, reduction="none")(logps=logps, ref_logps=ref)
-    from dpalogic.logic.listwise import as_list_structure
-
-    big = PreferenceLoss(as_list_structure(s), reduction="none")(logps=logps, ref_logps=ref)
-    torch.testing.assert_close(small, big, rtol=1e-10, atol=1e-10)
+    fn = PreferenceLoss(s, reduction="none")
+    logps = (-torch.rand(7, 6, dtype=torch.float64) * 3).requires_grad_()
+    ref = (-torch.rand(7, 6, dtype=torch.float64) * 3).requires_grad_()
+    vectorized = fn(logps=logps, ref_logps=ref)
+    compiled = fn(
+        logps={f"M(y{j + 1})": logps[:, j] for j in range(6)} | {f"Ref(y{j + 1})": ref[:, j] for j in range(6)}
+    )
+    torch.testing.assert_close(vectorized, compiled, rtol=1e-10, atol=1e-10)
+    g_vec = torch.autograd.grad(vectorized.sum(), (logps, ref))
+    g_comp = torch.autograd.grad(compiled.sum(), (logps, ref))
+    for a, b in zip(g_vec, g_comp):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert fn._list_evaluator is not None  # the [B, K] call did run the evaluator
 
 
 def test_small_k_triton_kernel_in_the_interpreter(monkeypatch):

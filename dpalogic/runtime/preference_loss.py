@@ -27,7 +27,10 @@ from dpalogic.runtime.listwise import ListwiseProgram, as_mapping, matrix_column
 from dpalogic.semantics.program import Program, Term, with_link
 
 _ATOM_NAME = re.compile(r"(M|Ref)\((yw|yl|y[1-9][0-9]*)\)")
-POSITIVE_SLACK = 1e-2  # log-probs up to this far above 0 are taken as rounding noise, not as an input mistake
+POSITIVE_SLACK = 1e-2
+# [B, K] inputs of a truth-table structure run the vectorized K-answer evaluator from this many atoms on (torch path):
+# below it the compiled twin is as fast or faster (benchmarks/listwise.py, K = 4 vs 8 vs 12 on the CPU)
+LIST_EVALUATOR_ATOMS = 8  # log-probs up to this far above 0 are taken as rounding noise, not as an input mistake
 
 
 @dataclass(frozen=True)
@@ -269,16 +272,17 @@ class PreferenceLoss(torch.nn.Module):
     ) -> torch.Tensor:
         """The loss of every prompt, ``[B]``, from ``[B, K]`` log-probs (column j is answer y(j+1)).
 
-        The vectorized evaluator of :mod:`dpalogic.runtime.listwise` runs it, except where the backend rule picks
-        Triton: there a structure over at most 12 atoms runs its compiled kernel on the columns (on the CPU the
-        evaluator, one pass per level or none, beats the straight-line twin's pass per circuit node).
+        The vectorized evaluator of :mod:`dpalogic.runtime.listwise` runs it, except for a truth-table structure
+        where the backend rule picks Triton or the structure is small (``LIST_EVALUATOR_ATOMS``): there its compiled
+        module runs on the columns (from 8 atoms on, the evaluator's pass per level beats the twin's per node).
         """
         if not isinstance(logps, torch.Tensor):
             raise DPALogicError("ref_logps [B, K] goes with logps [B, K] (column j is answer y(j+1))")
         columns, lengths = matrix_columns(logps, ref_logps, lengths)
         evaluator = self._listwise
         if evaluator is None:  # a truth-table structure
-            if not self.terms or not self._running_atoms or use_triton(self.backend, logps):
+            small = len(self._running_atoms) < LIST_EVALUATOR_ATOMS
+            if not self.terms or small or use_triton(self.backend, logps):
                 atom_lp, ans_len = as_mapping(columns, lengths)
                 return self.per_pair(atom_lp, ans_len, margin=margin)
             if self._list_evaluator is None:
