@@ -400,3 +400,14 @@ def test_named_inputs_equal_matrix_inputs_and_compile_has_a_stated_limit(capsys)
     torch.testing.assert_close(named, fn(logps=x), rtol=1e-12, atol=1e-12)
     assert main(["compile", text]) == 2  # 1155 circuit nodes: PreferenceLoss runs it, no module is written
     assert "at most 400" in capsys.readouterr().err
+
+
+def test_derive_takes_a_link_for_k_answer_structures(capsys):
+    assert main(["derive", "(M(y1), ExactlyOne(M(y1..y64)))", "--link", "softplus(margin - z)", "--hp", "margin=0.5",
+                 "--json"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    # softplus(m − log ρ) = log(1 + e^m / ρ), ρ = p_1 / ((1 − p_1) e_1)
+    assert out["loss"] == "log(e_1(o[M(y2..y64)])*(1 - p_1)*exp(margin)/p_1 + 1)"
+    assert out["hyperparameters"] == {"margin": 0.5}
+    assert main(["derive", "Ranked(M(y1..y20))", "--link", "exp(-z)", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == "1/rho"  # no lifted form: ρ stays a symbol

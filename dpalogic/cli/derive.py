@@ -39,9 +39,7 @@ def derive(
         info["input"] = text
         info["link_formula"] = "−log σ(z)"
         if link is not None:
-            raise DPALogicError(
-                "--link with a structure over more than 12 atoms: not supported yet (use PreferenceLoss)"
-            )
+            info.update(_with_link(s, link, hyperparameters))
         return info
     info = structure_info(s)
     info["equivalent_to"], info["same_loss_as"] = catalog_matches(s)
@@ -61,7 +59,11 @@ def _with_link(s, link: str, hyperparameters: dict[str, float] | None) -> dict[s
 
     program = with_link(single_structure_program(s), link, hyperparameters)
     term = program.terms[0]
-    closed = term.sympy().xreplace({sympy.Symbol("beta"): 1, sympy.Symbol("gamma"): 0})
+    try:
+        closed = term.sympy()
+    except DPALogicError:  # OBDD sides without a lifted closed form: the link of log ρ, with ρ left a symbol
+        closed = term.sympy(sympy.Symbol("rho", positive=True))
+    closed = closed.xreplace({sympy.Symbol("beta"): 1, sympy.Symbol("gamma"): 0})
     return {
         "link": link,
         "link_formula": LINKS[term.link].formula,
