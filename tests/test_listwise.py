@@ -297,6 +297,10 @@ def test_bad_list_inputs_are_clear_errors():
         fn(logps=torch.zeros(4))
     with pytest.raises(DPALogicError, match="K = 10"):
         fn(logps=-torch.ones(4, 10))
+    with pytest.raises(DPALogicError, match="K = 21 columns but this loss is over y1 … y20"):
+        fn(logps=-torch.ones(4, 21))  # extra answers are a mistake, not silently left out
+    with pytest.raises(DPALogicError, match="not y1 … yK"):
+        PreferenceLoss("dpo")(logps=-torch.ones(4, 2))
     with pytest.raises(DPALogicError, match="<= 0"):
         fn(logps=torch.ones(4, 20))
     with pytest.raises(DPALogicError, match="must match"):

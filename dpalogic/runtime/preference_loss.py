@@ -279,6 +279,7 @@ class PreferenceLoss(torch.nn.Module):
         if not isinstance(logps, torch.Tensor):
             raise DPALogicError("ref_logps [B, K] goes with logps [B, K] (column j is answer y(j+1))")
         columns, lengths = matrix_columns(logps, ref_logps, lengths)
+        self._check_list_width(logps.shape[1])
         evaluator = self._listwise
         if evaluator is None:  # a truth-table structure
             small = len(self._running_atoms) < LIST_EVALUATOR_ATOMS
@@ -295,6 +296,22 @@ class PreferenceLoss(torch.nn.Module):
         if margin is not None:
             self._check_margin(margin, logps[:, 0])
         return evaluator.per_pair(columns, lengths, margin)
+
+    def _check_list_width(self, k: int) -> None:
+        """[B, K] inputs carry answers y1 … yK: K must be the loss's own (a list of another length is a mistake, as a
+        row with another K is a bad row in training), and a loss over yw/yl takes named inputs instead."""
+        named = sorted({a.name for a in self._running_atoms if not a.answer[1:].isdigit()})
+        if named:
+            raise DPALogicError(
+                f"{self.program.name or 'this loss'} is over {', '.join(named)}, not y1 … yK: pass chosen_logps, "
+                "rejected_logps (and the reference's) instead of a [B, K] matrix"
+            )
+        want = max((int(a.answer[1:]) for a in self._running_atoms), default=k)
+        if k != want:
+            raise DPALogicError(
+                f"logps has K = {k} columns but {self.program.name or 'this loss'} is over y1 … y{want}: pass "
+                f"[B, {want}] (column j is answer y(j+1))"
+            )
 
     def _check_margin(self, margin: torch.Tensor, first: torch.Tensor) -> None:
         """A margin is a finite float tensor of the log-probs' shape, for a loss with a preference to shift."""
