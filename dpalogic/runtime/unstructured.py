@@ -38,6 +38,9 @@ class UnstructuredLoss(torch.nn.Module):
     accepts_unpaired: bool = False  # can train on unpaired rows {"prompt", "completion", "label"}
     structure_free = True  # what the training loop and the CLI test for (no program, atoms or kernel)
     program = None
+    extra_inputs: tuple[str, ...] = ()  # keyword inputs beyond the pair's (KTO's reference point)
+    # why a per-pair margin (PreferenceLoss's margin=) does not apply: none of these papers defines one
+    margin_why = "its paper defines no per-pair margin, and it has no link z = β·log ρ − γ for one to shift"
 
     def __init__(self, *, reduction: str = "mean", backend: str = "auto", link: str | None = None, **hp: Any):
         super().__init__()
@@ -59,8 +62,13 @@ class UnstructuredLoss(torch.nn.Module):
 
     def check(self) -> None:
         """Refuse hyperparameters that break the loss or turn it around (β ≤ 0 prefers the rejected answer)."""
-        if self.hyperparameters.get("beta", 1.0) <= 0:
-            raise DPALogicError(f"{self.name}: beta must be positive, got {self.hyperparameters['beta']:g}")
+        # every one of these losses scores an answer by β·(its log-ratio or reward): β < 0 turns the preference
+        # around, β = 0 makes the loss a constant; the wording is `dpalogic train`'s (training.config.check_loss)
+        if (beta := self.hyperparameters.get("beta", 1.0)) <= 0:
+            raise DPALogicError(
+                f"{self.name} with beta={beta:g}: beta must be positive, or the loss rewards the rejected answer"
+                + (" (at 0 it is a constant and learns nothing)" if beta == 0 else "")
+            )
         ls = self.hyperparameters.get("label_smoothing", 0.0)
         if not 0 <= ls < 0.5:
             raise DPALogicError(f"{self.name}: label_smoothing must lie in [0, 0.5), got {ls:g}")
@@ -90,10 +98,24 @@ class UnstructuredLoss(torch.nn.Module):
         chosen_lengths: torch.Tensor | None = None,
         rejected_lengths: torch.Tensor | None = None,
         *,
-        logps: Mapping[str, torch.Tensor] | None = None,
-        lengths: Mapping[str, torch.Tensor] | None = None,
+        logps: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+        lengths: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
+        margin: torch.Tensor | None = None,
         **extra: Any,
     ) -> torch.Tensor:
+        # PreferenceLoss's keywords all reach here: the forms these losses have no meaning for are refused by name
+        if any(isinstance(t, torch.Tensor) for t in (logps, lengths)) or ref_logps is not None:
+            raise DPALogicError(
+                f"{self.name} takes no [B, K] matrices (logps=, ref_logps= or lengths= as tensors): it has no "
+                f"structure, so it has no K-answer form. It takes {self.takes()}"
+            )
+        for arg, v, keys in (("logps", logps, "atom (M(yw), Ref(yw), …)"), ("lengths", lengths, "answer (yw, yl)")):
+            if v is not None and not isinstance(v, Mapping):
+                raise DPALogicError(f"{arg} must be a mapping keyed by {keys}, got {type(v).__name__}")
+        if margin is not None:
+            extra = {**extra, "margin": margin}
+        self.check_extra(extra)
         given = {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps,
                  "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}  # fmt: skip
         for atom, t in (logps or {}).items():  # PreferenceLoss's keyed form, for the pair atoms
@@ -110,6 +132,23 @@ class UnstructuredLoss(torch.nn.Module):
         need += ["chosen_lengths", "rejected_lengths"] * self.needs_lengths
         x = checked({**given, **lens}, need, self.name)
         return self.reduce(self.per_pair(x, **extra))
+
+    def takes(self) -> str:
+        """The inputs the loss is called with, for the errors that refuse another form."""
+        args = ["chosen_logps", "rejected_logps"] + ["ref_chosen_logps", "ref_rejected_logps"] * self.needs_reference
+        args += ["chosen_lengths", "rejected_lengths"] * self.needs_lengths
+        return f"pairs: {', '.join(args)}, each [B]"
+
+    def check_extra(self, extra: Mapping[str, Any]) -> None:
+        """Keyword inputs beyond the pair's: only the loss's own (:attr:`extra_inputs`)."""
+        if extra.get("margin") is not None:
+            raise DPALogicError(f"{self.name} takes no margin: {self.margin_why}")
+        for k in extra:
+            if k not in self.extra_inputs:
+                if self.extra_inputs:
+                    hint = f"{self.name} takes {self.takes()}; and as keywords {', '.join(self.extra_inputs)}"
+                    raise unknown("input", k, self.extra_inputs, hint)
+                raise DPALogicError(f"{self.name} takes no {k}: it takes {self.takes()}")
 
     def per_pair(self, x: dict[str, torch.Tensor], **extra: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -139,9 +178,13 @@ def checked(x: Mapping[str, torch.Tensor | None], need: list[str], name: str) ->
             continue
         if not isinstance(t, torch.Tensor):
             raise DPALogicError(f"{k} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:  # e.g. a [B, K] matrix of K answers: these losses have no K-answer form
+            raise DPALogicError(
+                f"{name}: {k} must be a 1-D tensor [B], one value per answer, got shape {tuple(t.shape)}"
+            )
         if shape is None:
             shape = t.shape
-        if t.dim() != 1 or t.shape != shape:
+        if t.shape != shape:
             raise DPALogicError(
                 f"all inputs must have the same shape [B]: {k} has {tuple(t.shape)}, not {tuple(shape)}"
             )
@@ -207,7 +250,6 @@ class FDPO(UnstructuredLoss):
         return f"{super().extra_repr()}, f_divergence_type={self.divergence!r}"
 
     def per_pair(self, x: dict[str, torch.Tensor], **extra: Any) -> torch.Tensor:
-        no_extra(self, extra)
         c = self.hyperparameters["f_alpha_divergence_coef"]
         w = f_prime_score(x["chosen_logps"] - x["ref_chosen_logps"], self.divergence, c)
         lo = f_prime_score(x["rejected_logps"] - x["ref_rejected_logps"], self.divergence, c)
@@ -231,7 +273,6 @@ class DPOP(UnstructuredLoss):
             raise DPALogicError(f"dpop: dpop_lambda must not be negative, got {self.hyperparameters['dpop_lambda']:g}")
 
     def per_pair(self, x: dict[str, torch.Tensor], **extra: Any) -> torch.Tensor:
-        no_extra(self, extra)
         lw = x["chosen_logps"] - x["ref_chosen_logps"]
         ll = x["rejected_logps"] - x["ref_rejected_logps"]
         penalty = torch.clamp(-lw, min=0.0)  # max(0, log π_ref(yw) − log πθ(yw)): the chosen answer lost mass
@@ -250,11 +291,11 @@ class AlphaPO(UnstructuredLoss):
 
     name = "alphapo"
     defaults = {"beta": 0.1, "gamma": 0.5, "alpha": 0.25, "label_smoothing": 0.0}  # TRL's, but α (TRL: 0, SimPO)
+    margin_why = "its margin is the constant gamma (SimPO's γ); the paper defines no per-pair one"
     needs_reference = False
     needs_lengths = True
 
     def per_pair(self, x: dict[str, torch.Tensor], **extra: Any) -> torch.Tensor:
-        no_extra(self, extra)
         h = self.hyperparameters
         a = h["alpha"]
         avg_w = x["chosen_logps"] / x["chosen_lengths"].clamp(min=1.0)
@@ -272,6 +313,10 @@ class AOT(UnstructuredLoss):
 
     name = "aot"
     defaults = {"beta": 0.1, "label_smoothing": 0.0}
+    margin_why = (
+        "it sorts the batch's log-ratio margins and compares them rank by rank, so no pair keeps a link of its own "
+        "for a margin to shift (the paper defines no per-pair margin)"
+    )
 
     def sorted_delta(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         policy = torch.sort(x["chosen_logps"] - x["rejected_logps"]).values
@@ -279,7 +324,6 @@ class AOT(UnstructuredLoss):
         return policy - ref
 
     def per_pair(self, x: dict[str, torch.Tensor], **extra: Any) -> torch.Tensor:
-        no_extra(self, extra)
         h = self.hyperparameters
         return smoothed_logistic(h["beta"] * self.sorted_delta(x), h["label_smoothing"])
 
@@ -290,15 +334,16 @@ class AOTUnpaired(AOT):
 
     name = "aot_unpaired"
 
+    def takes(self) -> str:
+        return (
+            "the chosen and the rejected answers' log-probs chosen_logps, rejected_logps, ref_chosen_logps, "
+            "ref_rejected_logps, each [B] (sorted separately, so row i of each need not be a pair)"
+        )
+
     def sorted_delta(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         chosen = torch.sort(x["chosen_logps"] - x["ref_chosen_logps"]).values
         rejected = torch.sort(x["rejected_logps"] - x["ref_rejected_logps"]).values
         return chosen - rejected
-
-
-def no_extra(loss: UnstructuredLoss, extra: Mapping[str, Any]) -> None:
-    if extra:
-        raise DPALogicError(f"{loss.name} takes no {', '.join(sorted(extra))}")
 
 
 PAIRWISE: dict[str, type[UnstructuredLoss]] = {

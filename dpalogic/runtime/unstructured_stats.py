@@ -9,6 +9,7 @@ them; BCO's running mean is state of the loss module, saved with a run's checkpo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +41,15 @@ class _Unpaired(UnstructuredLoss):
     """Losses over single answers with a desirable/undesirable label; pairs are two such answers."""
 
     accepts_unpaired = True
+    margin_why = (
+        "it scores each answer on its own (desirable or undesirable), so there is no pair difference for a margin "
+        "to shift (the paper defines no per-pair margin)"
+    )
+
+    def takes(self) -> str:
+        return (
+            f"{super().takes()}, or unpaired answers [N] with a label each through .unpaired(logps, ref_logps, labels)"
+        )
 
     def per_pair(self, x: dict[str, torch.Tensor], **extra: Any) -> torch.Tensor:
         b = x["chosen_logps"].shape[0]
@@ -60,6 +70,7 @@ class _Unpaired(UnstructuredLoss):
     def unpaired(self, logps: torch.Tensor, ref_logps: torch.Tensor, labels: Any, **extra: Any) -> torch.Tensor:
         """The loss of unpaired answers: summed log-probs ``[N]`` under the policy and the reference, and a label each
         (True: desirable). Reduced as the module's ``reduction`` says (``"none"``: one loss per answer)."""
+        self.check_extra(extra)
         x = checked({"logps": logps, "ref_logps": ref_logps}, ["logps", "ref_logps"], self.name)
         return self.reduce(self.per_example(x["logps"], x["ref_logps"], _as_labels(labels, logps.shape[0]), **extra))
 
@@ -82,6 +93,7 @@ class KTO(_Unpaired):
     name = "kto"
     defaults = {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}
     needs_kl = True
+    extra_inputs = ("kl_logps", "ref_kl_logps", "kl")
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -95,6 +107,15 @@ class KTO(_Unpaired):
 
     def kl_estimate(self, kl_logps=None, ref_kl_logps=None, kl=None) -> torch.Tensor:
         if kl is not None:
+            if (
+                isinstance(kl, bool)
+                or not isinstance(kl, (int, float, torch.Tensor))
+                or torch.as_tensor(kl).numel() != 1
+            ):
+                got = f"a tensor of shape {tuple(kl.shape)}" if isinstance(kl, torch.Tensor) else type(kl).__name__
+                raise DPALogicError(f"kto: kl= is one number, the batch's KL estimate; got {got}")
+            if not math.isfinite(float(kl)):
+                raise DPALogicError(f"kto: kl= must be a finite number, got {float(kl)}")
             return torch.as_tensor(kl, dtype=torch.float64).detach().clamp(min=0)
         if kl_logps is None or ref_kl_logps is None:
             raise DPALogicError(
