@@ -415,3 +415,15 @@ def test_derive_takes_a_link_for_k_answer_structures(capsys):
     assert out["hyperparameters"] == {"margin": 0.5}
     assert main(["derive", "Ranked(M(y1..y20))", "--link", "exp(-z)", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == "1/rho"  # no lifted form: ρ stays a symbol
+
+
+def test_derive_is_compact_at_every_k(capsys):
+    """Counts summed as ranges; a structure over 12 atoms written with constructs prints its lifted form too."""
+    assert main(["derive", "(M(y1), AtLeast(2, M(y1..y256)))", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # ✓: y1 and at least one other (c = 1 … 255); ✗: not y1 and at least two others
+    assert out["rho"] == "e_{1..255}(o[M(y2..y256)])*p_1/(e_{2..255}(o[M(y2..y256)])*(1 - p_1))"
+    assert main(["derive", "(M(y1), ExactlyOne(M(y1..y12)))", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rho"] == "p_1/(e_1(o[M(y2..y12)])*(1 - p_1))" and out["method"] == "lifted"
+    assert out["worlds"] == "2^12" and out["circuit_nodes"] > 0

@@ -22,6 +22,7 @@ def derive(
     link's parameters keep their names in the closed form and take their values from ``hyperparameters``.
     """
     from dpalogic.logic.listwise import ListStructure, parse_any
+    from dpalogic.logic.structure import has_construct
     from dpalogic.semantics.catalog import _alias_map, catalog_matches, outside
 
     key = text.strip().lower().replace("-", "_")
@@ -42,6 +43,16 @@ def derive(
             info.update(_with_link(s, link, hyperparameters))
         return info
     info = structure_info(s)
+    if s.source is not None and any(has_construct(e) for e in s.source):
+        # written with ExactlyOne/AtMost/… over a few answers: the lifted closed form reads as the formula was written
+        # (the truth table's expanded polynomial grows with 2^n); how it compiles is reported too, as for larger K
+        from dpalogic.logic.listwise import as_list_structure
+        from dpalogic.semantics.listwise_form import list_structure_info
+
+        lifted = list_structure_info(as_list_structure(s))
+        if lifted["method"] == "lifted":
+            info.update({k: lifted[k] for k in ("rho", "rho_latex", "log_rho", "loss", "latex", "legend", "groups")})
+        info.update({k: lifted[k] for k in ("atom_count", "worlds", "obdd_nodes", "circuit_nodes", "method")})
     info["equivalent_to"], info["same_loss_as"] = catalog_matches(s)
     info["input"] = text
     info["link_formula"] = "−log σ(z)"

@@ -112,9 +112,9 @@ def extend_mask(mask: int, atoms: tuple[Atom, ...], to: tuple[Atom, ...]) -> int
     return out
 
 
-def _has_construct(e: Boolean) -> bool:
+def has_construct(e: Boolean) -> bool:
     """Does a formula use Count/Ranked? Written that way it reads better than any minimized And/Or form."""
-    return isinstance(e, (Count, Ranked)) or any(_has_construct(a) for a in e.args if isinstance(a, Boolean))
+    return isinstance(e, (Count, Ranked)) or any(has_construct(a) for a in e.args if isinstance(a, Boolean))
 
 
 def worlds(mask: int, n: int) -> list[int]:
@@ -325,7 +325,7 @@ class Structure:
     def _as_written(self) -> bool:
         """Beyond MINIMIZE_ATOMS atoms, minimizing formulas (Quine–McCluskey) costs seconds to minutes, so a parsed
         structure is shown as written instead."""
-        return self.source is not None and (self.n > MINIMIZE_ATOMS or any(_has_construct(e) for e in self.source))
+        return self.source is not None and (self.n > MINIMIZE_ATOMS or any(has_construct(e) for e in self.source))
 
     @property
     def top_formula(self) -> Boolean:

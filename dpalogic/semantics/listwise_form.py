@@ -18,47 +18,81 @@ from dpalogic.semantics.program import latex_names, weight_symbol
 
 LEGEND = (
     "o[S] are the odds p/(1 − p) of the answers in S; e_c(o[S]) is their elementary symmetric polynomial of degree c "
-    "(the sum over c-subsets of products of odds); each group's factor Π(1 − p) is common to ✓ and ✗ and cancels"
+    "(the sum over c-subsets of products of odds), e_{a..b} = e_a + … + e_b; each group's factor Π(1 − p) is common "
+    "to ✓ and ✗ and cancels"
 )
 
 
-def _group_symbols(lf: Lifted) -> tuple[list[dict[int, sympy.Expr]], dict[sympy.Symbol, str]]:
-    """``e_c(o[S])`` for each group and count used, as SymPy symbols, and their LaTeX."""
-    out, latex = [], {}
-    for g, members in enumerate(lf.groups):
-        text = atoms_text([lf.atoms[i].symbol for i in members])
-        syms: dict[int, sympy.Expr] = {}
-        for c in lf.counts_needed(g):
-            if c == 0:
-                syms[c] = sympy.Integer(1)
-                continue
-            sym = sympy.Symbol(f"e_{c}(o[{text}])", positive=True)
-            latex[sym] = rf"e_{{{c}}}\left(o[\mathrm{{{text}}}]\right)"
-            syms[c] = sym
-        out.append(syms)
-    return out, latex
+MIN_RANGE = 3  # e_a + … + e_b with at least this many terms prints as one range symbol e_{a..b}
+
+
+class _Symbols:
+    """``e_c(o[S])`` and range sums ``e_{a..b}(o[S]) = e_a + … + e_b`` of each group, made once, with their LaTeX."""
+
+    def __init__(self, lf: Lifted) -> None:
+        self.texts = [atoms_text([lf.atoms[i].symbol for i in members]) for members in lf.groups]
+        self.latex: dict[sympy.Symbol, str] = {}
+        self._made: dict[tuple[int, int, int], sympy.Expr] = {}
+
+    def sum(self, g: int, a: int, b: int) -> sympy.Expr:
+        """``e_a + … + e_b`` of group ``g`` (``e_0 = 1``), one symbol when the range is long."""
+        if a != b and b - a + 1 < MIN_RANGE:
+            return sympy.Add(*[self.sum(g, c, c) for c in range(a, b + 1)])
+        if a == b == 0:
+            return sympy.Integer(1)
+        if a == 0:  # e_0 = 1 stays visible: 1 + e_{1..b}
+            return 1 + self.sum(g, 1, b)
+        key = (g, a, b)
+        if key not in self._made:
+            label = f"{a}" if a == b else f"{{{a}..{b}}}"
+            sym = sympy.Symbol(f"e_{label}(o[{self.texts[g]}])", positive=True)
+            self.latex[sym] = rf"e_{{{a if a == b else f'{a}..{b}'}}}\left(o[\mathrm{{{self.texts[g]}}}]\right)"
+            self._made[key] = sym
+        return self._made[key]
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted integers as maximal runs ``(first, last)`` of consecutive values."""
+    out: list[tuple[int, int]] = []
+    for v in sorted(values):
+        if out and v == out[-1][1] + 1:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return out
 
 
 def lifted_rho(lf: Lifted) -> tuple[sympy.Expr, dict[sympy.Symbol, str]]:
-    """ρ = WMC(✓)/WMC(✗) with the groups' common factors cancelled, as a SymPy expression."""
-    esym, latex = _group_symbols(lf)
+    """ρ = WMC(✓)/WMC(✗) with the groups' common factors cancelled, as a SymPy expression.
+
+    Each side is ``Σ_σ w(σ) · Σ_counts Π_g e_{c_g}``, grouped by the singletons' truth values σ; the last group's
+    counts are summed as ranges (``e_{1..255}`` for ``e_1 + … + e_255``), so AtLeast(2, …) over 256 answers prints
+    in a line instead of 255 terms.
+    """
+    syms = _Symbols(lf)
 
     def side(configs) -> sympy.Expr:
-        # grouped by the singletons' truth values: Σ_σ w(σ) · Σ_counts Π_g e_c — the sums stay as people write them
-        by_sigma: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        by_sigma: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
         for sigma, counts in configs:
-            by_sigma.setdefault(sigma, []).append(counts)
+            by_sigma.setdefault(sigma, {}).setdefault(counts[:-1], []).append(counts[-1])
         total = sympy.Integer(0)
-        for sigma, all_counts in by_sigma.items():
+        for sigma, by_rest in by_sigma.items():
             weight = sympy.Integer(1)
             for k, i in enumerate(lf.singletons):
                 p = weight_symbol(lf.atoms[i])
                 weight *= p if sigma[k] else sympy.Add(1, -p, evaluate=False)
-            inner = sympy.Add(*[sympy.Mul(*[esym[g][c] for g, c in enumerate(counts)]) for counts in all_counts])
+            last = len(lf.groups) - 1
+            inner = sympy.Add(
+                *[
+                    sympy.Mul(*[syms.sum(g, c, c) for g, c in enumerate(rest)], syms.sum(last, a, b))
+                    for rest, lasts in by_rest.items()
+                    for a, b in _runs(lasts)
+                ]
+            )
             total += weight * inner
         return total
 
-    return side(lf.top) / side(lf.bottom), latex
+    return side(lf.top) / side(lf.bottom), syms.latex
 
 
 def list_rho(s: ListStructure) -> sympy.Expr:
