@@ -374,3 +374,143 @@ def test_inputs_are_checked():
                       "Ref(yl)": x["ref_rejected_logps"]})  # fmt: skip
     torch.testing.assert_close(keyed, fn(*(x[k] for k in LOGP)))
     assert math.isfinite(float(PreferenceLoss("f_dpo_forward_kl")(*(x[k] for k in LOGP))))
+
+
+# ---------------------------------------------------------------------------------------------- inputs of other forms
+# PreferenceLoss.forward's keywords (logps as a mapping or a [B, K] tensor, lengths, ref_logps, margin) reach these
+# losses too: each is either supported or refused with a DPALogicError that says why, never a raw traceback
+
+
+def _pair_call(name: str, b: int = 3) -> tuple[list[torch.Tensor], dict]:
+    """A valid call of ``name`` on ``b`` pairs: the positional log-probs and the keywords it needs."""
+    x = pairs(1, b, 2.0)
+    kw = {"chosen_lengths": x["chosen_lengths"], "rejected_lengths": x["rejected_lengths"]}
+    return [x[k] for k in LOGP], {**kw, **({"kl": 0.1} if name == "kto" else {})}
+
+
+MATRIX = (-torch.rand(3, 2, dtype=F64)).requires_grad_()
+
+
+@pytest.mark.parametrize("name", sorted(UNSTRUCTURED))
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [
+        ({"logps": MATRIX}, r"takes no \[B, K\] matrices .*no K-answer form"),
+        ({"logps": MATRIX, "ref_logps": MATRIX}, r"takes no \[B, K\] matrices"),
+        ({"ref_logps": MATRIX}, r"takes no \[B, K\] matrices"),
+        ({"lengths": torch.ones(3, 2)}, r"takes no \[B, K\] matrices"),
+        ({"margin": torch.zeros(3, dtype=F64)}, "takes no margin: .*(defines no per-pair|constant gamma)"),
+        ({"logps": {"M(y1)": MATRIX[:, 0]}}, "unknown atom 'M\\(y1\\)'"),
+        ({"logps": [MATRIX[:, 0]]}, "logps must be a mapping keyed by atom"),
+        ({"lengths": {"y1": torch.ones(3)}}, "unknown answer 'y1'"),
+        ({"lengths": 5}, "lengths must be a mapping keyed by answer"),
+        ({"temperature": 1.0}, "(takes no temperature|unknown input 'temperature')"),
+    ],
+)
+def test_other_input_forms_are_refused_by_name(name, bad, fragment):
+    args, kw = _pair_call(name)
+    fn = PreferenceLoss(name)
+    assert math.isfinite(float(fn(*args, **kw).detach()))  # the same call without the bad input is fine
+    with pytest.raises(DPALogicError, match=fragment) as e:
+        fn(*args, **kw, **bad)
+    if "matrices" in fragment:  # the error says what the loss takes instead
+        takes = fn.takes()
+        assert takes in str(e.value)
+        assert ("chosen_lengths" in takes) == (name == "alphapo")
+        assert ("ref_chosen_logps" in takes) == (name != "alphapo")
+        assert (".unpaired(logps, ref_logps, labels)" in takes) == (name in ("kto", "bco"))
+        assert ("need not be a pair" in takes) == (name == "aot_unpaired")
+
+
+@pytest.mark.parametrize("name", sorted(UNSTRUCTURED))
+def test_k_answer_matrices_passed_positionally_are_refused(name):
+    args, kw = _pair_call(name)
+    with pytest.raises(DPALogicError, match=r"chosen_logps must be a 1-D tensor \[B\].*\(3, 2\)"):
+        PreferenceLoss(name)(MATRIX, *args[1:], **kw)
+
+
+def test_kto_and_bco_unpaired_refuse_margins_and_unknown_inputs():
+    lp, ref = -torch.rand(4, dtype=F64), -torch.rand(4, dtype=F64)
+    labels = [True, False, True, False]
+    for name in ("kto", "bco"):
+        with pytest.raises(DPALogicError, match=f"{name} takes no margin: it scores each answer on its own"):
+            PreferenceLoss(name).unpaired(lp, ref, labels, margin=torch.zeros(4, dtype=F64), kl=0.0)
+    with pytest.raises(DPALogicError, match="bco takes no kl: it takes pairs"):
+        PreferenceLoss("bco").unpaired(lp, ref, labels, kl=0.0)
+    with pytest.raises(DPALogicError, match="unknown input 'kl_logp'; did you mean 'kl_logps'"):
+        PreferenceLoss("kto").unpaired(lp, ref, labels, kl_logp=lp)
+    with pytest.raises(DPALogicError, match=r"logps must be a 1-D tensor \[B\]"):
+        PreferenceLoss("kto").unpaired(MATRIX, MATRIX, labels, kl=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kl", "fragment"),
+    [
+        (torch.zeros(3), r"kl= is one number, the batch's KL estimate; got a tensor of shape \(3,\)"),
+        ("0.1", "kl= is one number, the batch's KL estimate; got str"),
+        (True, "kl= is one number, the batch's KL estimate; got bool"),
+        (float("nan"), "kl= must be a finite number"),
+    ],
+)
+def test_kto_kl_must_be_one_finite_number(kl, fragment):
+    args, _ = _pair_call("kto")
+    with pytest.raises(DPALogicError, match=fragment):
+        PreferenceLoss("kto")(*args, kl=kl)
+    # one number, as a float or a 0-d tensor, is the same reference point
+    torch.testing.assert_close(PreferenceLoss("kto")(*args, kl=torch.tensor(0.3)), PreferenceLoss("kto")(*args, kl=0.3))
+
+
+def test_lengths_in_keyed_form_equal_the_positional_ones():
+    x = pairs(2, 5, 3.0)
+    fn = PreferenceLoss("alphapo")
+    keyed = fn(logps={"M(yw)": x["chosen_logps"], "M(yl)": x["rejected_logps"]},
+               lengths={"yw": x["chosen_lengths"], "yl": x["rejected_lengths"]})  # fmt: skip
+    torch.testing.assert_close(
+        keyed,
+        fn(
+            x["chosen_logps"],
+            x["rejected_logps"],
+            chosen_lengths=x["chosen_lengths"],
+            rejected_lengths=x["rejected_lengths"],
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the sign of β
+
+
+def _rejected_gradient(name: str, beta: float) -> float:
+    """d loss / d rejected_logps of one pair with β set on the module directly (past the constructor's check)."""
+    fn = PreferenceLoss(name).eval()  # BCO: evaluation reads its running mean without moving it
+    fn.hyperparameters["beta"] = beta
+    x = {k: torch.tensor([v], dtype=F64, requires_grad=True) for k, v in zip(LOGP, (-1.5, -2.0, -1.8, -1.7))}
+    one = torch.ones(1, dtype=F64)
+    kw = {"kl": 0.0} if name == "kto" else {}
+    fn(*(x[k] for k in LOGP), one * 7, one * 5, **kw).backward()
+    return float(x["rejected_logps"].grad)
+
+
+@pytest.mark.parametrize("name", sorted(UNSTRUCTURED))
+@settings(max_examples=6, deadline=None)
+@given(beta=st.floats(-3, 3).filter(lambda b: abs(b) > 1e-3) | st.just(0.0))
+def test_beta_is_accepted_exactly_when_the_loss_penalizes_the_rejected_answer(name, beta):
+    # the reference is the loss itself: with β < 0 a likelier rejected answer lowers it, at β = 0 nothing moves it
+    try:
+        PreferenceLoss(name, beta=beta)
+        accepted = True
+    except DPALogicError as e:
+        assert (
+            f"{UNSTRUCTURED[name].name} with beta={beta:g}: beta must be positive, or the loss rewards the rejected answer"
+            in str(e)
+        )
+        accepted = False
+    assert accepted == (_rejected_gradient(name, beta) > 0)
+
+
+def test_dpalogic_train_refuses_a_negative_beta_with_the_same_words():
+    from dpalogic.training.config import check_loss
+
+    with pytest.raises(
+        DPALogicError, match="kto with beta=-1: beta must be positive, or the loss rewards the rejected"
+    ):
+        check_loss("kto", {"beta": -1.0})
