@@ -118,15 +118,22 @@ def _dry_run(cfg, as_json: bool) -> int:
     from dataclasses import asdict
 
     from dpalogic.training.annotations import annotate_rows
-    from dpalogic.training.ranked_steps import dry_run_rows
+    from dpalogic.training.ranked_steps import dry_run_rows, steps_per_epoch
     from dpalogic.training.unpaired import load_rows
 
     reports = []
     for what, path, split in (("train data", cfg.data, None), ("eval data", cfg.eval, "eval")):
         if path is not None:  # margins and spans checked too
             rows = load_rows(path, strict=cfg.strict_data, split=split)
-            rows = annotate_rows(dry_run_rows(rows, cfg, lambda m: print(m, file=sys.stderr)), cfg)  # K answers
+            rows, k = dry_run_rows(rows, cfg, lambda m: print(m, file=sys.stderr))  # K answers
+            rows = annotate_rows(rows, cfg)
             reports.append(rows.summary(what))
+            if split is None:  # the run's check, on the rows left before tokenization (which may drop more)
+                try:
+                    steps_per_epoch(len(rows.rows), cfg, int(os.environ.get("WORLD_SIZE", "1")), k)
+                except DPALogicError:
+                    print(reports[0], file=sys.stderr)
+                    raise
     if as_json:
         print_json(asdict(cfg))
     else:

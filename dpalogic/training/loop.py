@@ -46,7 +46,7 @@ from dpalogic.training.data import (
 )
 from dpalogic.training.model import load_model_and_tokenizer
 from dpalogic.training.ranked import RankedRows, tokenize_ranked
-from dpalogic.training.ranked_steps import RankedForward, list_size, prepare_rows
+from dpalogic.training.ranked_steps import RankedForward, examples_text, list_size, prepare_rows, steps_per_epoch
 from dpalogic.training.reference import Reference, build_reference
 from dpalogic.training.reference import read_reference_cache as read_reference_cache  # re-exported
 from dpalogic.training.resume import CHECKPOINT_DIR, find_resume, load_checkpoint, save_checkpoint
@@ -230,15 +230,8 @@ class Trainer:
             bad = write_bad_rows(self.out / BAD_ROWS_FILE, [(r.source, r.issues + t.issues) for r, t in sets])
             if bad is not None:
                 self.say(f"every skipped row, with its number and reason: {bad}")
-        # the last incomplete global batch of an epoch is dropped, so every rank gets equally many pairs
-        b = cfg.batch_size * self.dist.world
-        self.global_batch = b * cfg.grad_accum
-        self.steps_per_epoch = len(self.train_data.examples) // b // cfg.grad_accum
-        if self.steps_per_epoch == 0:
-            raise DPALogicError(
-                f"{len(self.train_data.examples)} training pairs are fewer than one global batch "
-                f"({cfg.batch_size} per device × {self.dist.world} processes × {cfg.grad_accum} accumulation steps)"
-            )
+        self.global_batch = cfg.batch_size * self.dist.world * cfg.grad_accum
+        self.steps_per_epoch = steps_per_epoch(len(self.train_data.examples), cfg, self.dist.world, self.list_k)
 
     def _tokenize(self, rows: PreferenceRows, what: str) -> TokenizedData:
         tok = (tokenize_ranked if isinstance(rows, RankedRows) else tokenize_any)(
@@ -395,7 +388,8 @@ class Trainer:
         cfg = self.cfg
         self.say(
             f"training {cfg.loss!r} on {self.dist.world} process(es), device {self.dist.device}: "
-            f"{len(self.train_data.examples)} pairs, global batch {self.global_batch}, {self.total_steps} steps"
+            f"{examples_text(len(self.train_data.examples), self.list_k)}, global batch {self.global_batch}, "
+            f"{self.total_steps} steps"
             + (f", reference {cfg.reference}" if self.needs_ref else ", reference-free")
             + (", bf16" if self.use_bf16 else "")
         )
@@ -425,11 +419,12 @@ class Trainer:
                     self.log(rec)
                 if self.eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                     ev = self._log_eval(rec["epoch"])
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", eval_acc=f"{ev.get('reward_accuracy', 0):.2f}")
+                    acc = ev.get("reward_accuracy", ev.get("top1_accuracy", 0))
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", eval_acc=f"{acc:.2f}")
                     if text_progress:
                         self.say(
                             f"step {self.step}/{self.total_steps}: train loss {rec['loss']:.4f}, eval loss "
-                            f"{ev['loss']:.4f}, eval reward accuracy {ev.get('reward_accuracy', float('nan')):.3f}"
+                            f"{ev['loss']:.4f}, {self.forward.eval_text(ev)}"
                         )
                 if self._stop_signal:
                     return True

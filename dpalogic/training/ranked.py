@@ -15,6 +15,11 @@ answers. How the rows train:
 * **A pairwise loss** with ``--pairs all|adjacent|best-vs-rest`` (:func:`to_pairs`): rows may have any K ≥ 2; tied
   answers make no pair, and a row whose scores all tie makes none (a bad row). ``--curriculum easy-to-hard`` orders
   the pairs by score gap, largest first (Curry-DPO).
+
+**Margins** (``--margin-from``, a loss over y1 … yK only, :func:`list_margins`): ``margin`` takes the row's
+``margin`` field, ``scores`` the gap between the best answer and the runner-up, ``s1 − s2`` (positive: the best answer
+is unique), both times ``--margin-scale``. Every preference term's link is shifted by it, as for a pair: for a softmax
+over the answers, ``y1``'s log-odds must beat the others' by the margin.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 from dpalogic.errors import DPALogicError
 from dpalogic.training import data as D
+from dpalogic.training.annotations import PAIR_MARGIN, row_margin
 from dpalogic.training.data import PreferenceRows, RowIssue, TokenizedData
 from dpalogic.training.fields import finite_number, is_empty, record_issue, text_issue, type_name
 from dpalogic.training.truncation import tokenize_each
@@ -60,6 +66,14 @@ class RankedExample:
     prompt_ids: list[int]
     answer_ids: tuple[list[int], ...]
     scores: tuple[float, ...]
+    margin: float | None = None  # the row's margin (--margin-from)
+
+
+class RankedTokens(TokenizedData):
+    """Tokenized K-answer rows: a :class:`TokenizedData` whose summary counts lists, not pairs."""
+
+    def summary(self) -> str:
+        return super().summary().replace(" pairs tokenized", " lists tokenized", 1)
 
 
 def is_ranked(records: Sequence[tuple[int, Any]]) -> bool:
@@ -110,7 +124,10 @@ def normalize_ranked(rec: Any) -> tuple[dict[str, Any] | None, str | None]:
             if responses[j] == r:
                 return None, f"responses[{j}] and responses[{i}] are identical"
     order = sorted(range(len(values)), key=lambda i: -values[i])  # stable: ties keep the file's order
-    return {"prompt": prompt, "responses": [responses[i] for i in order], "scores": [values[i] for i in order]}, None
+    row = {"prompt": prompt, "responses": [responses[i] for i in order], "scores": [values[i] for i in order]}
+    if rec.get("margin") is not None:  # checked by --margin-from margin (list_margins); ignored otherwise
+        row["margin"] = rec["margin"]
+    return row, None
 
 
 def validated_ranked(source: str, records, issues: list[RowIssue], strict: bool) -> RankedRows:
@@ -141,6 +158,23 @@ def listwise_rows(data: RankedRows, k: int, strict: bool = False) -> RankedRows:
         return None
 
     return _kept(data, why, strict, f"no row with {k} answers and a single best one")
+
+
+def list_margins(data: RankedRows, margin_from: str, scale: float = 1.0, strict: bool = False) -> RankedRows:
+    """The rows of a loss over y1 … yK with their margins (``row[PAIR_MARGIN]``): ``s · margin`` (the row's field) or
+    ``s · (s1 − s2)`` (the best score minus the runner-up's); a row without a usable margin is a bad row."""
+
+    def why(row: dict[str, Any]) -> str | None:
+        s = row["scores"]  # as a pair's fields, so the pairs' checks and messages apply unchanged
+        m, reason = row_margin(
+            {"margin": row.get("margin"), "chosen_score": s[0], "rejected_score": s[1]}, margin_from, scale
+        )
+        row[PAIR_MARGIN] = m
+        return reason
+
+    # copies: the margin is this run's (a RankedRows may train several runs, as in the ranking demo)
+    data = RankedRows(data.source, [dict(r) for r in data.rows], data.row_numbers, data.issues, data.ties)
+    return _kept(data, why, strict, f"no row with a usable margin (--margin-from {margin_from})")
 
 
 # --------------------------------------------------------------------------------------------------- pairs
@@ -238,9 +272,10 @@ def tokenize_ranked(
     ``max_prompt_length``, every answer its start within ``max_length − len(prompt)``."""
 
     def example(i: int, n: int, row: dict[str, Any], p: list[int], answers: list[list[int]], _) -> RankedExample:
-        return RankedExample(i, n, p, tuple(answers), tuple(row["scores"]))
+        return RankedExample(i, n, p, tuple(answers), tuple(row["scores"]), row.get(PAIR_MARGIN))
 
     def tokenize(row: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
         return tokenize_answers(tokenizer, row)
 
-    return tokenize_each(data, tokenize, example, max_length, max_prompt_length, strict, what="row")
+    tok = tokenize_each(data, tokenize, example, max_length, max_prompt_length, strict, what="row")
+    return RankedTokens(tok.examples, tok.issues, tok.truncated)

@@ -3,7 +3,9 @@
 A micro-batch of B prompts is one forward pass over its B·K sequences (prompt + answer, row-major: sequence
 ``b·K + j`` is answer ``y(j+1)`` of prompt b), so ``--batch-size`` counts prompts and a micro-batch costs as much
 memory as B·K/2 pairs; lower ``--batch-size`` and raise ``--grad-accum`` to fit. The summed answer log-probs,
-reshaped to ``[B, K]``, go to ``PreferenceLoss(logps=…, ref_logps=…, lengths=…)``.
+reshaped to ``[B, K]``, go to ``PreferenceLoss(logps=…, ref_logps=…, lengths=…)``, with ``margin=[B]`` under
+``--margin-from`` (:func:`~dpalogic.training.ranked.list_margins`: the row's ``margin``, or its best score minus the
+runner-up's).
 
 The reference is live (a frozen copy, ``--ref-model``, or under LoRA the policy with its adapter off): the
 ``--reference cache`` file holds two log-probs per row (chosen, rejected), so these runs do not use it.
@@ -28,7 +30,7 @@ import torch
 from dpalogic.errors import DPALogicError
 from dpalogic.training.data import PreferenceRows, stack_answers
 from dpalogic.training.model import sequence_logps
-from dpalogic.training.ranked import RankedExample, RankedRows, listwise_rows, to_pairs
+from dpalogic.training.ranked import RankedExample, RankedRows, list_margins, listwise_rows, to_pairs
 from dpalogic.training.reference import Reference, batch_reference_logps
 
 RANKED_STAT_NAMES = ("logps_best", "logps_mean", "top1_accuracy", "reward_top1_accuracy", "rank_correlation")
@@ -64,17 +66,16 @@ def prepare_rows(rows: PreferenceRows | None, cfg: Any, k: int | None, needs_ref
                 f"the loss is over answers y1…y{k}; the data {rows.source} is not K-answer rows "
                 '{"prompt", "responses": [...], "scores": [...]}'
             )
-        for flag, value in (
-            ("--pairs", cfg.pairs),
-            ("--curriculum", cfg.curriculum),
-            ("--margin-from", cfg.margin_from),
-        ):
+        for flag, value in (("--pairs", cfg.pairs), ("--curriculum", cfg.curriculum)):
             if value is not None:
                 raise DPALogicError(f"{flag} applies to pairwise losses; this loss is over y1…y{k} (drop {flag})")
         if needs_ref and cfg.reference == "cache":
             say(f"{cfg.loss}: a live reference model, not a reference cache (the cache holds pairs only)")
             cfg.reference = "model"
-        return listwise_rows(rows, k, cfg.strict_data)
+        rows = listwise_rows(rows, k, cfg.strict_data)
+        return (
+            rows if cfg.margin_from is None else list_margins(rows, cfg.margin_from, cfg.margin_scale, cfg.strict_data)
+        )
     if not ranked:
         if cfg.pairs is not None:
             raise DPALogicError(f"--pairs makes pairs from K-answer rows; {rows.source} has pairs already")
@@ -84,6 +85,11 @@ def prepare_rows(rows: PreferenceRows | None, cfg: Any, k: int | None, needs_ref
             f"{rows.source} has K answers per prompt (responses, scores): pass --pairs all, adjacent or best-vs-rest "
             "to train this pairwise loss on pairs made from them, or use a loss over y1 … yK"
         )
+    if cfg.margin_from == "margin":  # a row's margin is the list's (y1 over the rest), not any one pair's
+        raise DPALogicError(
+            "--margin-from margin with --pairs: a K-answer row's margin is for a loss over y1 … yK; the pairs made "
+            "from it take --margin-from scores (each pair's score gap)"
+        )
     pairs = to_pairs(rows, cfg.pairs, cfg.curriculum, cfg.strict_data)
     say(
         f"{rows.source}: {len(pairs.rows)} pairs ({cfg.pairs}) from {len(set(pairs.row_numbers))} K-answer rows"
@@ -92,12 +98,31 @@ def prepare_rows(rows: PreferenceRows | None, cfg: Any, k: int | None, needs_ref
     return pairs
 
 
-def dry_run_rows(rows: PreferenceRows, cfg: Any, say) -> PreferenceRows:
-    """:func:`prepare_rows` with the run's loss, for ``dpalogic train --dry-run`` (which builds no Trainer)."""
+def dry_run_rows(rows: PreferenceRows, cfg: Any, say) -> tuple[PreferenceRows, int | None]:
+    """:func:`prepare_rows` with the run's loss, for ``dpalogic train --dry-run`` (which builds no Trainer), and the
+    loss's K (None for a pair loss)."""
     from dpalogic.runtime.preference_loss import PreferenceLoss
 
     loss_fn = PreferenceLoss(cfg.loss, **cfg.hp)
-    return prepare_rows(rows, cfg, list_size(loss_fn, cfg.fused), loss_fn.needs_reference, say)
+    k = list_size(loss_fn, cfg.fused)
+    return prepare_rows(rows, cfg, k, loss_fn.needs_reference, say), k
+
+
+def examples_text(n: int, k: int | None) -> str:
+    """``"14 lists of 4 answers"`` for a loss over y1 … yK, ``"14 pairs"`` otherwise (what a run counts)."""
+    return f"{n} pairs" if k is None else f"{n} {'list' if n == 1 else 'lists'} of {k} answers"
+
+
+def steps_per_epoch(n: int, cfg: Any, world: int, k: int | None) -> int:
+    """Optimizer steps in one pass over ``n`` examples (the last incomplete global batch is dropped, so every rank
+    gets as many), or the error that they do not fill one global batch."""
+    steps = n // (cfg.batch_size * world * cfg.grad_accum)
+    if steps == 0:
+        raise DPALogicError(
+            f"{examples_text(n, k)} to train on: fewer than one global batch ({cfg.batch_size} per device × {world} "
+            f"processes × {cfg.grad_accum} accumulation steps); lower --batch-size or --grad-accum, or add data"
+        )
+    return steps
 
 
 # --------------------------------------------------------------------------------------------------- batches
@@ -105,13 +130,16 @@ def dry_run_rows(rows: PreferenceRows, cfg: Any, say) -> PreferenceRows:
 
 def collate_ranked(examples: Sequence[RankedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """``input_ids``/``attention_mask``/``labels`` ``[B·K, T]`` (row-major), ``lengths`` and ``scores`` ``[B, K]``,
-    ``index`` ``[B]``."""
-    return {
+    ``index`` ``[B]``, and ``margin`` ``[B]`` when the rows have margins."""
+    out = {
         **stack_answers([(ex.prompt_ids, a) for ex in examples for a in ex.answer_ids], pad_token_id),
         "lengths": torch.tensor([[len(a) for a in ex.answer_ids] for ex in examples]),
         "scores": torch.tensor([ex.scores for ex in examples], dtype=torch.float64),
         "index": torch.tensor([ex.index for ex in examples]),
     }
+    if any(ex.margin is not None for ex in examples):  # --margin-from: every row of the run has one
+        out["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -180,8 +208,13 @@ class RankedForward:
         if self.needs_ref:  # live: cache is None (prepare_rows switched the run to a reference model)
             parts = batch_reference_logps(batch, None, self.reference.model, self.model, self.acc.autocast)
             ref = torch.cat(parts).view(b, k)
-        per = self.loss_fn(logps=lp, ref_logps=ref, lengths=batch["lengths"].float())
+        per = self.loss_fn(logps=lp, ref_logps=ref, lengths=batch["lengths"].float(), margin=batch.get("margin"))
         return per, lp, batch["scores"], ref, None
+
+    @staticmethod
+    def eval_text(ev: dict[str, float]) -> str:
+        """The held-out metrics of the per-step progress line."""
+        return f"eval top-1 accuracy {ev['top1_accuracy']:.3f}, rank correlation {ev['rank_correlation']:.3f}"
 
     def stats(self, logps, scores, ref_logps, _unused=None) -> torch.Tensor:
         """Sums over prompts of :data:`RANKED_STAT_NAMES`."""

@@ -99,6 +99,11 @@ class PairForward:
             return send_to_device(collate_any(examples, self.pad, kl=self.loss_fn.needs_kl), self.acc.device)
         return send_to_device(collate(examples, self.pad), self.acc.device)
 
+    @staticmethod
+    def eval_text(ev: dict[str, float]) -> str:
+        """The held-out metric of the per-step progress line (nan when the fused loss reported no log-probs)."""
+        return f"eval reward accuracy {ev.get('reward_accuracy', float('nan')):.3f}"
+
     def pair_losses(self, module, batch: dict[str, torch.Tensor], cache: torch.Tensor | None):
         """Per-pair losses ``[B]`` (or the fused mean loss) and the per-pair log-probs for metrics."""
         if getattr(self.loss_fn, "structure_free", False):  # KTO, BCO, f-DPO, …: plain torch, no structure
