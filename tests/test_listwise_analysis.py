@@ -247,3 +247,23 @@ def test_compare_and_meet_on_the_command_line(capsys):
     # a meet with no ✓ world is a clear error, not a traceback
     assert main(["meet", a, f"(~M(y1), ExactlyOne(M(y1..y{K})))"]) == 2
     assert "unsatisfiable" in capsys.readouterr().err
+
+
+def test_witnesses_over_many_answers_are_a_line_and_hold(capsys):
+    """Compare prints each witness with runs of equal values as ranges; the losses shown are those at the point."""
+    from dpalogic.cli import main as cli_main
+
+    a, b = "(M(y1), ExactlyOne(M(y1..y64)))", "(M(y1), AtMost(2, M(y1..y64)))"
+    assert cli_main(["compare", a, b]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("witness:")]
+    assert len(lines) == 2 and all(len(ln) < 400 for ln in lines)
+    for ln in lines:  # "log M(y1) = u, log M(y2..y64) = v: ... of A = la, of B = lb": recompute la from the closed form
+        if "log M(y1..y64) = " in ln:  # every answer the same value: one range
+            u = v = float(ln.split("log M(y1..y64) = ")[1].split(":")[0])
+        else:
+            u = float(ln.split("log M(y1) = ")[1].split(",")[0])
+            v = float(ln.split("log M(y2..y64) = ")[1].split(":")[0])
+        odds = lambda lp: math.exp(lp) / -math.expm1(lp)  # noqa: E731
+        la = math.log1p(63 * odds(v) / odds(u))  # ρ = o_1 / e_1(63 equal odds)
+        shown = float(ln.split(f"of {a} = ")[1].split(",")[0])
+        assert shown == pytest.approx(la, abs=1e-4)

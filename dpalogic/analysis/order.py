@@ -182,13 +182,33 @@ _VERBS = {"stronger": "is stronger than", "weaker": "is weaker than", "equivalen
           "incomparable": "is incomparable with"}  # fmt: skip
 
 
+def _witness_text(logps: dict[str, float]) -> str:
+    """``log M(y1) = -4.6, log M(y2..y9) = -2.3, …``: consecutive answers of one predicate with one value as a range
+    (a witness over 64 answers is a line, not 64 entries)."""
+    import re
+
+    runs: list[list] = []  # [pred, first answer, last answer, value, name]
+    for name, v in logps.items():
+        m = re.fullmatch(r"(M|Ref)\(y(\d+)\)", name)
+        if m and runs and runs[-1][0] == m.group(1) and runs[-1][2] + 1 == int(m.group(2)) and runs[-1][3] == v:
+            runs[-1][2] += 1
+            continue
+        runs.append([m.group(1), int(m.group(2)), int(m.group(2)), v, name] if m else [None, 0, 0, v, name])
+    parts = []
+    for pred, first, last, v, name in runs:
+        label = name if pred is None or first == last else f"{pred}(y{first}..y{last})"
+        parts.append(f"log {label} = {v:g}")
+    return ", ".join(parts)
+
+
 def comparison_lines(info: dict) -> list[str]:
     """The text report of a comparison (``compare``'s output; ``info`` is :meth:`Comparison.as_dict`)."""
     a, b, rel = info["a"], info["b"], info["relation"]
-    out = [
-        f"{a} {_VERBS[rel]} {b}",
-        f"  {a}: {info['structure_a'] or '(several structures)'}",
-        f"  {b}: {info['structure_b'] or '(several structures)'}",
+    out = [f"{a} {_VERBS[rel]} {b}"]
+    for name, key in ((a, "structure_a"), (b, "structure_b")):
+        if info[key] != name:  # a loss name: show its structure (a formula given as such is its own structure)
+            out.append(f"  {name}: {info[key] or '(several structures)'}")
+    out += [
         f"same loss function: {'yes' if info['same_loss'] else 'no'}; links: {info['links'][0]} vs {info['links'][1]}",
     ]
     if rel == "stronger":
@@ -197,7 +217,7 @@ def comparison_lines(info: dict) -> list[str]:
         out.append(f"so under a shared monotone link, {a}'s loss ≤ {b}'s loss on every input")
     out += [f"- {n}" for n in info["notes"]]
     for w in info["witnesses"]:
-        lp = ", ".join(f"log {k} = {v:g}" for k, v in w["logps"].items())
+        lp = _witness_text(w["logps"])
         out.append(f"witness: {lp}: −log σ(log ρ) of {a} = {w['loss_a']:.4f}, of {b} = {w['loss_b']:.4f}")
     out += [f"term {t['term']}: {t['relation']}{' (same loss)' if t['same_loss'] else ''}" for t in info["terms"]]
     return out

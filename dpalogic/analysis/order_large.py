@@ -16,6 +16,7 @@ conjunctions (:mod:`dpalogic.logic.bdd`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from fractions import Fraction
 
@@ -252,10 +253,25 @@ def witnesses(s1: AnyStructure, s2: AnyStructure, samples: int = WITNESS_SAMPLES
 
     a, b = shared(s1, s2)
     rng = np.random.default_rng(0)
-    lp = rng.choice(np.array(_GRID), size=(samples, a.n))
+    # first the points that give every answer but the first of each predicate one shared value (a witness over 64
+    # answers then reads as a few ranges), then random points of the grid
+    first = {}
+    for i, atom in enumerate(a.atoms):
+        first.setdefault(atom.pred, i)
+    classes = [(atom.pred, i == first[atom.pred]) for i, atom in enumerate(a.atoms)]
+    kinds = sorted(set(classes))
+    combos = np.array(list(itertools.product(_GRID, repeat=len(kinds))))
+    structured = combos[:, [kinds.index(c) for c in classes]]
+    lp = np.concatenate([structured, rng.choice(np.array(_GRID), size=(samples, a.n))])
     d = _losses(a, lp) - _losses(b, lp)
+    n_structured = len(structured)
     out = []
-    for k in (int(np.argmax(d)), int(np.argmin(d))):
+    picks = []
+    for sign in (1, -1):
+        head = sign * d[:n_structured]
+        k = int(np.argmax(head)) if head.size and head.max() > 1e-9 else int(np.argmax(sign * d))
+        picks.append(k)
+    for k in picks:
         point = {atom.name: round(float(v), 6) for atom, v in zip(a.atoms, lp[k])}  # the losses of what is shown
         la, lb = semantic_loss(a, point), semantic_loss(b, point)  # the float path, not the vectorized one
         if abs(la - lb) > 1e-9:
