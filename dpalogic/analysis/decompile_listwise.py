@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from dpalogic.errors import DPALogicError
+from dpalogic.errors import DPALogicError, unknown
 from dpalogic.language.equation import FUNCTIONS, parse_expression
 
 MAX_ANSWERS = 256
@@ -218,41 +218,164 @@ def _logistic_term(coef: sympy.Expr, body: sympy.Expr) -> ListwiseTermInfo:
 
 
 def _softmax_terms(lses: dict, rest: sympy.Expr) -> list[ListwiseTermInfo]:
-    """``Σ_k c_k·logsumexp(A_k) − Σ_k c_k·s_k`` with each ``s_k`` among ``A_k``'s arguments. The top scores are
-    matched to the sets from the smallest set up, so Plackett–Luce's nested sets match their one way."""
+    """``Σ_k c_k·logsumexp(A_k) − Σ_j t_j·s_j`` with each ``s_j`` among the arguments of a set. SymPy merges equal
+    ``logsumexp`` nodes (ListNet's ``Σ_j t_j·(L − s_j)`` arrives as ``(Σ t_j)·L − Σ t_j·s_j``), so a set's coefficient
+    is split among the scores of its arguments that the rest subtracts. Sets are matched from the smallest up, so
+    Plackett–Luce's nested sets match their one way."""
     remaining, const = _linear(rest)
     out = []
     for lse, c in sorted(lses.items(), key=lambda x: len(x[0].args)):
         scores = [_score(a) for a in lse.args]
-        for i, arg in enumerate(lse.args):  # noqa: B007 - i is the match, used after the loop
-            need = {f: -c * v for f, v in _linear(arg)[0].items()}
-            if all(_part_of(remaining.get(f, sympy.Integer(0)), v) for f, v in need.items()):
-                break
-        else:
+        needs = [_linear(a)[0] for a in lse.args]
+        weights = _split(c, [_available(remaining, need) for need in needs])
+        if weights is None:
             raise OutsideListwiseError(
-                f"{c}·{lse} is not matched by −{c}·s for a score s among its arguments: a softmax cross-entropy is "
+                f"{fmt(c)}·logsumexp(…) over {', '.join(f'y{s.answer}' for s in scores)} is not matched by −t_j·s_j "
+                f"for scores s_j among its arguments with Σ t_j = {fmt(c)}: a softmax cross-entropy is "
                 "logsumexp(s_a, s_b, …) − s_a"
             )
-        for f, v in need.items():
-            remaining[f] = sympy.expand(remaining[f] - v)
-        out.append(_term(c, sympy.Integer(1), sympy.Integer(0), scores[i], scores[:i] + scores[i + 1 :]))
-    left = " + ".join(f"({v})·{f}" for f, v in remaining.items() if v != 0)
+        for i, (w, need) in enumerate(zip(weights, needs)):
+            if w == 0:
+                continue
+            for f, v in need.items():
+                remaining[f] = sympy.expand(remaining.get(f, sympy.Integer(0)) + w * v)
+            out.append(_term(w, sympy.Integer(1), sympy.Integer(0), scores[i], scores[:i] + scores[i + 1 :]))
+    left = " + ".join(f"({fmt(v)})·{f}" for f, v in remaining.items() if v != 0)
     if left or const != 0:
-        raise OutsideListwiseError(f"left over besides the softmax terms: {left or const}")
+        raise OutsideListwiseError(f"left over besides the softmax terms: {left or fmt(const)}")
     return out
 
 
-def _part_of(have: sympy.Expr, need: sympy.Expr) -> bool:
-    """Is ``need`` in ``have``: equal, or (numbers) the same sign and no larger — a score shared by several terms."""
-    if sympy.expand(have - need) == 0:
-        return True
-    return bool(have.is_number and need.is_number and have * need > 0 and abs(have) >= abs(need))
+def _available(remaining: dict, need: dict) -> sympy.Expr:
+    """How many times ``−s`` the rest holds, read on the score's first feature (the leftover check confirms it)."""
+    f, v = next(iter(need.items()))
+    return sympy.expand(-remaining.get(f, sympy.Integer(0)) / v)
+
+
+def _split(c: sympy.Expr, avail: list[sympy.Expr]) -> list[sympy.Expr] | None:
+    """Weights ``t_j`` with ``Σ t_j = c``, ``t_j`` at most what the rest holds of score j; None if there are none."""
+    if sympy.expand(sum(avail) - c) == 0:  # every score subtracted belongs to this set: ListNet's target weights
+        return avail
+    for i, a in enumerate(avail):  # one score carries the whole set (the others belong to other sets)
+        if sympy.expand(a - c) == 0:
+            return [c if k == i else sympy.Integer(0) for k in range(len(avail))]
+    if not (c.is_number and all(a.is_number for a in avail)):
+        return None
+    weights, left = [], c  # numbers: take what each score has, up to c, in the order written
+    for a in avail:
+        take = min(a, left) if c > 0 and a > 0 else max(a, left) if c < 0 and a < 0 else sympy.Integer(0)
+        weights.append(take)
+        left -= take
+    return weights if left == 0 else None
+
+
+def fmt(e: sympy.Expr) -> str:
+    """A number or expression as a person writes it: 0.5, 1, 2·beta — decimals where they end, 1/3 where not."""
+    e = sympy.sympify(e)
+
+    def decimal(q: sympy.Rational) -> bool:
+        d = q.q
+        while d % 2 == 0:
+            d //= 2
+        while d % 5 == 0:
+            d //= 5
+        return d == 1 and q.q != 1
+
+    e = e.xreplace({q: sympy.Float(q, 30) for q in e.atoms(sympy.Rational) if decimal(q)})
+    return sympy.sstr(e, full_prec=False)
+
+
+def _rationals(expr: sympy.Expr) -> sympy.Expr:
+    """Decimals written in the equation as the exact fractions they name (0.1 is 1/10), so that 0.1 + 0.2 = 0.3."""
+    floats = {f: sympy.Rational(repr(float(f))) for f in expr.atoms(sympy.Float) if sympy.Float(f).is_finite}
+    return expr.xreplace(floats)
+
+
+_NAME = re.compile(r"(ref_)?logp_(\w+)$")
+
+
+def _check_names(expr: sympy.Expr) -> None:
+    """A name that looks like a log-prob but names no answer is a mistake, not a hyperparameter."""
+    for s in sorted(expr.free_symbols, key=lambda s: s.name):
+        m = _NAME.match(s.name)
+        if m is None or s in LOGP.values() or s in REF_LOGP.values():
+            continue
+        j = m.group(2)
+        if j.isdigit():
+            if int(j) == 0:
+                raise OutsideListwiseError(f"{s.name}: y0 is not an answer; answers are y1 … y{MAX_ANSWERS}")
+            raise OutsideListwiseError(
+                f"{s.name}: unknown answer y{int(j)} (answers go up to y{MAX_ANSWERS}, logp_{MAX_ANSWERS})"
+            )
+        if j in ("w", "l"):
+            raise OutsideListwiseError(
+                f"{s.name}: listwise softmaxes use logp_1 … logp_K (answers y1 … yK, best first); for yw and yl "
+                f"write logp_1 and logp_2, or write the pairwise form without logsumexp (logp_w − logp_l)"
+            )
+        raise unknown(
+            "variable",
+            s.name,
+            ["logp_1", "logp_2", "ref_logp_1", "ref_logp_2"],
+            f"listwise variables are logp_1 … logp_{MAX_ANSWERS} and ref_logp_1 … ref_logp_{MAX_ANSWERS}",
+        )
+
+
+# ------------------------------------------------------------------------------------------------ catalog
+
+
+def _same_structure_as(t: ListwiseTermInfo) -> list[str]:
+    """Catalog losses whose (one) structure this term's is, up to renaming the answers."""
+    from dpalogic.analysis.matching import _same_structure
+    from dpalogic.semantics.catalog import entries
+
+    names = []
+    if len(t.others) == 1:  # two answers: the pairwise catalog's structures, y_top as yw and the other as yl
+        s, _ = _structure(t.kind, "w", ("l",))
+        rename = f" (y{t.top} as yw, y{t.others[0]} as yl)"
+        names += [
+            n + rename
+            for n, e in entries().items()
+            if e.program.structure is not None and _same_structure(s, e.program.structure)
+        ]
+    if t.kind == "odds":
+        K = len(t.others) + 1
+        plain = t.top == 1 and t.others == tuple(range(2, K + 1))
+        names.append(f"top1_softmax K={K}" + ("" if plain else f" (y{t.top} as y1)"))
+    return names
+
+
+def _program_matches(terms: list[ListwiseTermInfo]) -> list[str]:
+    """The listwise catalog programs (top1_softmax, listnet, plackett_luce) equal to the decompiled one, at its β."""
+    from dpalogic.analysis.matching import _plain
+    from dpalogic.semantics import listwise_catalog as lc
+
+    if not terms or any(t.kind != "odds" for t in terms) or len({(t.scale, t.shift) for t in terms}) != 1:
+        return []
+    if terms[0].shift != 0:
+        return []
+    K = max(max(t.top, *t.others) for t in terms)
+    mine = sorted((t.structure.text("ascii"), str(_plain(t.coef))) for t in terms)
+    candidates = []
+    if len(terms) == 1:
+        candidates.append(("top1_softmax", lc.top1_softmax(K)))
+    if len(terms) == K - 1:
+        candidates.append(("plackett_luce", lc.plackett_luce(K)))
+    weights = [sum((t.coef for t in terms if t.top == j), sympy.Integer(0)) for j in range(1, K + 1)]
+    listnet_name = f"listnet with target weights ({', '.join(fmt(w) for w in weights)})"  # no [ ]: rich markup
+    candidates.append((listnet_name, lc.listnet(weights)))
+    out = []
+    for name, program in candidates:
+        theirs = sorted((u.structure.text("ascii"), str(_plain(u.coef))) for u in program.terms)
+        if theirs == mine:
+            out.append(f"{name} (beta = {fmt(terms[0].scale)})")
+    return out
 
 
 def decompile_listwise(text: str) -> list[ListwiseTermInfo]:
     """The terms of a listwise loss equation (see the module docstring); raises OutsideListwiseError."""
     variables = {s.name: s for s in (*LOGP.values(), *REF_LOGP.values())}
-    expr = parse_expression(text, variables=variables, functions=_FUNCTIONS)
+    expr = _rationals(parse_expression(text, variables=variables, functions=_FUNCTIONS))
+    _check_names(expr)
     if not expr.has(LogSumExp):
         raise OutsideListwiseError(
             f"{text!r} has no logsumexp: listwise losses are softmax cross-entropies, "
@@ -281,21 +404,23 @@ def listwise_report(text: str) -> dict:
     """``dpalogic decompile`` of a listwise equation: the keys of the pairwise report (``decompile --json``)."""
     from dpalogic.analysis.decompile import structure_fields  # the pairwise report's fields, one definition
 
+    decompiled = decompile_listwise(text)
     terms = []
-    for t in decompile_listwise(text):
+    for t in decompiled:
         terms.append(
             {
                 "link": "logistic",
-                "coef": str(t.coef),
-                "beta": str(t.scale),
-                "gamma": str(t.shift),
+                "coef": fmt(t.coef),
+                "beta": fmt(t.scale),
+                "gamma": fmt(t.shift),
                 "link_params": {},
                 "normalized": False,
                 **structure_fields(t.structure),
                 "rho": t.rho,
-                "same_structure_as": [],
+                "same_structure_as": _same_structure_as(t),
                 "source": f"softmax over {t.kind.replace('_', ' ')} scores, y{t.top} against "
                 + ", ".join(f"y{j}" for j in t.others),
             }
         )
-    return {"equation": text, "terms": terms, "constant": "0", "matches": [], "matches_with": []}
+    matches = _program_matches(decompiled)
+    return {"equation": text, "terms": terms, "constant": "0", "matches": matches, "matches_with": []}

@@ -18,8 +18,10 @@ import sympy
 from dpalogic.errors import DPALogicError, FormulaSyntaxError, unknown
 from dpalogic.language.fold import fold
 
-MAX_EQUATION_CHARS = 4000
-MAX_EQUATION_NODES = 1000
+# room for a softmax spelled out over all 256 answers (logsumexp's limit), against the reference too: 10,843
+# characters and 1,287 parts; SymPy's work grows with the parts, and 1,500 stays within a few seconds
+MAX_EQUATION_CHARS = 12000
+MAX_EQUATION_NODES = 1500
 MAX_EQUATION_DEPTH = 50  # operator levels as written; a chain a + b - c … is one level
 MAX_SYMPY_DEPTH = 120  # levels once written out in SymPy (sigmoid(x) is 1/(1 + exp(-x)): four levels)
 MAX_EXPONENT = 100
