@@ -99,7 +99,13 @@ class PreferenceLoss(torch.nn.Module):
 
     Inputs are per-sequence *summed* log-probabilities ``[B]``; ``chosen_lengths``/``rejected_lengths`` (token
     counts) are needed by length-normalized losses (SimPO, IPO, ORPO, the NLL terms). Formulas over answers
-    ``y1 … yK`` take ``logps={"M(y1)": …, "Ref(y1)": …}`` and ``lengths={"y1": …}`` instead.
+    ``y1 … yK`` take ``logps=`` a ``[B, K]`` tensor (column j is answer y(j+1), y1 ranked first), ``ref_logps=`` the
+    reference's ``[B, K]`` and ``lengths=`` ``[B, K]`` token counts — or the same keyed by name:
+    ``logps={"M(y1)": …, "Ref(y1)": …}``, ``lengths={"y1": …}``. ``margin=`` ``[B]`` shifts every preference term's
+    ``z`` per example (``z − margin_i``; docs/semantics.md §3).
+
+    >>> listwise = PreferenceLoss("(M(y1), ExactlyOne(M(y1..y4)))")  # a softmax over the answers' log-odds
+    >>> loss = listwise(logps=logps)  # logps: [B, 4]  # doctest: +SKIP
     """
 
     def __new__(cls, spec=None, *args, **kwargs):
@@ -189,6 +195,8 @@ class PreferenceLoss(torch.nn.Module):
         ref_logps: torch.Tensor | None = None,
         margin: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The loss, reduced as asked: from ``[B]`` chosen/rejected log-probs (and the reference's), from ``[B, K]``
+        matrices (``logps=``, ``ref_logps=``, ``lengths=``), or from tensors keyed by atom and answer name."""
         if isinstance(logps, torch.Tensor) or ref_logps is not None:  # K answers: [B, K] matrices
             return self._reduce(self.per_list(logps, ref_logps, lengths, margin=margin))
         atom_lp: dict[str, torch.Tensor] = dict(logps or {})
