@@ -104,10 +104,11 @@ def _slug(spec: str, i: int) -> str:
 
 
 def _label(spec: str) -> str:
-    """The catalog name, or the formula as dpalogic prints it plus the catalog loss it equals (if any)."""
-    from dpalogic.semantics.catalog import entries, resolve
+    """The catalog name (or a loss with no structure: KTO, BCO, …), or the formula as dpalogic prints it plus the
+    catalog loss it equals (if any)."""
+    from dpalogic.semantics.catalog import entries, resolve, unstructured_name
 
-    if spec in entries():
+    if spec in entries() or unstructured_name(spec):
         return spec
     prog = resolve(spec)
     if prog.structure is None:

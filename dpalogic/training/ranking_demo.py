@@ -76,16 +76,23 @@ class RankingConfig:
     train_size: int = 1000
     eval_size: int = 128
     seed: int = 0
-    beta: float = 0.1  # every loss's β, so the runs differ only in what they compare
+    beta: float = 0.1  # every loss's β (passed to each, so a structure's own default β = 1 does not apply)
     progress: bool = True
     threads: int = 1
 
 
 def _is_listwise(spec: str, hp: dict[str, float]) -> bool:
+    """Whether ``spec`` is a loss over y1 … y4 (a loss over another number of answers cannot train on these rows)."""
     from dpalogic.runtime.preference_loss import PreferenceLoss
     from dpalogic.training.ranked_steps import list_size
 
-    return list_size(PreferenceLoss(spec, **hp)) is not None
+    k = list_size(PreferenceLoss(spec, **hp))
+    if k not in (None, K):
+        raise DPALogicError(
+            f"{spec}: a loss over y1 … y{k}, and the ranking demo's rows have K = {K} answers: use a loss over "
+            f"y1 … y{K}, or a pairwise loss (trained on pairs made with --pairs)"
+        )
+    return k is not None
 
 
 def _config(cfg: RankingConfig, spec: str, listwise: bool, out: Path):
@@ -136,6 +143,7 @@ def run_ranking_demo(cfg: RankingConfig) -> list[dict[str, Any]]:
     out = Path(cfg.out)
     hp = {"beta": cfg.beta}
     runs = [(spec, _is_listwise(spec, hp)) for spec in cfg.losses]
+    labels = [_label(spec) for spec in cfg.losses]  # before any training: a name the table cannot show fails now
     configs = [_config(cfg, spec, lw, out / f"run{i + 1}") for i, (spec, lw) in enumerate(runs)]
     for t in configs:  # every loss and setting is checked before any training
         t.validate()
@@ -154,7 +162,7 @@ def run_ranking_demo(cfg: RankingConfig) -> list[dict[str, Any]]:
         return {k: float(m[k].mean()) for k in ("top1_accuracy", "rank_correlation", "logps_best", "logps_mean")}
 
     results = [{"loss": "(initial model)", "label": "(initial model)", "pairs": "", "seconds": 0.0, **scored(init)}]
-    for (spec, listwise), tcfg in zip(runs, configs):
+    for (spec, listwise), label, tcfg in zip(runs, labels, configs):
         t0 = time.perf_counter()
         with _torch_threads(cfg.threads):
             trainer = Trainer(tcfg, train_rows=tr, eval_rows=None, quiet=not cfg.progress)
@@ -162,12 +170,14 @@ def run_ranking_demo(cfg: RankingConfig) -> list[dict[str, Any]]:
                 trainer.run()
                 lp = _eval_logps(trainer.model, held_out, pad)
                 train_loss = [h["loss"] for h in trainer.history if h["split"] == "train"]
+                beta = trainer.loss_fn.hyperparameters.get("beta")  # the β the loss ran with
             finally:
                 trainer.close()
         pairs = "" if listwise else cfg.pairs + (f", {cfg.curriculum}" if cfg.curriculum else "")
         results.append(
-            {"loss": spec, "label": _label(spec), "pairs": pairs or "lists (K = 4)", "seconds": time.perf_counter() - t0,
-             "train_loss_start": train_loss[0], "train_loss_end": train_loss[-1], **scored(lp)}
+            {"loss": spec, "label": label, "pairs": pairs or "lists (K = 4)", "beta": beta,
+             "seconds": time.perf_counter() - t0, "train_loss_start": train_loss[0], "train_loss_end": train_loss[-1],
+             **scored(lp)}
         )  # fmt: skip
     (out / "results.md").write_text(ranking_table(results, cfg))
     (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=1) + "\n")
@@ -178,14 +188,16 @@ def ranking_table(results: list[dict[str, Any]], cfg: RankingConfig) -> str:
     """A Markdown table of the held-out K-answer metrics of every run (and of the initial model)."""
     head = (
         f"Ranking task (K = 4): {cfg.train_size} train / {cfg.eval_size} held-out prompts, tiny Llama, {cfg.steps} "
-        f"steps of {4 * cfg.batch_size} sequences, lr {cfg.lr:g}, β {cfg.beta:g}, seed {cfg.seed}. Held-out: top-1 "
-        "accuracy (the sorted answer has the highest log π; chance 0.25) and Spearman's ρ between the scores and "
-        "log π − log π_init.\n\n"
+        f"steps of {4 * cfg.batch_size} sequences, lr {cfg.lr:g}, seed {cfg.seed}; every loss runs with β = "
+        f"{cfg.beta:g} (the demo passes it to each, in place of the loss's own default: β = 1 for a structure such as "
+        "the listwise formula), column β. Held-out: top-1 accuracy (the sorted answer has the highest log π; chance "
+        "0.25) and Spearman's ρ between the scores and log π − log π_init.\n\n"
     )
-    cols = ["loss", "trained on", "top-1 acc.", "Spearman ρ", "log π(y1)", "mean log π", "time"]
+    cols = ["loss", "trained on", "β", "top-1 acc.", "Spearman ρ", "log π(y1)", "mean log π", "time"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
-        cells = [r["label"].replace("|", "\\|"), r["pairs"], f"{r['top1_accuracy']:.3f}", f"{r['rank_correlation']:.3f}",
+        beta = "" if r.get("beta") is None else f"{r['beta']:g}"
+        cells = [r["label"].replace("|", "\\|"), r["pairs"], beta, f"{r['top1_accuracy']:.3f}", f"{r['rank_correlation']:.3f}",
                  f"{r['logps_best']:.2f}", f"{r['logps_mean']:.2f}", f"{r['seconds']:.0f}s"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
