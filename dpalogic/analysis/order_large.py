@@ -106,13 +106,16 @@ def _from_sides(
     for s in (a, *others):  # a meet or join of comparable structures is one of them: keep its text as written
         if (s.top, s.bottom) == (top, bottom):
             return s
+    for s in (a, *others):  # a side equal to an input's side keeps that side's text (no conjunction of both)
+        top_f = s.top_formula if s.top == top else top_f
+        bottom_f = s.bottom_formula if s.bottom == bottom else bottom_f
     bdd = a.bdd
     disjoint = bdd.apply("and", top, bottom) == FALSE
     cover = bdd.apply("or", top, bottom) == TRUE
     core = top_f if disjoint else Implies(bottom_f, top_f)
     given = BooleanTrue() if cover else Or(top_f, bottom_f)
     additional = BooleanFalse() if disjoint else And(top_f, bottom_f)
-    return ListStructure(a.atoms, (core, given, additional), False, bdd, top, bottom, a.order)
+    return ListStructure(a.atoms, (core, given, additional), False, bdd, top, bottom, a.order, (top_f, bottom_f))
 
 
 def meet(s1: AnyStructure, s2: AnyStructure) -> ListStructure:

@@ -38,6 +38,7 @@ class ListStructure:
     top: int = FALSE
     bottom: int = FALSE
     order: tuple[Atom, ...] = ()
+    sides_text: tuple[Boolean, Boolean] | None = None  # ✓ and ✗ as written, when built from sides (meet, join)
 
     @classmethod
     def from_parts(
@@ -90,11 +91,15 @@ class ListStructure:
 
     @property
     def top_formula(self) -> Boolean:
+        if self.sides_text is not None:
+            return self.sides_text[0]
         core, given, _ = self.source
         return And(core, given)
 
     @property
     def bottom_formula(self) -> Boolean:
+        if self.sides_text is not None:
+            return self.sides_text[1]
         core, given, additional = self.source
         return Or(And(Not(core), given), additional)
 
