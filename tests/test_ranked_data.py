@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from dpalogic.errors import DPALogicError
 from dpalogic.training import ranked as R
+from dpalogic.training.annotations import PAIR_MARGIN
 from dpalogic.training.data import from_records, load_preferences, tokenize_pair, write_bad_rows
 from dpalogic.training.model import build_char_tokenizer
 
@@ -211,3 +212,52 @@ def test_tokenize_ranked_truncates_and_drops_like_pairs():
     assert ex.scores == (3.0, 2.0, 1.0) and [e.row for e in tok.examples] == [1, 2]
     with pytest.raises(DPALogicError, match="max_prompt_length"):
         R.tokenize_ranked(from_records(recs), TOK, max_length=8, max_prompt_length=8)
+
+
+# --------------------------------------------------------------------------------------------------- margins
+
+
+@given(
+    st.lists(st.lists(st.integers(-4, 4), min_size=3, max_size=3, unique=True), min_size=1, max_size=5),
+    st.lists(st.one_of(st.none(), st.floats(-3, 3), st.just("x"), st.just("0.5")), min_size=5, max_size=5),
+    st.floats(0.25, 4),
+)
+def test_list_margins_from_the_row_or_the_top_two_scores(scores, margins, scale):
+    recs = []
+    for n, s in enumerate(scores):
+        rec = {"prompt": f"p{n}", "responses": ["a", "b", "c"], "scores": s}
+        if margins[n] is not None:
+            rec["margin"] = margins[n]
+        recs.append(rec)
+    data = R.listwise_rows(from_records(recs), 3)
+    # --margin-from scores: the best score minus the runner-up's, read off the file's unsorted row
+    got = R.list_margins(data, "scores", scale)
+    top = [sorted(s, reverse=True)[:2] for s in scores]
+    assert [r[PAIR_MARGIN] for r in got.rows] == [pytest.approx(scale * (a - b)) for a, b in top]
+    assert all(r[PAIR_MARGIN] > 0 for r in got.rows)  # the best answer is unique
+    # --margin-from margin: the row's field (a number, or CSV-style text of one); anything else is a bad row
+    usable = {n: float(m) for n, m in enumerate(margins[: len(scores)], 1) if m is not None and m != "x"}
+    if not usable:
+        with pytest.raises(DPALogicError, match="no row with a usable margin"):
+            R.list_margins(data, "margin", scale)
+        return
+    got = R.list_margins(data, "margin", scale)
+    assert got.row_numbers == sorted(usable)
+    assert [r[PAIR_MARGIN] for r in got.rows] == [pytest.approx(scale * usable[n]) for n in got.row_numbers]
+    reasons = {i.row: i.reason for i in got.issues}
+    for n, m in enumerate(margins[: len(scores)], 1):
+        if m is None:
+            assert reasons[n] == "missing 'margin' (--margin-from margin)"
+        elif m == "x":
+            assert "'margin' must be a finite number" in reasons[n]
+    assert all(PAIR_MARGIN not in r for r in data.rows)  # the margins are the run's: the rows are left as they were
+
+
+def test_margins_reach_the_tokenized_rows_and_lists_are_counted_as_lists():
+    recs = [{"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 3, 2], "margin": 0.5}]
+    data = R.list_margins(R.listwise_rows(from_records(recs), 3), "margin", 2.0)
+    tok = R.tokenize_ranked(data, TOK)
+    assert tok.examples[0].margin == 1.0
+    assert tok.summary() == "  1 list tokenized"
+    assert R.tokenize_ranked(from_records(recs * 2), TOK).summary() == "  2 lists tokenized"
+    assert R.tokenize_ranked(R.listwise_rows(from_records(recs), 3), TOK).examples[0].margin is None

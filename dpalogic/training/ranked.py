@@ -73,7 +73,8 @@ class RankedTokens(TokenizedData):
     """Tokenized K-answer rows: a :class:`TokenizedData` whose summary counts lists, not pairs."""
 
     def summary(self) -> str:
-        return super().summary().replace(" pairs tokenized", " lists tokenized", 1)
+        n = len(self.examples)
+        return super().summary().replace(f"{n} pairs tokenized", f"{n} list{'s' * (n != 1)} tokenized", 1)
 
 
 def is_ranked(records: Sequence[tuple[int, Any]]) -> bool:
