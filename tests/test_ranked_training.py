@@ -244,3 +244,79 @@ def test_the_dry_run_checks_k_answer_rows_against_the_loss(files, tmp_path, caps
     assert main(base + ["--loss", "dpo"]) == 2
     assert "pass --pairs" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------- margins
+
+
+@pytest.mark.parametrize("margin_from", ["margin", "scores"])
+def test_list_margins_shift_the_softmax_by_the_row_margin(margin_from, ranking_rows, tmp_path):
+    tr = [dict(r, margin=0.25 * (n % 5)) for n, r in enumerate(ranking_rows[0][:32])]
+    cfg = small(tmp_path / "m", loss=SOFTMAX, margin_from=margin_from, margin_scale=2.0, max_steps=2, eval_every=0)
+    trainer = Trainer(cfg, train_rows=from_records(tr), quiet=True)
+    try:
+        ex = trainer.train_data.examples
+        by_row = {n: r for n, r in enumerate(tr, 1)}  # the file's rows, unsorted
+        for e in ex:
+            s = sorted(by_row[e.row]["scores"], reverse=True)
+            want = by_row[e.row]["margin"] if margin_from == "margin" else s[0] - s[1]
+            assert e.margin == pytest.approx(2.0 * want)
+        fwd = trainer.forward
+        batch = fwd.batch(ex[:8])
+        with torch.no_grad():
+            per, lp, _, _, _ = fwd.pair_losses(trainer.policy, batch, None)
+        # closed form: the softmax over log-odds is softplus(m − log ρ), log ρ = lo1 − logsumexp(lo2 … lo4)
+        lo = lp.double() - torch.log1p(-lp.double().exp())
+        log_rho = lo[:, 0] - torch.logsumexp(lo[:, 1:], 1)
+        m = torch.tensor([e.margin for e in ex[:8]], dtype=torch.float64)
+        torch.testing.assert_close(per.double(), torch.nn.functional.softplus(m - log_rho), rtol=1e-5, atol=1e-5)
+        assert trainer.run()["step"] == 2
+    finally:
+        trainer.close()
+
+
+def test_cli_list_margins_and_the_lists_wording(files, tmp_path, capsys):
+    def with_margins(name: str, n: int) -> Path:  # held-out rows need a margin too, as pairs do
+        rows = [dict(json.loads(line), margin=1.0) for line in files[name].read_text().splitlines()[:n]]
+        return write_jsonl(tmp_path / f"m-{name}.jsonl", rows)
+
+    data, held_out, out = with_margins("ranked", 40), with_margins("eval", 8), tmp_path / "run"
+    argv = ["train", "--loss", SOFTMAX, "--data", str(data), "--eval", str(held_out), "--out", str(out),
+            "--max-steps", "2", "--batch-size", "4", "--eval-every", "1", "--margin-from", "margin", "--progress",
+            "--no-tensorboard"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "40 lists of 4 answers, global batch 4, 2 steps" in err and " pairs" not in err
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("split") == "eval"]
+    for ev in evals[1:]:  # capsys is no terminal: one progress line per evaluation, with the K-answer metrics
+        line = f"eval top-1 accuracy {ev['top1_accuracy']:.3f}, rank correlation {ev['rank_correlation']:.3f}"
+        assert f"step {ev['step']}/2: " in err and line in err
+    assert "nan" not in err
+
+
+def test_the_dry_run_and_the_run_refuse_too_few_rows_alike(files, tmp_path, capsys):
+    base = ["train", "--loss", SOFTMAX, "--data", str(files["ranked"]), "--out", str(tmp_path / "o"),
+            "--batch-size", "16", "--grad-accum", "3", "--no-progress"]  # fmt: skip
+    want = "40 lists of 4 answers to train on: fewer than one global batch (16 per device × 1 processes × 3"
+    assert main(base + ["--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "data checked" not in err and "40 rows used, 2 skipped" in err
+    assert main(base) == 2
+    assert want in capsys.readouterr().err
+    assert main(base[:-5] + ["--batch-size", "8", "--grad-accum", "5", "--dry-run"]) == 0  # 40 = one global batch
+
+
+def test_the_ranking_demo_refuses_another_k_and_names_each_beta(tmp_path, capsys):
+    argv = ["demo", "--task", "ranking", "--steps", "1", "--train-size", "16", "--eval-size", "4", "--batch-size",
+            "4", "--no-progress", "--json"]  # fmt: skip
+    assert main(argv + ["--losses", "tpo", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "tpo: a loss over y1 … y3, and the ranking demo's rows have K = 4 answers" in err
+    assert "row 1" not in err and not (tmp_path / "t").exists()  # refused before anything ran
+    assert main(argv + ["--losses", f"kto,{SOFTMAX}", "--out", str(tmp_path / "k")]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in results[1:2]] == ["kto"]  # a loss with no structure is named, not refused
+    assert [r.get("beta") for r in results] == [None, 0.1, 0.1]  # the demo's β, passed to every loss …
+    assert PreferenceLoss(SOFTMAX).hyperparameters["beta"] == 1.0  # … in place of a structure's own default
+    table = (tmp_path / "k" / "results.md").read_text()
+    assert "every loss runs with β = 0.1" in table and "| kto | all | 0.1 |" in table
