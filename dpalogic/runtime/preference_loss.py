@@ -33,6 +33,23 @@ POSITIVE_SLACK = 1e-2
 LIST_EVALUATOR_ATOMS = 8  # log-probs up to this far above 0 are taken as rounding noise, not as an input mistake
 
 
+def check_log_probs(name: str, t: torch.Tensor) -> None:
+    """Refuse probabilities or logits passed by mistake (a hair above 0 is rounding in a log-softmax sum) and NaN.
+
+    One max is a single pass over the tensor, a third of what a comparison and any() cost; NaN propagates through it.
+    """
+    if not t.numel():
+        return
+    worst = float(t.detach().max())
+    if worst != worst:
+        raise DPALogicError(f"log-probabilities of {name} contain NaN")
+    if worst > POSITIVE_SLACK:
+        raise DPALogicError(
+            f"log-probabilities must be <= 0: {name} has {worst:.6g} (pass summed log-probs, not probabilities or "
+            "logits)"
+        )
+
+
 @dataclass(frozen=True)
 class BoundTerm:
     """A term with its hyperparameters substituted (plain floats), after the checks that need their values."""
@@ -298,9 +315,7 @@ class PreferenceLoss(torch.nn.Module):
                 self._list_evaluator = ListwiseProgram(*self._kept_bound)
             evaluator = self._list_evaluator
         for name, mat in columns.items():
-            if mat.numel() and (worst := float(mat.detach().max())) > POSITIVE_SLACK:
-                arg = "logps" if name == "M" else "ref_logps"
-                raise DPALogicError(f"log-probabilities must be <= 0: {arg} has {worst:.6g} (pass summed log-probs)")
+            check_log_probs("logps" if name == "M" else "ref_logps", mat)
         if margin is not None:
             self._check_margin(margin, logps[:, 0])
         return evaluator.per_pair(columns, lengths, margin)
@@ -353,13 +368,8 @@ class PreferenceLoss(torch.nn.Module):
                     raise unknown("atom", k, sorted(known), f"this loss's atoms are {', '.join(sorted(known))}")
                 if kind == "log-probs" and not (v.is_floating_point()):
                     raise DPALogicError(f"log-probs for {k} must be floating point, got {v.dtype}")
-                # probabilities or logits passed by mistake; a hair above 0 is rounding in a log-softmax sum (one
-                # max is a single pass over the tensor, a third of what a comparison and any() cost)
-                if kind == "log-probs" and v.numel() and (worst := float(v.detach().max())) > POSITIVE_SLACK:
-                    raise DPALogicError(
-                        f"log-probabilities must be <= 0: {k} has {worst:.6g} (pass summed log-probs, "
-                        "not probabilities or logits)"
-                    )
+                if kind == "log-probs":
+                    check_log_probs(k, v)
                 if shape is None:
                     shape = v.shape
                 elif v.shape != shape:
