@@ -41,7 +41,8 @@ ROW = {"prompt": "sort 21:", "chosen": "12", "rejected": "21"}
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("fuzz")
-    (d / "data.jsonl").write_text(json.dumps(ROW) + "\n")
+    # one global batch at the default batch size: the dry run can accept the settings
+    (d / "data.jsonl").write_text((json.dumps(ROW) + "\n") * 8)
     return d
 
 

@@ -246,7 +246,7 @@ def test_margin_from_is_checked_by_the_config():
 def test_dry_run_lists_rows_without_a_margin(tmp_path, capsys):
     data = tmp_path / "prefs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    rc = cli_main(["train", "--data", str(data), "--margin-from", "scores", "--dry-run"])
+    rc = cli_main(["train", "--data", str(data), "--margin-from", "scores", "--batch-size", "2", "--dry-run"])
     assert rc == 0
     err = capsys.readouterr().err
     assert "2 rows used, 3 skipped" in err and "row 3: missing 'chosen_score'" in err

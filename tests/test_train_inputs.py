@@ -378,7 +378,7 @@ def test_bad_rows_file_describes_the_latest_run_only(tmp_path):
 def test_dry_run_checks_the_data_and_loads_no_model(tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", [*ROWS, {"prompt": "p", "chosen": "a"}])
     out = tmp_path / "run"
-    assert main(["train", "--data", str(path), "--out", str(out), "--dry-run", "--json"]) == 0
+    assert main(["train", "--data", str(path), "--out", str(out), "--batch-size", "3", "--dry-run", "--json"]) == 0
     captured = capsys.readouterr()
     settings_ = json.loads(captured.out)
     assert settings_["lr"] == TINY_LR and settings_["data"] == str(path)
