@@ -16,6 +16,7 @@ from brute import semantic_loss as brute_loss
 
 from dpalogic.analysis.decompile import decompile_spec
 from dpalogic.analysis.decompile_listwise import OutsideListwiseError, decompile_listwise
+from dpalogic.errors import DPALogicError
 from dpalogic.language.cardinality import expand_constructs
 from dpalogic.runtime.preference_loss import PreferenceLoss
 from dpalogic.semantics import listwise_catalog as lc
@@ -217,3 +218,12 @@ def test_decompile_command_reads_listwise_equations():
     assert term["structure"] == "(M(y1), ExactlyOne(M(y1..y32)))"
     assert (term["beta"], term["gamma"]) == ("beta", "gamma")
     assert term["rho"] == "o_1 / e_1(o[M(y2..y32)])"
+
+
+def test_constructors_refuse_a_ranking_reversed():
+    """β ≤ 0 or a negative target weight would reward the lower-ranked answers: refused, as training refuses it."""
+    with pytest.raises(DPALogicError, match="beta must be a positive number"):
+        lc.top1_softmax(4, beta=-1)
+    with pytest.raises(DPALogicError, match="target weights must be finite numbers ≥ 0"):
+        lc.listnet([1, -1])
+    assert lc.plackett_luce(4, beta=0.5).defaults == {"beta": 0.5}

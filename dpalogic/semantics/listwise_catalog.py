@@ -34,7 +34,7 @@ import sympy
 from dpalogic.errors import DPALogicError
 from dpalogic.semantics.program import Program, Term
 
-beta = sympy.Symbol("beta")
+BETA = sympy.Symbol("beta")  # every term's scale; its default is each constructor's beta=
 
 
 def _answers(first: int, last: int) -> str:
@@ -47,38 +47,43 @@ def _structure(text: str):
     return parse_any(text).check()
 
 
-def _program(name: str, terms: list[Term], b: float) -> Program:
-    return Program(tuple(terms), (("beta", b),), name)
+def _program(name: str, terms: list[Term], beta: float) -> Program:
+    if not (isinstance(beta, (int, float)) and beta > 0):  # β ≤ 0 would reward the answers ranked lower
+        raise DPALogicError(f"{name}: beta must be a positive number, or the loss rewards the lower-ranked answers")
+    return Program(tuple(terms), (("beta", float(beta)),), name)
 
 
-def top1_softmax(K: int, b: float = 1.0) -> Program:
+def top1_softmax(K: int, beta: float = 1.0) -> Program:
     """``−log softmax(s)_1`` over the log-odds: one term ``(M(y1), ExactlyOne(M(y1..yK)))``."""
     _k(K)
-    return _program("top1_softmax", [Term(_structure(f"(M(y1), ExactlyOne({_answers(1, K)}))"), scale=beta)], b)
+    return _program("top1_softmax", [Term(_structure(f"(M(y1), ExactlyOne({_answers(1, K)}))"), scale=BETA)], beta)
 
 
-def listnet(weights: Sequence[float], b: float = 1.0) -> Program:
+def listnet(weights: Sequence[float], beta: float = 1.0) -> Program:
     """ListNet's ``Σ_j t_j · (−log softmax(s)_j)``: one top-1 structure per answer with a nonzero target weight."""
     K = len(weights)
     _k(K)
+    numbers = [sympy.sympify(t) for t in weights]
+    if any(t.is_number and not (t.is_finite and t >= 0) for t in numbers):  # a symbol is the caller's to choose
+        raise DPALogicError(f"listnet's target weights must be finite numbers ≥ 0, got {list(weights)}")
     terms = [
-        Term(_structure(f"(M(y{j}), ExactlyOne({_answers(1, K)}))"), coef=sympy.nsimplify(t), scale=beta)
+        Term(_structure(f"(M(y{j}), ExactlyOne({_answers(1, K)}))"), coef=sympy.nsimplify(t), scale=BETA)
         for j, t in enumerate(weights, 1)
         if t != 0
     ]
     if not terms:
         raise DPALogicError("listnet needs a nonzero target weight")
-    return _program("listnet", terms, b)
+    return _program("listnet", terms, beta)
 
 
-def plackett_luce(K: int, b: float = 1.0) -> Program:
+def plackett_luce(K: int, beta: float = 1.0) -> Program:
     """The Plackett–Luce NLL of y1 ≻ … ≻ yK over log-odds: ``Σ_{i<K} (M(yi), ExactlyOne(M(yi..yK)))``."""
     _k(K)
-    terms = [Term(_structure(f"(M(y{i}), ExactlyOne({_answers(i, K)}))"), scale=beta) for i in range(1, K)]
-    return _program("plackett_luce", terms, b)
+    terms = [Term(_structure(f"(M(y{i}), ExactlyOne({_answers(i, K)}))"), scale=BETA) for i in range(1, K)]
+    return _program("plackett_luce", terms, beta)
 
 
-def pairwise_dpo(K: int, b: float = 0.1) -> Program:
+def pairwise_dpo(K: int, beta: float = 0.1) -> Program:
     """DPO on every pair ``yi ≻ yj``, ``i < j``: K(K − 1)/2 terms (TRL's β default)."""
     from dpalogic.language.syntax import parse_formula
     from dpalogic.logic.structure import Structure
@@ -87,37 +92,37 @@ def pairwise_dpo(K: int, b: float = 0.1) -> Program:
     terms = [
         Term(
             Structure.from_sides(parse_formula(f"M(y{i}) & Ref(y{j})"), parse_formula(f"M(y{j}) & Ref(y{i})")),
-            scale=beta,
+            scale=BETA,
         )
         for i in range(1, K + 1)
         for j in range(i + 1, K + 1)
     ]
-    return _program("pairwise_dpo", terms, b)
+    return _program("pairwise_dpo", terms, beta)
 
 
-def in_top_k(K: int, k: int, b: float = 1.0) -> Program:
+def in_top_k(K: int, k: int, beta: float = 1.0) -> Program:
     """y1 is among the k valid answers: ``(M(y1), Exactly(k, M(y1..yK)))`` (k = 1 is :func:`top1_softmax`)."""
     _k(K, k)
-    return _program("in_top_k", [Term(_structure(f"(M(y1), Exactly({k}, {_answers(1, K)}))"), scale=beta)], b)
+    return _program("in_top_k", [Term(_structure(f"(M(y1), Exactly({k}, {_answers(1, K)}))"), scale=BETA)], beta)
 
 
-def with_abstention(K: int, k: int = 1, b: float = 1.0) -> Program:
+def with_abstention(K: int, k: int = 1, beta: float = 1.0) -> Program:
     """y1 is valid given at most k valid answers: ``(M(y1), AtMost(k, M(y1..yK)))``."""
     _k(K, k)
-    return _program("with_abstention", [Term(_structure(f"(M(y1), AtMost({k}, {_answers(1, K)}))"), scale=beta)], b)
+    return _program("with_abstention", [Term(_structure(f"(M(y1), AtMost({k}, {_answers(1, K)}))"), scale=BETA)], beta)
 
 
-def top_k_set(K: int, k: int, b: float = 1.0) -> Program:
+def top_k_set(K: int, k: int, beta: float = 1.0) -> Program:
     """The valid answers are exactly y1 … yk: ``(Ranked(M(y1..yK)), Exactly(k, M(y1..yK)))``."""
     _k(K, k)
     text = f"(Ranked({_answers(1, K)}), Exactly({k}, {_answers(1, K)}))"
-    return _program("top_k_set", [Term(_structure(text), scale=beta)], b)
+    return _program("top_k_set", [Term(_structure(text), scale=BETA)], beta)
 
 
-def ranked_consistency(K: int, b: float = 1.0) -> Program:
+def ranked_consistency(K: int, beta: float = 1.0) -> Program:
     """The valid answers form a prefix of the ranking y1 ≻ … ≻ yK: ``Ranked(M(y1..yK))``."""
     _k(K)
-    return _program("ranked_consistency", [Term(_structure(f"Ranked({_answers(1, K)})"), scale=beta)], b)
+    return _program("ranked_consistency", [Term(_structure(f"Ranked({_answers(1, K)})"), scale=BETA)], beta)
 
 
 MAX_K = 256
