@@ -30,8 +30,8 @@ HELP = {
     "out": "run folder: log.jsonl, checkpoints/, final/, summary.json",
     "epochs": "passes over the training data (ignored when --max-steps is set)",
     "max_steps": "optimizer steps to train",
-    "batch_size": "pairs per process per micro-batch",
-    "eval_batch_size": "pairs per process per evaluation batch",
+    "batch_size": "pairs per process per micro-batch (prompts, each with its K answers, for a loss over y1 … yK)",
+    "eval_batch_size": "pairs (or K-answer prompts) per process per evaluation batch",
     "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate (AdamW); a freshly initialized tiny model needs a large rate (at 1e-5 it barely learns "
     "in a few hundred steps), while 1e-5 suits fine-tuning a pretrained model",
@@ -49,7 +49,8 @@ HELP = {
     "bf16": "bf16 autocast: auto (GPUs that support it), true, false",
     "strict_data": "stop at malformed rows instead of skipping them",
     "margin_from": "a per-pair margin m_i from each row, shifting the loss's link to f(z - m_i): 'margin' (the row's "
-    "margin field) or 'scores' (chosen_score - rejected_score); a row without it is a bad row",
+    "margin field) or 'scores' (chosen_score - rejected_score; for a loss over y1 … yK, the best score minus the "
+    "runner-up's); a row without it is a bad row",
     "margin_scale": "multiply each row's margin (or score difference) by this",
     "pairs": "make pairs from K-answer rows {prompt, responses, scores} for a pairwise loss: all (every two answers "
     "with different scores), adjacent (consecutive score levels) or best-vs-rest",

@@ -48,7 +48,7 @@ class TrainConfig:
     fused_max_chunk_tokens: int | None = None  # cap on the fused loss's logits rows (two passes beyond it)
     bf16: str = "auto"  # "auto" (on when the GPU supports it), "true", "false"
     strict_data: bool = False  # a malformed row is fatal instead of skipped
-    margin_from: str | None = None  # "margin" or "scores": a per-pair margin from each row (training.annotations)
+    margin_from: str | None = None  # "margin" or "scores": a margin from each row (training.annotations, .ranked)
     margin_scale: float = 1.0  # the margin is margin_scale × the row's margin (or its score difference)
     pairs: str | None = None  # "all", "adjacent", "best-vs-rest": pairs from K-answer rows (training.ranked)
     curriculum: str | None = None  # "easy-to-hard": those pairs ordered by score gap, largest first (Curry-DPO)
