@@ -213,6 +213,8 @@ def test_cli_trains_k_answers_and_lists_bad_rows(files, tmp_path, capsys):
         ("ranked", ["--loss", "dpo", "--curriculum", "easy-to-hard"], "pairs is not set"),
         ("ranked", ["--loss", SOFTMAX, "--pairs", "all"], "--pairs applies to pairwise losses"),
         ("pairs", ["--loss", "dpo", "--pairs", "all"], "has pairs already"),
+        ("ranked", ["--loss", "dpo", "--pairs", "all", "--margin-from", "margin"], "take --margin-from scores"),
+        ("ranked", ["--loss", SOFTMAX, "--margin-from", "margin"], "no row with a usable margin"),
         ("ranked", ["--loss", "dpo", "--pairs", "every"], "pairs must be"),
         ("ranked", ["--loss", SOFTMAX, "--fused"], "drop --fused"),
         ("k3", ["--loss", SOFTMAX], "no row with 4 answers"),

@@ -55,8 +55,9 @@ def list_size(loss_fn: Any, fused: bool = False) -> int | None:
 
 
 def prepare_rows(rows: PreferenceRows | None, cfg: Any, k: int | None, needs_ref: bool, say) -> PreferenceRows | None:
-    """The rows a run trains on: K-answer rows kept for a loss over ``y1 … yk``, turned into pairs (``--pairs``,
-    ``--curriculum``) for a pairwise loss; a mismatch between the loss and the data is refused with the reason."""
+    """The rows a run trains on: K-answer rows kept for a loss over ``y1 … yk`` (with their margins under
+    ``--margin-from``), turned into pairs (``--pairs``, ``--curriculum``) for a pairwise loss; a mismatch between the
+    loss and the data is refused with the reason."""
     if rows is None:
         return None
     ranked = isinstance(rows, RankedRows)
