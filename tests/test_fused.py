@@ -102,16 +102,16 @@ class BufferSpy:
     """Records the row count of every logits buffer the fused path fills (policy and reference)."""
 
     def __init__(self, monkeypatch):
-        import dpalogic.runtime.fused as fused_module
+        import dpalogic.runtime.fused_buffer as buffer_module  # every logits buffer is filled by its chunk_logits
 
         self.rows: list[int] = []
-        real = fused_module._chunk_logits
+        real = buffer_module.chunk_logits
 
         def spy(h, weight, bias, buf):
             self.rows.append(buf.shape[0])
             return real(h, weight, bias, buf)
 
-        monkeypatch.setattr(fused_module, "_chunk_logits", spy)
+        monkeypatch.setattr(buffer_module, "chunk_logits", spy)
 
 
 # max_chunk_tokens below a pair's 2·T rows: two passes over token slices (log-probs, then recomputed gradients)
