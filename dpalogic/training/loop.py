@@ -44,6 +44,7 @@ from dpalogic.training.data import (
     pad_id,
     write_bad_rows,
 )
+from dpalogic.training.dist import Dist
 from dpalogic.training.model import load_model_and_tokenizer
 from dpalogic.training.ranked import RankedRows, tokenize_ranked
 from dpalogic.training.ranked_steps import RankedForward, examples_text, list_size, prepare_rows, steps_per_epoch
@@ -63,45 +64,6 @@ PAIR_ATOMS = frozenset({"M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)"})
 
 class TrainingStopped(DPALogicError):
     """The run stopped early (non-finite loss); the message names the last good checkpoint."""
-
-
-class Dist:
-    """This process's place in the run, read from its ``Accelerator``."""
-
-    def __init__(self, acc, owns_group: bool) -> None:
-        self.acc = acc
-        self.rank: int = acc.process_index
-        self.world: int = acc.num_processes
-        self.device: torch.device = acc.device
-        self.owns_group = owns_group
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        self.acc.wait_for_everyone()
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over every rank (a new tensor)."""
-        return self.acc.reduce(t, "sum")
-
-    def on_main(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on rank 0 only (it reads and hashes files); every rank gets its result or raises its error."""
-        if self.world <= 1:
-            return fn()
-        from accelerate.utils import broadcast_object_list
-
-        box: list[Any] = [None, None]
-        if self.main:
-            try:
-                box[0] = fn()
-            except DPALogicError as e:
-                box[1] = str(e)
-        broadcast_object_list(box, from_process=0)
-        if box[1] is not None:
-            raise DPALogicError(box[1])
-        return box[0]
 
 
 class Trainer:
