@@ -16,7 +16,8 @@ trains a peft adapter, and the reference is then the base model with the adapter
 
 This module is the orchestration; the pieces live in :mod:`~dpalogic.training.steps` (schedule, batches, forward,
 evaluation), :mod:`~dpalogic.training.reference`, :mod:`~dpalogic.training.resume` (RNG states, which checkpoint,
-the log) and :mod:`~dpalogic.training.runlog` (log records, trackers, interrupts).
+the log), :mod:`~dpalogic.training.runlog` (log records, trackers, interrupts), :mod:`~dpalogic.training.dist` (this
+process's rank and collectives) and :mod:`~dpalogic.training.final_model` (``out/final``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from dpalogic.training.data import (
     write_bad_rows,
 )
 from dpalogic.training.dist import Dist
+from dpalogic.training.final_model import save_final_model
 from dpalogic.training.model import load_model_and_tokenizer
 from dpalogic.training.ranked import RankedRows, tokenize_ranked
 from dpalogic.training.ranked_steps import RankedForward, examples_text, list_size, prepare_rows, steps_per_epoch
@@ -399,24 +401,11 @@ class Trainer:
     def _save_final(self, result: dict[str, Any]) -> None:
         """``out/final`` (the model and tokenizer) and ``out/summary.json``, completing ``result``."""
         final = self.out / "final"
-        # under FSDP the weights are gathered on rank 0 (every rank takes part); under LoRA only the adapter is saved,
-        # in peft's layout (adapter_config.json, adapter_model.safetensors), so PeftModel.from_pretrained loads it
-        whole = scaling.model_state(self.model, sharded=True, trainable_only=self.lora) if self.fsdp else None
-        if self.engine is not None:  # gathered one parameter at a time under ZeRO-3
-            whole = zero.state_dict(self.engine, main=self.dist.main, trainable_only=self.lora)
+        save_final_model(
+            self.model, self.tokenizer, final, main=self.dist.main, fsdp=self.fsdp, lora=self.lora, engine=self.engine
+        )
         if not self.dist.main:
             return
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the run's output
-        try:
-            saver = self.model if self.lora else scaling.hf_model(self.model)
-            saver.save_pretrained(final, **({"state_dict": whole} if whole is not None else {}))
-            self.tokenizer.save_pretrained(final)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
         evals = [h for h in self.history if h["split"] == "eval"]
         result["eval"] = evals[-1] if evals else None
         result["final_model"] = str(final)
