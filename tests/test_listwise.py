@@ -301,11 +301,8 @@ def test_bad_list_inputs_are_clear_errors():
         fn(logps=-torch.ones(4, 21))  # extra answers are a mistake, not silently left out
     with pytest.raises(DPALogicError, match="not y1 … yK"):
         PreferenceLoss("dpo")(logps=-torch.ones(4, 2))
-    nan = torch.full((4, 20), float("nan"))
-    with pytest.raises(DPALogicError, match="contain NaN"):
-        fn(logps=nan)
-    with pytest.raises(DPALogicError, match="contain NaN"):  # the pair form too
-        PreferenceLoss("dpo")(nan[:, 0], -torch.ones(4), -torch.ones(4), -torch.ones(4))
+    # NaN log-probs (a diverged model) give a NaN loss, which the training loop stops on, as for pairs
+    assert torch.isnan(fn(logps=torch.full((4, 20), float("nan"))))
     with pytest.raises(DPALogicError, match="<= 0"):
         fn(logps=torch.ones(4, 20))
     with pytest.raises(DPALogicError, match="must match"):

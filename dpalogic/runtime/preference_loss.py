@@ -34,15 +34,15 @@ LIST_EVALUATOR_ATOMS = 8  # log-probs up to this far above 0 are taken as roundi
 
 
 def check_log_probs(name: str, t: torch.Tensor) -> None:
-    """Refuse probabilities or logits passed by mistake (a hair above 0 is rounding in a log-softmax sum) and NaN.
+    """Refuse probabilities or logits passed by mistake (a hair above 0 is rounding in a log-softmax sum).
 
-    One max is a single pass over the tensor, a third of what a comparison and any() cost; NaN propagates through it.
+    One max is a single pass over the tensor, a third of what a comparison and any() cost. NaN passes (its max is NaN,
+    which compares false) and gives a NaN loss: a diverged model's log-probs are the training loop's to stop on, with
+    the last good checkpoint kept, on every rank alike — an exception on one rank would leave the others waiting.
     """
     if not t.numel():
         return
     worst = float(t.detach().max())
-    if worst != worst:
-        raise DPALogicError(f"log-probabilities of {name} contain NaN")
     if worst > POSITIVE_SLACK:
         raise DPALogicError(
             f"log-probabilities must be <= 0: {name} has {worst:.6g} (pass summed log-probs, not probabilities or "
