@@ -429,3 +429,28 @@ def test_derive_is_compact_at_every_k(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["rho"] == "p_1/(e_1(o[M(y2..y12)])*(1 - p_1))" and out["method"] == "lifted"
     assert out["worlds"] == "2^12" and out["circuit_nodes"] > 0
+
+
+def test_review_findings_stay_fixed():
+    """From a code review: infix operators take no ranges (M(y1..y2) <-> M(y3) would silently mean "all equal");
+    counts with leading zeros; Xor folds bottom-up; −inf log-probs give no NaN; mixed input forms are refused."""
+    with pytest.raises(FormulaSyntaxError, match="stands for several atoms"):
+        parse_formula("M(y1..y2) <-> M(y3)")
+    with pytest.raises(FormulaSyntaxError, match="stands for several atoms"):
+        parse_formula("M(y1..y3) & M(y4)")
+    e = parse_formula("AtMost(0000001, M(y1..y3))")
+    assert isinstance(e, Count) and (e.lo, e.hi) == (0, 1)
+    s = parse_any("Xor(M(y1..y256), Ref(y1..y256))")
+    assert len(s.bdd) < 4 * 512  # parity of 512 atoms: a few nodes per variable, also while it is built
+    x = -torch.rand(2, 13, dtype=torch.float64) * 3
+    x[0, 3] = float("-inf")  # an answer masked out
+    x[1, :] = float("-inf")
+    for text in ["(M(y1), ExactlyOne(M(y1..y13)))", "(M(y1), Exactly(12, M(y1..y13)))", "Ranked(M(y1..y13))"]:
+        y = x.clone().requires_grad_()
+        loss = PreferenceLoss(text, reduction="none")(logps=y)
+        loss.sum().backward()
+        assert not torch.isnan(loss).any() and torch.isfinite(y.grad).all(), text
+    # row 0 of Exactly(12 of 13) with y4 impossible: the one world left has y1 valid, so the loss is 0
+    assert float(PreferenceLoss("(M(y1), Exactly(12, M(y1..y13)))", reduction="none")(logps=x)[0]) == pytest.approx(0)
+    with pytest.raises(DPALogicError, match="not both"):
+        PreferenceLoss("(M(y1), ExactlyOne(M(y1..y13)))")(x[:, 0], logps=x)

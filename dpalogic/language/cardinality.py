@@ -65,7 +65,9 @@ class Count(BooleanFunction):
             return "Exactly", lo
         return "Between", None  # printed as AtLeast(lo, …) ∧ AtMost(hi, …)
 
-    def _eval_subs(self, old, new):  # keep the bounds numbers: subs only reaches the operands
+    def _eval_subs(self, old, new):
+        # None lets SymPy substitute argument by argument: the bounds are Integers, which no substitution of an atom
+        # (the only use: formulas are substituted for atoms) can match, so only the operands change
         return None
 
 

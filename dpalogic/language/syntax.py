@@ -180,7 +180,10 @@ class _Builder:
             if isinstance(a, _Number):
                 raise self.err(a.misplaced(), a.node)
             if isinstance(a, _Range):
-                if func not in _VARIADIC and func not in _NUMBERED:
+                # only inside calls: M(y1..y2) <-> M(y3) read as one n-ary Iff ("all equal") would not be the chain
+                # M(y1) <-> M(y2) <-> M(y3) that the infix form means
+                infix = getattr(node, "data", None) in _BINARY
+                if infix or (func not in _VARIADIC and func not in _NUMBERED):
                     raise self.err(a.misplaced(), a.node)
                 operands.extend(a.symbols)
             else:
@@ -234,7 +237,8 @@ class _Builder:
         if kind == "call":
             return self.call(node)
         if kind == "number":
-            return _Number(int(str(node.children[0])[:6]) if len(str(node.children[0])) <= 6 else 10**6, node)
+            digits = str(node.children[0]).lstrip("0") or "0"  # 0000001 is 1; Python refuses ints of 4300+ digits
+            return _Number(int(digits) if len(digits) <= 6 else 10**6, node)  # any count past 10^6 is past 256
         if kind == "answer_range":
             raise self.err("a range of answers y1..yK goes inside M(...) or Ref(...): M(y1..y4)", node)
         raise self.err(f"unexpected construct {kind}", node)  # pragma: no cover - grammar and builder agree

@@ -182,7 +182,7 @@ def compile_formula(bdd: BDD, expr: Boolean, index: dict[str, int]) -> int:
         return bdd.disjoin(args)
     if f is Xor:
         out = FALSE
-        for a in args:
+        for a in sorted(args, key=lambda x: -bdd.var[x]):  # bottom-up, as conjoin: intermediate diagrams stay small
             out = bdd.apply("xor", out, a)
         return out
     if f is Implies:

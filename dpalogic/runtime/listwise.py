@@ -32,7 +32,7 @@ class _LogOdds(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         tiny = _clamp_bound(x.dtype)
-        xc = torch.clamp(x, max=-tiny)
+        xc = torch.clamp(x, min=LOG_FLOOR, max=-tiny)
         one_minus_p = torch.expm1(xc).neg_()  # 1 − eˣ, accurate near 0
         ctx.save_for_backward(one_minus_p, x)
         return xc - one_minus_p.log()
@@ -51,6 +51,9 @@ def log_odds(x: torch.Tensor) -> torch.Tensor:
 def closed_form(lf: Lifted) -> bool:
     """Does every group need only ``e_0``, ``e_1``, ``e_{n−1}``, ``e_n`` (sums and logsumexps, no recurrence)?"""
     return all(c in (0, 1, len(g) - 1, len(g)) for g_i, g in enumerate(lf.groups) for c in lf.counts_needed(g_i))
+
+
+LOG_FLOOR = -1e30  # log-probs of −inf (an answer masked out, an fp16 underflow) are floored here: no ∞ − ∞, no NaN
 
 
 def _clamp_bound(dtype: torch.dtype) -> float:
@@ -76,8 +79,8 @@ class _LiftedLeaves(torch.autograd.Function):
         # 1 − p of every atom, accurate near p = 1; in place on one fresh buffer: on the CPU each new [B, K] buffer
         # costs page faults that outweigh the arithmetic on it
         lo_path = not all(set(cs) <= {0, 1} for cs in plan.counts)  # a group that keeps 1 − p for backward
-        omp = torch.clamp(x, max=-eps, out=None if lo_path else plan.scratch(x)).expm1_().neg_()
-        xs = plan.take(x, plan.singles)
+        omp = torch.clamp(x, min=LOG_FLOOR, max=-eps, out=None if lo_path else plan.scratch(x)).expm1_().neg_()
+        xs = plan.take(x, plan.singles).clamp(min=LOG_FLOOR)
         omp_s = plan.take(omp, plan.singles).clone()  # small: the singletons' backward keeps only these columns
         outs = [torch.stack([omp_s.log(), xs], dim=-1)]
         saved = []
@@ -87,7 +90,7 @@ class _LiftedLeaves(torch.autograd.Function):
             if set(cs) <= {0, 1}:  # e_1 from the odds themselves: no log over the group
                 # full rows with the other columns at −inf: reductions over an odd number of columns (63 of 64) take
                 # a slow path, and exp(−inf) = 0 leaves them out of the sum
-                xm = x + plan.outside(g, x)
+                xm = torch.clamp(x, min=LOG_FLOOR).add_(plan.outside(g, x))
                 m = xm.amax(1, keepdim=True)
                 w = xm.sub_(m).exp_().div_(omp)  # odds / e^m on the group's columns, 0 elsewhere
                 total = w.sum(1, keepdim=True)
@@ -96,7 +99,7 @@ class _LiftedLeaves(torch.autograd.Function):
                 e1 = (m + total.log()).squeeze(1)
                 vals = [torch.zeros_like(e1) if c == 0 else e1 for c in cs]
             else:
-                lo = plan.take(omp, cols).log().neg_().add_(plan.take(x, cols).clamp(max=-eps))  # log-odds
+                lo = plan.take(omp, cols).log().neg_().add_(plan.take(x, cols).clamp(min=LOG_FLOOR, max=-eps))
                 for c in cs:
                     if c == 0:
                         vals.append(torch.zeros_like(lo[:, 0]))
@@ -129,8 +132,9 @@ class _LiftedLeaves(torch.autograd.Function):
                 w_omp, total, clamped, m = parts["odds"]
                 g1 = sum((gg[:, k : k + 1] for k, c in enumerate(cs) if c == 1), torch.zeros_like(total))
                 if w_omp is None:  # a second backward (retain_graph): the first one used the buffer; recompute it
-                    omp_all = torch.clamp(x, max=-eps).expm1_().neg_()
-                    w_omp = (x + plan.outside(g, x)).sub_(m).exp_().div_(omp_all).div_(omp_all)
+                    omp_all = torch.clamp(x, min=LOG_FLOOR, max=-eps).expm1_().neg_()
+                    w_omp = torch.clamp(x, min=LOG_FLOOR).add_(plan.outside(g, x))
+                    w_omp = w_omp.sub_(m).exp_().div_(omp_all).div_(omp_all)
                 # the first backward writes the gradient into the saved buffer: no new [B, K] buffer (each costs page
                 # faults on the CPU); the same operations recompute it, bit for bit, if backward runs again
                 parts["odds"][0] = None
@@ -216,27 +220,19 @@ class _LeafPlan:
             t.index_copy_(1, self._idx(cols, t.device), v)
 
 
-_PLANS: dict[int, tuple[Lifted, _LeafPlan]] = {}
+def leaf_plan(lf: Lifted) -> _LeafPlan:
+    return _LeafPlan(lf.singletons, lf.groups, [lf.counts_needed(g) for g in range(len(lf.groups))])
 
 
-def _plan(lf: Lifted) -> _LeafPlan:
-    hit = _PLANS.get(id(lf))
-    if hit is None or hit[0] is not lf:
-        counts = [lf.counts_needed(g) for g in range(len(lf.groups))]
-        hit = (lf, _LeafPlan(lf.singletons, lf.groups, counts))
-        _PLANS[id(lf)] = hit
-    return hit[1]
-
-
-def _leaves(lf: Lifted, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[int, torch.Tensor]]]:
+def _leaves(plan: _LeafPlan, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[int, torch.Tensor]]]:
     """The singletons' ``[B, S, (log(1 − p), log p)]`` and each group's ``{c: log e_c}``."""
-    single, *per_group = _LiftedLeaves.apply(x, _plan(lf))
-    return single, [{c: v[:, k] for k, c in enumerate(cs)} for cs, v in zip(_plan(lf).counts, per_group)]
+    single, *per_group = _LiftedLeaves.apply(x, plan)
+    return single, [{c: v[:, k] for k, c in enumerate(cs)} for cs, v in zip(plan.counts, per_group)]
 
 
-def _lifted_sides(lf: Lifted, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _lifted_sides(lf: Lifted, plan: _LeafPlan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``log WMC`` of both sides up to the groups' common factor ``Σ log(1 − p)`` (which cancels in ρ)."""
-    single, esym = _leaves(lf, x)
+    single, esym = _leaves(plan, x)
     sides = []
     for configs in (lf.top, lf.bottom):
         parts = []
@@ -260,6 +256,8 @@ class ListwiseTerm:
         # counted where the groups need only closed forms (ExactlyOne, AtMost(1), …); anything else — Ranked, other
         # counts (whose e_c would need a recurrence over the answers) — runs its OBDD one variable level at a time
         self.lifted = lifted if lifted is not None and closed_form(lifted) else None
+        # the term owns its plan (index tensors, a scratch buffer): they go when the loss goes
+        self._leaf_plan = leaf_plan(self.lifted) if self.lifted is not None else None
         self._levels = None
         if self.lifted is None:
             from dpalogic.runtime.obdd_eval import LevelPlan
@@ -294,10 +292,11 @@ class ListwiseTerm:
 
     def log_ratio(self, x: torch.Tensor) -> torch.Tensor:
         if self.lifted is not None:
-            top, bottom = _lifted_sides(self.lifted, x)
+            top, bottom = _lifted_sides(self.lifted, self._leaf_plan, x)
             return top - bottom
         from dpalogic.runtime.obdd_eval import obdd_sides
 
+        x = x.clamp(min=LOG_FLOOR)
         sides = obdd_sides(self._levels, x, x - log_odds(x))  # log p and log(1 − p) of every atom
         return sides[:, 0] - sides[:, 1]
 
@@ -365,6 +364,8 @@ def matrix_columns(
             )
         if t.shape != logps.shape:
             raise DPALogicError(f"{name} has shape {tuple(t.shape)}, logps has {tuple(logps.shape)}: they must match")
+        if t.device != logps.device:
+            raise DPALogicError(f"{name} is on {t.device} but logps is on {logps.device}")
         if name != "lengths" and not t.is_floating_point():
             raise DPALogicError(f"{name} must be floating point, got {t.dtype}")
     return columns, lengths

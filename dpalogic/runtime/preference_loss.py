@@ -27,10 +27,10 @@ from dpalogic.runtime.listwise import ListwiseProgram, as_mapping, matrix_column
 from dpalogic.semantics.program import Program, Term, with_link
 
 _ATOM_NAME = re.compile(r"(M|Ref)\((yw|yl|y[1-9][0-9]*)\)")
-POSITIVE_SLACK = 1e-2
+POSITIVE_SLACK = 1e-2  # log-probs up to this far above 0 are taken as rounding noise, not as an input mistake
 # [B, K] inputs of a truth-table structure run the vectorized K-answer evaluator from this many atoms on (torch path):
 # below it the compiled twin is as fast or faster (benchmarks/listwise.py, K = 4 vs 8 vs 12 on the CPU)
-LIST_EVALUATOR_ATOMS = 8  # log-probs up to this far above 0 are taken as rounding noise, not as an input mistake
+LIST_EVALUATOR_ATOMS = 8
 
 
 def check_log_probs(name: str, t: torch.Tensor) -> None:
@@ -215,6 +215,11 @@ class PreferenceLoss(torch.nn.Module):
         """The loss, reduced as asked: from ``[B]`` chosen/rejected log-probs (and the reference's), from ``[B, K]``
         matrices (``logps=``, ``ref_logps=``, ``lengths=``), or from tensors keyed by atom and answer name."""
         if isinstance(logps, torch.Tensor) or ref_logps is not None:  # K answers: [B, K] matrices
+            pair_args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths)
+            if any(t is not None for t in (*pair_args, rejected_lengths)):
+                raise DPALogicError(
+                    "pass either [B, K] matrices (logps=, ref_logps=, lengths=) or the pair's [B] tensors, not both"
+                )
             return self._reduce(self.per_list(logps, ref_logps, lengths, margin=margin))
         atom_lp: dict[str, torch.Tensor] = dict(logps or {})
         for name, t in (
