@@ -100,20 +100,30 @@ class _LiftedLeaves(torch.autograd.Function):
                 vals = [torch.zeros_like(e1) if c == 0 else e1 for c in cs]
             else:
                 lo = plan.take(omp, cols).log().neg_().add_(plan.take(x, cols).clamp(min=LOG_FLOOR, max=-eps))
+                # every configuration takes one e_c of this group, so a shift common to its e_c cancels in ρ: with e_n
+                # or e_{n−1} in use, all are taken relative to e_n = Π o, whose log Σ lo (−1e5 at K = 256) would
+                # otherwise cost float32 its last digits when ✓ and ✗ are subtracted
+                shift = lo.sum(1) if any(c in (n - 1, n) for c in cs) else None
+                parts["shift"] = shift is not None
                 for c in cs:
-                    if c == 0:
-                        vals.append(torch.zeros_like(lo[:, 0]))
-                        continue
                     if c in (1, n - 1) and c not in parts:
                         v = lo if c == 1 else -lo
                         m = v.amax(1, keepdim=True)
                         e = (v - m).exp_()
                         total = e.sum(1, keepdim=True)
                         parts[c] = (e, total)  # softmax = e / total, for backward
-                        lse = (m + total.log()).squeeze(1)
-                        vals.append(lse if c == 1 else lo.sum(1) + lse)
+                    if c == 0:
+                        val = torch.zeros_like(lo[:, 0])
                     elif c == n:
-                        vals.append(lo.sum(1))
+                        val = lo.sum(1)
+                    else:  # 1 or n − 1: log Σ o, or Σ lo + log Σ 1/o
+                        e, total = parts[c]
+                        m = (lo if c == 1 else -lo).amax(1)
+                        lse = m + total.squeeze(1).log()
+                        val = lse if c == 1 else lo.sum(1) + lse
+                    if shift is not None:
+                        val = torch.zeros_like(val) if c == n else (lse if c == n - 1 and c != 1 else val - shift)
+                    vals.append(val)
             saved.append(parts)
             outs.append(torch.stack(vals, dim=1))
         ctx.plan, ctx.parts, ctx.eps = plan, saved, eps
@@ -151,8 +161,10 @@ class _LiftedLeaves(torch.autograd.Function):
         for cols, cs, parts, gg in zip(plan.groups, plan.counts, ctx.parts, g_groups):
             if "odds" in parts:
                 continue
-            n = len(cols)
+            n = len(cols)  # the values' gradients: Σ lo (e_n, e_{n−1}) and the softmaxes of the logsumexps
             glo = None
+            if parts["shift"]:  # every value had Σ lo taken off: d(−Σ lo)/d lo_j = −1, times each value's gradient
+                glo = (-gg.sum(1, keepdim=True)).expand(-1, n).clone()
             for k, c in enumerate(cs):
                 gc = gg[:, k : k + 1]
                 if c == 0:
