@@ -95,7 +95,10 @@ class _LiftedLeaves(torch.autograd.Function):
                 w = xm.sub_(m).exp_().div_(omp)  # odds / e^m on the group's columns, 0 elsewhere
                 total = w.sum(1, keepdim=True)
                 # what backward needs, w / (1 − p), in the same buffer: omp need not outlive the forward
-                parts["odds"] = [w.div_(omp), total, bool((m > -eps).any()), m]
+                # whether any answer sat at the clamp (p = 1), whose gradient backward must zero: on a GPU asking would
+                # cost a host sync per call, so there the mask is simply always applied
+                clamped = True if x.is_cuda else bool((m > -eps).any())
+                parts["odds"] = [w.div_(omp), total, clamped, m]
                 e1 = (m + total.log()).squeeze(1)
                 vals = [torch.zeros_like(e1) if c == 0 else e1 for c in cs]
             else:
