@@ -429,6 +429,10 @@ def test_derive_is_compact_at_every_k(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["rho"] == "p_1/(e_1(o[M(y2..y12)])*(1 - p_1))" and out["method"] == "lifted"
     assert out["worlds"] == "2^12" and out["circuit_nodes"] > 0
+    # two groups constrained independently: their sums factor, and the Ref group's factor cancels in ρ
+    assert main(["derive", "(M(y1), AtLeast(2, M(y1..y64)) & AtMost(3, Ref(y1..y64)))", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rho"] == "e_{1..63}(o[M(y2..y64)])*p_1/(e_{2..63}(o[M(y2..y64)])*(1 - p_1))"
 
 
 def test_review_findings_stay_fixed():

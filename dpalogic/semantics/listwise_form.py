@@ -7,6 +7,7 @@ group of interchangeable answers — ``ρ = p_1 / ((1 − p_1)·e_1(o[M(y2..y64)
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import sympy
@@ -62,6 +63,25 @@ def _runs(values: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _counts_sum(syms: _Symbols, tuples: list[tuple[int, ...]]) -> sympy.Expr:
+    """``Σ_{(c_g) ∈ tuples} Π_g e_{c_g}``: a product of per-group range sums when the tuples are all combinations of
+    their per-group counts (independent constraints on each group), else the last group's counts as ranges."""
+    per_group = [sorted({t[g] for t in tuples}) for g in range(len(tuples[0]))]
+    if len(tuples) == math.prod(len(cs) for cs in per_group):  # a Cartesian product: it factors
+        return sympy.Mul(*[sympy.Add(*[syms.sum(g, a, b) for a, b in _runs(cs)]) for g, cs in enumerate(per_group)])
+    by_rest: dict[tuple[int, ...], list[int]] = {}
+    for t in tuples:
+        by_rest.setdefault(t[:-1], []).append(t[-1])
+    last = len(per_group) - 1
+    return sympy.Add(
+        *[
+            sympy.Mul(*[syms.sum(g, c, c) for g, c in enumerate(rest)], syms.sum(last, a, b))
+            for rest, lasts in by_rest.items()
+            for a, b in _runs(lasts)
+        ]
+    )
+
+
 def lifted_rho(lf: Lifted) -> tuple[sympy.Expr, dict[sympy.Symbol, str]]:
     """ρ = WMC(✓)/WMC(✗) with the groups' common factors cancelled, as a SymPy expression.
 
@@ -74,22 +94,14 @@ def lifted_rho(lf: Lifted) -> tuple[sympy.Expr, dict[sympy.Symbol, str]]:
     def side(configs) -> sympy.Expr:
         by_sigma: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
         for sigma, counts in configs:
-            by_sigma.setdefault(sigma, {}).setdefault(counts[:-1], []).append(counts[-1])
+            by_sigma.setdefault(sigma, {}).setdefault(counts[:-1], []).append(counts[-1])  # the counts, per σ
         total = sympy.Integer(0)
         for sigma, by_rest in by_sigma.items():
             weight = sympy.Integer(1)
             for k, i in enumerate(lf.singletons):
                 p = weight_symbol(lf.atoms[i])
                 weight *= p if sigma[k] else sympy.Add(1, -p, evaluate=False)
-            last = len(lf.groups) - 1
-            inner = sympy.Add(
-                *[
-                    sympy.Mul(*[syms.sum(g, c, c) for g, c in enumerate(rest)], syms.sum(last, a, b))
-                    for rest, lasts in by_rest.items()
-                    for a, b in _runs(lasts)
-                ]
-            )
-            total += weight * inner
+            total += weight * _counts_sum(syms, [rest + (c,) for rest, lasts in by_rest.items() for c in lasts])
         return total
 
     return side(lf.top) / side(lf.bottom), syms.latex
