@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 from dpalogic.compile.link_module import link_function
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
+from dpalogic.runtime.obdd_eval import LevelPlan, obdd_sides
 from dpalogic.semantics.lifted import Lifted, lift
 
 
@@ -275,8 +276,6 @@ class ListwiseTerm:
         self._leaf_plan = leaf_plan(self.lifted) if self.lifted is not None else None
         self._levels = None
         if self.lifted is None:
-            from dpalogic.runtime.obdd_eval import LevelPlan
-
             self._levels = LevelPlan(structure.bdd, (structure.top, structure.bottom), structure._atom_of_var)
         self.layout = _layout(self.atoms)  # (predicate, columns of its [B, K] matrix), worked out once
         self.named = [a.name for a in self.atoms if not a.answer[1:].isdigit()]  # yw/yl: no column of a [B, K]
@@ -309,8 +308,6 @@ class ListwiseTerm:
         if self.lifted is not None:
             top, bottom = _lifted_sides(self.lifted, self._leaf_plan, x)
             return top - bottom
-        from dpalogic.runtime.obdd_eval import obdd_sides
-
         x = x.clamp(min=LOG_FLOOR)
         sides = obdd_sides(self._levels, x, x - log_odds(x))  # log p and log(1 − p) of every atom
         return sides[:, 0] - sides[:, 1]
