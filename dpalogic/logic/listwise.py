@@ -75,7 +75,18 @@ class ListStructure:
 
     def side_circuit(self, which: str):
         """``log WMC`` of ``"top"`` or ``"bottom"`` as a circuit over ``self.atoms`` (indices as in Structure)."""
-        return to_circuit(self.bdd, self.top if which == "top" else self.bottom, self._atom_of_var)
+        if which not in self._circuits:
+            raise ValueError("log WMC of an unsatisfiable side is -inf; check the structure first")
+        return self._circuits[which]
+
+    @cached_property
+    def _circuits(self) -> dict:
+        # built once: compile, derive's sizes and the evaluators all ask for the same two circuits
+        return {
+            w: to_circuit(self.bdd, getattr(self, w), self._atom_of_var)
+            for w in ("top", "bottom")
+            if getattr(self, w) != FALSE
+        }
 
     def sizes(self) -> dict[str, int]:
         """OBDD nodes of each side and circuit nodes of both together (shared subcircuits counted once)."""
