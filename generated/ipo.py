@@ -41,6 +41,7 @@ LENGTHS = ("chosen_lengths", "rejected_lengths")
 HYPERPARAMETERS = {"beta": 0.1}
 # d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor
 GRAD_SLOT = (0, 1, 2, 3)
+SLOT_FIRST = tuple(GRAD_SLOT.index(k) for k in range(max(GRAD_SLOT) + 1))  # an input holding each one
 BLOCK = 1024
 LN2 = math.log(2.0)
 # @triton.jit picks Triton's interpreter or its compiler when this module is imported
@@ -62,10 +63,10 @@ def loss_and_grads_torch(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
     dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
-    m_yw = chosen_logps.to(dt)
-    m_yl = rejected_logps.to(dt)
-    ref_yw = ref_chosen_logps.to(dt)
-    ref_yl = ref_rejected_logps.to(dt)
+    m_yw = chosen_logps if chosen_logps.dtype == dt else chosen_logps.to(dt)
+    m_yl = rejected_logps if rejected_logps.dtype == dt else rejected_logps.to(dt)
+    ref_yw = ref_chosen_logps if ref_chosen_logps.dtype == dt else ref_chosen_logps.to(dt)
+    ref_yl = ref_rejected_logps if ref_rejected_logps.dtype == dt else ref_rejected_logps.to(dt)
     if pair_margin is not None:
         pair_margin = pair_margin.to(dt)
     n_yw = chosen_lengths.to(dt).clamp(min=1.0)
@@ -78,9 +79,9 @@ def loss_and_grads_torch(
     # term 1: (log ρ − 1/(2·β))² (per token)
     #   log WMC(top) = log p_w + log r_l
     #   log WMC(bottom) = log p_l + log r_w
-    top1 = m_yw_tok + ref_yl_tok
-    bot1 = m_yl_tok + ref_yw_tok
-    z1 = top1 - bot1 - g1
+    top1 = m_yw_tok.add_(ref_yl_tok)
+    bot1 = m_yl_tok.add_(ref_yw_tok)
+    z1 = top1.sub_(bot1).sub_(g1)
     if pair_margin is not None:
         z1 = z1 - pair_margin
     f1 = z1 * z1
@@ -93,9 +94,9 @@ def loss_and_grads_torch(
     g_ref_yl_tok = a1
     g_ref_yw_tok = -a1
     d_chosen_logps = g_m_yw_tok / n_yw
-    d_rejected_logps = g_m_yl_tok / n_yl
-    d_ref_chosen_logps = g_ref_yw_tok / n_yw
-    d_ref_rejected_logps = g_ref_yl_tok / n_yl
+    d_rejected_logps = g_m_yl_tok.div_(n_yl)
+    d_ref_chosen_logps = g_ref_yw_tok.div_(n_yw)
+    d_ref_rejected_logps = g_ref_yl_tok.div_(n_yl)
     return loss, (d_chosen_logps, d_rejected_logps, d_ref_chosen_logps, d_ref_rejected_logps)
 
 
@@ -221,9 +222,10 @@ class LossFunction(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, reduction: str, *tensors: torch.Tensor):
         """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;
-        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""
+        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:
+        "none", "mean" or "sum", done here so that autograd records one node, not three."""
         shape = tensors[0].shape
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
@@ -234,15 +236,20 @@ class LossFunction(torch.autograd.Function):
         else:  # elementwise torch ops take the tensors as they are
             loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
-        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
+        ctx.save_for_backward(*[grads[i] for i in SLOT_FIRST])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
-        return loss
+        ctx.scale = 1.0 / max(loss.numel(), 1) if reduction == "mean" else 1.0
+        if reduction == "none":
+            return loss
+        return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
+        if ctx.scale != 1.0:  # a mean: d mean / d loss_i = 1/B, applied to the one scalar grad_output
+            grad_loss = grad_loss * ctx.scale
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[4:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
@@ -253,7 +260,7 @@ class LossFunction(torch.autograd.Function):
                     g = g.to(dt)
                 scaled[k, dt] = g
             out.append(scaled[k, dt] if need else None)
-        return None, None, None, *out, *[None] * len(LENGTHS)
+        return None, None, None, None, *out, *[None] * len(LENGTHS)
 
 
 # the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
@@ -287,12 +294,15 @@ def per_pair_loss(
     beta: float = 0.1,
     pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
+    reduction: str = "none",
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
     pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed
     preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
+    reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd
+    function: its backward scales the saved gradients by one number).
     """
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths)
     shape, device = tensors[0].shape, tensors[0].device
@@ -307,4 +317,6 @@ def per_pair_loss(
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
     if refused:
         raise _InputError(refused)
-    return LossFunction.apply(use_triton, {"beta": beta}, pair_margin, *tensors)
+    if reduction not in ("none", "mean", "sum"):
+        raise _InputError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return LossFunction.apply(use_triton, {"beta": beta}, pair_margin, reduction, *tensors)

@@ -46,6 +46,7 @@ LENGTHS = ("chosen_lengths", "rejected_lengths")
 HYPERPARAMETERS = {"alpha": 1.0}
 # d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor
 GRAD_SLOT = (0, 1)
+SLOT_FIRST = tuple(GRAD_SLOT.index(k) for k in range(max(GRAD_SLOT) + 1))  # an input holding each one
 BLOCK = 1024
 LN2 = math.log(2.0)
 # @triton.jit picks Triton's interpreter or its compiler when this module is imported
@@ -95,8 +96,8 @@ def loss_and_grads_torch(
     """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
     dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     TINY = torch.finfo(dt).tiny
-    m_yw = chosen_logps.to(dt)
-    m_yl = rejected_logps.to(dt)
+    m_yw = chosen_logps if chosen_logps.dtype == dt else chosen_logps.to(dt)
+    m_yl = rejected_logps if rejected_logps.dtype == dt else rejected_logps.to(dt)
     if pair_margin is not None:
         pair_margin = pair_margin.to(dt)
     n_yw = chosen_lengths.to(dt).clamp(min=1.0)
@@ -121,17 +122,17 @@ def loss_and_grads_torch(
     l1m_m_yw_tok, dl1m_m_yw_tok = _log1mexp(m_yw_tok, TINY)
     top2 = m_yw_tok
     bot2 = l1m_m_yw_tok
-    u2_0 = bot2 - top2
+    u2_0 = bot2.sub_(top2)
     f2 = _softplus(u2_0)
     ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
     a2 = _scaled(-alpha, ndf2)  # d loss / d log rho_2
-    loss = f1 + _scaled(alpha, f2)
+    loss = f1.add_(_scaled(alpha, f2))
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_yw_tok = -a2
     g_m_yl_tok = -a1
-    g_m_yw_tok = a1 + a2 + g_l1m_m_yw_tok * dl1m_m_yw_tok
-    d_chosen_logps = g_m_yw_tok / n_yw
-    d_rejected_logps = g_m_yl_tok / n_yl
+    g_m_yw_tok = a1.add_(a2).add_(g_l1m_m_yw_tok.mul_(dl1m_m_yw_tok))
+    d_chosen_logps = g_m_yw_tok.div_(n_yw)
+    d_rejected_logps = g_m_yl_tok.div_(n_yl)
     return loss, (d_chosen_logps, d_rejected_logps)
 
 
@@ -296,9 +297,10 @@ class LossFunction(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, reduction: str, *tensors: torch.Tensor):
         """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;
-        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""
+        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:
+        "none", "mean" or "sum", done here so that autograd records one node, not three."""
         shape = tensors[0].shape
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
@@ -309,15 +311,20 @@ class LossFunction(torch.autograd.Function):
         else:  # elementwise torch ops take the tensors as they are
             loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
-        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
+        ctx.save_for_backward(*[grads[i] for i in SLOT_FIRST])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
-        return loss
+        ctx.scale = 1.0 / max(loss.numel(), 1) if reduction == "mean" else 1.0
+        if reduction == "none":
+            return loss
+        return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
+        if ctx.scale != 1.0:  # a mean: d mean / d loss_i = 1/B, applied to the one scalar grad_output
+            grad_loss = grad_loss * ctx.scale
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[4:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
@@ -328,7 +335,7 @@ class LossFunction(torch.autograd.Function):
                     g = g.to(dt)
                 scaled[k, dt] = g
             out.append(scaled[k, dt] if need else None)
-        return None, None, None, *out, *[None] * len(LENGTHS)
+        return None, None, None, None, *out, *[None] * len(LENGTHS)
 
 
 # the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
@@ -360,12 +367,15 @@ def per_pair_loss(
     alpha: float = 1.0,
     pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
+    reduction: str = "none",
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
     pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed
     preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
+    reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd
+    function: its backward scales the saved gradients by one number).
     """
     tensors = (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
     shape, device = tensors[0].shape, tensors[0].device
@@ -380,4 +390,6 @@ def per_pair_loss(
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
     if refused:
         raise _InputError(refused)
-    return LossFunction.apply(use_triton, {"alpha": alpha}, pair_margin, *tensors)
+    if reduction not in ("none", "mean", "sum"):
+        raise _InputError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return LossFunction.apply(use_triton, {"alpha": alpha}, pair_margin, reduction, *tensors)

@@ -51,6 +51,7 @@ LENGTHS = ("lengths_y1",)
 HYPERPARAMETERS = {"beta": 0.01, "label_smoothing": 0.0, "tpo_alpha": 1.0}
 # d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor
 GRAD_SLOT = (0, 1, 2)
+SLOT_FIRST = tuple(GRAD_SLOT.index(k) for k in range(max(GRAD_SLOT) + 1))  # an input holding each one
 BLOCK = 1024
 LN2 = math.log(2.0)
 # @triton.jit picks Triton's interpreter or its compiler when this module is imported
@@ -102,9 +103,9 @@ def loss_and_grads_torch(
     """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
     dt = torch.float64 if logps_y1.dtype == torch.float64 else torch.float32
     TINY = torch.finfo(dt).tiny
-    m_y1 = logps_y1.to(dt)
-    m_y2 = logps_y2.to(dt)
-    m_y3 = logps_y3.to(dt)
+    m_y1 = logps_y1 if logps_y1.dtype == dt else logps_y1.to(dt)
+    m_y2 = logps_y2 if logps_y2.dtype == dt else logps_y2.to(dt)
+    m_y3 = logps_y3 if logps_y3.dtype == dt else logps_y3.to(dt)
     if pair_margin is not None:
         pair_margin = pair_margin.to(dt)
     n_y1 = lengths_y1.to(dt).clamp(min=1.0)
@@ -120,7 +121,7 @@ def loss_and_grads_torch(
         u1_0 = u1_0 + pair_margin
     f1 = _softplus(u1_0)
     ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
-    a1 = _scaled(c1, -beta * ndf1)  # d loss / d log rho_1
+    a1 = _scaled(c1, ndf1.mul_(-beta))  # d loss / d log rho_1
     # term 2: ε_ls·[−log σ(β·log ρ)]
     #   log WMC(top) = log p_3
     #   log WMC(bottom) = log p_2
@@ -131,24 +132,24 @@ def loss_and_grads_torch(
         u2_0 = u2_0 - pair_margin
     f2 = _softplus(u2_0)
     ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
-    a2 = _scaled(label_smoothing, -beta * ndf2)  # d loss / d log rho_2
+    a2 = _scaled(label_smoothing, ndf2.mul_(-beta))  # d loss / d log rho_2
     # term 3: tpo_alpha·[−log σ(log ρ)] (per token)
     #   log WMC(top) = log p_1
     #   log WMC(bottom) = log1mexp(log p_1)
     l1m_m_y1_tok, dl1m_m_y1_tok = _log1mexp(m_y1_tok, TINY)
     top3 = m_y1_tok
     bot3 = l1m_m_y1_tok
-    u3_0 = bot3 - top3
+    u3_0 = bot3.sub_(top3)
     f3 = _softplus(u3_0)
     ndf3 = torch.sigmoid(u3_0)  # -f'(z3)
     a3 = _scaled(-tpo_alpha, ndf3)  # d loss / d log rho_3
-    loss = _scaled(c1, f1) + _scaled(label_smoothing, f2) + _scaled(tpo_alpha, f3)
+    loss = _scaled(c1, f1).add_(_scaled(label_smoothing, f2)).add_(_scaled(tpo_alpha, f3))
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_y1_tok = -a3
-    g_m_y1_tok = a3 + g_l1m_m_y1_tok * dl1m_m_y1_tok
-    d_logps_y1 = g_m_y1_tok / n_y1
+    g_m_y1_tok = a3.add_(g_l1m_m_y1_tok.mul_(dl1m_m_y1_tok))
+    d_logps_y1 = g_m_y1_tok.div_(n_y1)
     d_logps_y2 = a1 - a2
-    d_logps_y3 = -a1 + a2
+    d_logps_y3 = a1.neg_().add_(a2)
     return loss, (d_logps_y1, d_logps_y2, d_logps_y3)
 
 
@@ -331,9 +332,10 @@ class LossFunction(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, reduction: str, *tensors: torch.Tensor):
         """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;
-        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""
+        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:
+        "none", "mean" or "sum", done here so that autograd records one node, not three."""
         shape = tensors[0].shape
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
@@ -344,15 +346,20 @@ class LossFunction(torch.autograd.Function):
         else:  # elementwise torch ops take the tensors as they are
             loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
-        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
+        ctx.save_for_backward(*[grads[i] for i in SLOT_FIRST])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
-        return loss
+        ctx.scale = 1.0 / max(loss.numel(), 1) if reduction == "mean" else 1.0
+        if reduction == "none":
+            return loss
+        return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
+        if ctx.scale != 1.0:  # a mean: d mean / d loss_i = 1/B, applied to the one scalar grad_output
+            grad_loss = grad_loss * ctx.scale
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[4:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
@@ -363,7 +370,7 @@ class LossFunction(torch.autograd.Function):
                     g = g.to(dt)
                 scaled[k, dt] = g
             out.append(scaled[k, dt] if need else None)
-        return None, None, None, *out, *[None] * len(LENGTHS)
+        return None, None, None, None, *out, *[None] * len(LENGTHS)
 
 
 # the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
@@ -397,12 +404,15 @@ def per_pair_loss(
     tpo_alpha: float = 1.0,
     pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
+    reduction: str = "none",
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
     pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed
     preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
+    reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd
+    function: its backward scales the saved gradients by one number).
     """
     tensors = (logps_y1, logps_y2, logps_y3, lengths_y1)
     shape, device = tensors[0].shape, tensors[0].device
@@ -417,6 +427,12 @@ def per_pair_loss(
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
     if refused:
         raise _InputError(refused)
+    if reduction not in ("none", "mean", "sum"):
+        raise _InputError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     return LossFunction.apply(
-        use_triton, {"beta": beta, "label_smoothing": label_smoothing, "tpo_alpha": tpo_alpha}, pair_margin, *tensors
+        use_triton,
+        {"beta": beta, "label_smoothing": label_smoothing, "tpo_alpha": tpo_alpha},
+        pair_margin,
+        reduction,
+        *tensors,
     )

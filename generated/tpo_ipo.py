@@ -46,6 +46,7 @@ LENGTHS = ("lengths_y1", "lengths_y2", "lengths_y3")
 HYPERPARAMETERS = {"beta": 0.01, "tpo_alpha": 1.0}
 # d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor
 GRAD_SLOT = (0, 1, 2)
+SLOT_FIRST = tuple(GRAD_SLOT.index(k) for k in range(max(GRAD_SLOT) + 1))  # an input holding each one
 BLOCK = 1024
 LN2 = math.log(2.0)
 # @triton.jit picks Triton's interpreter or its compiler when this module is imported
@@ -98,9 +99,9 @@ def loss_and_grads_torch(
     """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
     dt = torch.float64 if logps_y1.dtype == torch.float64 else torch.float32
     TINY = torch.finfo(dt).tiny
-    m_y1 = logps_y1.to(dt)
-    m_y2 = logps_y2.to(dt)
-    m_y3 = logps_y3.to(dt)
+    m_y1 = logps_y1 if logps_y1.dtype == dt else logps_y1.to(dt)
+    m_y2 = logps_y2 if logps_y2.dtype == dt else logps_y2.to(dt)
+    m_y3 = logps_y3 if logps_y3.dtype == dt else logps_y3.to(dt)
     if pair_margin is not None:
         pair_margin = pair_margin.to(dt)
     n_y1 = lengths_y1.to(dt).clamp(min=1.0)
@@ -115,7 +116,7 @@ def loss_and_grads_torch(
     #   log WMC(bottom) = log p_3
     top1 = m_y2_tok
     bot1 = m_y3_tok
-    z1 = top1 - bot1 - g1
+    z1 = top1.sub_(bot1).sub_(g1)
     if pair_margin is not None:
         z1 = z1 - pair_margin
     f1 = z1 * z1
@@ -127,19 +128,19 @@ def loss_and_grads_torch(
     l1m_m_y1_tok, dl1m_m_y1_tok = _log1mexp(m_y1_tok, TINY)
     top2 = m_y1_tok
     bot2 = l1m_m_y1_tok
-    u2_0 = bot2 - top2
+    u2_0 = bot2.sub_(top2)
     f2 = _softplus(u2_0)
     ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
     a2 = _scaled(-tpo_alpha, ndf2)  # d loss / d log rho_2
-    loss = f1 + _scaled(tpo_alpha, f2)
+    loss = f1.add_(_scaled(tpo_alpha, f2))
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_y1_tok = -a2
-    g_m_y1_tok = a2 + g_l1m_m_y1_tok * dl1m_m_y1_tok
+    g_m_y1_tok = a2.add_(g_l1m_m_y1_tok.mul_(dl1m_m_y1_tok))
     g_m_y2_tok = a1
     g_m_y3_tok = -a1
-    d_logps_y1 = g_m_y1_tok / n_y1
-    d_logps_y2 = g_m_y2_tok / n_y2
-    d_logps_y3 = g_m_y3_tok / n_y3
+    d_logps_y1 = g_m_y1_tok.div_(n_y1)
+    d_logps_y2 = g_m_y2_tok.div_(n_y2)
+    d_logps_y3 = g_m_y3_tok.div_(n_y3)
     return loss, (d_logps_y1, d_logps_y2, d_logps_y3)
 
 
@@ -320,9 +321,10 @@ class LossFunction(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, reduction: str, *tensors: torch.Tensor):
         """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;
-        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""
+        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:
+        "none", "mean" or "sum", done here so that autograd records one node, not three."""
         shape = tensors[0].shape
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
@@ -333,15 +335,20 @@ class LossFunction(torch.autograd.Function):
         else:  # elementwise torch ops take the tensors as they are
             loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
-        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])
+        ctx.save_for_backward(*[grads[i] for i in SLOT_FIRST])
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
-        return loss
+        ctx.scale = 1.0 / max(loss.numel(), 1) if reduction == "mean" else 1.0
+        if reduction == "none":
+            return loss
+        return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled = ctx.saved_tensors, {}
+        if ctx.scale != 1.0:  # a mean: d mean / d loss_i = 1/B, applied to the one scalar grad_output
+            grad_loss = grad_loss * ctx.scale
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):
+        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[4:]):
             if need and (k, dt) not in scaled:
                 g = grad_loss * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
@@ -352,7 +359,7 @@ class LossFunction(torch.autograd.Function):
                     g = g.to(dt)
                 scaled[k, dt] = g
             out.append(scaled[k, dt] if need else None)
-        return None, None, None, *out, *[None] * len(LENGTHS)
+        return None, None, None, None, *out, *[None] * len(LENGTHS)
 
 
 # the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
@@ -387,12 +394,15 @@ def per_pair_loss(
     tpo_alpha: float = 1.0,
     pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
+    reduction: str = "none",
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
     pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed
     preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
+    reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd
+    function: its backward scales the saved gradients by one number).
     """
     tensors = (logps_y1, logps_y2, logps_y3, lengths_y1, lengths_y2, lengths_y3)
     shape, device = tensors[0].shape, tensors[0].device
@@ -407,4 +417,6 @@ def per_pair_loss(
     use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)
     if refused:
         raise _InputError(refused)
-    return LossFunction.apply(use_triton, {"beta": beta, "tpo_alpha": tpo_alpha}, pair_margin, *tensors)
+    if reduction not in ("none", "mean", "sum"):
+        raise _InputError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return LossFunction.apply(use_triton, {"beta": beta, "tpo_alpha": tpo_alpha}, pair_margin, reduction, *tensors)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from dpalogic.compile.emit import _body
 from dpalogic.compile.helpers import _TORCH_DEPS, _TORCH_HELPERS, _TRITON_DEPS, _TRITON_HELPERS, _closure
+from dpalogic.compile.inplace import in_place
 from dpalogic.compile.names import _ident, _var, input_name, length_answers, length_name
 from dpalogic.errors import DPALogicError
 from dpalogic.language.syntax import Atom
@@ -247,6 +248,7 @@ def _prelude(p: _Parts) -> list[str]:
         f"HYPERPARAMETERS = {_lit(p.hp)}",
         "# d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor",
         f"GRAD_SLOT = {_lit(tuple(p.torch_body.grad_slot))}",
+        "SLOT_FIRST = tuple(GRAD_SLOT.index(k) for k in range(max(GRAD_SLOT) + 1))  # an input holding each one",
         f"BLOCK = {BLOCK}",
         "LN2 = math.log(2.0)",
         "# @triton.jit picks Triton's interpreter or its compiler when this module is imported",
@@ -268,12 +270,14 @@ def _torch_twin(p: _Parts) -> list[str]:
     ]
     if p.torch_body.l1m:
         L.append("    TINY = torch.finfo(dt).tiny")
-    L += [f"    {_var(a)} = {x}.to(dt)" for a, x in zip(p.atoms, p.inputs)]
+    # .to() costs a call even when it returns its input (about 1 µs, a fifth of a small loss's op): only when needed
+    L += [f"    {_var(a)} = {x} if {x}.dtype == dt else {x}.to(dt)" for a, x in zip(p.atoms, p.inputs)]
     if p.torch_body.uses_margin:
         L += ["    if pair_margin is not None:", "        pair_margin = pair_margin.to(dt)"]
     L += [f"    n_{ans} = {ln}.to(dt).clamp(min=1.0)" for ans, ln in zip(p.answers, p.lengths)]
-    L += _wrap_body(p.torch_body.lines, 4)
     grads = [f"d_{x}" for x in p.inputs]
+    bound = [_var(a) for a in p.atoms] + [f"n_{ans}" for ans in p.answers] + ["pair_margin"]
+    L += _wrap_body(in_place(p.torch_body.lines, bound, {"loss", *grads}, LINE - 4), 4)
     L += _wrap_call(4, "return loss, (", grads, ")") if len(grads) > 1 else [f"    return loss, (d_{p.inputs[0]},)"]
     return L
 
@@ -354,9 +358,10 @@ _AUTOGRAD = [
     '    """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""',
     "",
     "    @staticmethod",
-    "    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, *tensors: torch.Tensor) -> torch.Tensor:",
+    "    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, reduction: str, *tensors: torch.Tensor):",
     '        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;',
-    '        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient)."""',
+    "        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:",
+    '        "none", "mean" or "sum", done here so that autograd records one node, not three."""',
     "        shape = tensors[0].shape",
     "        if use_triton:  # the kernel reads and writes contiguous 1-D buffers",
     "            flat = [t.reshape(-1).contiguous() for t in tensors]",
@@ -367,15 +372,20 @@ _AUTOGRAD = [
     "        else:  # elementwise torch ops take the tensors as they are",
     "            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)",
     "        # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once",
-    "        ctx.save_for_backward(*[grads[GRAD_SLOT.index(k)] for k in range(max(GRAD_SLOT) + 1)])",
+    "        ctx.save_for_backward(*[grads[i] for i in SLOT_FIRST])",
     "        ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]",
-    "        return loss",
+    '        ctx.scale = 1.0 / max(loss.numel(), 1) if reduction == "mean" else 1.0',
+    '        if reduction == "none":',
+    "            return loss",
+    '        return loss.mean() if reduction == "mean" else loss.sum()',
     "",
     "    @staticmethod",
     "    def backward(ctx, grad_loss: torch.Tensor):",
     "        saved, scaled = ctx.saved_tensors, {}",
+    "        if ctx.scale != 1.0:  # a mean: d mean / d loss_i = 1/B, applied to the one scalar grad_output",
+    "            grad_loss = grad_loss * ctx.scale",
     "        out = []",
-    "        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[3:]):",
+    "        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[4:]):",
     "            if need and (k, dt) not in scaled:",
     "                g = grad_loss * saved[k]",
     "                if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their",
@@ -386,7 +396,7 @@ _AUTOGRAD = [
     "                    g = g.to(dt)",
     "                scaled[k, dt] = g",
     "            out.append(scaled[k, dt] if need else None)",
-    "        return None, None, None, *out, *[None] * len(LENGTHS)",
+    "        return None, None, None, None, *out, *[None] * len(LENGTHS)",
 ]
 
 
@@ -394,7 +404,7 @@ def _per_pair_loss(p: _Parts) -> list[str]:
     """The module's entry point: broadcast, the backend rule (copied from the one in dpalogic), the autograd call."""
     pp = [f"    {x}: torch.Tensor," for x in p.args]
     pp += ["    *,", *[f"    {k}: float = {v!r}," for k, v in p.hp.items()]]
-    pp += ["    pair_margin: torch.Tensor | None = None,", '    backend: str = "auto",']
+    pp += ["    pair_margin: torch.Tensor | None = None,", '    backend: str = "auto",', '    reduction: str = "none",']
     hp_dict = "{" + ", ".join(f"{_lit(k)}: {k}" for k in p.hp) + "}"
     return [
         "",
@@ -411,6 +421,8 @@ def _per_pair_loss(p: _Parts) -> list[str]:
         "    pair_margin: a per-pair shift m_i of every preference term's z (z - m_i; smoothing terms, the reversed",
         "    preference, z + m_i; NLL terms none), broadcast with the inputs; it is data and gets no gradient.",
         '    backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".',
+        '    reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd',
+        "    function: its backward scales the saved gradients by one number).",
         '    """',
         *_wrap_call(4, "tensors = (", p.args, ")" if len(p.args) > 1 else ",)"),
         "    shape, device = tensors[0].shape, tensors[0].device",
@@ -425,5 +437,7 @@ def _per_pair_loss(p: _Parts) -> list[str]:
         '    use_triton, refused = backend_rule(backend, device.type == "cuda", KERNEL is not None, INTERPRETED)',
         "    if refused:",
         "        raise _InputError(refused)",
-        *_wrap_call(4, "return LossFunction.apply(", ["use_triton", hp_dict, "pair_margin", "*tensors"]),
+        '    if reduction not in ("none", "mean", "sum"):',
+        "        raise _InputError(f\"reduction must be 'none', 'mean' or 'sum', got {reduction!r}\")",
+        *_wrap_call(4, "return LossFunction.apply(", ["use_triton", hp_dict, "pair_margin", "reduction", "*tensors"]),
     ]
