@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import dpalogic
 from dpalogic import DPALogicError, FusedLinearPreferenceLoss, PreferenceLoss
 from dpalogic.cli import main
+from dpalogic.semantics.links import user_link
 
 CPO = "(M(yl) -> M(yw), M(yw) | M(yl), M(yw) & M(yl))"  # ✓ = M(yw), ✗ = M(yl): log ρ = log p_w − log p_l
 
@@ -183,3 +184,39 @@ def test_a_link_is_refused_before_anything_runs():
         PreferenceLoss(CPO, link="softplus(margin - z)")
     with pytest.raises(DPALogicError, match="not a function of z"):
         dpalogic.FusedLinearPreferenceLoss("cpo", link="1 + beta")
+
+
+def _names_beside_hyperparameters() -> set[str]:
+    """Every name the generated modules use in the scopes that also hold the hyperparameters (the twin, the kernel,
+    its launcher, per_pair_loss), found by parsing the committed modules: each must be refused as a link parameter."""
+    import ast
+    from pathlib import Path
+
+    names: set[str] = set()
+    for path in sorted((Path(__file__).parents[1] / "generated").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        hp = {}
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "HYPERPARAMETERS":
+                hp = ast.literal_eval(node.value)
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and (
+                fn.name in ("loss_and_grads_torch", "loss_and_grads_triton", "per_pair_loss")
+                or fn.name.endswith("_fwd_bwd")
+            ):
+                for n in ast.walk(fn):
+                    ident = n.id if isinstance(n, ast.Name) else n.arg if isinstance(n, ast.arg) else None
+                    if ident and ident not in hp and not ident.startswith("_"):
+                        names.add(ident)
+    return names - {"t", "k", "d"}  # the variables of comprehensions (a scope of their own)
+
+
+def test_link_parameters_cannot_take_a_name_the_compiled_code_uses():
+    names = _names_beside_hyperparameters()
+    assert {"dt", "loss", "pair_margin", "m_yw", "a1", "n"} <= names  # the parse found the scopes
+    for name in sorted(names):
+        with pytest.raises(DPALogicError, match="a name the compiled code uses itself"):
+            user_link(f"softplus({name} - z)", {name: 1.0})
+    loss = PreferenceLoss(CPO, link="softplus(m - z)", m=0.5, beta=1.0, reduction="none")  # a plain word is fine
+    w, lo = pair(seed=11)
+    torch.testing.assert_close(loss(w, lo), F.softplus(0.5 - (w - lo)))

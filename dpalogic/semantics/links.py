@@ -12,6 +12,8 @@ User links are parsed from text without evaluating it (``dpalogic.language.equat
 
 from __future__ import annotations
 
+import keyword
+import re
 from dataclasses import dataclass
 
 import sympy
@@ -212,6 +214,26 @@ def _link_functions() -> dict[str, tuple[int, int, object]]:
     }
 
 
+# names the generated modules use next to the hyperparameters (dpalogic.compile.module): a link parameter is a keyword
+# argument and a variable there, so it must not be one of them (a parameter "dt" or "pair_margin" would break them)
+_CODE_NAMES = frozenset(
+    "z dt loss zero n grads grid mask offs shape device tensors refused backend reduction pair_margin grad_scale TINY "
+    "BLOCK LN2 HAS_MARGIN KERNEL INTERPRETED torch tl triton math os float int max min abs len any all tuple range "
+    "zip sum str bool dict LossFunction NAME ATOMS INPUTS LENGTHS HYPERPARAMETERS GRAD_SLOT SLOT_FIRST".split()
+)
+# the twin's temporaries: top1, bot1, z1, f1, df1, ndf1, a1, u1_0, s1, k1, g1, c1, p1 (and anything with an underscore)
+_TEMPORARY = re.compile(r"(top|bot|z|f|df|ndf|a|u|s|k|g|c|p)[0-9]+|.*_.*")
+
+
+def _free_parameter_name(name: str) -> bool:
+    return (
+        name.isidentifier()
+        and not keyword.iskeyword(name)
+        and name not in _CODE_NAMES
+        and not _TEMPORARY.fullmatch(name)
+    )
+
+
 def user_link(text: str, values: dict[str, float] | None = None) -> Link:
     """A link from the user's expression in ``z`` (parsed, never evaluated); its other names are parameters whose
     values come with the hyperparameters (``softplus(margin - z)`` with ``margin=0.5``). Registered under
@@ -227,6 +249,12 @@ def user_link(text: str, values: dict[str, float] | None = None) -> Link:
     if Z not in expr.free_symbols:
         raise DPALogicError(f"the link {text!r} is not a function of z (z = β·log ρ − γ): write it in z")
     names = sorted(s.name for s in expr.free_symbols if s != Z)
+    for n in names:
+        if not _free_parameter_name(n):
+            raise DPALogicError(
+                f"the link {text!r} names a parameter {n!r}, a name the compiled code uses itself: call it something "
+                "else (a plain word such as margin, tau or delta)"
+            )
     given = values or {}
     missing = [n for n in names if n not in given]
     if missing:
