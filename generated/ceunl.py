@@ -39,9 +39,10 @@ ATOMS = ("M(yw)", "M(yl)")
 INPUTS = ("chosen_logps", "rejected_logps")
 LENGTHS = ()
 HYPERPARAMETERS = {}
-# d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor
+# d loss / d INPUTS[i] = GRAD_SIGN[i] * (the GRAD_SLOT[i]-th distinct gradient): inputs whose gradients agree
+# up to sign share one tensor (DPO: d chosen = d ref rejected = -d rejected = -d ref chosen)
 GRAD_SLOT = (0, 1)
-SLOT_FIRST = tuple(GRAD_SLOT.index(k) for k in range(max(GRAD_SLOT) + 1))  # an input holding each one
+GRAD_SIGN = (1.0, 1.0)
 BLOCK = 1024
 LN2 = math.log(2.0)
 # @triton.jit picks Triton's interpreter or its compiler when this module is imported
@@ -84,8 +85,10 @@ def loss_and_grads_torch(
     rejected_logps: torch.Tensor,
     *,
     pair_margin: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
+    """The loss of every pair and its distinct gradients (see GRAD_SLOT; `input_grads` gives one per input), in
+    the compute dtype, times grad_scale (a mean's 1/B: it rides on a scalar they are multiplied by anyway)."""
     dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     TINY = torch.finfo(dt).tiny
     m_yw = chosen_logps if chosen_logps.dtype == dt else chosen_logps.to(dt)
@@ -105,7 +108,7 @@ def loss_and_grads_torch(
         u1_0 = u1_0 + pair_margin
     f1 = _softplus(u1_0)
     ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
-    a1 = ndf1.neg_()  # d loss / d log rho_1
+    a1 = ndf1.mul_(-grad_scale)  # d loss / d log rho_1
     loss = f1
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_yl = a1
@@ -113,6 +116,11 @@ def loss_and_grads_torch(
     d_chosen_logps = (a1 - a1 * s1_wa).add_(g_l1m_m_yw.mul_(dl1m_m_yw))
     d_rejected_logps = (-a1).mul_(s1_wa).add_(dl1m_m_yl.mul_(g_l1m_m_yl))
     return loss, (d_chosen_logps, d_rejected_logps)
+
+
+def input_grads(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """d loss / d input for every input (INPUTS order), from the distinct gradients the twin or kernel gives."""
+    return tuple(grads[k] if s > 0 else -grads[k] for k, s in zip(GRAD_SLOT, GRAD_SIGN))
 
 
 # ---------------------------------------------------------------------------------------------------- Triton kernel
@@ -177,6 +185,7 @@ if triton is not None:
         d_chosen_logps_ptr,
         d_rejected_logps_ptr,
         n_pairs,
+        grad_scale,
         HAS_MARGIN: tl.constexpr,
         TINY: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -200,7 +209,7 @@ if triton is not None:
             u1_0 = u1_0 + tl.load(pair_margin_ptr + offs, mask=mask, other=0.0).to(dt)
         f1 = _softplus_tl(u1_0)
         ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
-        a1 = -ndf1  # d loss / d log rho_1
+        a1 = -grad_scale * ndf1  # d loss / d log rho_1
         loss = f1
         # backward: the chain rule through the plans, collected per input
         g_l1m_m_yl = a1
@@ -226,6 +235,7 @@ def loss_and_grads_triton(
     rejected_logps: torch.Tensor,
     *,
     pair_margin: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The same as `loss_and_grads_torch`, from one launch of the fused kernel (inputs: contiguous, 1-D)."""
     if not triton_available(chosen_logps.device):
@@ -246,11 +256,12 @@ def loss_and_grads_triton(
             loss,
             *grads,
             n,
+            float(grad_scale),
             HAS_MARGIN=pair_margin is not None,
             TINY=torch.finfo(dt).tiny,
             BLOCK=BLOCK,
         )
-    return loss, tuple(grads[k] for k in GRAD_SLOT)
+    return loss, tuple(grads)
 
 
 class LossFunction(torch.autograd.Function):
@@ -262,39 +273,41 @@ class LossFunction(torch.autograd.Function):
         pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:
         "none", "mean" or "sum", done here so that autograd records one node, not three."""
         shape = tensors[0].shape
+        # a mean's d/d loss_i = 1/B, folded into the gradients as they are computed: backward then only scales
+        # by grad_output (a scalar for a reduced loss)
+        scale = 1.0 / max(shape.numel(), 1) if reduction == "mean" else 1.0
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
             if pair_margin is not None:
                 pair_margin = pair_margin.reshape(-1).contiguous()
-            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin)
+            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin, grad_scale=scale)
             loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]
         else:  # elementwise torch ops take the tensors as they are
-            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
+            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin, grad_scale=scale)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
-        ctx.save_for_backward(*[grads[i] for i in SLOT_FIRST])
+        ctx.save_for_backward(*grads)
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
-        ctx.scale = 1.0 / max(loss.numel(), 1) if reduction == "mean" else 1.0
         if reduction == "none":
             return loss
         return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        saved, scaled = ctx.saved_tensors, {}
-        if ctx.scale != 1.0:  # a mean: d mean / d loss_i = 1/B, applied to the one scalar grad_output
-            grad_loss = grad_loss * ctx.scale
+        saved, scaled, signed = ctx.saved_tensors, {}, {1.0: grad_loss}
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[4:]):
-            if need and (k, dt) not in scaled:
-                g = grad_loss * saved[k]
+        for k, sign, dt, need in zip(GRAD_SLOT, GRAD_SIGN, ctx.dtypes, ctx.needs_input_grad[4:]):
+            if need and (k, sign, dt) not in scaled:
+                if sign not in signed:  # the sign on grad_output: a scalar for a reduced loss
+                    signed[sign] = -grad_loss
+                g = signed[sign] * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
                     # dtype, saturated at its largest finite value: near log p = 0 the float32 gradient of a
                     # log1mexp(log p) factor (about 1/|log p|) is finite but exceeds float16's range
                     g = g.clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt)
                 elif g.dtype != dt:  # a wider input (float64 among float32 ones) takes them as they are
                     g = g.to(dt)
-                scaled[k, dt] = g
-            out.append(scaled[k, dt] if need else None)
+                scaled[k, sign, dt] = g
+            out.append(scaled[k, sign, dt] if need else None)
         return None, None, None, None, *out, *[None] * len(LENGTHS)
 
 

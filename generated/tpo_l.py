@@ -49,9 +49,10 @@ ATOMS = ("M(y1)", "M(y2)", "M(y3)")
 INPUTS = ("logps_y1", "logps_y2", "logps_y3")
 LENGTHS = ("lengths_y1", "lengths_y2", "lengths_y3")
 HYPERPARAMETERS = {"beta": 0.01, "label_smoothing": 0.0, "tpo_alpha": 1.0, "tpo_l_gamma": 0.5}
-# d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor
+# d loss / d INPUTS[i] = GRAD_SIGN[i] * (the GRAD_SLOT[i]-th distinct gradient): inputs whose gradients agree
+# up to sign share one tensor (DPO: d chosen = d ref rejected = -d rejected = -d ref chosen)
 GRAD_SLOT = (0, 1, 2)
-SLOT_FIRST = tuple(GRAD_SLOT.index(k) for k in range(max(GRAD_SLOT) + 1))  # an input holding each one
+GRAD_SIGN = (1.0, 1.0, 1.0)
 BLOCK = 1024
 LN2 = math.log(2.0)
 # @triton.jit picks Triton's interpreter or its compiler when this module is imported
@@ -102,8 +103,10 @@ def loss_and_grads_torch(
     tpo_alpha: float,
     tpo_l_gamma: float,
     pair_margin: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""
+    """The loss of every pair and its distinct gradients (see GRAD_SLOT; `input_grads` gives one per input), in
+    the compute dtype, times grad_scale (a mean's 1/B: it rides on a scalar they are multiplied by anyway)."""
     dt = torch.float64 if logps_y1.dtype == torch.float64 else torch.float32
     TINY = torch.finfo(dt).tiny
     m_y1 = logps_y1 if logps_y1.dtype == dt else logps_y1.to(dt)
@@ -128,7 +131,7 @@ def loss_and_grads_torch(
         u1_0 = u1_0 + pair_margin
     f1 = _softplus(u1_0)
     ndf1 = torch.sigmoid(u1_0)  # -f'(z1)
-    a1 = _scaled(c1, ndf1.mul_(-beta))  # d loss / d log rho_1
+    a1 = _scaled(c1, ndf1.mul_(-beta * grad_scale))  # d loss / d log rho_1
     # term 2: ε_ls·[−log σ(β·log ρ + tpo_l_gamma)] (per token)
     #   log WMC(top) = log p_3
     #   log WMC(bottom) = log p_2
@@ -139,7 +142,7 @@ def loss_and_grads_torch(
         u2_0 = u2_0 - pair_margin
     f2 = _softplus(u2_0)
     ndf2 = torch.sigmoid(u2_0)  # -f'(z2)
-    a2 = _scaled(label_smoothing, ndf2.mul_(-beta))  # d loss / d log rho_2
+    a2 = _scaled(label_smoothing, ndf2.mul_(-beta * grad_scale))  # d loss / d log rho_2
     # term 3: tpo_alpha·[−log σ(log ρ)] (per token)
     #   log WMC(top) = log p_1
     #   log WMC(bottom) = log1mexp(log p_1)
@@ -149,7 +152,7 @@ def loss_and_grads_torch(
     u3_0 = bot3.sub_(top3)
     f3 = _softplus(u3_0)
     ndf3 = torch.sigmoid(u3_0)  # -f'(z3)
-    a3 = _scaled(-tpo_alpha, ndf3)  # d loss / d log rho_3
+    a3 = _scaled(-tpo_alpha * grad_scale, ndf3)  # d loss / d log rho_3
     loss = _scaled(c1, f1).add_(_scaled(label_smoothing, f2)).add_(_scaled(tpo_alpha, f3))
     # backward: the chain rule through the plans, collected per input
     g_l1m_m_y1_tok = -a3
@@ -160,6 +163,11 @@ def loss_and_grads_torch(
     d_logps_y2 = g_m_y2_tok.div_(n_y2)
     d_logps_y3 = g_m_y3_tok.div_(n_y3)
     return loss, (d_logps_y1, d_logps_y2, d_logps_y3)
+
+
+def input_grads(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """d loss / d input for every input (INPUTS order), from the distinct gradients the twin or kernel gives."""
+    return tuple(grads[k] if s > 0 else -grads[k] for k, s in zip(GRAD_SLOT, GRAD_SIGN))
 
 
 # ---------------------------------------------------------------------------------------------------- Triton kernel
@@ -230,6 +238,7 @@ if triton is not None:
         label_smoothing,
         tpo_alpha,
         tpo_l_gamma,
+        grad_scale,
         HAS_MARGIN: tl.constexpr,
         TINY: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -258,7 +267,7 @@ if triton is not None:
             u1_0 = u1_0 + tl.load(pair_margin_ptr + offs, mask=mask, other=0.0).to(dt)
         f1 = _softplus_tl(u1_0)
         ndf1 = _sigmoid_tl(u1_0)  # -f'(z1)
-        a1 = _scaled_tl(c1, -beta * ndf1)  # d loss / d log rho_1
+        a1 = _scaled_tl(c1, -beta * grad_scale * ndf1)  # d loss / d log rho_1
         # term 2: ε_ls·[−log σ(β·log ρ + tpo_l_gamma)] (per token)
         #   log WMC(top) = log p_3
         #   log WMC(bottom) = log p_2
@@ -269,7 +278,7 @@ if triton is not None:
             u2_0 = u2_0 - tl.load(pair_margin_ptr + offs, mask=mask, other=0.0).to(dt)
         f2 = _softplus_tl(u2_0)
         ndf2 = _sigmoid_tl(u2_0)  # -f'(z2)
-        a2 = _scaled_tl(label_smoothing, -beta * ndf2)  # d loss / d log rho_2
+        a2 = _scaled_tl(label_smoothing, -beta * grad_scale * ndf2)  # d loss / d log rho_2
         # term 3: tpo_alpha·[−log σ(log ρ)] (per token)
         #   log WMC(top) = log p_1
         #   log WMC(bottom) = log1mexp(log p_1)
@@ -279,7 +288,7 @@ if triton is not None:
         u3_0 = bot3 - top3
         f3 = _softplus_tl(u3_0)
         ndf3 = _sigmoid_tl(u3_0)  # -f'(z3)
-        a3 = _scaled_tl(-tpo_alpha, ndf3)  # d loss / d log rho_3
+        a3 = _scaled_tl(-tpo_alpha * grad_scale, ndf3)  # d loss / d log rho_3
         loss = _scaled_tl(c1, f1) + _scaled_tl(label_smoothing, f2) + _scaled_tl(tpo_alpha, f3)
         # backward: the chain rule through the plans, collected per input
         g_l1m_m_y1_tok = -a3
@@ -317,6 +326,7 @@ def loss_and_grads_triton(
     tpo_alpha: float,
     tpo_l_gamma: float,
     pair_margin: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The same as `loss_and_grads_torch`, from one launch of the fused kernel (inputs: contiguous, 1-D)."""
     if not triton_available(logps_y1.device):
@@ -345,11 +355,12 @@ def loss_and_grads_triton(
             float(label_smoothing),
             float(tpo_alpha),
             float(tpo_l_gamma),
+            float(grad_scale),
             HAS_MARGIN=pair_margin is not None,
             TINY=torch.finfo(dt).tiny,
             BLOCK=BLOCK,
         )
-    return loss, tuple(grads[k] for k in GRAD_SLOT)
+    return loss, tuple(grads)
 
 
 class LossFunction(torch.autograd.Function):
@@ -361,39 +372,41 @@ class LossFunction(torch.autograd.Function):
         pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:
         "none", "mean" or "sum", done here so that autograd records one node, not three."""
         shape = tensors[0].shape
+        # a mean's d/d loss_i = 1/B, folded into the gradients as they are computed: backward then only scales
+        # by grad_output (a scalar for a reduced loss)
+        scale = 1.0 / max(shape.numel(), 1) if reduction == "mean" else 1.0
         if use_triton:  # the kernel reads and writes contiguous 1-D buffers
             flat = [t.reshape(-1).contiguous() for t in tensors]
             if pair_margin is not None:
                 pair_margin = pair_margin.reshape(-1).contiguous()
-            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin)
+            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin, grad_scale=scale)
             loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]
         else:  # elementwise torch ops take the tensors as they are
-            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)
+            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin, grad_scale=scale)
         # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once
-        ctx.save_for_backward(*[grads[i] for i in SLOT_FIRST])
+        ctx.save_for_backward(*grads)
         ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]
-        ctx.scale = 1.0 / max(loss.numel(), 1) if reduction == "mean" else 1.0
         if reduction == "none":
             return loss
         return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        saved, scaled = ctx.saved_tensors, {}
-        if ctx.scale != 1.0:  # a mean: d mean / d loss_i = 1/B, applied to the one scalar grad_output
-            grad_loss = grad_loss * ctx.scale
+        saved, scaled, signed = ctx.saved_tensors, {}, {1.0: grad_loss}
         out = []
-        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[4:]):
-            if need and (k, dt) not in scaled:
-                g = grad_loss * saved[k]
+        for k, sign, dt, need in zip(GRAD_SLOT, GRAD_SIGN, ctx.dtypes, ctx.needs_input_grad[4:]):
+            if need and (k, sign, dt) not in scaled:
+                if sign not in signed:  # the sign on grad_output: a scalar for a reduced loss
+                    signed[sign] = -grad_loss
+                g = signed[sign] * saved[k]
                 if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their
                     # dtype, saturated at its largest finite value: near log p = 0 the float32 gradient of a
                     # log1mexp(log p) factor (about 1/|log p|) is finite but exceeds float16's range
                     g = g.clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt)
                 elif g.dtype != dt:  # a wider input (float64 among float32 ones) takes them as they are
                     g = g.to(dt)
-                scaled[k, dt] = g
-            out.append(scaled[k, dt] if need else None)
+                scaled[k, sign, dt] = g
+            out.append(scaled[k, sign, dt] if need else None)
         return None, None, None, None, *out, *[None] * len(LENGTHS)
 
 

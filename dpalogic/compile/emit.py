@@ -29,6 +29,7 @@ class _Body:
     zvar: str = ""  # the link argument being emitted (dtype of indicator functions)
     counter: int = 0
     grad_slot: list[int] = field(default_factory=list)  # input → its distinct gradient (inputs may share one)
+    grad_sign: list[float] = field(default_factory=list)  # input → ±1: its gradient is that one, or its negation
     uses_margin: bool = False  # some term's z is shifted by the per-pair margin
 
     def shift_by_margin(self, var: str, sign: str) -> None:
@@ -254,16 +255,19 @@ def _term(body: _Body, k: int, t: Term, const: _Constants) -> str:
     # preference term reversed (z → −z, γ → −γ), so its z becomes z + m_i; NLL terms have no preference to shift
     margin = {"preference": "-", "smoothing": "+"}.get(t.role, "")
     negated = _emit_link(body, LINKS[t.link], k, dict(t.link_params), const, (z, neg_z), margin)
-    if negated:  # the factor carries the derivative's sign: (−β)·ndf is one pass, β·(−ndf) two
-        grad_factor = f"-{scale} * ndf{k}" if scale else f"-ndf{k}"
+    # the factor carries the derivative's sign and the caller's grad_scale (a mean's 1/B): scalars multiplied in
+    # Python, then one pass over the tensor — (−β·s)·ndf is one pass where β·(−ndf), then ·s, would be three
+    if negated:
+        grad_factor = f"-{scale} * grad_scale * ndf{k}" if scale else f"-grad_scale * ndf{k}"
     else:
-        grad_factor = f"{scale} * df{k}" if scale else f"df{k}"
+        grad_factor = f"{scale} * grad_scale * df{k}" if scale else f"grad_scale * df{k}"
     coef = sympy.sympify(t.coef)
     if coef.free_symbols:
         # a coefficient may vanish (label smoothing 0, alpha 0): the term then contributes exactly nothing
         c = const(coef, "c")
         part = f"{body.helper('scaled')}({c}, f{k})"
-        cf = (f"-{c}", f"ndf{k}") if negated and not scale else (c, grad_factor)  # the sign on the scalar
+        # the sign and grad_scale on the scalar (c · s is 0 exactly when c is: grad_scale > 0)
+        cf = (f"-{c} * grad_scale", f"ndf{k}") if negated and not scale else (c, grad_factor)
         body.emit(f"a{k} = {body.helper('scaled')}({cf[0]}, {cf[1]})  # d loss / d log rho_{k}")
     elif _is_one(coef):
         part = f"f{k}"
@@ -288,7 +292,6 @@ def _gradients(body: _Body, atoms, normalized_vars: dict[str, tuple[str, str]]) 
     for v in sorted(normalized_vars):
         if v in body.grads:
             body.emit(f"g_{v} = {_sum_terms(body.grads[v])}")
-    same: dict[str, str] = {}  # gradient expression → the first input given it
     slot: dict[str, int] = {}  # gradient expression → its distinct gradient's index
     for a in atoms:
         v = _var(a)
@@ -297,10 +300,25 @@ def _gradients(body: _Body, atoms, normalized_vars: dict[str, tuple[str, str]]) 
         if tok in normalized_vars and tok in body.grads:
             parts.append(f"+g_{tok} / n_{a.answer}")
         rhs = _sum_terms(parts) if parts else f"{v} * 0.0"
-        # an input whose gradient is another's (DPO: d chosen = d ref rejected) names that one in the twin (one tensor,
-        # saved once); the kernel stores each distinct gradient once
-        name = f"d_{input_name(a)}"
-        if rhs not in same or not body.sfx:
-            body.emit(f"{name} = {same.get(rhs, rhs)}")
-        same.setdefault(rhs, name)
-        body.grad_slot.append(slot.setdefault(rhs, len(slot)))
+        # inputs whose gradients agree up to sign (DPO: d chosen = d ref rejected = −d rejected) share one distinct
+        # gradient, computed, stored and saved once; GRAD_SIGN gives each input its sign
+        neg = _negation(rhs)
+        if rhs in slot:
+            body.grad_slot.append(slot[rhs])
+            body.grad_sign.append(1.0)
+        elif neg in slot:
+            body.grad_slot.append(slot[neg])
+            body.grad_sign.append(-1.0)
+        else:
+            body.emit(f"d_{input_name(a)} = {rhs}")
+            body.grad_slot.append(slot.setdefault(rhs, len(slot)))
+            body.grad_sign.append(1.0)
+
+
+def _negation(rhs: str) -> str | None:
+    """The text of −rhs when rhs is a name or a negated name (``a1`` ↔ ``-a1``), else None."""
+    if rhs.isidentifier():
+        return "-" + rhs
+    if rhs.startswith("-") and rhs[1:].isidentifier():
+        return rhs[1:]
+    return None

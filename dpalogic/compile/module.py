@@ -160,7 +160,8 @@ class _Parts:
     @property
     def signature(self) -> list[str]:
         sig = [f"    {x}: torch.Tensor," for x in self.args]
-        return sig + ["    *,", *[f"    {k}: float," for k in self.hp], "    pair_margin: torch.Tensor | None = None,"]
+        sig += ["    *,", *[f"    {k}: float," for k in self.hp], "    pair_margin: torch.Tensor | None = None,"]
+        return sig + ["    grad_scale: float = 1.0,"]
 
     @property
     def distinct(self) -> list[str]:
@@ -246,9 +247,10 @@ def _prelude(p: _Parts) -> list[str]:
         f"INPUTS = {_lit(p.inputs)}",
         f"LENGTHS = {_lit(p.lengths)}",
         f"HYPERPARAMETERS = {_lit(p.hp)}",
-        "# d loss / d INPUTS[i] is the GRAD_SLOT[i]-th distinct gradient: inputs with one gradient share one tensor",
+        "# d loss / d INPUTS[i] = GRAD_SIGN[i] * (the GRAD_SLOT[i]-th distinct gradient): inputs whose gradients agree",
+        "# up to sign share one tensor (DPO: d chosen = d ref rejected = -d rejected = -d ref chosen)",
         f"GRAD_SLOT = {_lit(tuple(p.torch_body.grad_slot))}",
-        "SLOT_FIRST = tuple(GRAD_SLOT.index(k) for k in range(max(GRAD_SLOT) + 1))  # an input holding each one",
+        f"GRAD_SIGN = {_lit(tuple(p.torch_body.grad_sign))}",
         f"BLOCK = {BLOCK}",
         "LN2 = math.log(2.0)",
         "# @triton.jit picks Triton's interpreter or its compiler when this module is imported",
@@ -265,7 +267,8 @@ def _torch_twin(p: _Parts) -> list[str]:
         L += ["", "", *_TORCH_HELPERS[n].strip("\n").split("\n")]
     L += ["", "", "def loss_and_grads_torch(", *p.signature, ") -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:"]
     L += [
-        '    """The loss of every pair and d loss / d input for every log-prob input, in the compute dtype."""',
+        '    """The loss of every pair and its distinct gradients (see GRAD_SLOT; `input_grads` gives one per input), in',
+        "    the compute dtype, times grad_scale (a mean's 1/B: it rides on a scalar they are multiplied by anyway).\"\"\"",
         f"    dt = torch.float64 if {p.inputs[0]}.dtype == torch.float64 else torch.float32",
     ]
     if p.torch_body.l1m:
@@ -275,10 +278,17 @@ def _torch_twin(p: _Parts) -> list[str]:
     if p.torch_body.uses_margin:
         L += ["    if pair_margin is not None:", "        pair_margin = pair_margin.to(dt)"]
     L += [f"    n_{ans} = {ln}.to(dt).clamp(min=1.0)" for ans, ln in zip(p.answers, p.lengths)]
-    grads = [f"d_{x}" for x in p.inputs]
+    grads = [f"d_{x}" for x in p.distinct]
     bound = [_var(a) for a in p.atoms] + [f"n_{ans}" for ans in p.answers] + ["pair_margin"]
     L += _wrap_body(in_place(p.torch_body.lines, bound, {"loss", *grads}, LINE - 4), 4)
-    L += _wrap_call(4, "return loss, (", grads, ")") if len(grads) > 1 else [f"    return loss, (d_{p.inputs[0]},)"]
+    L += _wrap_call(4, "return loss, (", grads, ")") if len(grads) > 1 else [f"    return loss, ({grads[0]},)"]
+    L += [
+        "",
+        "",
+        "def input_grads(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:",
+        '    """d loss / d input for every input (INPUTS order), from the distinct gradients the twin or kernel gives."""',
+        "    return tuple(grads[k] if s > 0 else -grads[k] for k, s in zip(GRAD_SLOT, GRAD_SIGN))",
+    ]
     return L
 
 
@@ -294,7 +304,7 @@ def _triton_section(p: _Parts) -> list[str]:
         L.append("")
     kernel = f"{p.name}_fwd_bwd"
     kargs = [f"{x}_ptr" for x in p.args] + ["pair_margin_ptr", "loss_ptr"] + [f"d_{x}_ptr" for x in p.distinct]
-    kargs += ["n_pairs", *p.hp, "HAS_MARGIN: tl.constexpr", "TINY: tl.constexpr", "BLOCK: tl.constexpr"]
+    kargs += ["n_pairs", *p.hp, "grad_scale", "HAS_MARGIN: tl.constexpr", "TINY: tl.constexpr", "BLOCK: tl.constexpr"]
     L += ["    @triton.jit", f"    def {kernel}(", *[f"        {a}," for a in kargs], "    ):"]
     L += [
         '        """BLOCK pairs per program: loads the log-probs, writes loss[B] and d loss / d log-prob of each input."""',
@@ -344,9 +354,10 @@ def _launcher(p: _Parts) -> list[str]:
     ]
     # without margins the kernel gets any pointer in their place (the loss buffer) and never reads it
     launch = [*p.args, "loss if pair_margin is None else pair_margin", "loss", "*grads", "n"]
-    launch += [*[f"float({k})" for k in p.hp], "HAS_MARGIN=pair_margin is not None", "TINY=torch.finfo(dt).tiny"]
+    launch += [*[f"float({k})" for k in p.hp], "float(grad_scale)"]
+    launch += ["HAS_MARGIN=pair_margin is not None", "TINY=torch.finfo(dt).tiny"]
     L += _wrap_call(8, "KERNEL[grid](", [*launch, "BLOCK=BLOCK"])
-    L.append("    return loss, tuple(grads[k] for k in GRAD_SLOT)")
+    L.append("    return loss, tuple(grads)")
     return L
 
 
@@ -363,39 +374,41 @@ _AUTOGRAD = [
     "        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:",
     '        "none", "mean" or "sum", done here so that autograd records one node, not three."""',
     "        shape = tensors[0].shape",
+    "        # a mean's d/d loss_i = 1/B, folded into the gradients as they are computed: backward then only scales",
+    "        # by grad_output (a scalar for a reduced loss)",
+    "        scale = 1.0 / max(shape.numel(), 1) if reduction == \"mean\" else 1.0",
     "        if use_triton:  # the kernel reads and writes contiguous 1-D buffers",
     "            flat = [t.reshape(-1).contiguous() for t in tensors]",
     "            if pair_margin is not None:",
     "                pair_margin = pair_margin.reshape(-1).contiguous()",
-    "            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin)",
+    "            loss, grads = loss_and_grads_triton(*flat, **hyperparameters, pair_margin=pair_margin, grad_scale=scale)",
     "            loss, grads = loss.reshape(shape), [d.reshape(shape) for d in grads]",
     "        else:  # elementwise torch ops take the tensors as they are",
-    "            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin)",
+    "            loss, grads = loss_and_grads_torch(*tensors, **hyperparameters, pair_margin=pair_margin, grad_scale=scale)",
     "        # inputs with one gradient (DPO: d chosen = d ref rejected) share one tensor: saved and scaled once",
-    "        ctx.save_for_backward(*[grads[i] for i in SLOT_FIRST])",
+    "        ctx.save_for_backward(*grads)",
     "        ctx.dtypes = [t.dtype for t in tensors[: len(INPUTS)]]",
-    '        ctx.scale = 1.0 / max(loss.numel(), 1) if reduction == "mean" else 1.0',
     '        if reduction == "none":',
     "            return loss",
     '        return loss.mean() if reduction == "mean" else loss.sum()',
     "",
     "    @staticmethod",
     "    def backward(ctx, grad_loss: torch.Tensor):",
-    "        saved, scaled = ctx.saved_tensors, {}",
-    "        if ctx.scale != 1.0:  # a mean: d mean / d loss_i = 1/B, applied to the one scalar grad_output",
-    "            grad_loss = grad_loss * ctx.scale",
+    "        saved, scaled, signed = ctx.saved_tensors, {}, {1.0: grad_loss}",
     "        out = []",
-    "        for k, dt, need in zip(GRAD_SLOT, ctx.dtypes, ctx.needs_input_grad[4:]):",
-    "            if need and (k, dt) not in scaled:",
-    "                g = grad_loss * saved[k]",
+    "        for k, sign, dt, need in zip(GRAD_SLOT, GRAD_SIGN, ctx.dtypes, ctx.needs_input_grad[4:]):",
+    "            if need and (k, sign, dt) not in scaled:",
+    "                if sign not in signed:  # the sign on grad_output: a scalar for a reduced loss",
+    "                    signed[sign] = -grad_loss",
+    "                g = signed[sign] * saved[k]",
     "                if dt.itemsize < g.dtype.itemsize:  # narrower inputs (bfloat16, float16) get gradients in their",
     "                    # dtype, saturated at its largest finite value: near log p = 0 the float32 gradient of a",
     "                    # log1mexp(log p) factor (about 1/|log p|) is finite but exceeds float16's range",
     "                    g = g.clamp(-torch.finfo(dt).max, torch.finfo(dt).max).to(dt)",
     "                elif g.dtype != dt:  # a wider input (float64 among float32 ones) takes them as they are",
     "                    g = g.to(dt)",
-    "                scaled[k, dt] = g",
-    "            out.append(scaled[k, dt] if need else None)",
+    "                scaled[k, sign, dt] = g",
+    "            out.append(scaled[k, sign, dt] if need else None)",
     "        return None, None, None, None, *out, *[None] * len(LENGTHS)",
 ]
 
