@@ -54,9 +54,10 @@ def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
     return timeit_interleaved({"fn": fn}, repeat, warmup)["fn"]
 
 
-def timeit_interleaved(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
-    """Best wall time of each function, the functions taking turns (round robin) so that a burst of load from other
-    jobs on a shared machine slows all of them alike instead of skewing one ratio."""
+def timeit_interleaved(fns: dict, repeat: int = 5, warmup: int = 1, calls: int = 1) -> dict:
+    """Best wall time of each function per call, the functions taking turns (round robin) so that a burst of load from
+    other jobs on a shared machine slows all of them alike instead of skewing one ratio. ``calls`` per turn: 1 times a
+    call right after the others ran (cold caches: what a training step sees), more the steady cost in a loop."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -65,9 +66,10 @@ def timeit_interleaved(fns: dict, repeat: int = 5, warmup: int = 1) -> dict:
     for _ in range(repeat):
         for key, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             sync()
-            best[key] = min(best[key], time.perf_counter() - t0)
+            best[key] = min(best[key], (time.perf_counter() - t0) / calls)
     return best
 
 
@@ -131,13 +133,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------------------------------- (a) per pair
 
 
-def bench_per_pair(sizes: list[int]) -> str:
-    rows = [_per_pair_case(name, B) for name in ("dpo", "orpo") for B in sizes]
+def bench_per_pair(sizes: list[int], calls: int) -> str:
+    rows = [_per_pair_case(name, B, calls) for name in ("dpo", "orpo") for B in sizes]
     gen = "Triton kernel" if DEV.type == "cuda" else "torch twin"
     header = [
         "loss",
         "B",
         f"PreferenceLoss ({gen}) ms (anchor)",
+        "validate=False ×",
         "generated per_pair_loss ×",
         "Liger expr ×",
         "torch.compile(Liger expr) ×",
@@ -146,13 +149,14 @@ def bench_per_pair(sizes: list[int]) -> str:
     return table(header, rows)
 
 
-def _per_pair_case(name: str, B: int) -> list[str]:
+def _per_pair_case(name: str, B: int, calls: int) -> list[str]:
     from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
     from liger_kernel.chunked_loss.orpo_loss import LigerFusedLinearORPOFunction
 
     hp = {"beta": 0.1} if name == "dpo" else {"beta": 0.1, "alpha": 0.0}  # ORPO without its NLL term, as Liger's
     mod = module_for(lookup(name).program)
     ours = PreferenceLoss(name, **hp)
+    unchecked = PreferenceLoss(name, **hp, validate=False)  # no max over the inputs (Liger's expression has none)
     g = torch.Generator().manual_seed(B)
     leaves = [(-torch.rand(B, generator=g) * 40 - 1).to(DEV).requires_grad_() for _ in range(4)]
     nc, nr = (torch.randint(5, 200, (B,), generator=g).to(DEV).float() for _ in range(2))
@@ -163,8 +167,8 @@ def _per_pair_case(name: str, B: int) -> list[str]:
         def generated():
             mod.per_pair_loss(*leaves, beta=0.1).mean().backward()
 
-        def preference_loss():
-            ours(*leaves).backward()
+        def preference_loss(loss=ours):
+            loss(*leaves).backward()
 
         def liger_expr(c, r, rc, rr):
             return LigerFusedLinearDPOFunction.preference_loss_fn(c, r, target, rc, rr, beta=0.1)[0]
@@ -174,8 +178,8 @@ def _per_pair_case(name: str, B: int) -> list[str]:
         def generated():  # the whole catalog program: its NLL term is evaluated and multiplied by alpha = 0
             mod.per_pair_loss(leaves[0], leaves[1], nc, nr, **hp).mean().backward()
 
-        def preference_loss():  # PreferenceLoss compiles only the terms alpha = 0 leaves on
-            ours(leaves[0], leaves[1], chosen_lengths=nc, rejected_lengths=nr).backward()
+        def preference_loss(loss=ours):  # PreferenceLoss compiles only the terms alpha = 0 leaves on
+            loss(leaves[0], leaves[1], chosen_lengths=nc, rejected_lengths=nr).backward()
 
         def liger_expr(c, r, rc, rr):  # Liger's ORPO takes average (per-token) log-probs
             return LigerFusedLinearORPOFunction.preference_loss_fn(c / nc, r / nr, target, beta=0.1)[0]
@@ -208,18 +212,23 @@ def _per_pair_case(name: str, B: int) -> list[str]:
     except Exception as e:  # noqa: BLE001 - torch.compile may be unavailable (no C++ compiler on the machine)
         print(f"  torch.compile skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
     repeat = 20 if B <= 4096 else 7
-    fns = {"ours": preference_loss, "gen": generated, "liger": liger}
+    fns = {"ours": preference_loss, "unchecked": lambda: preference_loss(unchecked), "gen": generated, "liger": liger}
     if compiled:
         fns["comp"] = compiled
     if trl:
         fns["trl"] = trl
-    t = timeit_interleaved(fns, repeat)
+    t = timeit_interleaved(fns, repeat, calls=calls)
     t_ours, t_gen, t_lig, t_comp = t["ours"], t["gen"], t["liger"], t.get("comp", float("nan"))
-    print(f"  (a) {name} B={B}: PreferenceLoss {t_ours * 1e3:.3f} ms, Liger expr {t_lig * 1e3:.3f} ms", flush=True)
+    print(
+        f"  (a) {name} B={B} ({calls} call{'s' * (calls > 1)} a turn): PreferenceLoss / Liger expr "
+        f"{t_ours / t_lig:.2f}, with validate=False {t['unchecked'] / t_lig:.2f}",
+        flush=True,
+    )
     return [
         name,
         f"{B:,}",
         f"{t_ours * 1e3:.3f}",
+        f"{t['unchecked'] / t_ours:.2f}",
         f"{t_gen / t_ours:.2f}",
         f"{t_lig / t_ours:.2f}",
         f"{t_comp / t_ours:.2f}" if compiled else "n/a",
@@ -409,7 +418,9 @@ def main() -> int:
     if args.section in ("a", "all"):
         print("(a) per-pair loss on log-probs, forward + backward; ratios are their time / PreferenceLoss's time")
         print("    (above 1: PreferenceLoss is faster)\n")
-        print(bench_per_pair(sizes), "\n", flush=True)
+        for calls, what in ((1, "one call a turn (cold caches)"), (20, "20 calls a turn (in a loop)")):
+            print(f"    {what}\n")
+            print(bench_per_pair(sizes, calls), "\n", flush=True)
     if args.section == "a":
         return 0
     print("(b) fused LM head + loss from hidden states, forward + backward (chunk_size = 1 pair for ours and Liger;")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -48,6 +49,7 @@ HYPERPARAMETERS = {"beta": 0.01, "tpo_alpha": 1.0}
 # up to sign share one tensor (DPO: d chosen = d ref rejected = -d rejected = -d ref chosen)
 GRAD_SLOT = (0, 1, 1)
 GRAD_SIGN = (1.0, 1.0, -1.0)
+NAMED_INPUTS = ("logps_y1 (log M(y1))", "logps_y2 (log M(y2))", "logps_y3 (log M(y3))")
 BLOCK = 1024
 LN2 = math.log(2.0)
 # @triton.jit picks Triton's interpreter or its compiler when this module is imported
@@ -78,10 +80,9 @@ def _log1mexp(x: torch.Tensor, tiny: float) -> tuple[torch.Tensor, torch.Tensor]
     # In-place steps on the fresh temporaries: each new [B] buffer costs more than the arithmetic on it.
     w = torch.exp(xc).div_(torch.expm1(xc).neg_())
     value = torch.log1p(w).neg_()
-    # 1 where x <= -tiny, 0 where the clamp holds x (x >= 0; a fraction at subnormal x), in float passes: a
-    # comparison and a bool mask cost 5-10 times more on the CPU
-    unclamped = torch.clamp(x * (-1.0 / tiny), 0.0, 1.0)
-    grad = w.neg_().mul_(unclamped)
+    # the derivative −w where x <= -tiny, 0 where the clamp holds x (x >= 0; a fraction at subnormal x): w times
+    # x/tiny clamped to [-1, 0], in float passes (a comparison and a bool mask cost 5-10 times more on the CPU)
+    grad = w.mul_((x * (1.0 / tiny)).clamp_(-1.0, 0.0))
     return value, grad
 
 
@@ -308,10 +309,13 @@ class LossFunction(torch.autograd.Function):
     """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, reduction: str, *tensors: torch.Tensor):
+    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, reduction: str, validate: bool, *tensors):
         """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;
         pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:
-        "none", "mean" or "sum", done here so that autograd records one node, not three."""
+        "none", "mean" or "sum", done here so that autograd records one node, not three; validate: refuse
+        log-probs above 0 (checked here, where stacking the inputs records no graph)."""
+        if validate:
+            check_log_probs(tensors[: len(INPUTS)], NAMED_INPUTS, _InputError)
         shape = tensors[0].shape
         # a mean's d/d loss_i = 1/B, folded into the gradients as they are computed: backward then only scales
         # by grad_output (a scalar for a reduced loss)
@@ -335,7 +339,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         saved, scaled, signed = ctx.saved_tensors, {}, {1.0: grad_loss}
         out = []
-        for k, sign, dt, need in zip(GRAD_SLOT, GRAD_SIGN, ctx.dtypes, ctx.needs_input_grad[4:]):
+        for k, sign, dt, need in zip(GRAD_SLOT, GRAD_SIGN, ctx.dtypes, ctx.needs_input_grad[5:]):
             if need and (k, sign, dt) not in scaled:
                 if sign not in signed:  # the sign on grad_output: a scalar for a reduced loss
                     signed[sign] = -grad_loss
@@ -348,7 +352,7 @@ class LossFunction(torch.autograd.Function):
                     g = g.to(dt)
                 scaled[k, sign, dt] = g
             out.append(scaled[k, sign, dt] if need else None)
-        return None, None, None, None, *out, *[None] * len(LENGTHS)
+        return None, None, None, None, None, *out, *[None] * len(LENGTHS)
 
 
 # the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated
@@ -371,6 +375,37 @@ def backend_rule(backend: str, is_cuda: bool, triton_ready: bool, interpreting: 
     return True, ""
 
 
+# the input check, copied from dpalogic.runtime.checks.check_log_probs when this module was generated
+def check_log_probs(tensors: Sequence[torch.Tensor], names: Sequence[str], error: type = ValueError) -> None:
+    """Refuse probabilities or logits passed by mistake: every value must be at most 0 (up to 1e-2 above it is
+    rounding in a log-softmax sum). ``names[i]`` names ``tensors[i]`` in the message.
+
+    One max is a single pass over a tensor, a third of what a comparison and any() cost, and amax a quarter faster than
+    max() on large ones (it keeps no index). Up to 2^14 values in all, one max over the stacked inputs: per-op overhead
+    dominates small tensors (4 × 1k values: 4 µs stacked, 7 µs one by one); beyond, the stack's new buffer costs more
+    than it saves. NaN passes (its max is NaN, which compares false) and gives a NaN loss: a diverged model's log-probs
+    are the training loop's to stop on, with the last good checkpoint kept, on every rank alike — an exception on one
+    rank would leave the others waiting.
+    """
+    slack = 1e-2
+    if torch.is_grad_enabled():  # outside an autograd function: keep the check out of the graph
+        tensors = [t.detach() for t in tensors]
+    if not tensors or not tensors[0].numel():
+        return
+    first = tensors[0]
+    small = len(tensors) * first.numel() <= 1 << 14
+    if small and len(tensors) > 1 and all(t.shape == first.shape and t.dtype == first.dtype for t in tensors):
+        if not float(torch.amax(torch.stack(tensors))) > slack:
+            return
+    for name, t in zip(names, tensors):
+        worst = float(torch.amax(t)) if t.numel() else 0.0
+        if worst > slack:
+            raise error(
+                f"log-probabilities must be <= 0: {name} has {worst:.6g} (pass summed log-probs, not probabilities "
+                "or logits)"
+            )
+
+
 def per_pair_loss(
     logps_y1: torch.Tensor,
     logps_y2: torch.Tensor,
@@ -382,6 +417,7 @@ def per_pair_loss(
     pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
     reduction: str = "none",
+    validate: bool = True,
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
@@ -390,6 +426,7 @@ def per_pair_loss(
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd
     function: its backward scales the saved gradients by one number).
+    validate: refuse log-probs above 0 (probabilities or logits passed by mistake); one max per input.
     """
     tensors = (logps_y1, logps_y2, logps_y3, lengths_y1)
     shape, device = tensors[0].shape, tensors[0].device
@@ -406,4 +443,6 @@ def per_pair_loss(
         raise _InputError(refused)
     if reduction not in ("none", "mean", "sum"):
         raise _InputError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    return LossFunction.apply(use_triton, {"beta": beta, "tpo_alpha": tpo_alpha}, pair_margin, reduction, *tensors)
+    return LossFunction.apply(
+        use_triton, {"beta": beta, "tpo_alpha": tpo_alpha}, pair_margin, reduction, validate, *tensors
+    )

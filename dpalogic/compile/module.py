@@ -12,6 +12,7 @@ from dpalogic.compile.names import _ident, _var, input_name, length_answers, len
 from dpalogic.errors import DPALogicError
 from dpalogic.language.syntax import Atom
 from dpalogic.runtime.backend import backend_rule
+from dpalogic.runtime.checks import check_log_probs
 from dpalogic.semantics.circuit import topological
 from dpalogic.semantics.program import LINKS, Program, circuit_text, structure_circuits
 
@@ -105,6 +106,12 @@ def _wrap_call(indent: int, head: str, args: list[str], tail: str = ")") -> list
     if len(inner) <= LINE:
         return [f"{pad}{head}", inner, f"{pad}{tail}"]
     return [f"{pad}{head}", *[f"{pad}    {x}," for x in args], f"{pad}{tail}"]
+
+
+def _assign_tuple(name: str, items: tuple[str, ...]) -> list[str]:
+    """``name = (items)`` as ruff format writes it: one line, or one item per line with trailing commas."""
+    one = f"{name} = {_lit(items)}"
+    return [one] if len(one) <= LINE else [f"{name} = (", *[f"    {_lit(x)}," for x in items], ")"]
 
 
 def _wrap_body(lines: list[str], indent: int) -> list[str]:
@@ -228,6 +235,7 @@ def _prelude(p: _Parts) -> list[str]:
         "",
         "import math",
         "import os",
+        "from collections.abc import Sequence",
         "",
         "import torch",
         "",
@@ -251,6 +259,7 @@ def _prelude(p: _Parts) -> list[str]:
         "# up to sign share one tensor (DPO: d chosen = d ref rejected = -d rejected = -d ref chosen)",
         f"GRAD_SLOT = {_lit(tuple(p.torch_body.grad_slot))}",
         f"GRAD_SIGN = {_lit(tuple(p.torch_body.grad_sign))}",
+        *_assign_tuple("NAMED_INPUTS", tuple(f"{x} (log {a.name})" for x, a in zip(p.inputs, p.atoms))),
         f"BLOCK = {BLOCK}",
         "LN2 = math.log(2.0)",
         "# @triton.jit picks Triton's interpreter or its compiler when this module is imported",
@@ -268,7 +277,7 @@ def _torch_twin(p: _Parts) -> list[str]:
     L += ["", "", "def loss_and_grads_torch(", *p.signature, ") -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:"]
     L += [
         '    """The loss of every pair and its distinct gradients (see GRAD_SLOT; `input_grads` gives one per input), in',
-        "    the compute dtype, times grad_scale (a mean's 1/B: it rides on a scalar they are multiplied by anyway).\"\"\"",
+        '    the compute dtype, times grad_scale (a mean\'s 1/B: it rides on a scalar they are multiplied by anyway)."""',
         f"    dt = torch.float64 if {p.inputs[0]}.dtype == torch.float64 else torch.float32",
     ]
     if p.torch_body.l1m:
@@ -369,14 +378,17 @@ _AUTOGRAD = [
     '    """Forward computes the loss and all its gradients in one pass; backward scales them by grad_output."""',
     "",
     "    @staticmethod",
-    "    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, reduction: str, *tensors: torch.Tensor):",
+    "    def forward(ctx, use_triton: bool, hyperparameters: dict, pair_margin, reduction: str, validate: bool, *tensors):",
     '        """tensors: the log-prob inputs (INPUTS order), then the token counts (LENGTHS), all of one shape;',
     "        pair_margin: None, or a per-pair shift of z of that shape (data: it gets no gradient); reduction:",
-    '        "none", "mean" or "sum", done here so that autograd records one node, not three."""',
+    '        "none", "mean" or "sum", done here so that autograd records one node, not three; validate: refuse',
+    '        log-probs above 0 (checked here, where stacking the inputs records no graph)."""',
+    "        if validate:",
+    "            check_log_probs(tensors[: len(INPUTS)], NAMED_INPUTS, _InputError)",
     "        shape = tensors[0].shape",
     "        # a mean's d/d loss_i = 1/B, folded into the gradients as they are computed: backward then only scales",
     "        # by grad_output (a scalar for a reduced loss)",
-    "        scale = 1.0 / max(shape.numel(), 1) if reduction == \"mean\" else 1.0",
+    '        scale = 1.0 / max(shape.numel(), 1) if reduction == "mean" else 1.0',
     "        if use_triton:  # the kernel reads and writes contiguous 1-D buffers",
     "            flat = [t.reshape(-1).contiguous() for t in tensors]",
     "            if pair_margin is not None:",
@@ -396,7 +408,7 @@ _AUTOGRAD = [
     "    def backward(ctx, grad_loss: torch.Tensor):",
     "        saved, scaled, signed = ctx.saved_tensors, {}, {1.0: grad_loss}",
     "        out = []",
-    "        for k, sign, dt, need in zip(GRAD_SLOT, GRAD_SIGN, ctx.dtypes, ctx.needs_input_grad[4:]):",
+    "        for k, sign, dt, need in zip(GRAD_SLOT, GRAD_SIGN, ctx.dtypes, ctx.needs_input_grad[5:]):",
     "            if need and (k, sign, dt) not in scaled:",
     "                if sign not in signed:  # the sign on grad_output: a scalar for a reduced loss",
     "                    signed[sign] = -grad_loss",
@@ -409,7 +421,7 @@ _AUTOGRAD = [
     "                    g = g.to(dt)",
     "                scaled[k, sign, dt] = g",
     "            out.append(scaled[k, sign, dt] if need else None)",
-    "        return None, None, None, None, *out, *[None] * len(LENGTHS)",
+    "        return None, None, None, None, None, *out, *[None] * len(LENGTHS)",
 ]
 
 
@@ -418,12 +430,17 @@ def _per_pair_loss(p: _Parts) -> list[str]:
     pp = [f"    {x}: torch.Tensor," for x in p.args]
     pp += ["    *,", *[f"    {k}: float = {v!r}," for k, v in p.hp.items()]]
     pp += ["    pair_margin: torch.Tensor | None = None,", '    backend: str = "auto",', '    reduction: str = "none",']
+    pp += ["    validate: bool = True,"]
     hp_dict = "{" + ", ".join(f"{_lit(k)}: {k}" for k in p.hp) + "}"
     return [
         "",
         "",
         "# the backend rule, copied from dpalogic.runtime.backend.backend_rule when this module was generated",
         *inspect.getsource(backend_rule).rstrip("\n").split("\n"),
+        "",
+        "",
+        "# the input check, copied from dpalogic.runtime.checks.check_log_probs when this module was generated",
+        *inspect.getsource(check_log_probs).rstrip("\n").split("\n"),
         "",
         "",
         "def per_pair_loss(",
@@ -436,6 +453,7 @@ def _per_pair_loss(p: _Parts) -> list[str]:
         '    backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".',
         '    reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd',
         "    function: its backward scales the saved gradients by one number).",
+        "    validate: refuse log-probs above 0 (probabilities or logits passed by mistake); one max per input.",
         '    """',
         *_wrap_call(4, "tensors = (", p.args, ")" if len(p.args) > 1 else ",)"),
         "    shape, device = tensors[0].shape, tensors[0].device",
@@ -452,5 +470,7 @@ def _per_pair_loss(p: _Parts) -> list[str]:
         "        raise _InputError(refused)",
         '    if reduction not in ("none", "mean", "sum"):',
         "        raise _InputError(f\"reduction must be 'none', 'mean' or 'sum', got {reduction!r}\")",
-        *_wrap_call(4, "return LossFunction.apply(", ["use_triton", hp_dict, "pair_margin", "reduction", "*tensors"]),
+        *_wrap_call(
+            4, "return LossFunction.apply(", ["use_triton", hp_dict, "pair_margin", "reduction", "validate", "*tensors"]
+        ),
     ]

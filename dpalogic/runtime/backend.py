@@ -41,9 +41,8 @@ def triton_installed() -> bool:
 
 def use_triton(backend: str, tensor) -> bool:
     """Whether to run the Triton kernels on ``tensor``'s device (a :class:`DPALogicError` when it is refused)."""
-    yes, why = backend_rule(
-        backend, bool(getattr(tensor, "is_cuda", False)), triton_installed(), os.environ.get("TRITON_INTERPRET") == "1"
-    )
+    interpreting = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"  # only "triton" asks
+    yes, why = backend_rule(backend, bool(getattr(tensor, "is_cuda", False)), triton_installed(), interpreting)
     if why:
         raise DPALogicError(why)
     return yes

@@ -23,41 +23,15 @@ from dpalogic.errors import DPALogicError, NoPolicyAtomWarning
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
 from dpalogic.runtime.backend import BACKENDS, backend_rule, use_triton
+from dpalogic.runtime.checks import check_log_probs
 from dpalogic.runtime.listwise import ListwiseProgram, as_mapping, matrix_columns
 from dpalogic.semantics.program import Program, Term, with_link
 
+_PAIR_ATOMS = ("M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)")  # forward's positional log-probs, in order
 _ATOM_NAME = re.compile(r"(M|Ref)\((yw|yl|y[1-9][0-9]*)\)")
-POSITIVE_SLACK = 1e-2  # log-probs up to this far above 0 are taken as rounding noise, not as an input mistake
 # [B, K] inputs of a truth-table structure run the vectorized K-answer evaluator from this many atoms on (torch path):
 # below it the compiled twin is as fast or faster (benchmarks/listwise.py, K = 4 vs 8 vs 12 on the CPU)
 LIST_EVALUATOR_ATOMS = 8
-
-
-# up to this many values in all, the inputs are checked by one max over their stack: per-op overhead dominates small
-# tensors (4 × 1k values: 4 µs stacked, 7 µs one by one); beyond it the stack's new buffer costs more than it saves
-STACKED_CHECK_VALUES = 1 << 14
-
-
-def check_log_probs(named: Mapping[str, torch.Tensor]) -> None:
-    """Refuse probabilities or logits passed by mistake (a hair above 0 is rounding in a log-softmax sum).
-
-    One max is a single pass over a tensor, a third of what a comparison and any() cost. NaN passes (its max is NaN,
-    which compares false) and gives a NaN loss: a diverged model's log-probs are the training loop's to stop on, with
-    the last good checkpoint kept, on every rank alike — an exception on one rank would leave the others waiting.
-    """
-    ts = [t.detach() for t in named.values() if t.numel()]
-    if not ts:
-        return
-    if len(ts) > 1 and len(ts) * ts[0].numel() <= STACKED_CHECK_VALUES and len({(t.dtype, t.shape) for t in ts}) == 1:
-        if not float(torch.amax(torch.stack(ts))) > POSITIVE_SLACK:
-            return
-    for name, t in named.items():  # amax: a quarter faster than max() on large tensors (it keeps no index)
-        worst = float(torch.amax(t.detach())) if t.numel() else 0.0
-        if worst > POSITIVE_SLACK:
-            raise DPALogicError(
-                f"log-probabilities must be <= 0: {name} has {worst:.6g} (pass summed log-probs, not probabilities "
-                "or logits)"
-            )
 
 
 @dataclass(frozen=True)
@@ -154,6 +128,7 @@ class PreferenceLoss(torch.nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
         link: str | None = None,
+        validate: bool = True,
         **hyperparameters: float,
     ) -> None:
         super().__init__()
@@ -164,6 +139,9 @@ class PreferenceLoss(torch.nn.Module):
         if backend not in BACKENDS:
             raise DPALogicError(backend_rule(backend, False, False, False)[1])
         self.backend = backend
+        # check every call's log-probs (≤ 0): one max per input, as torch.distributions' validate_args — off, a
+        # training loop that has checked its first batches saves a pass over the inputs (a tenth of DPO's loss time)
+        self.validate = bool(validate)
         self._generated: dict = {}  # the compiled module (dpalogic.compile.codegen), per Triton mode, built on first use
         self.program: Program = resolve(spec)
         if link is not None:  # a link of the user's own, f(z) with z = β·log ρ − γ; its parameters are hyperparameters
@@ -188,6 +166,16 @@ class PreferenceLoss(torch.nn.Module):
             self._listwise = ListwiseProgram(*self._kept_bound)
         self._length_answers = length_answers(self._running)
         self._needed_lengths = {a.answer for t in self.terms if t.normalized for a in t.atoms}
+        self._compiled = bool(self.terms and self._running_atoms and self._listwise is None)  # the generated module
+        # the common call — forward's positional tensors, for a compiled loss over yw/yl — runs without name maps:
+        # which positional arguments the module takes, in its order (None: every call takes the general path)
+        self._positional = None
+        order = {**{name: i for i, name in enumerate(_PAIR_ATOMS)}, "yw": 4, "yl": 5}
+        wanted = self._running_names + list(self._length_answers)
+        lengths_needed = all(a in self._needed_lengths for a in self._length_answers)
+        if self._compiled and lengths_needed:
+            if all(n in order for n in wanted):
+                self._positional = tuple(order[n] for n in wanted)
         if not any(a.pred == "M" for t in self.terms for a in t.atoms):
             # legal (a loss can be evaluated on reference log-probs), but a training run would learn nothing
             warnings.warn(
@@ -232,6 +220,17 @@ class PreferenceLoss(torch.nn.Module):
                     "pass either [B, K] matrices (logps=, ref_logps=, lengths=) or the pair's [B] tensors, not both"
                 )
             return self._reduce(self.per_list(logps, ref_logps, lengths, margin=margin))
+        given = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths)
+        if self._positional is not None and logps is None and lengths is None:
+            args = [given[i] for i in self._positional]
+            if all(a is not None for a in args):  # else the general path says what is missing
+                self._check_tensors(
+                    [(n, t) for n, t in zip(_PAIR_ATOMS, given[:4]) if t is not None],
+                    [(n, t) for n, t in zip(("yw", "yl"), given[4:]) if t is not None],
+                )
+                if margin is not None:
+                    self._check_margin(margin, args[0])
+                return self._apply_compiled(args, margin, self.reduction)
         atom_lp: dict[str, torch.Tensor] = dict(logps or {})
         for name, t in (
             ("M(yw)", chosen_logps),
@@ -276,7 +275,9 @@ class PreferenceLoss(torch.nn.Module):
         where ``sum() / B`` would add two, a third of DPO's time at B = 1024 on the CPU)."""
         if not atom_lp:
             raise DPALogicError("no log-probabilities given")
-        self._check_inputs(atom_lp, ans_len)  # shapes, types and signs: refused before any kernel runs
+        self._check_inputs(atom_lp, ans_len)  # shapes and types: refused before any kernel runs
+        if self.validate and not self._compiled:  # the compiled module checks the values of its own inputs
+            check_log_probs(list(atom_lp.values()), list(atom_lp), DPALogicError)
         first = next(iter(atom_lp.values()))
         if margin is not None:
             self._check_margin(margin, first)
@@ -293,12 +294,6 @@ class PreferenceLoss(torch.nn.Module):
             return self._reduce(constant, reduction)
         if self._listwise is not None:  # OBDD sides: the vectorized evaluator, on the named columns
             return self._reduce(self._listwise.per_pair_named(atom_lp, ans_len, margin), reduction)
-        triton = use_triton(self.backend, first)
-        # Triton's interpreter or its compiler: one module each (the torch twin is the same in both)
-        mode = triton and os.environ.get("TRITON_INTERPRET") == "1"
-        mod = self._generated.get(mode)
-        if mod is None:
-            mod = self._generated[mode] = module_for(self._running)
         args = []
         for atom, name in zip(self._running_atoms, self._running_names):
             if name not in atom_lp:
@@ -314,11 +309,21 @@ class PreferenceLoss(torch.nn.Module):
                 )
             else:  # only switched-off terms use it: any count gives the same loss
                 args.append(torch.ones_like(args[0], dtype=torch.long))
-        # the module's autograd function itself: _check_inputs has done what per_pair_loss would check (one shape, one
-        # device) and use_triton its backend rule; each skipped step is a few µs of a small batch's ~50
+        return self._apply_compiled(args, margin, reduction)
+
+    def _apply_compiled(self, args: list[torch.Tensor], margin: torch.Tensor | None, reduction: str) -> torch.Tensor:
+        """The compiled module's autograd function on checked inputs (the module's order): _check_tensors has done
+        what its per_pair_loss would check (one shape, one device) and use_triton its backend rule — each skipped
+        step is a few µs of a small batch's ~50."""
+        triton = use_triton(self.backend, args[0])
+        # Triton's interpreter or its compiler: one module each (the torch twin is the same in both)
+        mode = triton and os.environ.get("TRITON_INTERPRET") == "1"
+        mod = self._generated.get(mode)
+        if mod is None:
+            mod = self._generated[mode] = module_for(self._running)
         if margin is not None:
             margin = margin.detach()
-        return mod.LossFunction.apply(triton, self.hyperparameters, margin, reduction, *args)
+        return mod.LossFunction.apply(triton, self.hyperparameters, margin, reduction, self.validate, *args)
 
     def per_list(
         self,
@@ -347,7 +352,9 @@ class PreferenceLoss(torch.nn.Module):
             if self._list_evaluator is None:
                 self._list_evaluator = ListwiseProgram(*self._kept_bound)
             evaluator = self._list_evaluator
-        check_log_probs({"logps" if name == "M" else "ref_logps": mat for name, mat in columns.items()})
+        if self.validate:
+            names = ["logps" if name == "M" else "ref_logps" for name in columns]
+            check_log_probs(list(columns.values()), names, DPALogicError)
         if margin is not None:
             self._check_margin(margin, logps[:, 0])
         return evaluator.per_pair(columns, lengths, margin)
@@ -386,21 +393,27 @@ class PreferenceLoss(torch.nn.Module):
             raise DPALogicError(f"{self.program.name or 'this loss'} has no preference term for a margin to shift")
 
     def _check_inputs(self, atom_lp: Mapping[str, torch.Tensor], ans_len: Mapping[str, torch.Tensor]) -> None:
-        """Every input a tensor of one shape [B] on one device (no silent broadcasting), every key a known atom."""
+        """Every key a known atom (unused ones are fine: a reference passed to a reference-free loss; a misspelling is
+        not), and every tensor as :meth:`_check_tensors` wants it."""
         known = self._known
+        for k in atom_lp:
+            if k not in known and not _ATOM_NAME.fullmatch(k):
+                from dpalogic.errors import unknown
+
+                raise unknown("atom", k, sorted(known), f"this loss's atoms are {', '.join(sorted(known))}")
+        self._check_tensors(list(atom_lp.items()), list(ans_len.items()))
+
+    @staticmethod
+    def _check_tensors(logps: list[tuple[str, torch.Tensor]], lengths: list[tuple[str, torch.Tensor]]) -> None:
+        """Every input a tensor of one shape [B] on one device (no silent broadcasting), log-probs floating point and
+        at most 0."""
         shape = device = None
-        for kind, mapping in (("log-probs", atom_lp), ("lengths", ans_len)):
-            for k, v in mapping.items():
+        for kind, items in (("log-probs", logps), ("lengths", lengths)):
+            for k, v in items:
                 if not isinstance(v, torch.Tensor):
                     raise DPALogicError(f"{kind} for {k} must be a torch.Tensor, got {type(v).__name__}")
-                if kind == "log-probs":
-                    if k not in known and not _ATOM_NAME.fullmatch(k):
-                        # unused atoms are fine (a reference passed to a reference-free loss); a misspelling is not
-                        from dpalogic.errors import unknown
-
-                        raise unknown("atom", k, sorted(known), f"this loss's atoms are {', '.join(sorted(known))}")
-                    if not v.is_floating_point():
-                        raise DPALogicError(f"log-probs for {k} must be floating point, got {v.dtype}")
+                if kind == "log-probs" and not v.is_floating_point():
+                    raise DPALogicError(f"log-probs for {k} must be floating point, got {v.dtype}")
                 if shape is None:
                     shape, device = v.shape, v.device
                 elif v.shape != shape:
@@ -409,7 +422,6 @@ class PreferenceLoss(torch.nn.Module):
                     )
                 elif v.device != device:
                     raise DPALogicError(f"all inputs must be on one device: {k} is on {v.device}, another on {device}")
-        check_log_probs(atom_lp)
 
     def _missing(self, atom: Atom) -> str:
         arg = {

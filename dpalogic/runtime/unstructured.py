@@ -162,7 +162,7 @@ class UnstructuredLoss(torch.nn.Module):
 def checked(x: Mapping[str, torch.Tensor | None], need: list[str], name: str) -> dict[str, torch.Tensor]:
     """The inputs that are given, each a 1-D tensor of one shape, log-probs ≤ 0 (a hair of rounding allowed) and
     floating point; float32 unless float64 was given. A needed input that is missing is an error naming it."""
-    from dpalogic.runtime.preference_loss import POSITIVE_SLACK
+    from dpalogic.runtime.checks import check_log_probs
 
     for k in need:
         if x.get(k) is None:
@@ -191,8 +191,7 @@ def checked(x: Mapping[str, torch.Tensor | None], need: list[str], name: str) ->
         if "logps" in k:
             if not t.is_floating_point():
                 raise DPALogicError(f"{k} must be floating point, got {t.dtype}")
-            if t.numel() and (worst := float(t.detach().max())) > POSITIVE_SLACK:
-                raise DPALogicError(f"log-probabilities must be <= 0: {k} has {worst:.6g} (pass summed log-probs)")
+            check_log_probs([t], [k], DPALogicError)
         out[k] = t.to(torch.float64 if f64 else torch.float32)
     return out
 

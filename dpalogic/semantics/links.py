@@ -219,7 +219,8 @@ def _link_functions() -> dict[str, tuple[int, int, object]]:
 _CODE_NAMES = frozenset(
     "z dt loss zero n grads grid mask offs shape device tensors refused backend reduction pair_margin grad_scale TINY "
     "BLOCK LN2 HAS_MARGIN KERNEL INTERPRETED torch tl triton math os float int max min abs len any all tuple range "
-    "zip sum str bool dict LossFunction NAME ATOMS INPUTS LENGTHS HYPERPARAMETERS GRAD_SLOT SLOT_FIRST".split()
+    "zip sum str bool dict LossFunction NAME ATOMS INPUTS LENGTHS HYPERPARAMETERS GRAD_SLOT GRAD_SIGN NAMED_INPUTS "
+    "validate check_log_probs input_grads Sequence".split()
 )
 # the twin's temporaries: top1, bot1, z1, f1, df1, ndf1, a1, u1_0, s1, k1, g1, c1, p1 (and anything with an underscore)
 _TEMPORARY = re.compile(r"(top|bot|z|f|df|ndf|a|u|s|k|g|c|p)[0-9]+|.*_.*")
