@@ -14,7 +14,8 @@ import torch
 
 import dpalogic
 from dpalogic import DegenerateStructureError, DPALogicError, PreferenceLoss
-from dpalogic.semantics.catalog import entries, pair_names
+from dpalogic.compile.codegen import module_for
+from dpalogic.semantics.catalog import entries, lookup, pair_names
 
 NAMES = pair_names()  # the calls below pass chosen/rejected; TPO's [B, 3] form is checked in test_tpo.py
 
@@ -233,6 +234,23 @@ def test_positive_log_probabilities_are_refused():
         loss_fn(a, torch.tensor([-1.0, 0.5, -2.0, -3.0], dtype=torch.float64), a, a)
     # rounding noise just above 0 (a log-softmax sum in low precision) is accepted as log p = 0
     assert torch.isfinite(loss_fn(a, torch.full_like(a, 1e-4), a, a))
+
+
+def test_validate_false_skips_the_value_check_only():
+    """validate=False runs no max over the inputs: a positive log-prob then goes into DPO's closed form as it is;
+    shapes are still checked. The generated module checks its own inputs and names the argument."""
+    g = torch.Generator().manual_seed(4)
+    w, lo, rw, rl = (-torch.rand(5, generator=g, dtype=torch.float64) * 3 for _ in range(4))
+    lo[1] = 0.5
+    unchecked = PreferenceLoss("dpo", beta=0.2, reduction="none", validate=False)
+    z = 0.2 * ((w - rw) - (lo - rl))
+    torch.testing.assert_close(unchecked(w, lo, rw, rl), torch.nn.functional.softplus(-z), rtol=1e-14, atol=0)
+    with pytest.raises(DPALogicError, match="same shape"):
+        unchecked(w, lo[:3], rw, rl)
+    mod = module_for(lookup("dpo").program)
+    with pytest.raises(DPALogicError, match=r"rejected_logps \(log M\(yl\)\) has 0\.5"):
+        mod.per_pair_loss(w, lo, rw, rl)
+    torch.testing.assert_close(mod.per_pair_loss(w, lo, rw, rl, beta=0.2, validate=False), unchecked(w, lo, rw, rl))
 
 
 def test_inputs_are_checked():
