@@ -166,6 +166,9 @@ class PreferenceLoss(torch.nn.Module):
             self._listwise = ListwiseProgram(*self._kept_bound)
         self._length_answers = length_answers(self._running)
         self._needed_lengths = {a.answer for t in self.terms if t.normalized for a in t.atoms}
+        # what a [B, K] input must match (named answers yw/yl; the last answer), worked out once: 64 atoms a call
+        named = sorted({a.name for a in self._running_atoms if not a.answer[1:].isdigit()})
+        self._list_width = (named, max((int(a.answer[1:]) for a in self._running_atoms if not named), default=None))
         self._compiled = bool(self.terms and self._running_atoms and self._listwise is None)  # the generated module
         # the common call — forward's positional tensors, for a compiled loss over yw/yl — runs without name maps:
         # which positional arguments the module takes, in its order (None: every call takes the general path)
@@ -362,14 +365,13 @@ class PreferenceLoss(torch.nn.Module):
     def _check_list_width(self, k: int) -> None:
         """[B, K] inputs carry answers y1 … yK: K must be the loss's own (a list of another length is a mistake, as a
         row with another K is a bad row in training), and a loss over yw/yl takes named inputs instead."""
-        named = sorted({a.name for a in self._running_atoms if not a.answer[1:].isdigit()})
+        named, want = self._list_width
         if named:
             raise DPALogicError(
                 f"{self.program.name or 'this loss'} is over {', '.join(named)}, not y1 … yK: pass chosen_logps, "
                 "rejected_logps (and the reference's) instead of a [B, K] matrix"
             )
-        want = max((int(a.answer[1:]) for a in self._running_atoms), default=k)
-        if k != want:
+        if want is not None and k != want:
             raise DPALogicError(
                 f"logps has K = {k} columns but {self.program.name or 'this loss'} is over y1 … y{want}: pass "
                 f"[B, {want}] (column j is answer y(j+1))"

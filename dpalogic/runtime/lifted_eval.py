@@ -1,0 +1,326 @@
+"""The lifted evaluator of a K-answer term: ``log ρ`` from ``[B, n]`` log-probs in one autograd node.
+
+A structure whose groups need only closed-form counts (``e_0``, ``e_1``, ``e_{n−1}``, ``e_n``: ExactlyOne, AtMost(1), …)
+is evaluated from its lifted form (:mod:`dpalogic.semantics.lifted`). The leaves — each singleton's ``log p`` and
+``log(1 − p)``, each group's ``log e_c`` — and the configurations that combine them into the two sides run inside one
+``autograd.Function`` with a hand-written backward: the graph is one node, not the dozen small ones a composition of
+torch ops would record (on ``[B]`` tensors each costs more in overhead than in arithmetic).
+
+The leaves: the singletons' ``(log(1 − p), log p)``, then per group its ``log e_c`` for the counts asked (each of 0, 1,
+n − 1, n: closed forms). A group that needs only ``e_1`` (ExactlyOne, AtMost(1)) never forms its log-odds:
+``e_1 = Σ e^{x_j}/(1 − e^{x_j})`` is a max-shifted sum of exponentials divided by ``1 − p`` — one ``exp`` and one
+``expm1`` per answer, as a softmax's one ``exp``. The backward writes every column of the gradient once (every atom is
+a singleton or in one group) instead of scattering each slice's gradient into a zero-filled copy of ``x``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from dpalogic.semantics.lifted import Lifted
+
+
+def closed_form(lf: Lifted) -> bool:
+    """Does every group need only ``e_0``, ``e_1``, ``e_{n−1}``, ``e_n`` (sums and logsumexps, no recurrence)?"""
+    return all(c in (0, 1, len(g) - 1, len(g)) for g_i, g in enumerate(lf.groups) for c in lf.counts_needed(g_i))
+
+
+LOG_FLOOR = -1e30  # log-probs of −inf (an answer masked out, an fp16 underflow) are floored here: no ∞ − ∞, no NaN
+
+
+def _clamp_bound(dtype: torch.dtype) -> float:
+    """Log-probs are clamped to ``≤ −√tiny`` here: the odds ``1/(1 − p)`` then stay below ~1e19 in float32, so a sum
+    of 256 of them cannot overflow even when every answer has log-prob 0 (with ``tiny`` itself it could)."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+class _LeafPlan:
+    """Which columns are singletons and which form each group, with their index tensors made once per device, and
+    the configurations of each side as incidence matrices (which leaf values each configuration adds up)."""
+
+    def __init__(self, singles: tuple[int, ...], groups: tuple[tuple[int, ...], ...], counts, sides=((), ())) -> None:
+        self.singles, self.groups, self.counts = singles, groups, tuple(tuple(c) for c in counts)
+        self.sides = sides  # per side: its configurations, (truth of each singleton, count of each group)
+        self.width = len(singles) + sum(len(g) for g in groups)
+        self._index: dict = {}
+
+    def _runs(self, cols: tuple[int, ...]) -> bool:
+        return bool(cols) and cols[-1] - cols[0] == len(cols) - 1
+
+    def _idx(self, cols: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (cols, device)
+        if key not in self._index:
+            self._index[key] = torch.as_tensor(cols, dtype=torch.long, device=device)
+        return self._index[key]
+
+    def outside(self, g: int, like: torch.Tensor) -> torch.Tensor:
+        """A [n] row of 0 on group ``g``'s columns and −inf elsewhere (added, it masks: a broadcast add is one fast
+        pass, where masked_fill with a broadcast mask is ten times slower on the CPU)."""
+        key = ("outside", g, like.device, like.dtype)
+        if key not in self._index:
+            row = torch.full((self.width,), float("-inf"), dtype=like.dtype, device=like.device)
+            row[list(self.groups[g])] = 0.0
+            self._index[key] = row
+        return self._index[key]
+
+    def scratch(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """A [B, n] buffer reused from call to call, for what does not outlive a forward (one per thread and slot, last
+        shape): a fresh one costs page faults on every call, about as much as the ``exp`` computed in it."""
+        key = ("scratch", slot, threading.get_ident())
+        buf = self._index.get(key)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._index[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
+
+    def take(self, t: torch.Tensor, cols: tuple[int, ...]) -> torch.Tensor:
+        """Columns of ``t``: a view for a run ``a, a+1, …``, a gathered copy otherwise."""
+        if self._runs(cols):
+            return t[:, cols[0] : cols[-1] + 1]
+        return t.index_select(1, self._idx(cols, t.device))
+
+    def put(self, t: torch.Tensor, cols: tuple[int, ...], v: torch.Tensor) -> None:
+        if self._runs(cols):
+            t[:, cols[0] : cols[-1] + 1] = v
+        else:
+            t.index_copy_(1, self._idx(cols, t.device), v)
+
+
+def leaf_plan(lf: Lifted) -> _LeafPlan:
+    counts = [lf.counts_needed(g) for g in range(len(lf.groups))]
+    return _LeafPlan(lf.singletons, lf.groups, counts, (lf.top, lf.bottom))
+
+
+def _leaves_forward(x: torch.Tensor, plan: _LeafPlan) -> tuple[torch.Tensor, list[dict], list[dict], tuple]:
+    """The leaves: the singletons' ``(log(1 − p), log p)`` as [B, S, 2], and per group ``{c: log e_c}`` for the counts
+    asked (None for an exact 0); with what :func:`_leaves_backward` needs."""
+    eps = _clamp_bound(x.dtype)
+    lo_path = not all(set(cs) <= {0, 1} for cs in plan.counts)  # a group that keeps 1 − p for backward
+    # x in [LOG_FLOOR, −eps] (p = 1 stays finite, −inf is floored) and eˣ − 1 = −(1 − p), accurate near p = 1, in
+    # buffers reused from call to call: on the CPU each new [B, K] buffer costs page faults that outweigh its arithmetic
+    xc = torch.clamp(x, min=LOG_FLOOR, max=-eps, out=plan.scratch(x, 0))
+    em1 = torch.expm1(xc, out=None if lo_path else plan.scratch(x, 1))
+    omp = em1.neg_() if lo_path else None  # 1 − p, kept for the log-odds groups' backward
+    # the singletons' columns, gathered once (a column of [B, K] is B scattered cache lines)
+    s_idx = plan._idx(plan.singles, x.device)
+    xs_raw = x.index_select(1, s_idx)
+    omp_s = (omp if lo_path else em1).index_select(1, s_idx)
+    if not lo_path:
+        omp_s.neg_()
+    single = torch.stack([omp_s.log(), xs_raw.clamp(min=LOG_FLOOR)], dim=-1)
+    groups, saved = [], []
+    for g, (cols, cs) in enumerate(zip(plan.groups, plan.counts)):
+        n = len(cols)
+        vals, parts = {}, {}
+        if set(cs) <= {0, 1}:  # e_1 from the odds themselves: no log over the group
+            # full rows with the other columns at −inf: reductions over an odd number of columns (63 of 64) take a
+            # slow path, and exp(−inf) = 0 leaves them out of the sum
+            w = torch.add(xc, plan.outside(g, x))
+            m = w.amax(1, keepdim=True)
+            # odds / e^m on the group's columns (0 elsewhere), and what backward needs, w / (1 − p), in the same
+            # buffer; dividing by eˣ − 1 twice, as by 1 − p, gives w / (1 − p)² with no sign flip of a [B, K] buffer
+            div = omp if lo_path else em1
+            w = w.sub_(m).exp_().div_(div)
+            total = w.sum(1, keepdim=True)
+            if not lo_path:
+                total = total.neg_()
+            # whether any answer sat at the clamp (p = 1), whose gradient backward must zero: on a GPU asking would
+            # cost a host sync per call, so there the mask is simply always applied
+            clamped = True if x.is_cuda else bool((m >= -eps).any())
+            parts["odds"] = [w.div_(div), total, clamped, m]
+            e1 = (m + total.log()).squeeze(1)
+            vals = {c: None if c == 0 else e1 for c in cs}
+        else:
+            lo = plan.take(omp, cols).log().neg_().add_(plan.take(xc, cols))
+            # every configuration takes one e_c of this group, so a shift common to its e_c cancels in ρ: with e_n
+            # or e_{n−1} in use, all are taken relative to e_n = Π o, whose log Σ lo (−1e5 at K = 256) would
+            # otherwise cost float32 its last digits when ✓ and ✗ are subtracted
+            shift = lo.sum(1) if any(c in (n - 1, n) for c in cs) else None
+            parts["shift"] = shift is not None
+            for c in cs:
+                if c in (1, n - 1) and c not in parts:
+                    v = lo if c == 1 else -lo
+                    m = v.amax(1, keepdim=True)
+                    e = (v - m).exp_()
+                    total = e.sum(1, keepdim=True)
+                    parts[c] = (e, total)  # softmax = e / total, for backward
+                if c == 0:
+                    val = None
+                elif c == n:
+                    val = lo.sum(1)
+                else:  # 1 or n − 1: log Σ o, or Σ lo + log Σ 1/o
+                    e, total = parts[c]
+                    m = (lo if c == 1 else -lo).amax(1)
+                    lse = m + total.squeeze(1).log()
+                    val = lse if c == 1 else lo.sum(1) + lse
+                if shift is not None:
+                    val = (
+                        None if c == n else (lse if c == n - 1 and c != 1 else (-shift if val is None else val - shift))
+                    )
+                vals[c] = val
+        saved.append(parts)
+        groups.append(vals)
+    return single, groups, saved, (x, xs_raw, omp_s, omp)
+
+
+def _leaves_backward(
+    plan: _LeafPlan, parts_all: list[dict], tensors: tuple, g_single: torch.Tensor, g_groups: list[torch.Tensor]
+) -> torch.Tensor:
+    """d loss / d x from the gradients of the leaves (see :func:`_leaves_forward`)."""
+    x, xs_raw, omp_s, omp = tensors
+    eps = _clamp_bound(x.dtype)
+    grad = None
+    # groups that kept full rows first: their gradients are 0 outside their columns, so they add up
+    for g, (cs, parts, gg) in enumerate(zip(plan.counts, parts_all, g_groups)):
+        if "odds" in parts:  # d e_1 / dx_j = o_j / (e_1 · (1 − p_j)) = (w_j / total) / (1 − p_j)
+            w_omp, total, clamped, m = parts["odds"]
+            g1 = sum((gg[:, k : k + 1] for k, c in enumerate(cs) if c == 1), torch.zeros_like(total))
+            if w_omp is None:  # a second backward (retain_graph): the first one used the buffer; recompute it
+                xc = torch.clamp(x, min=LOG_FLOOR, max=-eps)
+                div = torch.expm1(xc) if omp is None else omp
+                w_omp = torch.add(xc, plan.outside(g, x)).sub_(m).exp_().div_(div).div_(div)
+            # the first backward writes the gradient into the saved buffer: no new [B, K] buffer (each costs page
+            # faults on the CPU); the same operations recompute it, bit for bit, if backward runs again
+            parts["odds"][0] = None
+            gx = w_omp.mul_(g1 / total)
+            if clamped:
+                gx.mul_(x <= -eps)
+            grad = gx if grad is None else grad.add_(gx)
+            del w_omp, gx
+    if grad is None:
+        grad = torch.empty_like(x)
+    # singletons: d log p / dx = 1, d log(1 − p) / dx = −p/(1 − p) = 1 − 1/(1 − p) (0 where x was clamped)
+    inv_s = (xs_raw <= -eps) / omp_s
+    plan.put(grad, plan.singles, g_single[..., 1] + g_single[..., 0] * (1.0 - inv_s))
+    for cols, cs, parts, gg in zip(plan.groups, plan.counts, parts_all, g_groups):
+        if "odds" in parts:
+            continue
+        n = len(cols)  # the values' gradients: Σ lo (e_n, e_{n−1}) and the softmaxes of the logsumexps
+        glo = None
+        if parts["shift"]:  # every value had Σ lo taken off: d(−Σ lo)/d lo_j = −1, times each value's gradient
+            glo = (-gg.sum(1, keepdim=True)).expand(-1, n).clone()
+        for k, c in enumerate(cs):
+            gc = gg[:, k : k + 1]
+            if c == 0:
+                continue
+            if c == n or (c == n - 1 and c != 1):  # d Σ lo / d lo_j = 1 (at n = 2, e_1 took the c = 1 form)
+                term = gc.expand(-1, n)
+                glo = term.clone() if glo is None else glo + term
+            if c in (1, n - 1):
+                e, total = parts[c]
+                soft = e * (gc / total)
+                glo = soft if glo is None else (glo + soft if c == 1 else glo - soft)
+        if glo is None:
+            glo = torch.zeros_like(plan.take(x, cols))
+        # d lo / dx = 1 / (1 − p), and 0 where x was clamped (p = 1 exactly)
+        plan.put(grad, cols, glo.div_(plan.take(omp, cols)).mul_(plan.take(x, cols) <= -eps))
+    return grad
+
+
+MATMUL_CONFIGS = 8  # up to this many configurations a side is summed column by column; beyond, by one matmul
+
+
+def _leaf_matrix(plan: _LeafPlan, single: torch.Tensor, groups: list[dict]) -> torch.Tensor:
+    """[B, F]: the singletons' (log(1 − p), log p), then each group's log e_c (an exact 0 made a tensor)."""
+    cols = [single.reshape(len(single), -1)]
+    zero = single.new_zeros(len(single))
+    for cs, vals in zip(plan.counts, groups):
+        cols += [(zero if vals[c] is None else vals[c]).unsqueeze(1) for c in cs]
+    return torch.cat(cols, 1)
+
+
+def _incidence(plan: _LeafPlan, like: torch.Tensor) -> torch.Tensor:
+    """[F, C]: which of the F leaf values (the singletons' log(1 − p), log p, then each group's log e_c) each of the C
+    configurations (✓'s, then ✗'s) adds up; made once per device and dtype."""
+    key = ("incidence", like.device, like.dtype)
+    if key not in plan._index:
+        offsets, rows = [], 2 * len(plan.singles)
+        for cs in plan.counts:
+            offsets.append(rows)
+            rows += len(cs)
+        configs = [*plan.sides[0], *plan.sides[1]]
+        inc = torch.zeros(rows, len(configs), dtype=like.dtype)
+        for j, (sigma, counts) in enumerate(configs):
+            for k, bit in enumerate(sigma):
+                inc[2 * k + bit, j] = 1.0
+            for g, c in enumerate(counts):
+                inc[offsets[g] + plan.counts[g].index(c), j] = 1.0
+        plan._index[key] = inc.to(like.device)
+    return plan._index[key]
+
+
+def _config_values(plan: _LeafPlan, single: torch.Tensor, groups: list[dict]) -> torch.Tensor:
+    """[B, C]: each configuration's sum of its leaves (✓'s configurations, then ✗'s)."""
+    configs = [*plan.sides[0], *plan.sides[1]]
+    if len(configs) > 2 * MATMUL_CONFIGS:
+        leaves = _leaf_matrix(plan, single, groups)
+        return leaves @ _incidence(plan, leaves)
+    out = []
+    for sigma, counts in configs:
+        terms = [single[:, k, bit] for k, bit in enumerate(sigma)]
+        terms += [groups[g][c] for g, c in enumerate(counts) if groups[g][c] is not None]
+        v = terms[0] if terms else single.new_zeros(len(single))
+        for t in terms[1:]:
+            v = v + t
+        out.append(v)
+    return torch.stack(out, 1)
+
+
+def _leaf_grads(plan: _LeafPlan, per_config: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The leaves' gradients from each configuration's (``[B, C]``), as :func:`_leaves_backward` takes them."""
+    configs = [*plan.sides[0], *plan.sides[1]]
+    n_single = len(plan.singles)
+    if len(configs) > 2 * MATMUL_CONFIGS:
+        d = per_config @ _incidence(plan, per_config).T
+        g_single = d[:, : 2 * n_single].reshape(len(d), n_single, 2)
+        return g_single, list(d[:, 2 * n_single :].split([len(cs) for cs in plan.counts], 1))
+    g_single = per_config.new_zeros(len(per_config), n_single, 2)
+    g_groups = [per_config.new_zeros(len(per_config), len(cs)) for cs in plan.counts]
+    for j, (sigma, counts) in enumerate(configs):
+        w = per_config[:, j]
+        for k, bit in enumerate(sigma):
+            g_single[:, k, bit] += w
+        for g, c in enumerate(counts):
+            g_groups[g][:, plan.counts[g].index(c)] += w
+    return g_single, g_groups
+
+
+def _logsumexp(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A side's log WMC over its configurations, with their softmax (None: one configuration, weight 1)."""
+    if v.shape[1] == 1:
+        return v[:, 0], None
+    total = torch.logsumexp(v, 1)
+    return total, (v - total.unsqueeze(1)).exp_()
+
+
+class _LiftedLogRatio(torch.autograd.Function):
+    """``log ρ = log WMC(✓) − log WMC(✗)`` (up to the groups' common factor ``Π (1 − p)``, which cancels) from
+    ``x`` [B, n]: the leaves, then each configuration's sum of leaf values (one small matmul with the incidence
+    matrix), then a logsumexp over each side's configurations. Backward runs the same steps in reverse."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: _LeafPlan) -> torch.Tensor:
+        single, groups, parts, tensors = _leaves_forward(x, plan)
+        values = _config_values(plan, single, groups)
+        n_top = len(plan.sides[0])
+        top, w_top = _logsumexp(values[:, :n_top])
+        bottom, w_bottom = _logsumexp(values[:, n_top:])
+        ctx.plan, ctx.parts, ctx.weights = plan, parts, (w_top, w_bottom)
+        ctx.save_for_backward(*tensors)
+        return top - bottom
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        plan, (w_top, w_bottom) = ctx.plan, ctx.weights
+        g = grad.unsqueeze(1)
+        per_config = torch.cat([g if w_top is None else w_top * g, -g if w_bottom is None else w_bottom * -g], 1)
+        g_single, g_groups = _leaf_grads(plan, per_config)
+        return _leaves_backward(plan, ctx.parts, ctx.saved_tensors, g_single, g_groups), None
+
+
+def lifted_log_ratio(plan: _LeafPlan, x: torch.Tensor) -> torch.Tensor:
+    """``log ρ`` [B] of a lifted structure from its atoms' log-probs ``x`` [B, n] (columns in ``atoms`` order)."""
+    return _LiftedLogRatio.apply(x, plan)
