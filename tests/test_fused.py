@@ -386,3 +386,19 @@ def test_fused_matches_trl_chunked_logprobs(name):
     torch.testing.assert_close(metrics["chosen_logps"], lp[:B].detach(), rtol=1e-5, atol=1e-4)
     for a, b, what in zip(ours, theirs, ("hidden", "weight", "bias")):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=what)
+
+
+def test_reference_log_probs_passed_in_are_checked_once():
+    """The fused path checks the reference log-probs a caller passes (the policy's, computed from the LM head, are
+    ≤ 0 by construction and not re-checked chunk by chunk)."""
+    g = torch.Generator().manual_seed(2)
+    B, T, H, V = 2, 5, 8, 11
+    hidden = torch.randn(2 * B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    fused = FusedLinearPreferenceLoss("dpo", beta=0.1)
+    ref_c, ref_r = -torch.rand(B, generator=g, dtype=torch.float64), -torch.rand(B, generator=g, dtype=torch.float64)
+    loss, _ = fused(hidden, weight, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    assert torch.isfinite(loss)
+    with pytest.raises(DPALogicError, match="ref_rejected_logps has 0.5"):
+        fused(hidden, weight, labels, ref_chosen_logps=ref_c, ref_rejected_logps=torch.full_like(ref_r, 0.5))

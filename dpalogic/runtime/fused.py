@@ -38,6 +38,7 @@ import torch
 from dpalogic.errors import DPALogicError
 from dpalogic.runtime import fused_buffer
 from dpalogic.runtime.backend import use_triton
+from dpalogic.runtime.checks import check_log_probs
 from dpalogic.runtime.fused_buffer import sequence_logps as sequence_logps  # re-exported
 from dpalogic.runtime.metrics import pair_rewards
 from dpalogic.runtime.preference_loss import PreferenceLoss
@@ -227,7 +228,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             )
         if reduction not in ("mean", "sum"):
             raise DPALogicError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self.loss_fn = PreferenceLoss(spec, reduction="none", backend=backend, link=link, **hyperparameters)
+        # log-probs computed here from the LM head are ≤ 0 by construction: only those a caller passes (the reference's)
+        # are checked, once per call, not once per chunk
+        self.loss_fn = PreferenceLoss(
+            spec, reduction="none", backend=backend, link=link, validate=False, **hyperparameters
+        )
         self.program = self.loss_fn.program
         extra = sorted(a.name for a in self.program.atoms if a.name not in _PAIR_ATOMS)
         if extra:
@@ -293,6 +298,12 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         for name, t in (("ref_chosen_logps", ref_c), ("ref_rejected_logps", ref_r)):
             if t is not None and tuple(t.shape) != (B,):
                 raise DPALogicError(f"{name} must have shape [B] = ({B},), got {tuple(t.shape)}")
+        given = [
+            (n, t) for n, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps))
+        ]
+        given = [(n, t) for n, t in given if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if given:
+            check_log_probs([t for _, t in given], [n for n, _ in given], DPALogicError)
         loss, seq, losses, lengths = _FusedLinearPreference.apply(
             hidden,
             lm_head_weight,
