@@ -379,7 +379,7 @@ def per_pair_loss(
     pair_margin: torch.Tensor | None = None,
     backend: str = "auto",
     reduction: str = "none",
-    validate: bool = True,
+    validate: bool = False,
 ) -> torch.Tensor:
     """The loss of every pair (inputs broadcast together), differentiable in every log-prob input.
 
@@ -388,7 +388,8 @@ def per_pair_loss(
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd
     function: its backward scales the saved gradients by one number).
-    validate: refuse log-probs above 0 (probabilities or logits passed by mistake); one max per input.
+    validate: refuse log-probs above 0 (probabilities or logits passed by mistake), one max per input: off here,
+    as in the expressions of TRL and Liger; dpalogic.PreferenceLoss, which calls this module, checks by default.
     """
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     shape, device = tensors[0].shape, tensors[0].device

@@ -430,7 +430,7 @@ def _per_pair_loss(p: _Parts) -> list[str]:
     pp = [f"    {x}: torch.Tensor," for x in p.args]
     pp += ["    *,", *[f"    {k}: float = {v!r}," for k, v in p.hp.items()]]
     pp += ["    pair_margin: torch.Tensor | None = None,", '    backend: str = "auto",', '    reduction: str = "none",']
-    pp += ["    validate: bool = True,"]
+    pp += ["    validate: bool = False,"]
     hp_dict = "{" + ", ".join(f"{_lit(k)}: {k}" for k in p.hp) + "}"
     return [
         "",
@@ -453,7 +453,8 @@ def _per_pair_loss(p: _Parts) -> list[str]:
         '    backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".',
         '    reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd',
         "    function: its backward scales the saved gradients by one number).",
-        "    validate: refuse log-probs above 0 (probabilities or logits passed by mistake); one max per input.",
+        "    validate: refuse log-probs above 0 (probabilities or logits passed by mistake), one max per input: off here,",
+        "    as in the expressions of TRL and Liger; dpalogic.PreferenceLoss, which calls this module, checks by default.",
         '    """',
         *_wrap_call(4, "tensors = (", p.args, ")" if len(p.args) > 1 else ",)"),
         "    shape, device = tensors[0].shape, tensors[0].device",
