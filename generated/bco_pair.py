@@ -87,6 +87,8 @@ def loss_and_grads_torch(
     ref_yl = ref_rejected_logps if ref_rejected_logps.dtype == dt else ref_rejected_logps.to(dt)
     if pair_margin is not None:
         pair_margin = pair_margin.to(dt)
+    if len({t.shape for t in (m_yw, m_yl, ref_yw, ref_yl)}) > 1:
+        m_yw, m_yl, ref_yw, ref_yl = torch.broadcast_tensors(m_yw, m_yl, ref_yw, ref_yl)
     # term 1: −log σ(β·log ρ)
     #   log WMC(top) = log p_w
     #   log WMC(bottom) = log r_w
@@ -327,7 +329,8 @@ def check_log_probs(tensors: Sequence[torch.Tensor], names: Sequence[str], error
     One max is a single pass over a tensor, a third of what a comparison and any() cost, and amax a quarter faster than
     max() on large ones (it keeps no index). Up to 2^14 values in all, one max over the stacked inputs: per-op overhead
     dominates small tensors (4 × 1k values: 4 µs stacked, 7 µs one by one); beyond, the stack's new buffer costs more
-    than it saves. NaN passes (its max is NaN, which compares false) and gives a NaN loss: a diverged model's log-probs
+    than it saves. A tensor holding NaN passes (its max is NaN, which compares false; the others are still checked)
+    and gives a NaN loss: a diverged model's log-probs
     are the training loop's to stop on, with the last good checkpoint kept, on every rank alike — an exception on one
     rank would leave the others waiting.
     """
@@ -339,7 +342,7 @@ def check_log_probs(tensors: Sequence[torch.Tensor], names: Sequence[str], error
     first = tensors[0]
     small = len(tensors) * first.numel() <= 1 << 14
     if small and len(tensors) > 1 and all(t.shape == first.shape and t.dtype == first.dtype for t in tensors):
-        if not float(torch.amax(torch.stack(tensors))) > slack:
+        if float(torch.amax(torch.stack(tensors))) <= slack:  # NaN compares false: one by one below
             return
     for name, t in zip(names, tensors):
         worst = float(torch.amax(t)) if t.numel() else 0.0

@@ -3,6 +3,8 @@ with and without it, and never touch their inputs; the catalog's twins run on in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,9 +29,11 @@ def programs(draw) -> tuple[list[str], set[str]]:
     names = list(INPUTS)
     lines: list[str] = []
 
+    scalars = ["beta", "0.5", "2.0"]
+
     def operand() -> str:
         if draw(st.integers(0, 4)) == 0:
-            return draw(st.sampled_from(["beta", "0.5", "2.0"]))
+            return draw(st.sampled_from(scalars))
         return draw(st.sampled_from(names))
 
     def expr(depth: int) -> str:
@@ -50,6 +54,9 @@ def programs(draw) -> tuple[list[str], set[str]]:
         elif kind == 1:
             lines.append(f"t{i}, w{i} = _pair({draw(st.sampled_from(names))})")
             names += [f"t{i}", f"w{i}"]
+        elif kind == 3:  # a scalar temporary from a call (a link's exp(tau)): a Python float, never overwritten
+            lines.append(f"s{i} = math.exp({draw(st.sampled_from(scalars))})")
+            scalars.append(f"s{i}")
         elif kind == 2 and len(names) > 3:
             v = draw(st.sampled_from(names[3:]))
             lines += ["if flag:", f"    {v} = {v} + x0"]  # the margin's form: a conditional rebinding
@@ -62,7 +69,7 @@ def programs(draw) -> tuple[list[str], set[str]]:
 
 
 def _run(lines: list[str], outputs: set[str], flag: bool, inputs: dict[str, torch.Tensor]) -> dict:
-    scope = {"torch": torch, "_pair": _pair, "beta": 0.3, "flag": flag, **inputs}
+    scope = {"torch": torch, "math": math, "_pair": _pair, "beta": 0.3, "flag": flag, **inputs}
     exec("\n".join(lines), scope)  # noqa: S102 - the test's own generated statements
     return {k: scope[k] for k in outputs}
 
@@ -96,6 +103,32 @@ def test_in_place_rewrites_only_dead_temporaries():
     assert in_place(aliased, INPUTS, {"c", "d"}, 120) == ["a = x0 + x1", "b = a", "c = a + 1.0", "d = b.mul_(2.0)"]
     assert in_place(["a = x0 + x1", "b = a * a"], INPUTS, {"b"}, 120)[1] == "b = a * a"  # read twice in one line
     assert in_place(["a = x0 + x1", "b = a + x2 + x1 + x0"], INPUTS, {"b"}, 10)[1] == "b = a + x2 + x1 + x0"  # width
+
+
+def test_in_place_keeps_scalars_and_conditionally_rebound_aliases():
+    # math.exp(tau) is a Python float: arithmetic on it is never made in place
+    lines = ["u = math.exp(beta)", "a = x0 + x1", "d = 2.0 * u * a"]
+    assert in_place(lines, INPUTS, {"d"}, 120)[2] == "d = a.mul_(2.0 * u)"
+    # t may still hold a's buffer when the branch is not taken: a's buffer is not overwritten after it
+    lines = ["a = x0 + x1", "t = a", "if flag:", "    t = t + x0", "d = a * 2.0", "loss = d + t"]
+    out = in_place(lines, INPUTS, {"loss"}, 120)
+    assert out[4] == "d = a * 2.0"
+    for flag in (False, True):
+        inputs = {k: torch.full((1,), float(i + 1)) for i, k in enumerate(INPUTS)}
+        want = _run(lines, {"loss"}, flag, {k: v.clone() for k, v in inputs.items()})["loss"]
+        assert torch.equal(_run(out, {"loss"}, flag, inputs)["loss"], want)
+
+
+def test_the_twin_broadcasts_when_called_directly():
+    mod = module_for(entries()["dpo"].program)
+    w, ref_l = -torch.rand(4, dtype=torch.float64), -torch.rand(4, dtype=torch.float64)
+    lo, ref_w = torch.tensor([-1.5], dtype=torch.float64), torch.tensor([-0.5], dtype=torch.float64)
+    loss, grads = mod.loss_and_grads_torch(w, lo, ref_w, ref_l, beta=0.2)
+    full = [w, lo.expand(4), ref_w.expand(4), ref_l]
+    want, want_grads = mod.loss_and_grads_torch(*full, beta=0.2)
+    assert loss.shape == (4,)
+    torch.testing.assert_close(loss, want, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], want_grads[0], rtol=0, atol=0)
 
 
 def test_catalog_twins_leave_their_inputs_untouched():

@@ -236,6 +236,23 @@ def test_positive_log_probabilities_are_refused():
     assert torch.isfinite(loss_fn(a, torch.full_like(a, 1e-4), a, a))
 
 
+def test_a_nan_does_not_hide_a_positive_log_prob_and_unused_inputs_are_checked():
+    """A NaN in one input (its max is NaN) leaves the other inputs' check intact; log-probs given but not used (a
+    reference passed to a reference-free loss) are still refused when positive."""
+    a = -torch.rand(4, dtype=torch.float64)
+    probs = torch.rand(4, dtype=torch.float64) * 0.5 + 0.2
+    with pytest.raises(DPALogicError, match=r"chosen_logps \(log M\(yw\)\)"):
+        PreferenceLoss("dpo")(probs, a, torch.full_like(a, float("nan")), a)
+    with pytest.raises(DPALogicError, match=r"Ref\(yw\)"):
+        PreferenceLoss("simpo")(a, a, probs, a, torch.ones(4), torch.ones(4))
+    with pytest.raises(DPALogicError, match=r"Ref\(yw\)"):
+        PreferenceLoss("cpo")(a, a, logps={"Ref(yw)": probs})
+    lp = -torch.rand(3, 20, dtype=torch.float64)
+    lp[0, 3] = float("nan")
+    with pytest.raises(DPALogicError, match="ref_logps"):
+        PreferenceLoss("(M(y1), ExactlyOne(M(y1..y20)))")(logps=lp, ref_logps=torch.rand_like(lp) + 0.5)
+
+
 def test_validate_false_skips_the_value_check_only():
     """validate=False runs no max over the inputs: a positive log-prob then goes into DPO's closed form as it is;
     shapes are still checked. The generated module checks its own inputs and names the argument."""

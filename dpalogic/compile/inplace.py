@@ -42,22 +42,30 @@ def _targets(stmt: ast.Assign) -> list[str]:
     return [e.id for e in t.elts] if isinstance(t, ast.Tuple) else [t.id]
 
 
+def _tensor_call(e: ast.expr) -> bool:
+    """A call that returns a new tensor: a torch function, or a twin helper (``_softplus``, ``_log1mexp``, …: each
+    returns new buffers). Not ``math.exp(tau)`` (a Python float) nor a method (``x.to(dt)`` may return its input)."""
+    if not isinstance(e, ast.Call):
+        return False
+    f = e.func
+    if isinstance(f, ast.Name):
+        return f.id.startswith("_")
+    root = f
+    while isinstance(root, ast.Attribute):
+        root = root.value
+    return isinstance(root, ast.Name) and root.id == "torch"
+
+
+def _has_tensor(e: ast.expr, tensors: set[str]) -> bool:
+    """Is a tensor among the values ``e`` computes with (a tensor name, or a call that makes one)?"""
+    return any((isinstance(n, ast.Name) and n.id in tensors) or _tensor_call(n) for n in ast.walk(e))
+
+
 def _is_fresh(e: ast.expr, tensors: set[str]) -> bool:
-    """Does ``e`` evaluate to a new tensor: arithmetic on a tensor, or a call of a torch function or of a twin helper
-    (``_softplus``, ``_log1mexp``, …: each returns new buffers). Method calls (``x.to(dt)``) may return their input."""
+    """Does ``e`` evaluate to a new tensor: arithmetic on a tensor, or a tensor call (:func:`_tensor_call`)."""
     if isinstance(e, ast.BinOp | ast.UnaryOp):
-        return any(isinstance(n, ast.Name) and n.id in tensors for n in ast.walk(e)) or any(
-            isinstance(n, ast.Call) for n in ast.walk(e)
-        )
-    if isinstance(e, ast.Call):
-        f = e.func
-        if isinstance(f, ast.Name):
-            return f.id.startswith("_")
-        root = f
-        while isinstance(root, ast.Attribute):
-            root = root.value
-        return isinstance(root, ast.Name) and root.id == "torch"
-    return False
+        return _has_tensor(e, tensors)
+    return _tensor_call(e)
 
 
 class _Rewriter(ast.NodeTransformer):
@@ -68,9 +76,7 @@ class _Rewriter(ast.NodeTransformer):
         self.made: set[int] = set()  # the in-place calls made here: each returns the buffer it overwrote, owned
 
     def _tensor(self, e: ast.expr) -> bool:
-        return any(isinstance(n, ast.Name) and n.id in self.tensors for n in ast.walk(e)) or any(
-            isinstance(n, ast.Call) for n in ast.walk(e)
-        )
+        return _has_tensor(e, self.tensors)
 
     def _owned(self, e: ast.expr) -> bool:
         """A buffer this expression may overwrite: a free name, or an intermediate result made within it."""
@@ -129,12 +135,17 @@ def in_place(lines: list[str], inputs: list[str], outputs: set[str], width: int)
             if isinstance(stmt.value, ast.Name) and stmt.value.id in binding:  # an alias: the same buffer
                 out = [(t, binding[stmt.value.id]) for t in _targets(stmt)]
             else:
-                new = not line.startswith(" ") and _is_fresh(stmt.value, tensors)
+                conditional = line.startswith(" ")
+                new = not conditional and _is_fresh(stmt.value, tensors)
                 for t in _targets(stmt):
+                    if conditional and t in binding:
+                        # a rebinding that may not happen: the name may still hold its old buffer (and so may
+                        # its aliases), so that buffer is no longer the pass's to overwrite
+                        fresh.discard(binding[t])
                     out.append((t, next(ids)))
                     if new:
                         fresh.add(out[-1][1])
-            if any(n in tensors for n in names) or isinstance(stmt.value, ast.Call):
+            if _has_tensor(stmt.value, tensors):
                 tensors.update(_targets(stmt))
         for t, obj in out:
             binding[t] = obj

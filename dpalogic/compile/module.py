@@ -287,9 +287,14 @@ def _torch_twin(p: _Parts) -> list[str]:
     if p.torch_body.uses_margin:
         L += ["    if pair_margin is not None:", "        pair_margin = pair_margin.to(dt)"]
     L += [f"    n_{ans} = {ln}.to(dt).clamp(min=1.0)" for ans, ln in zip(p.answers, p.lengths)]
+    # one shape for all: the in-place steps below cannot grow a buffer to a broadcast shape (per_pair_loss and
+    # PreferenceLoss pass one shape already; this is for direct callers)
+    bound = [_var(a) for a in p.atoms] + [f"n_{ans}" for ans in p.answers]
+    if len(bound) > 1:
+        L.append(f"    if len({{t.shape for t in ({', '.join(bound)})}}) > 1:")
+        L += _wrap_call(8, f"{', '.join(bound)} = torch.broadcast_tensors(", bound)
     grads = [f"d_{x}" for x in p.distinct]
-    bound = [_var(a) for a in p.atoms] + [f"n_{ans}" for ans in p.answers] + ["pair_margin"]
-    L += _wrap_body(in_place(p.torch_body.lines, bound, {"loss", *grads}, LINE - 4), 4)
+    L += _wrap_body(in_place(p.torch_body.lines, [*bound, "pair_margin"], {"loss", *grads}, LINE - 4), 4)
     L += _wrap_call(4, "return loss, (", grads, ")") if len(grads) > 1 else [f"    return loss, ({grads[0]},)"]
     L += [
         "",

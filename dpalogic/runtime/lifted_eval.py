@@ -251,12 +251,20 @@ def _incidence(plan: _LeafPlan, like: torch.Tensor) -> torch.Tensor:
     return plan._index[key]
 
 
+def _exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with every product and sum in ``a``'s precision: a float32 matmul on CUDA may run in TF32 (10-bit
+    mantissas) when a program enables it, which would round the log-weights being summed; there it runs in float64."""
+    if a.is_cuda and a.dtype == torch.float32:
+        return (a.double() @ b.double()).float()
+    return a @ b
+
+
 def _config_values(plan: _LeafPlan, single: torch.Tensor, groups: list[dict]) -> torch.Tensor:
     """[B, C]: each configuration's sum of its leaves (✓'s configurations, then ✗'s)."""
     configs = [*plan.sides[0], *plan.sides[1]]
     if len(configs) > 2 * MATMUL_CONFIGS:
         leaves = _leaf_matrix(plan, single, groups)
-        return leaves @ _incidence(plan, leaves)
+        return _exact_matmul(leaves, _incidence(plan, leaves))
     out = []
     for sigma, counts in configs:
         terms = [single[:, k, bit] for k, bit in enumerate(sigma)]
@@ -273,7 +281,7 @@ def _leaf_grads(plan: _LeafPlan, per_config: torch.Tensor) -> tuple[torch.Tensor
     configs = [*plan.sides[0], *plan.sides[1]]
     n_single = len(plan.singles)
     if len(configs) > 2 * MATMUL_CONFIGS:
-        d = per_config @ _incidence(plan, per_config).T
+        d = _exact_matmul(per_config, _incidence(plan, per_config).T)
         g_single = d[:, : 2 * n_single].reshape(len(d), n_single, 2)
         return g_single, list(d[:, 2 * n_single :].split([len(cs) for cs in plan.counts], 1))
     g_single = per_config.new_zeros(len(per_config), n_single, 2)

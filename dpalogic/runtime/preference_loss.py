@@ -157,6 +157,7 @@ class PreferenceLoss(torch.nn.Module):
         self._running = replace(self.program, terms=kept) if kept else self.program
         self._running_atoms = self._running.atoms
         self._running_names = [a.name for a in self._running_atoms]
+        self._running_name_set = set(self._running_names)
         self._known = {a.name for a in self.atoms}
         # structures beyond truth tables (K answers, OBDD sides) run the vectorized listwise evaluator instead
         self._listwise = None
@@ -233,6 +234,8 @@ class PreferenceLoss(torch.nn.Module):
                 )
                 if margin is not None:
                     self._check_margin(margin, args[0])
+                if self.validate and len(self._positional) < sum(t is not None for t in given):
+                    self._check_unused({n: t for n, t in zip(_PAIR_ATOMS, given[:4]) if t is not None})
                 return self._apply_compiled(args, margin, self.reduction)
         atom_lp: dict[str, torch.Tensor] = dict(logps or {})
         for name, t in (
@@ -279,8 +282,10 @@ class PreferenceLoss(torch.nn.Module):
         if not atom_lp:
             raise DPALogicError("no log-probabilities given")
         self._check_inputs(atom_lp, ans_len)  # shapes and types: refused before any kernel runs
-        if self.validate and not self._compiled:  # the compiled module checks the values of its own inputs
+        if self.validate and not self._compiled:
             check_log_probs(list(atom_lp.values()), list(atom_lp), DPALogicError)
+        elif self.validate:  # the compiled module checks the values of its own inputs: here only the others
+            self._check_unused(atom_lp)
         first = next(iter(atom_lp.values()))
         if margin is not None:
             self._check_margin(margin, first)
@@ -404,6 +409,13 @@ class PreferenceLoss(torch.nn.Module):
 
                 raise unknown("atom", k, sorted(known), f"this loss's atoms are {', '.join(sorted(known))}")
         self._check_tensors(list(atom_lp.items()), list(ans_len.items()))
+
+    def _check_unused(self, atom_lp: Mapping[str, torch.Tensor]) -> None:
+        """The values of log-probs given but not used by the compiled module (a reference passed to a reference-free
+        loss): still log-probs, and a positive one is still a mistake worth naming."""
+        unused = {k: v for k, v in atom_lp.items() if k not in self._running_name_set and v.is_floating_point()}
+        if unused:
+            check_log_probs(list(unused.values()), list(unused), DPALogicError)
 
     @staticmethod
     def _check_tensors(logps: list[tuple[str, torch.Tensor]], lengths: list[tuple[str, torch.Tensor]]) -> None:
