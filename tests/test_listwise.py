@@ -112,6 +112,15 @@ def test_ranges_expand_and_print_compactly():
     assert to_ascii(parse_formula("And(M(x, y1..y4))")) == "And(M(y1..y4))"
     assert parse_formula("AtLeast(0, M(y1..y4))") is sympy.true and parse_formula("AtMost(5, M(y1..y4))") is sympy.true
     assert parse_formula("AtLeast(5, M(y1..y4))") is sympy.false
+    # "all equal" over many answers: one call, not 63 pairs, and it reads back to the same function
+    iff = parse_formula("Iff(M(y1..y64))")
+    assert to_ascii(iff) == "Iff(M(y1..y64))" and to_unicode(iff) == "Iff(M(y1..y64))"
+    three = parse_formula("Iff(M(y1), Ref(y2), M(y3) & M(y4))")
+    back = parse_formula(to_ascii(three))
+    names = sorted(a.name for a in three.free_symbols)
+    for bits in itertools.product((False, True), repeat=len(names)):
+        w = dict(zip(names, bits))
+        assert holds(three, w) == holds(back, w) == (len({bits[0], bits[3], bits[1] and bits[2]}) == 1)
 
 
 @pytest.mark.parametrize(

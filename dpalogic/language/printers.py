@@ -86,7 +86,10 @@ def atoms_text(symbols) -> str:
 
 
 def _compact_call(e: Boolean) -> bool:
-    """An And/Or/Xor with a long run of answers prints as a call with a range: And(M(y1..y64))."""
+    """An And/Or/Xor with a long run of answers prints as a call with a range: And(M(y1..y64)); an Equivalent of three
+    or more operands ("all equal", which no chain of infix ↔ says) always prints as a call: Iff(M(y1..y64))."""
+    if e.func is Equivalent and len(e.args) > 2:
+        return True
     if e.func not in (And, Or, Xor) or len(e.args) < MIN_RUN:
         return False
     ops = sorted(e.args, key=_order_key)
@@ -109,7 +112,7 @@ def _fmt_call(e: Boolean, st: dict) -> str:
             lo, hi = _call_text("AtLeast", [str(e.lo), *texts], st), _call_text("AtMost", [str(e.hi), *texts], st)
             return _call_text("And", [lo, hi], st)
         return _call_text(name, ([str(k)] if k is not None else []) + texts, st)
-    name = {And: "And", Or: "Or", Xor: "Xor"}[e.func]
+    name = {And: "And", Or: "Or", Xor: "Xor", Equivalent: "Iff"}[e.func]
     return _call_text(name, _operand_texts(sorted(e.args, key=_order_key), st, 0), st)
 
 
@@ -132,11 +135,6 @@ def _fmt(e: Boolean, st: dict, parent_prec: int, right_of_implies: bool = False)
     elif kind == "implies":
         a, b = e.args
         s = _fmt(a, st, prec + 1) + st["im"] + _fmt(b, st, prec, right_of_implies=True)
-    elif kind == "iff" and len(e.args) > 2:
-        # n-ary Equivalent means "all equal", which a chain of infix ↔ does not: print it as a conjunction.
-        args = sorted(e.args, key=_order_key)
-        pairs = [Equivalent(args[i], args[i + 1]) for i in range(len(args) - 1)]
-        return _fmt(And(*pairs, evaluate=False), st, parent_prec)
     else:
         sep = {"and": st["an"], "or": st["orr"], "xor": st["xo"], "iff": st["iff"]}[kind]
         args = sorted(e.args, key=_order_key)
