@@ -73,6 +73,9 @@ def test_show(capsys):
     assert [t["role"] for t in out["terms"]] == ["preference", "nll"]
     assert out["structure"] == "(M(yl) -> M(yw), M(yw) ^ M(yl))"
     assert "\\pi_\\theta" in out["latex"]
+    # hyperparameter names typeset by their letters, not as SymPy's subscripts (label_{smoothing})
+    exo = run_json(capsys, "show", "exo_pair", "--json")["latex"]
+    assert r"\varepsilon_{\mathrm{ls}}" in exo and "label_" not in exo
     assert main(["show", "dpo"]) == 0
     assert "Rafailov" in capsys.readouterr().out
 

@@ -79,7 +79,7 @@ def _with_link(s, link: str, hyperparameters: dict[str, float] | None) -> dict[s
         "link": link,
         "link_formula": LINKS[term.link].formula,
         "loss": str(closed),
-        "latex": sympy.latex(closed, symbol_names=latex_names(s.atoms)),
+        "latex": sympy.latex(closed, symbol_names=latex_names(s.atoms, closed)),
         "hyperparameters": {k: v for k, v in program.defaults.items() if k not in ("beta", "gamma")},
     }
 

@@ -97,7 +97,7 @@ def show(name: str) -> dict[str, Any]:
     rhos = [sympy.Symbol(f"rho_{k}") for k in range(1, len(p.terms) + 1)]
     program_expr = sympy.Add(*(t.sympy(rho=r) for t, r in zip(p.terms, rhos)))
     closed = p.sympy()
-    names = latex_names(p.atoms)
+    names = latex_names(p.atoms, closed)
     equivalent, same = catalog_matches(p.structure) if p.structure is not None else ([], [])
     return {
         "name": e.name,

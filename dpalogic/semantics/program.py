@@ -38,8 +38,18 @@ def weight_latex(atom: Atom) -> str:
     return (r"\pi_\theta" if atom.pred == "M" else r"\pi_{\mathrm{ref}}") + f"({sub})"
 
 
-def latex_names(atoms: tuple[Atom, ...]) -> dict[sympy.Symbol, str]:
-    return {weight_symbol(a): weight_latex(a) for a in atoms}
+def latex_names(atoms: tuple[Atom, ...], expr: sympy.Expr | None = None) -> dict[sympy.Symbol, str]:
+    """How to typeset the atoms' weights and, given the expression, its hyperparameters: the catalog's by their
+    usual letters (``label_smoothing`` → ε_ls), any other name with an underscore upright (``\\mathrm{my\\_gamma}``)
+    rather than as SymPy's subscript (``my_{gamma}``)."""
+    names: dict[sympy.Symbol, str] = {weight_symbol(a): weight_latex(a) for a in atoms}
+    by_name = {k.name: v for k, v in LATEX_HYPERPARAMETERS.items()}
+    for sym in getattr(expr, "free_symbols", ()):
+        if sym not in names and sym.name in by_name:
+            names[sym] = by_name[sym.name]
+        elif sym not in names and "_" in sym.name:
+            names[sym] = r"\mathrm{" + sym.name.replace("_", r"\_") + "}"
+    return names
 
 
 # --------------------------------------------------------------------------------------------------- exact polynomials
@@ -320,7 +330,7 @@ class Program:
 
     def _repr_latex_(self) -> str:
         """Jupyter: the loss in closed form, ``L_name = …``, with the default hyperparameters."""
-        names = {**latex_names(self.atoms), **LATEX_HYPERPARAMETERS}
+        names = latex_names(self.atoms, self.sympy())
         lhs = r"\mathcal{L}" + (r"_{\mathrm{" + self.name.replace("_", r"\_") + "}}" if self.name else "")
         hp = ", ".join(f"{sympy.latex(sympy.Symbol(k), symbol_names=names)} = {v:g}" for k, v in self.hyperparameters)
         return f"$${lhs} = {sympy.latex(self.sympy(), symbol_names=names)}" + (rf"\qquad ({hp})" if hp else "") + "$$"
