@@ -18,6 +18,7 @@ from dpalogic.compile.link_module import link_function
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
 from dpalogic.runtime.lifted_eval import LOG_FLOOR, _clamp_bound, closed_form, leaf_plan, lifted_log_ratio
+from dpalogic.runtime.lifted_fused import FusedTerm, fusable
 from dpalogic.runtime.obdd_eval import LevelPlan, obdd_sides
 from dpalogic.semantics.lifted import lift
 
@@ -60,6 +61,8 @@ class ListwiseTerm:
         self.lifted = lifted if lifted is not None and closed_form(lifted) else None
         # the term owns its plan (index tensors, a scratch buffer): they go when the loss goes
         self._leaf_plan = leaf_plan(self.lifted) if self.lifted is not None else None
+        # odds groups and few configurations: the whole term (log ρ, z, the link) with its gradient in one pass
+        self.fused = self._leaf_plan is not None and fusable(self._leaf_plan)
         self._levels = None
         if self.lifted is None:
             self._levels = LevelPlan(structure.bdd, (structure.top, structure.bottom), structure._atom_of_var)
@@ -220,13 +223,20 @@ class ListwiseProgram:
         return total
 
     def _term(self, bt, s_role: str, ev: ListwiseTerm, x: torch.Tensor, margin, dtype) -> torch.Tensor:
+        if margin is not None and s_role != "nll":  # z − m for a preference, z + m for a smoothing term
+            margin = margin.to(dtype) if s_role == "preference" else -margin.to(dtype)
+        else:
+            margin = None
+        if ev.fused:
+            fn = link_function(bt.link, bt.params)
+            return FusedTerm.apply(x, margin, ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef)
         z = ev.log_ratio(x)
         if bt.scale != 1.0:
             z = z * bt.scale
         if bt.shift != 0.0:
             z = z - bt.shift
-        if margin is not None and s_role != "nll":
-            z = z - margin.to(dtype) if s_role == "preference" else z + margin.to(dtype)
+        if margin is not None:
+            z = z - margin
         part = apply_link(bt.link, bt.params, z)
         return part * bt.coef if bt.coef != 1.0 else part
 
