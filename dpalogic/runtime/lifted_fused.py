@@ -13,6 +13,9 @@ gradient where the clamp holds x.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from dpalogic.runtime.lifted_eval import LOG_FLOOR, MATMUL_CONFIGS, _clamp_bound, _LeafPlan
@@ -36,16 +39,27 @@ def _lse(values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor] |
 
 
 def term_loss_and_grad(
-    x: torch.Tensor, plan: _LeafPlan, link_fn, scale: float, shift: float, coef: float, margin: torch.Tensor | None
+    x: torch.Tensor,
+    plan: _LeafPlan,
+    link_fn,
+    scale: float,
+    shift: float,
+    coef: float,
+    margin: torch.Tensor | None,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(coef · f(scale · log ρ − shift − margin), its gradient in x)``, per row: ``[B]`` and ``[B, n]``.
 
-    ``margin`` is already signed (a smoothing term's is negated by the caller).
+    ``margin`` is already signed (a smoothing term's is negated by the caller). ``traced``: for ``torch.compile``,
+    which fuses the passes itself: no reused buffers and no host-side branch.
     """
     eps = _clamp_bound(x.dtype)
-    # both only for this pass: buffers reused from call to call (a fresh [B, K] buffer costs page faults on the CPU)
-    xc = torch.clamp(x, min=LOG_FLOOR, max=-eps, out=plan.scratch(x, 0))
-    em1 = torch.expm1(xc, out=plan.scratch(x, 1))  # p − 1 = −(1 − p), accurate near p = 1
+    if traced:
+        xc = torch.clamp(x, min=LOG_FLOOR, max=-eps)
+        em1 = torch.expm1(xc)
+    else:  # both only for this pass: buffers reused from call to call (a fresh [B, K] one page-faults on the CPU)
+        xc = torch.clamp(x, min=LOG_FLOOR, max=-eps, out=plan.scratch(x, 0))
+        em1 = torch.expm1(xc, out=plan.scratch(x, 1))  # p − 1 = −(1 − p), accurate near p = 1
     s_idx = plan._idx(plan.singles, x.device)
     q_s = em1.index_select(1, s_idx).neg_()  # 1 − p of the singletons [B, S]
     lp_s, lq_s = xc.index_select(1, s_idx), q_s.log()
@@ -98,21 +112,49 @@ def term_loss_and_grad(
         grad.index_copy_(1, s_idx, single)
     # 0 where the clamp holds x (p = 1), as the general evaluator; on the CPU only when some x reached the clamp (a
     # comparison and a bool mask over [B, K] cost more than the rest of the backward), on a GPU always (no host sync)
-    if x.is_cuda or any(bool((h >= -eps).any()) for h in highest):
+    if traced or x.is_cuda or any(bool((h >= -eps).any()) for h in highest):
         grad = torch.where(x <= -eps, grad, 0.0)
     return f * coef, grad
+
+
+class Compiled:
+    """``term_loss_and_grad`` under ``torch.compile`` (opt-in: ``PreferenceLoss(spec, compile=True)``), compiled on
+    first use; where compiling fails (no C++ compiler on the machine, say) the eager pass runs, with one warning."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.failed = False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                if self.fn is None:
+                    self.fn = torch.compile(functools.partial(term_loss_and_grad, traced=True), dynamic=True)
+                return self.fn(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same pass, eager
+                self.failed = True
+                warnings.warn(
+                    f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                    "the K-answer loss runs eagerly",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return term_loss_and_grad(*args)
 
 
 class FusedTerm(torch.autograd.Function):
     """Forward computes the term's loss and its gradient; backward scales the gradient by ``grad_output``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, margin: torch.Tensor | None, plan, link_fn, scale, shift, coef) -> torch.Tensor:
-        loss, grad = term_loss_and_grad(x, plan, link_fn, scale, shift, coef, margin)
+    def forward(
+        ctx, x: torch.Tensor, margin: torch.Tensor | None, plan, link_fn, scale, shift, coef, compiled=None
+    ) -> torch.Tensor:
+        args = (x, plan, link_fn, scale, shift, coef, margin)
+        loss, grad = compiled(*args) if compiled is not None else term_loss_and_grad(*args)
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.unsqueeze(1), None, None, None, None, None, None
+        return grad * grad_loss.unsqueeze(1), None, None, None, None, None, None, None

@@ -18,7 +18,7 @@ from dpalogic.compile.link_module import link_function
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
 from dpalogic.runtime.lifted_eval import LOG_FLOOR, _clamp_bound, closed_form, leaf_plan, lifted_log_ratio
-from dpalogic.runtime.lifted_fused import FusedTerm, fusable
+from dpalogic.runtime.lifted_fused import Compiled, FusedTerm, fusable
 from dpalogic.runtime.obdd_eval import LevelPlan, obdd_sides
 from dpalogic.semantics.lifted import lift
 
@@ -191,14 +191,15 @@ def _named_matrix(mapping: Mapping[str, torch.Tensor], atoms: tuple[Atom, ...], 
 class ListwiseProgram:
     """``Σ_k c_k · f_k(β_k · log ρ_k − γ_k − margin)`` over K-answer structures (bound terms: plain floats)."""
 
-    def __init__(self, terms, bound) -> None:
+    def __init__(self, terms, bound, compile: bool = False) -> None:
         """``terms``: the program's :class:`~dpalogic.semantics.program.Term` objects; ``bound``: the same terms with
-        their hyperparameters substituted (``BoundTerm``)."""
+        their hyperparameters substituted (``BoundTerm``); ``compile``: fused terms under ``torch.compile``."""
         from dpalogic.logic.listwise import as_list_structure
 
         self.roles = [t.role for t in terms]
         self.bound = list(bound)
         self.evals = [ListwiseTerm(as_list_structure(t.structure)) for t in terms]
+        self.compiled = [Compiled() if compile and ev.fused else None for ev in self.evals]
 
     def per_pair_named(
         self,
@@ -212,24 +213,24 @@ class ListwiseProgram:
         first = next(iter(atom_lp.values()))
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         total = None
-        for bt, s_role, ev in zip(self.bound, self.roles, self.evals):
+        for bt, s_role, ev, cc in zip(self.bound, self.roles, self.evals, self.compiled):
             x = _named_matrix(atom_lp, ev.atoms, lambda a: a.name).to(dtype)
             if bt.normalized:
                 if not ans_len:
                     raise DPALogicError("this loss is length-normalized: pass lengths (token counts)")
                 x = x / _named_matrix(ans_len, ev.atoms, lambda a: a.answer).to(dtype).clamp(min=1.0)
-            part = self._term(bt, s_role, ev, x, margin, dtype)
+            part = self._term(bt, s_role, ev, x, margin, dtype, cc)
             total = part if total is None else total + part
         return total
 
-    def _term(self, bt, s_role: str, ev: ListwiseTerm, x: torch.Tensor, margin, dtype) -> torch.Tensor:
+    def _term(self, bt, s_role: str, ev: ListwiseTerm, x: torch.Tensor, margin, dtype, compiled=None) -> torch.Tensor:
         if margin is not None and s_role != "nll":  # z − m for a preference, z + m for a smoothing term
             margin = margin.to(dtype) if s_role == "preference" else -margin.to(dtype)
         else:
             margin = None
         if ev.fused:
             fn = link_function(bt.link, bt.params)
-            return FusedTerm.apply(x, margin, ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef)
+            return FusedTerm.apply(x, margin, ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef, compiled)
         z = ev.log_ratio(x)
         if bt.scale != 1.0:
             z = z * bt.scale
@@ -251,12 +252,12 @@ class ListwiseProgram:
         first = next(iter(columns.values()))
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         total = None
-        for bt, s_role, ev in zip(self.bound, self.roles, self.evals):
+        for bt, s_role, ev, cc in zip(self.bound, self.roles, self.evals, self.compiled):
             x = ev.matrix(columns, dtype)
             if bt.normalized:
                 if lengths is None:
                     raise DPALogicError("this loss is length-normalized: pass lengths= [B, K] (token counts)")
                 x = x / ev.matrix({"M": lengths, "Ref": lengths}, dtype).clamp(min=1.0)
-            part = self._term(bt, s_role, ev, x, margin, dtype)
+            part = self._term(bt, s_role, ev, x, margin, dtype, cc)
             total = part if total is None else total + part
         return total

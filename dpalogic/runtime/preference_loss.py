@@ -129,6 +129,7 @@ class PreferenceLoss(torch.nn.Module):
         backend: str = "auto",
         link: str | None = None,
         validate: bool = True,
+        compile: bool = False,
         **hyperparameters: float,
     ) -> None:
         super().__init__()
@@ -142,6 +143,9 @@ class PreferenceLoss(torch.nn.Module):
         # check every call's log-probs (≤ 0): one max per input, as torch.distributions' validate_args — off, a
         # training loop that has checked its first batches saves a pass over the inputs (a tenth of DPO's loss time)
         self.validate = bool(validate)
+        # K-answer terms computed in one fused pass (ExactlyOne, AtMost(1), …) under torch.compile: the passes over
+        # [B, K] fused into one loop (opt-in: compiling takes seconds, and needs a C++ compiler on the CPU)
+        self._compile = bool(compile)
         self._generated: dict = {}  # the compiled module (dpalogic.compile.codegen), per Triton mode, built on first use
         self.program: Program = resolve(spec)
         if link is not None:  # a link of the user's own, f(z) with z = β·log ρ − γ; its parameters are hyperparameters
@@ -164,20 +168,20 @@ class PreferenceLoss(torch.nn.Module):
         self._kept_bound = (kept, [b for b in bound if b.coef != 0.0])
         self._list_evaluator = None  # [B, K] inputs of a truth-table structure on the torch path (built on first use)
         if any(isinstance(t.structure, ListStructure) for t in kept):
-            self._listwise = ListwiseProgram(*self._kept_bound)
+            self._listwise = ListwiseProgram(*self._kept_bound, compile=compile)
         self._length_answers = length_answers(self._running)
         self._needed_lengths = {a.answer for t in self.terms if t.normalized for a in t.atoms}
         # what a [B, K] input must match (named answers yw/yl; the last answer), worked out once: 64 atoms a call
         named = sorted({a.name for a in self._running_atoms if not a.answer[1:].isdigit()})
         self._list_width = (named, max((int(a.answer[1:]) for a in self._running_atoms if not named), default=None))
-        self._compiled = bool(self.terms and self._running_atoms and self._listwise is None)  # the generated module
+        self._uses_module = bool(self.terms and self._running_atoms and self._listwise is None)  # the generated module
         # the common call — forward's positional tensors, for a compiled loss over yw/yl — runs without name maps:
         # which positional arguments the module takes, in its order (None: every call takes the general path)
         self._positional = None
         order = {**{name: i for i, name in enumerate(_PAIR_ATOMS)}, "yw": 4, "yl": 5}
         wanted = self._running_names + list(self._length_answers)
         lengths_needed = all(a in self._needed_lengths for a in self._length_answers)
-        if self._compiled and lengths_needed:
+        if self._uses_module and lengths_needed:
             if all(n in order for n in wanted):
                 self._positional = tuple(order[n] for n in wanted)
         if not any(a.pred == "M" for t in self.terms for a in t.atoms):
@@ -282,7 +286,7 @@ class PreferenceLoss(torch.nn.Module):
         if not atom_lp:
             raise DPALogicError("no log-probabilities given")
         self._check_inputs(atom_lp, ans_len)  # shapes and types: refused before any kernel runs
-        if self.validate and not self._compiled:
+        if self.validate and not self._uses_module:
             check_log_probs(list(atom_lp.values()), list(atom_lp), DPALogicError)
         elif self.validate:  # the compiled module checks the values of its own inputs: here only the others
             self._check_unused(atom_lp)
@@ -358,7 +362,7 @@ class PreferenceLoss(torch.nn.Module):
                 atom_lp, ans_len = as_mapping(columns, lengths)
                 return self.per_pair(atom_lp, ans_len, margin=margin)
             if self._list_evaluator is None:
-                self._list_evaluator = ListwiseProgram(*self._kept_bound)
+                self._list_evaluator = ListwiseProgram(*self._kept_bound, compile=self._compile)
             evaluator = self._list_evaluator
         if self.validate:
             names = ["logps" if name == "M" else "ref_logps" for name in columns]
