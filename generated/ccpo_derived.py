@@ -332,8 +332,8 @@ def check_log_probs(tensors: Sequence[torch.Tensor], names: Sequence[str], error
     One max is a single pass over a tensor, a third of what a comparison and any() cost, and amax a quarter faster than
     max() on large ones (it keeps no index). Up to 2^14 values in all, one max over the stacked inputs: per-op overhead
     dominates small tensors (4 × 1k values: 4 µs stacked, 7 µs one by one); beyond, the stack's new buffer costs more
-    than it saves. A tensor holding NaN passes (its max is NaN, which compares false; the others are still checked)
-    and gives a NaN loss: a diverged model's log-probs
+    than it saves. NaN itself passes (a tensor holding one is compared value by value, so its other values are still
+    checked) and gives a NaN loss: a diverged model's log-probs
     are the training loop's to stop on, with the last good checkpoint kept, on every rank alike — an exception on one
     rank would leave the others waiting.
     """
@@ -351,6 +351,9 @@ def check_log_probs(tensors: Sequence[torch.Tensor], names: Sequence[str], error
             return
     for name, t in zip(names, tensors):
         worst = float(torch.amax(t)) if t.numel() else 0.0
+        if worst != worst:  # a NaN: the max says nothing of the other values; the slower comparison does
+            above = t[t > slack]
+            worst = float(torch.amax(above)) if above.numel() else 0.0
         if worst > slack:
             raise error(
                 f"log-probabilities must be <= 0: {name} has {worst:.6g} (pass summed log-probs, not probabilities "
@@ -376,8 +379,9 @@ def per_pair_loss(
     backend: "auto" (Triton on CUDA tensors, the torch twin elsewhere), "triton" or "torch".
     reduction: "none" (the loss of every pair), "mean" or "sum" (one scalar, reduced inside the autograd
     function: its backward scales the saved gradients by one number).
-    validate: refuse log-probs above 0 (probabilities or logits passed by mistake), one max per input: off here,
-    as in the expressions of TRL and Liger; dpalogic.PreferenceLoss, which calls this module, checks by default.
+    validate: refuse log-probs above 0 (probabilities or logits passed by mistake), one max per input: off
+    here, as in TRL's and Liger's expressions; dpalogic.PreferenceLoss (which compiles the same module) checks
+    by default.
     """
     tensors = (chosen_logps, rejected_logps)
     shape, device = tensors[0].shape, tensors[0].device
@@ -386,6 +390,8 @@ def per_pair_loss(
     if any(t.device != device for t in tensors):
         raise _InputError("all inputs must be on the same device")
     if pair_margin is not None:
+        if not isinstance(pair_margin, torch.Tensor):
+            raise _InputError(f"pair_margin must be a tensor, got {type(pair_margin).__name__}")
         if pair_margin.device != device:
             raise _InputError("pair_margin must be on the inputs' device")
         pair_margin = torch.broadcast_to(pair_margin.detach(), tensors[0].shape)

@@ -314,3 +314,27 @@ def test_readme_lists_exactly_the_losses_that_need_lengths():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     listed = re.search(r"# length-normalized losses \(([^)]*)\) need the token counts", readme).group(1)
     assert sorted(x.strip() for x in listed.split(",")) == sorted(n for n in NAMES if PreferenceLoss(n).needs_lengths)
+
+
+def test_new_user_findings_are_clear_errors():
+    """A NaN next to a probability in one tensor, a list for logps, backend='triton' for a structure with no Triton
+    path, a non-bool validate, NaN hyperparameters and a float pair_margin: each a clear error naming the thing."""
+    nan = float("nan")
+    lp = -torch.rand(4, dtype=torch.float64)
+    with pytest.raises(DPALogicError, match=r"chosen_logps \(log M\(yw\)\) has 0\.9"):
+        PreferenceLoss("dpo", reduction="none")(torch.tensor([nan, 0.5, 0.7, 0.9], dtype=torch.float64), lp, lp, lp)
+    k64 = "(M(y1), ExactlyOne(M(y1..y64)))"
+    with pytest.raises(DPALogicError, match="logps must be a \\[B, K\\] tensor .* got list"):
+        PreferenceLoss(k64)(logps=[[-1.0] * 64])
+    with pytest.raises(DPALogicError, match="no Triton kernel"):
+        PreferenceLoss(k64, backend="triton")
+    with pytest.raises(DPALogicError, match="validate must be True or False"):
+        PreferenceLoss("dpo", validate=None)
+    with pytest.raises(DPALogicError, match=r"the scale β \(beta\) = nan is not a finite number"):
+        PreferenceLoss("dpo", beta=nan)
+    with pytest.raises(DPALogicError, match="the link parameter margin = nan"):
+        PreferenceLoss("dpo", link="softplus(margin - z)", margin=nan)
+    mod = module_for(lookup("dpo").program)
+    with pytest.raises(DPALogicError, match="pair_margin must be a tensor, got float"):
+        mod.per_pair_loss(lp, lp, lp, lp, pair_margin=1.0)
+    assert "validate=False" in repr(PreferenceLoss("dpo", validate=False))

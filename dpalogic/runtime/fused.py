@@ -251,7 +251,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         tokens = "" if self.max_chunk_tokens is None else f", max_chunk_tokens={self.max_chunk_tokens}"
-        return f"{self.loss_fn.extra_repr()}, chunk_size={self.chunk_size}{tokens}, ignore_index={self.ignore_index}"
+        inner = self.loss_fn.extra_repr().replace("reduction='none'", f"reduction={self.reduction!r}")
+        inner = inner.replace(", validate=False", "")  # the LM head's own log-probs: checked by construction
+        return f"{inner}, chunk_size={self.chunk_size}{tokens}, ignore_index={self.ignore_index}"
 
     def forward(
         self,

@@ -56,7 +56,11 @@ def bind_term(term: Term, values: Mapping[str, float]) -> BoundTerm:
             raise DPALogicError(f"hyperparameter(s) {sorted(s.name for s in v.free_symbols)} have no value")
         if not (v.is_real and v.is_finite):  # e.g. IPO's 1/(2β) at β = 0, robust's 1/(1 − 2ε) at ε = 1/2
             hp = ", ".join(f"{k}={x:g}" for k, x in values.items())
-            raise DPALogicError(f"with {hp} the {what} {e} = {v} is not a finite number: choose other hyperparameters")
+            if isinstance(e, sympy.Symbol):  # "the link parameter margin", "the scale β (beta)"
+                named = what if e.name in what else f"{what} ({e.name})"
+            else:
+                named = f"{what} {e}"
+            raise DPALogicError(f"with {hp} the {named} = {v} is not a finite number: choose other hyperparameters")
         return float(v)
 
     params = {k: num(v, f"link parameter {k}") for k, v in term.link_params}
@@ -142,10 +146,14 @@ class PreferenceLoss(torch.nn.Module):
         self.backend = backend
         # check every call's log-probs (≤ 0): one max per input, as torch.distributions' validate_args — off, a
         # training loop that has checked its first batches saves a pass over the inputs (a tenth of DPO's loss time)
-        self.validate = bool(validate)
+        if not isinstance(validate, bool):
+            raise DPALogicError(f"validate must be True or False, got {validate!r}")
+        self.validate = validate
         # K-answer terms computed in one fused pass (ExactlyOne, AtMost(1), …) under torch.compile: the passes over
         # [B, K] fused into one loop (opt-in: compiling takes seconds, and needs a C++ compiler on the CPU)
-        self._compile = bool(compile)
+        if not isinstance(compile, bool):
+            raise DPALogicError(f"compile must be True or False, got {compile!r}")
+        self._compile = compile
         self._generated: dict = {}  # the compiled module (dpalogic.compile.codegen), per Triton mode, built on first use
         self.program: Program = resolve(spec)
         if link is not None:  # a link of the user's own, f(z) with z = β·log ρ − γ; its parameters are hyperparameters
@@ -168,6 +176,11 @@ class PreferenceLoss(torch.nn.Module):
         self._kept_bound = (kept, [b for b in bound if b.coef != 0.0])
         self._list_evaluator = None  # [B, K] inputs of a truth-table structure on the torch path (built on first use)
         if any(isinstance(t.structure, ListStructure) for t in kept):
+            if backend == "triton":
+                raise DPALogicError(
+                    "backend='triton': structures beyond 12 atoms run on the vectorized torch evaluator, which has no "
+                    "Triton kernel; use backend='auto' or 'torch'"
+                )
             self._listwise = ListwiseProgram(*self._kept_bound, compile=compile)
         self._length_answers = length_answers(self._running)
         self._needed_lengths = {a.answer for t in self.terms if t.normalized for a in t.atoms}
@@ -195,7 +208,8 @@ class PreferenceLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v:g}" for k, v in self.hyperparameters.items())
-        return f"{self.program.name or 'derived'}, {hp}, reduction={self.reduction!r}"
+        flags = (", validate=False" if not self.validate else "") + (", compile=True" if self._compile else "")
+        return f"{self.program.name or 'derived'}, {hp}, reduction={self.reduction!r}{flags}"
 
     @property
     def needs_reference(self) -> bool:
@@ -221,6 +235,12 @@ class PreferenceLoss(torch.nn.Module):
     ) -> torch.Tensor:
         """The loss, reduced as asked: from ``[B]`` chosen/rejected log-probs (and the reference's), from ``[B, K]``
         matrices (``logps=``, ``ref_logps=``, ``lengths=``), or from tensors keyed by atom and answer name."""
+        for name, v in (("logps", logps), ("lengths", lengths)):
+            if v is not None and not isinstance(v, torch.Tensor | Mapping):
+                raise DPALogicError(
+                    f"{name} must be a [B, K] tensor (column j is answer y(j+1)) or a mapping from "
+                    f"{'atom names' if name == 'logps' else 'answers'} to [B] tensors, got {type(v).__name__}"
+                )
         if isinstance(logps, torch.Tensor) or ref_logps is not None:  # K answers: [B, K] matrices
             pair_args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths)
             if any(t is not None for t in (*pair_args, rejected_lengths)):

@@ -220,7 +220,7 @@ _CODE_NAMES = frozenset(
     "z dt loss zero n grads grid mask offs shape device tensors refused backend reduction pair_margin grad_scale TINY "
     "BLOCK LN2 HAS_MARGIN KERNEL INTERPRETED torch tl triton math os float int max min abs len any all tuple range "
     "zip sum str bool dict LossFunction NAME ATOMS INPUTS LENGTHS HYPERPARAMETERS GRAD_SLOT GRAD_SIGN NAMED_INPUTS "
-    "validate check_log_probs input_grads Sequence".split()
+    "validate check_log_probs input_grads Sequence compile link spec self isinstance type".split()
 )
 # the twin's temporaries: top1, bot1, z1, f1, df1, ndf1, a1, u1_0, s1, k1, g1, c1, p1 (and anything with an underscore)
 _TEMPORARY = re.compile(r"(top|bot|z|f|df|ndf|a|u|s|k|g|c|p)[0-9]+|.*_.*")
@@ -262,7 +262,9 @@ def user_link(text: str, values: dict[str, float] | None = None) -> Link:
         raise DPALogicError(
             f"the link {text!r} uses {', '.join(missing)} without a value: give "
             + ", ".join(f"{n}=…" for n in missing)
-            + " with the other hyperparameters"
+            + " with the other hyperparameters (on the command line: "
+            + " ".join(f"--hp {n}=…" for n in missing)
+            + ")"
         )
     params = []
     for n in names:

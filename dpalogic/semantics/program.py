@@ -367,7 +367,8 @@ def with_link(program: Program, text: str, values: dict[str, float] | None = Non
         replace(t, link=link.name, link_params=params) if t.role == "preference" else t for t in program.terms
     )
     hp = dict(program.hyperparameters)
-    hp.update(link.params)
+    # this call's values, not those the registered link was first made with (one registry entry per link text)
+    hp.update((k, float((values or {})[k])) for k, _ in link.params)
     return Program(terms, tuple(hp.items()), name=None)
 
 
