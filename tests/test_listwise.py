@@ -424,6 +424,9 @@ def test_derive_takes_a_link_for_k_answer_structures(capsys):
     # softplus(m − log ρ) = log(1 + e^m / ρ), ρ = p_1 / ((1 − p_1) e_1)
     assert out["loss"] == "log(e_1(o[M(y2..y64)])*(1 - p_1)*exp(margin)/p_1 + 1)"
     assert out["hyperparameters"] == {"margin": 0.5}
+    assert main(["derive", "(M(yl) -> M(yw), M(yw) | M(yl))", "--link", "exp(-z)", "--json"]) == 0
+    ccpo = json.loads(capsys.readouterr().out)  # CCPO's structure, another link: the same ρ, not the same loss
+    assert "ccpo" in ccpo["equivalent_to"] and ccpo["same_loss_as"] == []
     assert main(["derive", "Ranked(M(y1..y20))", "--link", "exp(-z)", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == "1/rho"  # no lifted form: ρ stays a symbol
 

@@ -81,6 +81,9 @@ def _with_link(s, link: str, hyperparameters: dict[str, float] | None) -> dict[s
         "loss": str(closed),
         "latex": sympy.latex(closed, symbol_names=latex_names(s.atoms, closed)),
         "hyperparameters": {k: v for k, v in program.defaults.items() if k not in ("beta", "gamma")},
+        # the catalog's losses take the logistic link (or their own): with this one none has the same loss function;
+        # "equivalent to" (the same structure, so the same ρ) still holds
+        "same_loss_as": [],
     }
 
 
