@@ -135,7 +135,10 @@ def enumeration_loss(K: int, text: str):
 
 def section_b(ks: list[int], B: int, repeat: int) -> None:
     print(f"\n(b) forward + backward, B = {B}, float32, ms (ratio to the hand-written softmax over log-probs)")
-    print(f"{'formula':<18} {'K':>4} {'softmax':>9} {'softmax(lo)':>12} {'ours':>9} {'ours/sm':>8} {'enum':>9}")
+    print(
+        f"{'formula':<18} {'K':>4} {'softmax':>9} {'softmax(lo)':>12} {'ours':>9} {'ours/sm':>8} {'compiled':>9}"
+        f" {'comp/sm':>8} {'enum':>9}"
+    )
     g = torch.Generator().manual_seed(0)
 
     def softmax(x):
@@ -155,13 +158,18 @@ def section_b(ks: list[int], B: int, repeat: int) -> None:
                 "smo": fwd_bwd(softmax_odds, x),
                 "ours": fwd_bwd(lambda y, fn=fn: fn(logps=y), x),
             }
+            # compile=True: the fused terms (odds groups: ExactlyOne, AtMost(1)) under torch.compile
+            comp = PreferenceLoss(text, compile=True)
+            if comp._listwise is not None and all(ev.fused for ev in comp._listwise.evals):
+                fns["comp"] = fwd_bwd(lambda y, fn=comp: fn(logps=y), x)
             if K <= 12:
                 fns["enum"] = fwd_bwd(enumeration_loss(K, text), x)
             t = timed_round_robin(fns, repeat)
             t_enum = f"{t['enum'] * 1e3:9.2f}" if "enum" in t else "-"
+            t_comp = f"{t['comp'] * 1e3:9.2f} {t['comp'] / t['sm']:8.2f}" if "comp" in t else f"{'-':>9} {'-':>8}"
             print(
                 f"{kind:<18} {K:>4} {t['sm'] * 1e3:9.2f} {t['smo'] * 1e3:12.2f} {t['ours'] * 1e3:9.2f}"
-                f" {t['ours'] / t['sm']:8.2f} {t_enum:>9}"
+                f" {t['ours'] / t['sm']:8.2f} {t_comp} {t_enum:>9}"
             )
 
 

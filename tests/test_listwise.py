@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 
 import pytest
 import sympy
@@ -539,3 +540,51 @@ def test_fused_terms_equal_the_general_evaluator(text, dtype):
     tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 1e-6}
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_compile_falls_back_to_the_same_pass_when_it_cannot_compile(monkeypatch):
+    """compile=True where torch.compile fails (no C++ compiler, say): one warning, then the eager fused pass, with
+    the same values and gradients as compile=False."""
+    import dpalogic.runtime.lifted_fused as lifted_fused
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(lifted_fused.torch, "compile", broken)
+    text = "(M(y1), ExactlyOne(M(y1..y20)))"
+    x = (-torch.rand(5, 20, dtype=torch.float64) * 4 - 1e-3).requires_grad_()
+    eager = PreferenceLoss(text, reduction="none", beta=0.5)
+    comp = PreferenceLoss(text, reduction="none", beta=0.5, compile=True)
+    want = eager(logps=x)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no compiler here"):
+        got = comp(logps=x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls run eagerly in silence
+        comp(logps=x)
+
+
+@pytest.mark.slow
+def test_compiled_fused_terms_equal_eager():
+    """compile=True (torch.compile of the fused term, where this machine can compile): the same loss and gradients."""
+    text = "(M(y1), ExactlyOne(M(y1..y20)))"
+    x = (-torch.rand(64, 20, dtype=torch.float32) * 6 - 1e-3).requires_grad_()
+    x.data[0, 3] = 0.0
+    eager = PreferenceLoss(text, reduction="none", beta=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a machine without a compiler falls back (tested above)
+        comp = PreferenceLoss(text, reduction="none", beta=0.5, compile=True)
+        got = comp(logps=x)
+    want = eager(logps=x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0],
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+
+
+def test_the_compiled_path_expm1_is_accurate_near_zero():
+    """torch.compile lowers expm1 as e^x − 1 on the CPU; the compiled fused term takes its own series instead."""
+    from dpalogic.runtime.lifted_fused import _expm1_series
+
+    x = -torch.logspace(-20, 4, 2000, dtype=torch.float64)
+    torch.testing.assert_close(_expm1_series(x), torch.expm1(x), rtol=1e-14, atol=0)

@@ -28,6 +28,16 @@ def fusable(plan: _LeafPlan) -> bool:
     )
 
 
+def _expm1_series(x: torch.Tensor) -> torch.Tensor:
+    """``e^x − 1`` for ``x ≤ 0`` without ``expm1``, which ``torch.compile`` lowers on the CPU as ``e^x − 1`` (every
+    digit lost near 0: 0 at x = −1e−19, 0.1% off at −1e−5): its Taylor series in Horner form for x > −0.1 (to
+    1e−16 relative), ``e^x − 1`` directly below, where it cancels nothing — as the Triton kernels' ``log1mexp``."""
+    h = 1.0 + x / 12
+    for k in range(11, 1, -1):
+        h = 1.0 + x / k * h
+    return torch.where(x > -0.1, x * h, torch.exp(x) - 1.0)
+
+
 def _lse(values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """log Σ e^v over a side's configurations and their softmax weights (None: one configuration, weight 1)."""
     if len(values) == 1:
@@ -56,7 +66,7 @@ def term_loss_and_grad(
     eps = _clamp_bound(x.dtype)
     if traced:
         xc = torch.clamp(x, min=LOG_FLOOR, max=-eps)
-        em1 = torch.expm1(xc)
+        em1 = _expm1_series(xc)
     else:  # both only for this pass: buffers reused from call to call (a fresh [B, K] one page-faults on the CPU)
         xc = torch.clamp(x, min=LOG_FLOOR, max=-eps, out=plan.scratch(x, 0))
         em1 = torch.expm1(xc, out=plan.scratch(x, 1))  # p − 1 = −(1 − p), accurate near p = 1
