@@ -412,8 +412,8 @@ class Trainer:
         (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         self.say(f"done: {self.step} steps; model saved to {final}")
 
-    def close(self) -> None:
-        scaling.release_accelerator(self.acc, self.dist.owns_group, self.engine)
+    def close(self, finished: bool = False) -> None:
+        scaling.release_accelerator(self.acc, self.dist.owns_group, self.engine, finished=finished)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -467,9 +467,11 @@ class Trainer:
 def train(cfg: TrainConfig, **kw: Any) -> dict[str, Any]:
     """Run one training job (see :class:`Trainer` for the keyword arguments); returns final metrics and paths."""
     trainer = Trainer(cfg, **kw)
+    finished = False
     try:
         out = trainer.run()
         out["history"] = trainer.history
+        finished = True
         return out
     finally:
-        trainer.close()
+        trainer.close(finished)

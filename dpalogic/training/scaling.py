@@ -117,9 +117,9 @@ def _check_process_state(cpu: bool, mixed: str) -> None:
         )
 
 
-def release_accelerator(acc, owns_group: bool, engine=None) -> None:
+def release_accelerator(acc, owns_group: bool, engine=None, finished: bool = False) -> None:
     """End the run: its DeepSpeed engine (its hooks and buffers), its trackers, and the process group if accelerate
-    created it for this run.
+    created it for this run (``finished``: after a barrier, every rank having got to the end).
 
     accelerate's process-wide state stays (see :func:`_check_process_state`): the next run with the same settings in
     this process reuses it.
@@ -128,6 +128,11 @@ def release_accelerator(acc, owns_group: bool, engine=None) -> None:
         engine.destroy()
     acc.end_training()
     if owns_group and torch.distributed.is_initialized():
+        # a run that finished waits for every rank before tearing the group down: a rank that destroys it while
+        # another still talks to it leaves that one's gloo threads to die at exit ("terminate called without an
+        # active exception", SIGABRT); a run that failed does not wait (the others may never get here)
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
