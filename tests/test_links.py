@@ -135,6 +135,10 @@ def test_derive_with_a_link_prints_its_closed_form(capsys):
         (["derive", "M(yw)", "--link", "z", "--hp", "x"], "NAME=VALUE"),
         (["compile", "cpo", "--link", "exp(-z) +"], ""),
         (["compile", "dpo", "--hp", "bta=1"], "did you mean 'beta'"),
+        (["compile", CPO, "--link", "exp(-z)", "--hp", "margn=1"], "unknown hyperparameter 'margn'"),
+        (["derive", CPO, "--link", "exp(-z)", "--hp", "margn=1"], "unknown hyperparameter 'margn'"),
+        (["derive", CPO, "--link", "softplus(margin - z)", "--hp", "margn=1"], "you gave margn: did you mean margin?"),
+        (["derive", CPO, "--hp", "beta=2"], "--hp gives values to the parameters of a --link"),
     ],
 )
 def test_bad_links_are_clear_errors(argv, fragment, capsys):
@@ -220,3 +224,16 @@ def test_link_parameters_cannot_take_a_name_the_compiled_code_uses():
     loss = PreferenceLoss(CPO, link="softplus(m - z)", m=0.5, beta=1.0, reduction="none")  # a plain word is fine
     w, lo = pair(seed=11)
     torch.testing.assert_close(loss(w, lo), F.softplus(0.5 - (w - lo)))
+
+
+def test_compile_with_a_link_takes_beta_from_hp_too(tmp_path, capsys):
+    out = tmp_path / "hb.py"
+    argv = ["compile", CPO, "--name", "hb", "--link", "softplus(m - z)", "--hp", "m=0.5", "--hp", "beta=2", "--out"]
+    assert main([*argv, str(out)]) == 0
+    capsys.readouterr()
+    spec = importlib.util.spec_from_file_location("hb", out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.HYPERPARAMETERS == {"beta": 2.0, "gamma": 0.0, "m": 0.5}
+    w, lo = pair(seed=6)
+    torch.testing.assert_close(mod.per_pair_loss(w, lo), F.softplus(0.5 - 2.0 * (w - lo)))

@@ -25,6 +25,11 @@ def derive(
     from dpalogic.logic.structure import has_construct
     from dpalogic.semantics.catalog import _alias_map, catalog_matches, outside
 
+    if hyperparameters and link is None:
+        raise DPALogicError(
+            "--hp gives values to the parameters of a --link; without one the loss is −log σ(log ρ), which has none "
+            "(β and γ, the scale and shift of log ρ, enter its closed form as 1 and 0)"
+        )
     key = text.strip().lower().replace("-", "_")
     if key in _alias_map() or outside(key) is not None:  # a loss name is never a formula (atoms have parentheses)
         raise DPALogicError(
@@ -69,6 +74,7 @@ def _with_link(s, link: str, hyperparameters: dict[str, float] | None) -> dict[s
     from dpalogic.semantics.program import latex_names, single_structure_program, with_link
 
     program = with_link(single_structure_program(s), link, hyperparameters)
+    program.bind(**(hyperparameters or {}))  # every name one of the link's (or β, γ): a misspelling is refused
     term = program.terms[0]
     try:
         closed = term.sympy()

@@ -69,7 +69,7 @@ def compile_spec(
     program = resolve(spec)
     if link is not None:
         program = with_link(program, link, hyperparameters)
-    elif hyperparameters:
+    if hyperparameters:  # every name the program's (a misspelling is refused), β and γ too beside a link's own
         program = program.with_hyperparameters(**program.bind(**hyperparameters))
     origin = None
     if isinstance(spec, str) and program.name is None:

@@ -259,8 +259,13 @@ def user_link(text: str, values: dict[str, float] | None = None) -> Link:
     given = values or {}
     missing = [n for n in names if n not in given]
     if missing:
+        import difflib
+
+        near = [f"{g}: did you mean {m}?" for m in missing for g in difflib.get_close_matches(m, list(given), 1, 0.6)]
         raise DPALogicError(
-            f"the link {text!r} uses {', '.join(missing)} without a value: give "
+            f"the link {text!r} uses {', '.join(missing)} without a value"
+            + (f" (you gave {'; '.join(near)})" if near else "")
+            + ": give "
             + ", ".join(f"{n}=…" for n in missing)
             + " with the other hyperparameters (on the command line: "
             + " ".join(f"--hp {n}=…" for n in missing)
