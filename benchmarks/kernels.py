@@ -133,8 +133,16 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------------------------------- (a) per pair
 
 
-def bench_per_pair(sizes: list[int], calls: int) -> str:
-    rows = [_per_pair_case(name, B, calls) for name in ("dpo", "orpo") for B in sizes]
+PROTOCOLS = ((1, "one call a turn (cold caches)"), (20, "20 calls a turn (in a loop)"))
+
+
+def bench_per_pair(sizes: list[int]) -> list[str]:
+    """One table per protocol; each case is set up (and its torch.compile done) once for both."""
+    cases = [_per_pair_case(name, B) for name in ("dpo", "orpo") for B in sizes]
+    return [_per_pair_table([rows[i] for rows in cases]) for i in range(len(PROTOCOLS))]
+
+
+def _per_pair_table(rows: list[list[str]]) -> str:
     gen = "Triton kernel" if DEV.type == "cuda" else "torch twin"
     header = [
         "loss",
@@ -149,7 +157,7 @@ def bench_per_pair(sizes: list[int], calls: int) -> str:
     return table(header, rows)
 
 
-def _per_pair_case(name: str, B: int, calls: int) -> list[str]:
+def _per_pair_case(name: str, B: int) -> list[list[str]]:
     from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
     from liger_kernel.chunked_loss.orpo_loss import LigerFusedLinearORPOFunction
 
@@ -217,23 +225,26 @@ def _per_pair_case(name: str, B: int, calls: int) -> list[str]:
         fns["comp"] = compiled
     if trl:
         fns["trl"] = trl
-    t = timeit_interleaved(fns, repeat, calls=calls)
-    t_ours, t_gen, t_lig, t_comp = t["ours"], t["gen"], t["liger"], t.get("comp", float("nan"))
-    print(
-        f"  (a) {name} B={B} ({calls} call{'s' * (calls > 1)} a turn): PreferenceLoss / Liger expr "
-        f"{t_ours / t_lig:.2f}, with validate=False {t['unchecked'] / t_lig:.2f}",
-        flush=True,
-    )
-    return [
-        name,
-        f"{B:,}",
-        f"{t_ours * 1e3:.3f}",
-        f"{t['unchecked'] / t_ours:.2f}",
-        f"{t_gen / t_ours:.2f}",
-        f"{t_lig / t_ours:.2f}",
-        f"{t_comp / t_ours:.2f}" if compiled else "n/a",
-        f"{t['trl'] / t_ours:.2f}" if trl else "n/a",
-    ]
+    rows = []
+    for calls, _ in PROTOCOLS:
+        t = timeit_interleaved(fns, repeat, calls=calls)
+        t_ours, t_gen, t_lig, t_comp = t["ours"], t["gen"], t["liger"], t.get("comp", float("nan"))
+        print(
+            f"  (a) {name} B={B} ({calls} call{'s' * (calls > 1)} a turn): PreferenceLoss / Liger expr "
+            f"{t_ours / t_lig:.2f}, with validate=False {t['unchecked'] / t_lig:.2f}",
+            flush=True,
+        )
+        rows.append([
+            name,
+            f"{B:,}",
+            f"{t_ours * 1e3:.3f}",
+            f"{t['unchecked'] / t_ours:.2f}",
+            f"{t_gen / t_ours:.2f}",
+            f"{t_lig / t_ours:.2f}",
+            f"{t_comp / t_ours:.2f}" if compiled else "n/a",
+            f"{t['trl'] / t_ours:.2f}" if trl else "n/a",
+        ])  # fmt: skip
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------- (b) fused
@@ -418,9 +429,9 @@ def main() -> int:
     if args.section in ("a", "all"):
         print("(a) per-pair loss on log-probs, forward + backward; ratios are their time / PreferenceLoss's time")
         print("    (above 1: PreferenceLoss is faster)\n")
-        for calls, what in ((1, "one call a turn (cold caches)"), (20, "20 calls a turn (in a loop)")):
+        for (_, what), tab in zip(PROTOCOLS, bench_per_pair(sizes)):
             print(f"    {what}\n")
-            print(bench_per_pair(sizes, calls), "\n", flush=True)
+            print(tab, "\n", flush=True)
     if args.section == "a":
         return 0
     print("(b) fused LM head + loss from hidden states, forward + backward (chunk_size = 1 pair for ours and Liger;")
