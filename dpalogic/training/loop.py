@@ -128,7 +128,8 @@ class Trainer:
         self._setup_optimizer()
         self.step = 0
         self.last_checkpoint: Path | None = None
-        self._stop_signal = False
+        self._stop_signal = False  # this rank was asked to stop (SIGINT/SIGTERM)
+        self._stop_agreed = False  # some rank was, as of the last step's all-reduce: every rank stops there together
 
     # ------------------------------------------------------------------ setup
 
@@ -293,7 +294,10 @@ class Trainer:
         record.update({k: totals[2 + i].item() / n for i, k in enumerate(getattr(fwd, "stat_names", STAT_NAMES))})
         record["grad_norm"] = float(grad_norm)
         record["lr"] = self.scheduler.get_last_lr()[0]
-        self._stop_signal = self._stop_signal or totals[7].item() > 0
+        # with other ranks, stop on what every rank saw in this all-reduce, never on a signal that came after it
+        # (one rank would leave while the others wait in the next step's collectives): a later one travels in the
+        # next; alone, stop on it at once
+        self._stop_agreed = totals[7].item() > 0
         if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
             self.update.discard()
             bad = "loss" if not math.isfinite(record["loss"]) else "gradient norm"
@@ -390,7 +394,7 @@ class Trainer:
                             f"step {self.step}/{self.total_steps}: train loss {rec['loss']:.4f}, eval loss "
                             f"{ev['loss']:.4f}, {self.forward.eval_text(ev)}"
                         )
-                if self._stop_signal:
+                if self._stop_agreed or (self._stop_signal and self.dist.world <= 1):
                     return True
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()

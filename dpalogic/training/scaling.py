@@ -126,13 +126,13 @@ def release_accelerator(acc, owns_group: bool, engine=None, finished: bool = Fal
     """
     if engine is not None:  # before the process group goes: the engine's optimizer holds handles into it
         engine.destroy()
+    if finished and owns_group and torch.distributed.is_initialized():
+        # a run that finished waits for every rank before the group is torn down (accelerate's end_training does it):
+        # a rank that destroys it while another still talks to it leaves that one's gloo threads to die at exit
+        # ("terminate called without an active exception", SIGABRT); a failed run does not wait (others may not come)
+        torch.distributed.barrier()
     acc.end_training()
     if owns_group and torch.distributed.is_initialized():
-        # a run that finished waits for every rank before tearing the group down: a rank that destroys it while
-        # another still talks to it leaves that one's gloo threads to die at exit ("terminate called without an
-        # active exception", SIGABRT); a run that failed does not wait (the others may never get here)
-        if finished:
-            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
