@@ -139,6 +139,7 @@ def test_derive_with_a_link_prints_its_closed_form(capsys):
         (["derive", CPO, "--link", "exp(-z)", "--hp", "margn=1"], "unknown hyperparameter 'margn'"),
         (["derive", CPO, "--link", "softplus(margin - z)", "--hp", "margn=1"], "you gave margn: did you mean margin?"),
         (["derive", CPO, "--hp", "beta=2"], "--hp gives values to the parameters of a --link"),
+        (["derive", CPO, "--link", "exp(-z)", "--hp", "beta=2"], "--hp beta has no place in it"),
     ],
 )
 def test_bad_links_are_clear_errors(argv, fragment, capsys):

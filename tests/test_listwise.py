@@ -551,11 +551,13 @@ def test_compile_falls_back_to_the_same_pass_when_it_cannot_compile(monkeypatch)
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(lifted_fused.torch, "compile", broken)
+    monkeypatch.setattr(lifted_fused.Compiled, "failed", False)  # process-wide once it fails: restored after
     text = "(M(y1), ExactlyOne(M(y1..y20)))"
     x = (-torch.rand(5, 20, dtype=torch.float64) * 4 - 1e-3).requires_grad_()
     eager = PreferenceLoss(text, reduction="none", beta=0.5)
     comp = PreferenceLoss(text, reduction="none", beta=0.5, compile=True)
     want = eager(logps=x)
+    torch.testing.assert_close(comp(logps=x), want, rtol=0, atol=0)  # the first call runs eagerly, compiling nothing
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*no compiler here"):
         got = comp(logps=x)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -575,7 +577,8 @@ def test_compiled_fused_terms_equal_eager():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a machine without a compiler falls back (tested above)
         comp = PreferenceLoss(text, reduction="none", beta=0.5, compile=True)
-        got = comp(logps=x)
+        comp(logps=x)  # eager: fills the plan's caches
+        got = comp(logps=x)  # compiled
     want = eager(logps=x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0],
@@ -588,3 +591,21 @@ def test_the_compiled_path_expm1_is_accurate_near_zero():
 
     x = -torch.logspace(-20, 4, 2000, dtype=torch.float64)
     torch.testing.assert_close(_expm1_series(x), torch.expm1(x), rtol=1e-14, atol=0)
+
+
+def test_compile_is_declined_for_many_fused_terms_and_unused_without_gradients():
+    from dpalogic.semantics.listwise_catalog import plackett_luce
+
+    with pytest.warns(RuntimeWarning, match="fused terms, and torch.compile would specialize"):
+        many = PreferenceLoss(plackett_luce(14), compile=True)
+    assert all(c is None for c in many._listwise.compiled)
+    # no gradient wanted (torch.no_grad, or inputs that need none): the general evaluator, no gradient computed
+    text = "(M(y1), ExactlyOne(M(y1..y20)))"
+    x = -torch.rand(4, 20, dtype=torch.float64) * 3 - 1e-3
+    fn = PreferenceLoss(text, reduction="none")
+    with torch.no_grad():
+        a = fn(logps=x.clone().requires_grad_())
+    b = fn(logps=x)
+    c = fn(logps=x.clone().requires_grad_())
+    torch.testing.assert_close(a, c, rtol=1e-12, atol=0)
+    torch.testing.assert_close(b, c, rtol=1e-12, atol=0)

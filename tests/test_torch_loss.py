@@ -338,3 +338,5 @@ def test_new_user_findings_are_clear_errors():
     with pytest.raises(DPALogicError, match="pair_margin must be a tensor, got float"):
         mod.per_pair_loss(lp, lp, lp, lp, pair_margin=1.0)
     assert "validate=False" in repr(PreferenceLoss("dpo", validate=False))
+    # losses without a structure take the flags too (they always check their inputs; nothing to compile)
+    assert type(PreferenceLoss("kto", validate=False, compile=True)).__name__ == "KTO"

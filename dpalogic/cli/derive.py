@@ -73,8 +73,14 @@ def _with_link(s, link: str, hyperparameters: dict[str, float] | None) -> dict[s
     from dpalogic.semantics.links import LINKS
     from dpalogic.semantics.program import latex_names, single_structure_program, with_link
 
+    fixed = sorted({"beta", "gamma"} & set(hyperparameters or {}))
+    if fixed:
+        raise DPALogicError(
+            f"derive's closed form is in log ρ itself (β = 1, γ = 0): --hp {', '.join(fixed)} has no place in it; "
+            "--hp takes the link's own parameters"
+        )
     program = with_link(single_structure_program(s), link, hyperparameters)
-    program.bind(**(hyperparameters or {}))  # every name one of the link's (or β, γ): a misspelling is refused
+    program.bind(**(hyperparameters or {}))  # every name one of the link's: a misspelling is refused
     term = program.terms[0]
     try:
         closed = term.sympy()

@@ -69,7 +69,8 @@ class _LeafPlan:
     def scratch(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
         """A [B, n] buffer reused from call to call, for what does not outlive a forward (one per thread and slot, last
         shape): a fresh one costs page faults on every call, about as much as the ``exp`` computed in it."""
-        key = ("scratch", slot, threading.get_ident())
+        # per inference mode too: a buffer made under torch.inference_mode cannot be written outside it
+        key = ("scratch", slot, threading.get_ident(), torch.is_inference_mode_enabled())
         buf = self._index.get(key)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
             buf = self._index[key] = torch.empty_like(like, memory_format=torch.contiguous_format)

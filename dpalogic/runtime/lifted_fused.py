@@ -127,22 +127,32 @@ def term_loss_and_grad(
     return f * coef, grad
 
 
+MAX_COMPILED_TERMS = 2  # torch.compile keeps a few specializations per function (8): one for each term's plan
+
+
 class Compiled:
     """``term_loss_and_grad`` under ``torch.compile`` (opt-in: ``PreferenceLoss(spec, compile=True)``), compiled on
-    first use; where compiling fails (no C++ compiler on the machine, say) the eager pass runs, with one warning."""
+    the second call (the first, eager, fills the plan's index caches, so the compiled graph is not specialized on a
+    cache about to change); where compiling fails (no C++ compiler on the machine, say) the eager pass runs, with one
+    warning for the whole process."""
+
+    failed = False  # once compiling fails, no term tries again (each would take seconds to fail)
 
     def __init__(self) -> None:
         self.fn = None
-        self.failed = False
+        self.calls = 0
 
     def __call__(self, *args):
-        if not self.failed:
+        self.calls += 1
+        if not Compiled.failed and self.calls > 1:
             try:
                 if self.fn is None:
                     self.fn = torch.compile(functools.partial(term_loss_and_grad, traced=True), dynamic=True)
                 return self.fn(*args)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same pass, eager
-                self.failed = True
+                Compiled.failed = True
                 warnings.warn(
                     f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
                     "the K-answer loss runs eagerly",

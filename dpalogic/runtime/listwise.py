@@ -10,6 +10,7 @@ space and float32 (float64 stays float64); the lifted leaves and the OBDD levels
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -18,7 +19,7 @@ from dpalogic.compile.link_module import link_function
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
 from dpalogic.runtime.lifted_eval import LOG_FLOOR, _clamp_bound, closed_form, leaf_plan, lifted_log_ratio
-from dpalogic.runtime.lifted_fused import Compiled, FusedTerm, fusable
+from dpalogic.runtime.lifted_fused import MAX_COMPILED_TERMS, Compiled, FusedTerm, fusable
 from dpalogic.runtime.obdd_eval import LevelPlan, obdd_sides
 from dpalogic.semantics.lifted import lift
 
@@ -199,6 +200,15 @@ class ListwiseProgram:
         self.roles = [t.role for t in terms]
         self.bound = list(bound)
         self.evals = [ListwiseTerm(as_list_structure(t.structure)) for t in terms]
+        fused = sum(ev.fused for ev in self.evals)
+        if compile and fused > MAX_COMPILED_TERMS:
+            warnings.warn(
+                f"compile=True: this loss has {fused} fused terms, and torch.compile would specialize its one function "
+                f"for each (it keeps {MAX_COMPILED_TERMS + 6} at most): it runs eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            compile = False
         self.compiled = [Compiled() if compile and ev.fused else None for ev in self.evals]
 
     def per_pair_named(
@@ -228,7 +238,7 @@ class ListwiseProgram:
             margin = margin.to(dtype) if s_role == "preference" else -margin.to(dtype)
         else:
             margin = None
-        if ev.fused:
+        if ev.fused and torch.is_grad_enabled() and x.requires_grad:  # no gradient wanted: no gradient computed
             fn = link_function(bt.link, bt.params)
             return FusedTerm.apply(x, margin, ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef, compiled)
         z = ev.log_ratio(x)

@@ -122,6 +122,10 @@ class PreferenceLoss(torch.nn.Module):
             if unstructured_name(spec) is not None:
                 from dpalogic.runtime.unstructured_stats import make_unstructured
 
+                # these always check their log-probs and have no K-answer terms to compile: the flags change nothing
+                for flag in ("validate", "compile"):
+                    if not isinstance(kwargs.pop(flag, False), bool):
+                        raise DPALogicError(f"{flag} must be True or False")
                 return make_unstructured(spec, *args, **kwargs)
         return super().__new__(cls)
 
