@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine with only this repository, install what is missing, run the compiled-Triton tests
-# (tests/test_cuda.py) and the kernel benchmarks at the real shapes (benchmarks/kernels.py on CUDA runs B=4, T=1024,
-# H=4096, V=32k and 128k in bf16, among others), and write everything to one folder.
+# (tests/test_cuda.py), the kernel benchmarks at the real shapes (benchmarks/kernels.py on CUDA runs B=4, T=1024,
+# H=4096, V=32k and 128k in bf16, among others) and the K-answer target (benchmarks/listwise.py --target), and write
+# everything to one folder.
 #
 #   bash benchmarks/gpu_check.sh                 # results in $OUT when set, else benchmarks/gpu-check-<time>/
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # benchmarks with --quick (fewer sizes)
@@ -101,4 +102,10 @@ quick=()
 timeout "$BENCH_LIMIT" "$PY" benchmarks/kernels.py "${quick[@]}" >"$RESULTS/kernels.txt" 2>&1
 status=$?
 say "benchmarks/kernels.py ${quick[*]}: exit $status in $(($(date +%s) - start)) s (tables: kernels.txt)"
+
+# --- 5. the K-answer target (issue #12): top-1 ExactlyOne, K = 64, B = 4096, against a softmax, on the GPU ----------
+start=$(date +%s)
+timeout "${GPU_CHECK_LISTWISE_LIMIT:-60}" "$PY" benchmarks/listwise.py --target >"$RESULTS/listwise.txt" 2>&1
+status=$?
+say "benchmarks/listwise.py --target: exit $status in $(($(date +%s) - start)) s (table: listwise.txt)"
 say "done"
