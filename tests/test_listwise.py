@@ -540,6 +540,13 @@ def test_fused_terms_equal_the_general_evaluator(text, dtype):
     tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 1e-6}
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, **tol)
+    # margins are data on both paths: no gradient reaches one
+    for fn in (fused, plain):
+        m = margin.to(dtype).requires_grad_()
+        x = logps.to(dtype).requires_grad_()
+        kw = {"ref_logps": ref.to(dtype)} if "Ref" in text else {}
+        fn(logps=x, margin=m, **kw).sum().backward()
+        assert m.grad is None
 
 
 def test_compile_falls_back_to_the_same_pass_when_it_cannot_compile(monkeypatch):

@@ -235,7 +235,8 @@ class ListwiseProgram:
 
     def _term(self, bt, s_role: str, ev: ListwiseTerm, x: torch.Tensor, margin, dtype, compiled=None) -> torch.Tensor:
         if margin is not None and s_role != "nll":  # z − m for a preference, z + m for a smoothing term
-            margin = margin.to(dtype) if s_role == "preference" else -margin.to(dtype)
+            margin = margin.detach().to(dtype)  # data: no gradient flows to it, on either path
+            margin = margin if s_role == "preference" else -margin
         else:
             margin = None
         if ev.fused and torch.is_grad_enabled() and x.requires_grad:  # no gradient wanted: no gradient computed
