@@ -103,6 +103,8 @@ def test_symbolic_commands_do_not_import_torch():
         "import sys; from dpalogic.cli import main; "
         "main(['derive', 'M(yl) -> M(yw)', '--json']); main(['show', 'dpo', '--json']); main(['list', '--json']); "
         "main(['derive', '(M(y1), ExactlyOne(M(y1..y64)))', '--json']); main(['derive', 'Ranked(M(y1..y20))']); "
+        "main(['derive', 'M(yl) -> M(yw)', '--link', 'softplus(m - z)', '--hp', 'm=1', '--json']); "
+        "main(['compile', 'dpo']); "
         "bad = [m for m in ('torch', 'triton', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 from dpalogic.compile.emit import _body
 from dpalogic.compile.helpers import _TORCH_DEPS, _TORCH_HELPERS, _TRITON_DEPS, _TRITON_HELPERS, _closure
@@ -12,7 +15,6 @@ from dpalogic.compile.names import _ident, _var, input_name, length_answers, len
 from dpalogic.errors import DPALogicError
 from dpalogic.language.syntax import Atom
 from dpalogic.runtime.backend import backend_rule
-from dpalogic.runtime.checks import check_log_probs
 from dpalogic.semantics.circuit import topological
 from dpalogic.semantics.program import LINKS, Program, circuit_text, structure_circuits
 
@@ -106,6 +108,15 @@ def _wrap_call(indent: int, head: str, args: list[str], tail: str = ")") -> list
     if len(inner) <= LINE:
         return [f"{pad}{head}", inner, f"{pad}{tail}"]
     return [f"{pad}{head}", *[f"{pad}    {x}," for x in args], f"{pad}{tail}"]
+
+
+def _function_source(module: str, name: str) -> list[str]:
+    """A function's source lines, read from its file without importing the module (checks.py imports torch, and
+    generating a module — ``dpalogic compile``, ``derive --link`` — must not)."""
+    path = Path(importlib.util.find_spec(module).origin)
+    text = path.read_text(encoding="utf-8")
+    node = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return text.splitlines()[node.lineno - 1 : node.end_lineno]
 
 
 def _assign_tuple(name: str, items: tuple[str, ...]) -> list[str]:
@@ -445,7 +456,7 @@ def _per_pair_loss(p: _Parts) -> list[str]:
         "",
         "",
         "# the input check, copied from dpalogic.runtime.checks.check_log_probs when this module was generated",
-        *inspect.getsource(check_log_probs).rstrip("\n").split("\n"),
+        *_function_source("dpalogic.runtime.checks", "check_log_probs"),
         "",
         "",
         "def per_pair_loss(",
