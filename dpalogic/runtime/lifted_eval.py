@@ -8,14 +8,12 @@ torch ops would record (on ``[B]`` tensors each costs more in overhead than in a
 
 The leaves: the singletons' ``(log(1 − p), log p)``, then per group its ``log e_c`` for the counts asked (each of 0, 1,
 n − 1, n: closed forms). A group that needs only ``e_1`` (ExactlyOne, AtMost(1)) never forms its log-odds:
-``e_1 = Σ e^{x_j}/(1 − e^{x_j})`` is a max-shifted sum of exponentials divided by ``1 − p`` — one ``exp`` and one
-``expm1`` per answer, as a softmax's one ``exp``. The backward writes every column of the gradient once (every atom is
+``e_1 = Σ 1/expm1(−x_j)``, a row-shifted sum of reciprocals (:func:`shifted_odds`) — one ``expm1`` per answer, as a
+softmax's one ``exp``. The backward writes every column of the gradient once (every atom is
 a singleton or in one group) instead of scattering each slice's gradient into a zero-filled copy of ``x``.
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -35,6 +33,48 @@ def _clamp_bound(dtype: torch.dtype) -> float:
     """Log-probs are clamped to ``≤ −√tiny`` here: the odds ``1/(1 − p)`` then stay below ~1e19 in float32, so a sum
     of 256 of them cannot overflow even when every answer has log-prob 0 (with ``tiny`` itself it could)."""
     return torch.finfo(dtype).tiny ** 0.5
+
+
+def _odds_shift(dtype: torch.dtype) -> float:
+    """How far below its best answer a group's row is shifted up (see :func:`shifted_odds`): e^−T is far below the
+    dtype's rounding (2e−9 against float32's 6e−8; 4e−18 against float64's 1.1e−16)."""
+    return 40.0 if dtype == torch.float64 else 20.0
+
+
+def shifted_odds(
+    x: torch.Tensor, outside: torch.Tensor, expm1=torch.expm1, out: torch.Tensor | None = None, clamp: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """A group's odds from full rows of log-probs ``x`` [B, n] with one transcendental pass: ``a = 1 / expm1(s − x)``.
+
+    ``o = p / (1 − p) = 1 / (e^{−x} − 1)``: one ``expm1`` and a reciprocal, where ``eˣ / (1 − eˣ)`` takes an ``exp``
+    and an ``expm1`` (the ``exp`` alone costs about what a whole softmax does on the CPU). ``outside`` (a [n] row, 0 on
+    the group's columns, −inf elsewhere) leaves the other columns out: their ``a`` is 0. Full rows, because a reduction
+    over a strided slice of columns takes a path several times slower on the CPU.
+
+    Each row is shifted up by ``s = min(max x + T, 0)`` over the group (``T``: :func:`_odds_shift`): unshifted rows
+    (best answer within T of log p = 0) give the odds themselves; a shifted row's answers all have p below e^−T,
+    where the odds are ``p`` to the dtype's rounding, so ``a = o · e^{−s}`` there too, and its largest ``a`` is
+    ``1/expm1(T)``, far from underflow at log-probs of −1e4. ``s − x`` is clamped to ``≥ √tiny`` (p = 1 finite, as
+    :func:`_clamp_bound`; ``clamp``: whether any row needs it, worked out here when None); −inf gives ``a = 0``.
+
+    Returns ``(a, Σ a, s, clamp)`` with ``Σ a`` floored at ``tiny`` (a row all at −inf: ``log e_1 ≈ −1e30`` as with
+    the floored log-probs, and zero gradients): ``log e_1 = log Σ a + s``; ``d log e_1 / dx_j = a_j (1 + a_j) / Σ a``
+    (``1 + a = 1/(1 − p)``, also to rounding on shifted rows, where both are 1). ``out``: a [B, n] buffer for ``a``
+    (None: out of place, as ``torch.compile`` wants).
+    """
+    eps, tiny = _clamp_bound(x.dtype), torch.finfo(x.dtype).tiny
+    w = torch.add(x, outside, out=out)
+    m = w.amax(1, keepdim=True)
+    s = (m.clamp(min=LOG_FLOOR) + _odds_shift(x.dtype)).clamp_(max=0.0)
+    if clamp is None:  # on a GPU asking would be a host sync per call: there the clamp always runs
+        clamp = True if x.is_cuda else bool((m > -eps).any())
+    if out is None:
+        u = s - w
+        a = expm1(u.clamp(min=eps) if clamp else u).reciprocal()
+    else:
+        u = torch.sub(s, w, out=w)
+        a = expm1(u.clamp_(min=eps) if clamp else u, out=u).reciprocal_()
+    return a, a.sum(1, keepdim=True).clamp_(min=tiny), s, clamp
 
 
 class _LeafPlan:
@@ -66,16 +106,6 @@ class _LeafPlan:
             self._index[key] = row
         return self._index[key]
 
-    def scratch(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """A [B, n] buffer reused from call to call, for what does not outlive a forward (one per thread and slot, last
-        shape): a fresh one costs page faults on every call, about as much as the ``exp`` computed in it."""
-        # per inference mode too: a buffer made under torch.inference_mode cannot be written outside it
-        key = ("scratch", slot, threading.get_ident(), torch.is_inference_mode_enabled())
-        buf = self._index.get(key)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._index[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
-        return buf
-
     def take(self, t: torch.Tensor, cols: tuple[int, ...]) -> torch.Tensor:
         """Columns of ``t``: a view for a run ``a, a+1, …``, a gathered copy otherwise."""
         if self._runs(cols):
@@ -98,40 +128,23 @@ def _leaves_forward(x: torch.Tensor, plan: _LeafPlan) -> tuple[torch.Tensor, lis
     """The leaves: the singletons' ``(log(1 − p), log p)`` as [B, S, 2], and per group ``{c: log e_c}`` for the counts
     asked (None for an exact 0); with what :func:`_leaves_backward` needs."""
     eps = _clamp_bound(x.dtype)
-    lo_path = not all(set(cs) <= {0, 1} for cs in plan.counts)  # a group that keeps 1 − p for backward
-    # x in [LOG_FLOOR, −eps] (p = 1 stays finite, −inf is floored) and eˣ − 1 = −(1 − p), accurate near p = 1, in
-    # buffers reused from call to call: on the CPU each new [B, K] buffer costs page faults that outweigh its arithmetic
-    xc = torch.clamp(x, min=LOG_FLOOR, max=-eps, out=plan.scratch(x, 0))
-    em1 = torch.expm1(xc, out=None if lo_path else plan.scratch(x, 1))
-    omp = em1.neg_() if lo_path else None  # 1 − p, kept for the log-odds groups' backward
+    xc = omp = None
+    if not all(set(cs) <= {0, 1} for cs in plan.counts):  # a log-odds group: 1 − p and x on full rows, kept
+        xc = torch.clamp(x, min=LOG_FLOOR, max=-eps)  # for backward; p = 1 stays finite, −inf is floored
+        omp = torch.expm1(xc).neg_()  # 1 − p = −(eˣ − 1), accurate near p = 1
     # the singletons' columns, gathered once (a column of [B, K] is B scattered cache lines)
     s_idx = plan._idx(plan.singles, x.device)
     xs_raw = x.index_select(1, s_idx)
-    omp_s = (omp if lo_path else em1).index_select(1, s_idx)
-    if not lo_path:
-        omp_s.neg_()
+    omp_s = torch.expm1(xs_raw.clamp(min=LOG_FLOOR, max=-eps)).neg_()
     single = torch.stack([omp_s.log(), xs_raw.clamp(min=LOG_FLOOR)], dim=-1)
     groups, saved = [], []
     for g, (cols, cs) in enumerate(zip(plan.groups, plan.counts)):
         n = len(cols)
         vals, parts = {}, {}
-        if set(cs) <= {0, 1}:  # e_1 from the odds themselves: no log over the group
-            # full rows with the other columns at −inf: reductions over an odd number of columns (63 of 64) take a
-            # slow path, and exp(−inf) = 0 leaves them out of the sum
-            w = torch.add(xc, plan.outside(g, x))
-            m = w.amax(1, keepdim=True)
-            # odds / e^m on the group's columns (0 elsewhere), and what backward needs, w / (1 − p), in the same
-            # buffer; dividing by eˣ − 1 twice, as by 1 − p, gives w / (1 − p)² with no sign flip of a [B, K] buffer
-            div = omp if lo_path else em1
-            w = w.sub_(m).exp_().div_(div)
-            total = w.sum(1, keepdim=True)
-            if not lo_path:
-                total = total.neg_()
-            # whether any answer sat at the clamp (p = 1), whose gradient backward must zero: on a GPU asking would
-            # cost a host sync per call, so there the mask is simply always applied
-            clamped = True if x.is_cuda else bool((m >= -eps).any())
-            parts["odds"] = [w.div_(div), total, clamped, m]
-            e1 = (m + total.log()).squeeze(1)
+        if set(cs) <= {0, 1}:  # e_1 from the odds themselves (one expm1 per answer): no log over the group
+            a, total, s, clamped = shifted_odds(x, plan.outside(g, x), out=torch.empty_like(x))
+            parts["odds"] = [a, total, clamped]  # a becomes the gradient in backward, in place
+            e1 = (total.log() + s).squeeze(1)
             vals = {c: None if c == 0 else e1 for c in cs}
         else:
             lo = plan.take(omp, cols).log().neg_().add_(plan.take(xc, cols))
@@ -175,21 +188,19 @@ def _leaves_backward(
     grad = None
     # groups that kept full rows first: their gradients are 0 outside their columns, so they add up
     for g, (cs, parts, gg) in enumerate(zip(plan.counts, parts_all, g_groups)):
-        if "odds" in parts:  # d e_1 / dx_j = o_j / (e_1 · (1 − p_j)) = (w_j / total) / (1 − p_j)
-            w_omp, total, clamped, m = parts["odds"]
+        if "odds" in parts:  # d log e_1 / dx_j = a_j (1 + a_j) / Σ a (see shifted_odds)
+            a, total, clamped = parts["odds"]
             g1 = sum((gg[:, k : k + 1] for k, c in enumerate(cs) if c == 1), torch.zeros_like(total))
-            if w_omp is None:  # a second backward (retain_graph): the first one used the buffer; recompute it
-                xc = torch.clamp(x, min=LOG_FLOOR, max=-eps)
-                div = torch.expm1(xc) if omp is None else omp
-                w_omp = torch.add(xc, plan.outside(g, x)).sub_(m).exp_().div_(div).div_(div)
+            if a is None:  # a second backward (retain_graph): the first one used the buffer; recompute it
+                a = shifted_odds(x, plan.outside(g, x), out=torch.empty_like(x))[0]
             # the first backward writes the gradient into the saved buffer: no new [B, K] buffer (each costs page
             # faults on the CPU); the same operations recompute it, bit for bit, if backward runs again
             parts["odds"][0] = None
-            gx = w_omp.mul_(g1 / total)
+            gx = a.addcmul_(a, a).mul_(g1 / total)
             if clamped:
-                gx.mul_(x <= -eps)
+                gx.masked_fill_(x > -eps, 0.0)
             grad = gx if grad is None else grad.add_(gx)
-            del w_omp, gx
+            del a, gx
     if grad is None:
         grad = torch.empty_like(x)
     # singletons: d log p / dx = 1, d log(1 − p) / dx = −p/(1 − p) = 1 − 1/(1 − p) (0 where x was clamped)

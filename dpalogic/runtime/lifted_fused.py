@@ -17,8 +17,16 @@ import functools
 import warnings
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from dpalogic.runtime.lifted_eval import LOG_FLOOR, MATMUL_CONFIGS, _clamp_bound, _LeafPlan
+from dpalogic.runtime.lifted_eval import (
+    LOG_FLOOR,
+    MATMUL_CONFIGS,
+    _clamp_bound,
+    _LeafPlan,
+    _odds_shift,
+    shifted_odds,
+)
 
 
 def fusable(plan: _LeafPlan) -> bool:
@@ -29,13 +37,13 @@ def fusable(plan: _LeafPlan) -> bool:
 
 
 def _expm1_series(x: torch.Tensor) -> torch.Tensor:
-    """``e^x − 1`` for ``x ≤ 0`` without ``expm1``, which ``torch.compile`` lowers on the CPU as ``e^x − 1`` (every
-    digit lost near 0: 0 at x = −1e−19, 0.1% off at −1e−5): its Taylor series in Horner form for x > −0.1 (to
-    1e−16 relative), ``e^x − 1`` directly below, where it cancels nothing — as the Triton kernels' ``log1mexp``."""
+    """``e^x − 1`` without ``expm1``, which ``torch.compile`` lowers on the CPU as ``e^x − 1`` (every digit lost near
+    0: 0 at x = −1e−19, 0.1% off at −1e−5): its Taylor series in Horner form for |x| < 0.1 (to 1e−16 relative),
+    ``e^x − 1`` beyond, where it cancels at most three bits — as the Triton kernels' ``log1mexp``."""
     h = 1.0 + x / 12
     for k in range(11, 1, -1):
         h = 1.0 + x / k * h
-    return torch.where(x > -0.1, x * h, torch.exp(x) - 1.0)
+    return torch.where(x.abs() < 0.1, x * h, torch.exp(x) - 1.0)
 
 
 def _lse(values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -48,6 +56,31 @@ def _lse(values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor] |
     return total, list(w.unbind(1))
 
 
+def _total(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Σ values (zeros like ``like`` for none): no zero tensor to start from, whose adds cost a step each."""
+    if not values:
+        return torch.zeros_like(like)
+    out = values[0]
+    for v in values[1:]:
+        out = out + v
+    return out
+
+
+def _wiring(plan: _LeafPlan) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Which configurations (✓'s, then ✗'s) take each group's e_1, each singleton true, each singleton false: worked
+    out once per plan, so a call only adds up the shares it names."""
+    key = ("wiring",)
+    if key not in plan._index:
+        configs = [*plan.sides[0], *plan.sides[1]]
+        n_single = len(plan.singles)
+        plan._index[key] = (
+            [[j for j, (_, c) in enumerate(configs) if c[g] == 1] for g in range(len(plan.groups))],
+            [[j for j, (sig, _) in enumerate(configs) if sig[k]] for k in range(n_single)],
+            [[j for j, (sig, _) in enumerate(configs) if not sig[k]] for k in range(n_single)],
+        )
+    return plan._index[key]
+
+
 def term_loss_and_grad(
     x: torch.Tensor,
     plan: _LeafPlan,
@@ -56,75 +89,154 @@ def term_loss_and_grad(
     shift: float,
     coef: float,
     margin: torch.Tensor | None,
+    grad_weight: float | torch.Tensor = 1.0,
     traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(coef · f(scale · log ρ − shift − margin), its gradient in x)``, per row: ``[B]`` and ``[B, n]``.
+    """``(coef · f(scale · log ρ − shift − margin), its gradient in x · grad_weight)``, per row: ``[B]``, ``[B, n]``.
 
-    ``margin`` is already signed (a smoothing term's is negated by the caller). ``traced``: for ``torch.compile``,
-    which fuses the passes itself: no reused buffers and no host-side branch.
+    ``margin`` is already signed (a smoothing term's is negated by the caller); ``grad_weight``: a mean's 1/B, folded
+    into the per-row factor instead of a pass over the gradient. ``traced``: for ``torch.compile``, which fuses the
+    passes itself: no in-place steps and no host-side branch. The first group's odds are computed in the gradient's
+    own buffer (:func:`shifted_odds`), which then becomes its gradient in place: one new ``[B, n]`` tensor.
     """
     eps = _clamp_bound(x.dtype)
-    if traced:
-        xc = torch.clamp(x, min=LOG_FLOOR, max=-eps)
-        em1 = _expm1_series(xc)
-    else:  # both only for this pass: buffers reused from call to call (a fresh [B, K] one page-faults on the CPU)
-        xc = torch.clamp(x, min=LOG_FLOOR, max=-eps, out=plan.scratch(x, 0))
-        em1 = torch.expm1(xc, out=plan.scratch(x, 1))  # p − 1 = −(1 − p), accurate near p = 1
+    expm1 = _expm1_series if traced else torch.expm1
+    grad = None if traced else torch.empty_like(x, memory_format=torch.contiguous_format)
     s_idx = plan._idx(plan.singles, x.device)
-    q_s = em1.index_select(1, s_idx).neg_()  # 1 − p of the singletons [B, S]
-    lp_s, lq_s = xc.index_select(1, s_idx), q_s.log()
-    # each odds group: Σ o / e^m as a max-shifted sum over full rows (the other columns at −inf), and w / (1 − p)
-    # normalized, which is d log e_1 / dx on the group's columns and 0 elsewhere
-    e1, dgroup, highest = [], [], [lp_s]
+    lp_s = plan.take(x, plan.singles).clamp(min=LOG_FLOOR, max=-eps)  # the singletons' log p: [B, S], small
+    q_s = expm1(lp_s).neg()  # their 1 − p, and log(1 − p)
+    lq_s = q_s.log()
+    clamped = traced or x.is_cuda or bool((lp_s >= -eps).any())  # p = 1 reached: those gradients are 0
+    e1, odds = [], []
     for g in range(len(plan.groups)):
-        w = xc + plan.outside(g, x)
-        m = w.amax(1, keepdim=True)
-        highest.append(m)
-        w = (w - m).exp_().div_(em1)  # −odds / e^m
-        total = w.sum(1, keepdim=True)  # −Σ odds / e^m
-        e1.append((m + total.neg().log()).squeeze(1))
-        dgroup.append(w.div_(em1).div_(total.neg_()))  # (odds / (1 − p)) / Σ odds
+        # full rows: the first group's odds are computed in the gradient's own buffer, later groups' in their own
+        out = None if traced else (grad if g == 0 else torch.empty_like(grad))
+        a, total, s, at_clamp = shifted_odds(x, plan.outside(g, x), expm1, out, traced or None)
+        clamped = clamped or at_clamp
+        e1.append((total.log() + s).squeeze(1))
+        odds.append((a, total))
     sides = []
     for configs in plan.sides:
         values = []
         for sigma, counts in configs:
             terms = [lp_s[:, k] if bit else lq_s[:, k] for k, bit in enumerate(sigma)]
             terms += [e1[g] for g, c in enumerate(counts) if c == 1]
-            v = terms[0] if terms else x.new_zeros(len(x))
-            for t in terms[1:]:
-                v = v + t
-            values.append(v)
+            values.append(_total(terms, lp_s[:, 0] if len(s_idx) else e1[0]) if terms else x.new_zeros(len(x)))
         sides.append(_lse(values))
     (top, w_top), (bottom, w_bottom) = sides
-    z = (top - bottom) * scale - shift
+    z = top - bottom
+    if scale != 1.0:
+        z = z * scale
+    if shift != 0.0:
+        z = z - shift
     if margin is not None:
         z = z - margin
     f, df = link_fn(z)
-    a = df * (coef * scale)  # d loss / d log ρ
-    # each configuration's share of it: ✓'s softmax · a, ✗'s softmax · (−a)
-    shares = [(a if w_top is None else w * a) for w in (w_top or [None])]
-    shares += [(-a if w_bottom is None else w * -a) for w in (w_bottom or [None])]
-    configs = [*plan.sides[0], *plan.sides[1]]
-    grad = None
-    for g in range(len(plan.groups)):
-        d_e1 = sum((s for s, (_, counts) in zip(shares, configs) if counts[g] == 1), torch.zeros_like(a))
-        part = dgroup[g].mul_(d_e1.unsqueeze(1))
-        grad = part if grad is None else grad.add_(part)
-    if grad is None:
-        grad = torch.zeros_like(xc)
-    d_lp = [sum((s for s, (sig, _) in zip(shares, configs) if sig[k]), torch.zeros_like(a)) for k in range(len(s_idx))]
-    d_lq = [
-        sum((s for s, (sig, _) in zip(shares, configs) if not sig[k]), torch.zeros_like(a)) for k in range(len(s_idx))
-    ]
+    weight = coef * scale * grad_weight
+    a_z = df * weight if traced or weight != 1.0 else df  # d loss / d log ρ
+    # each configuration's share of it: ✓'s softmax · a_z, ✗'s softmax · (−a_z)
+    shares = [(a_z if w_top is None else w * a_z) for w in (w_top or [None])]
+    shares += [(-a_z if w_bottom is None else w * -a_z) for w in (w_bottom or [None])]
+    takes_e1, takes_p, takes_q = _wiring(plan)
+    for g, (a, total) in enumerate(odds):
+        factor = (_total([shares[j] for j in takes_e1[g]], a_z) / total.squeeze(1)).unsqueeze(1)
+        if traced:  # d log e_1 / dx_j = a_j (1 + a_j) / Σ a (0 off the group's columns, where a = 0)
+            part = (a + a * a) * factor
+            grad = part if grad is None else grad + part
+        else:
+            a.addcmul_(a, a).mul_(factor)
+            if g:
+                grad.add_(a)
+    if traced and grad is None:
+        grad = torch.zeros_like(x)
+    elif not plan.groups and grad is not None:
+        grad.zero_()
     if len(s_idx):
+        d_lp = _columns([_total([shares[j] for j in js], a_z) for js in takes_p])
+        d_lq = _columns([_total([shares[j] for j in js], a_z) for js in takes_q])
         # d log p / dx = 1; d log(1 − p) / dx = −p / (1 − p) = 1 − 1 / (1 − p)
-        single = torch.stack(d_lp, 1) + torch.stack(d_lq, 1) * (1.0 - 1.0 / q_s)
-        grad.index_copy_(1, s_idx, single)
+        single = d_lp + d_lq - d_lq / q_s
+        if traced:
+            grad = grad.index_copy(1, s_idx, single)
+        else:
+            plan.put(grad, plan.singles, single)
     # 0 where the clamp holds x (p = 1), as the general evaluator; on the CPU only when some x reached the clamp (a
     # comparison and a bool mask over [B, K] cost more than the rest of the backward), on a GPU always (no host sync)
-    if traced or x.is_cuda or any(bool((h >= -eps).any()) for h in highest):
-        grad = torch.where(x <= -eps, grad, 0.0)
-    return f * coef, grad
+    if clamped:
+        grad = torch.where(x <= -eps, grad, 0.0) if traced else grad.masked_fill_(x > -eps, 0.0)
+    return (f * coef if coef != 1.0 else f), grad
+
+
+def _columns(values: list[torch.Tensor]) -> torch.Tensor:
+    """[B] tensors as the columns of a [B, S] one (one column: a view, no copy)."""
+    return values[0].unsqueeze(1) if len(values) == 1 else torch.stack(values, 1)
+
+
+def one_against_the_rest(plan: _LeafPlan) -> int | None:
+    """The column ``t`` when ``ρ = o_t / e_1(the other answers)``: one singleton, one group of every other column, ✓ =
+    {t valid, none of the group}, ✗ = {t invalid, exactly one of the group} — top-1 ExactlyOne conditioning, each
+    stage of Plackett–Luce; ``−log σ(log ρ)`` is a softmax cross-entropy over the answers' log-odds. None otherwise."""
+    one = len(plan.singles) == 1 and len(plan.groups) == 1 and plan.width == 1 + len(plan.groups[0])
+    if one and plan.sides == ((((1,), (0,)),), (((0,), (1,)),)):
+        return plan.singles[0]
+    return None
+
+
+def _underflow_floor(dtype: torch.dtype) -> float:
+    """Below this the rest's summed odds may have lost digits to a shift taken from the whole row (see below)."""
+    return 1e-280 if dtype == torch.float64 else 1e-30
+
+
+def odds_softmax_loss_and_grad(
+    x: torch.Tensor,
+    t: int,
+    link_fn,
+    scale: float,
+    shift: float,
+    coef: float,
+    margin: torch.Tensor | None,
+    grad_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`term_loss_and_grad` for :func:`one_against_the_rest` structures, in fewer passes (the loss of issue #12's
+    speed target): ``log ρ = log o_t − log Σ_{j≠t} o_j``.
+
+    The row's shift is taken from its max over every column, a contiguous reduction (over the rest's columns alone
+    it is a strided one, several times slower on the CPU), so the odds of the rest are computed in one buffer with
+    no mask. That shift is exact for the rest unless answer t beats all of them by more than ~60 nats (float32):
+    then their summed odds fall below :func:`_underflow_floor`, and None sends the call to the general pass, whose
+    shift is the rest's own. Everything else is :func:`shifted_odds`' arithmetic (a test holds them equal). On the CPU
+    only: it asks the host twice (a clamp needed, the floor), and a GPU reduces strided columns at full speed.
+    """
+    eps = _clamp_bound(x.dtype)
+    m = x.amax(1, keepdim=True)
+    s = (m + _odds_shift(x.dtype)).clamp_(LOG_FLOOR, 0.0)
+    a = torch.sub(s, x)  # −log p of the shifted answers: becomes the gradient, in place
+    clamped = bool(m.max() > -eps)
+    if clamped:
+        a.clamp_(min=eps)
+    a = torch.expm1(a, out=a).reciprocal_()
+    a[:, t] = 0.0
+    total = a.sum(1)
+    if bool(total.min() < _underflow_floor(x.dtype)):  # also a row all at −inf
+        return None
+    lt = x[:, t].clamp(min=LOG_FLOOR, max=-eps)
+    qt = torch.expm1(lt).neg_()  # 1 − p_t
+    z = lt - qt.log() - total.log() - s.squeeze(1)  # log ρ
+    if scale != 1.0:
+        z = z * scale
+    if shift != 0.0:
+        z = z - shift
+    if margin is not None:
+        z = z - margin
+    f, df = link_fn(z)
+    weight = coef * scale * grad_weight
+    a_z = df * weight if weight != 1.0 else df  # d loss / d log ρ
+    # the rest: −a_z · d log e_1 / dx_j = −a_z · a_j (1 + a_j) / Σ a; answer t: a_z / (1 − p_t)
+    a.addcmul_(a, a).mul_((a_z / total).neg_().unsqueeze(1))
+    a[:, t] = a_z / qt
+    if clamped:
+        a.masked_fill_(x > -eps, 0.0)
+    return (f * coef if coef != 1.0 else f), a
 
 
 MAX_COMPILED_TERMS = 2  # torch.compile keeps a few specializations per function (8): one for each term's plan
@@ -162,19 +274,50 @@ class Compiled:
         return term_loss_and_grad(*args)
 
 
+def _loss_and_grad(args: tuple, compiled: Compiled | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The term's loss and gradient by the fastest pass that applies: one against the rest (on the CPU, where it beats
+    the compiled general pass too), compiled, general."""
+    x, plan = args[:2]
+    key = ("one against the rest",)
+    if key not in plan._index:
+        plan._index[key] = one_against_the_rest(plan)
+    t = plan._index[key]
+    if t is not None and not x.is_cuda:
+        out = odds_softmax_loss_and_grad(x, t, *args[2:])
+        if out is not None:
+            return out
+    return compiled(*args) if compiled is not None else term_loss_and_grad(*args)
+
+
 class FusedTerm(torch.autograd.Function):
-    """Forward computes the term's loss and its gradient; backward scales the gradient by ``grad_output``."""
+    """Forward computes the term's loss — per row, or already summed (``reduction`` 'sum') or averaged ('mean', whose
+    1/B rides on the gradient's per-row factor) — and its gradient; backward scales the gradient by ``grad_output``
+    in place (no new ``[B, n]`` tensor; not at all for a reduced loss's ``grad_output`` of 1 on the CPU, the usual
+    ``loss.backward()``), so a second backward (``retain_graph``) recomputes it from the saved inputs."""
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, margin: torch.Tensor | None, plan, link_fn, scale, shift, coef, compiled=None
-    ) -> torch.Tensor:
-        args = (x, plan, link_fn, scale, shift, coef, margin)
-        loss, grad = compiled(*args) if compiled is not None else term_loss_and_grad(*args)
-        ctx.save_for_backward(grad)
-        return loss
+        ctx, x: torch.Tensor, margin: torch.Tensor | None, plan, link_fn, scale, shift, coef, compiled=None,
+        reduction: str = "none",
+    ) -> torch.Tensor:  # fmt: skip
+        weight = 1.0 / len(x) if reduction == "mean" and len(x) else 1.0
+        if compiled is not None:  # a tensor, so that torch.compile does not specialize on each batch size
+            weight = torch.tensor(weight, dtype=x.dtype, device=x.device)
+        args = (x, plan, link_fn, scale, shift, coef, margin, weight)
+        loss, grad = _loss_and_grad(args, compiled)
+        ctx.args, ctx.compiled, ctx.grad, ctx.reduced = args, compiled, grad, reduction != "none"
+        if reduction == "none":
+            return loss
+        return loss.sum() / len(x) if reduction == "mean" else loss.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.unsqueeze(1), None, None, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward: the first one scaled the buffer
+            grad = _loss_and_grad(ctx.args, ctx.compiled)[1]
+        if not ctx.reduced:
+            grad = grad.mul_(grad_loss.unsqueeze(1))
+        elif grad_loss.is_cuda or float(grad_loss) != 1.0:  # on a GPU, reading it back would be a host sync
+            grad = grad.mul_(grad_loss)
+        return grad, None, None, None, None, None, None, None, None

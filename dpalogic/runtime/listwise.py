@@ -60,7 +60,7 @@ class ListwiseTerm:
         # counted where the groups need only closed forms (ExactlyOne, AtMost(1), …); anything else — Ranked, other
         # counts (whose e_c would need a recurrence over the answers) — runs its OBDD one variable level at a time
         self.lifted = lifted if lifted is not None and closed_form(lifted) else None
-        # the term owns its plan (index tensors, a scratch buffer): they go when the loss goes
+        # the term owns its plan (its index tensors): they go when the loss goes
         self._leaf_plan = leaf_plan(self.lifted) if self.lifted is not None else None
         # odds groups and few configurations: the whole term (log ρ, z, the link) with its gradient in one pass
         self.fused = self._leaf_plan is not None and fusable(self._leaf_plan)
@@ -113,6 +113,14 @@ class _Link(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (df,) = ctx.saved_tensors
         return grad * df, None
+
+
+def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A [B] loss reduced: 'mean' as sum / B, whose backward hands on one broadcast scalar where mean's fills a [B]
+    tensor with 1/B first."""
+    if reduction == "mean":
+        return losses.sum() / losses.numel()
+    return losses.sum() if reduction == "sum" else losses
 
 
 def apply_link(link: str, params: Mapping[str, float], z: torch.Tensor) -> torch.Tensor:
@@ -233,7 +241,9 @@ class ListwiseProgram:
             total = part if total is None else total + part
         return total
 
-    def _term(self, bt, s_role: str, ev: ListwiseTerm, x: torch.Tensor, margin, dtype, compiled=None) -> torch.Tensor:
+    def _term(
+        self, bt, s_role: str, ev: ListwiseTerm, x: torch.Tensor, margin, dtype, compiled=None, reduction="none"
+    ) -> torch.Tensor:
         if margin is not None and s_role != "nll":  # z − m for a preference, z + m for a smoothing term
             margin = margin.detach().to(dtype)  # data: no gradient flows to it, on either path
             margin = margin if s_role == "preference" else -margin
@@ -241,7 +251,7 @@ class ListwiseProgram:
             margin = None
         if ev.fused and torch.is_grad_enabled() and x.requires_grad:  # no gradient wanted: no gradient computed
             fn = link_function(bt.link, bt.params)
-            return FusedTerm.apply(x, margin, ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef, compiled)
+            return FusedTerm.apply(x, margin, ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef, compiled, reduction)
         z = ev.log_ratio(x)
         if bt.scale != 1.0:
             z = z * bt.scale
@@ -250,14 +260,17 @@ class ListwiseProgram:
         if margin is not None:
             z = z - margin
         part = apply_link(bt.link, bt.params, z)
-        return part * bt.coef if bt.coef != 1.0 else part
+        return reduce(part * bt.coef if bt.coef != 1.0 else part, reduction)
 
     def per_pair(
         self,
         columns: Mapping[str, torch.Tensor],
         lengths: torch.Tensor | None,
         margin: torch.Tensor | None = None,
+        reduction: str = "none",
     ) -> torch.Tensor:
+        """The loss of every row ``[B]`` from ``[B, K]`` matrices, or reduced ('sum', 'mean') term by term: a fused
+        term then folds a mean's 1/B into its gradient."""
         from dpalogic.errors import DPALogicError
 
         first = next(iter(columns.values()))
@@ -269,6 +282,6 @@ class ListwiseProgram:
                 if lengths is None:
                     raise DPALogicError("this loss is length-normalized: pass lengths= [B, K] (token counts)")
                 x = x / ev.matrix({"M": lengths, "Ref": lengths}, dtype).clamp(min=1.0)
-            part = self._term(bt, s_role, ev, x, margin, dtype, cc)
+            part = self._term(bt, s_role, ev, x, margin, dtype, cc, reduction)
             total = part if total is None else total + part
         return total

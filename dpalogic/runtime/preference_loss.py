@@ -24,7 +24,7 @@ from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
 from dpalogic.runtime.backend import BACKENDS, backend_rule, use_triton
 from dpalogic.runtime.checks import check_log_probs
-from dpalogic.runtime.listwise import ListwiseProgram, as_mapping, matrix_columns
+from dpalogic.runtime.listwise import ListwiseProgram, as_mapping, matrix_columns, reduce
 from dpalogic.semantics.program import Program, Term, with_link
 
 _PAIR_ATOMS = ("M(yw)", "M(yl)", "Ref(yw)", "Ref(yl)")  # forward's positional log-probs, in order
@@ -251,7 +251,7 @@ class PreferenceLoss(torch.nn.Module):
                 raise DPALogicError(
                     "pass either [B, K] matrices (logps=, ref_logps=, lengths=) or the pair's [B] tensors, not both"
                 )
-            return self._reduce(self.per_list(logps, ref_logps, lengths, margin=margin))
+            return self._list_loss(logps, ref_logps, lengths, margin, self.reduction)
         given = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths)
         if self._positional is not None and logps is None and lengths is None:
             args = [given[i] for i in self._positional]
@@ -375,6 +375,17 @@ class PreferenceLoss(torch.nn.Module):
         where the backend rule picks Triton or the structure is small (``LIST_EVALUATOR_ATOMS``): there its compiled
         module runs on the columns (from 8 atoms on, the evaluator's pass per level beats the twin's per node).
         """
+        return self._list_loss(logps, ref_logps, lengths, margin, "none")
+
+    def _list_loss(
+        self,
+        logps: torch.Tensor,
+        ref_logps: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+        margin: torch.Tensor | None,
+        reduction: str,
+    ) -> torch.Tensor:
+        """:meth:`per_list`, reduced as asked (the evaluator reduces term by term, see ``ListwiseProgram.per_pair``)."""
         if not isinstance(logps, torch.Tensor):
             raise DPALogicError("ref_logps [B, K] goes with logps [B, K] (column j is answer y(j+1))")
         columns, lengths = matrix_columns(logps, ref_logps, lengths)
@@ -384,7 +395,7 @@ class PreferenceLoss(torch.nn.Module):
             small = len(self._running_atoms) < LIST_EVALUATOR_ATOMS
             if not self.terms or small or use_triton(self.backend, logps):
                 atom_lp, ans_len = as_mapping(columns, lengths)
-                return self.per_pair(atom_lp, ans_len, margin=margin)
+                return self._reduce(self.per_pair(atom_lp, ans_len, margin=margin), reduction)
             if self._list_evaluator is None:
                 self._list_evaluator = ListwiseProgram(*self._kept_bound, compile=self._compile)
             evaluator = self._list_evaluator
@@ -393,7 +404,7 @@ class PreferenceLoss(torch.nn.Module):
             check_log_probs(list(columns.values()), names, DPALogicError)
         if margin is not None:
             self._check_margin(margin, logps[:, 0])
-        return evaluator.per_pair(columns, lengths, margin)
+        return evaluator.per_pair(columns, lengths, margin, reduction)
 
     def _check_list_width(self, k: int) -> None:
         """[B, K] inputs carry answers y1 … yK: K must be the loss's own (a list of another length is a mistake, as a
@@ -476,9 +487,4 @@ class PreferenceLoss(torch.nn.Module):
         return f"{self.program.name or 'this loss'} needs {arg} for {atom.name}: {why}"
 
     def _reduce(self, losses: torch.Tensor, reduction: str | None = None) -> torch.Tensor:
-        reduction = reduction or self.reduction
-        if reduction == "mean":  # sum / B: its backward hands the module one broadcast scalar, where
-            return losses.sum() / losses.numel()  # mean's would first fill a [B] tensor with 1/B
-        if reduction == "sum":
-            return losses.sum()
-        return losses
+        return reduce(losses, reduction or self.reduction)
