@@ -42,7 +42,11 @@ def _odds_shift(dtype: torch.dtype) -> float:
 
 
 def shifted_odds(
-    x: torch.Tensor, outside: torch.Tensor, expm1=torch.expm1, out: torch.Tensor | None = None, clamp: bool | None = None
+    x: torch.Tensor,
+    outside: torch.Tensor,
+    expm1=torch.expm1,
+    out: torch.Tensor | None = None,
+    clamp: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """A group's odds from full rows of log-probs ``x`` [B, n] with one transcendental pass: ``a = 1 / expm1(s − x)``.
 

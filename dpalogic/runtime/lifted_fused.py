@@ -17,8 +17,8 @@ import functools
 import warnings
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from dpalogic.runtime.checks import check_log_probs
 from dpalogic.runtime.lifted_eval import (
     LOG_FLOOR,
     MATMUL_CONFIGS,
@@ -196,6 +196,7 @@ def odds_softmax_loss_and_grad(
     coef: float,
     margin: torch.Tensor | None,
     grad_weight: float = 1.0,
+    check: tuple[type, str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`term_loss_and_grad` for :func:`one_against_the_rest` structures, in fewer passes (the loss of issue #12's
     speed target): ``log ρ = log o_t − log Σ_{j≠t} o_j``.
@@ -206,22 +207,28 @@ def odds_softmax_loss_and_grad(
     then their summed odds fall below :func:`_underflow_floor`, and None sends the call to the general pass, whose
     shift is the rest's own. Everything else is :func:`shifted_odds`' arithmetic (a test holds them equal). On the CPU
     only: it asks the host twice (a clamp needed, the floor), and a GPU reduces strided columns at full speed.
+    ``check`` (error, name): refuse positive log-probs as :func:`~dpalogic.runtime.checks.check_log_probs` does, from
+    the row maxima taken here anyway (the caller skipped its own pass over the matrix).
     """
     eps = _clamp_bound(x.dtype)
     m = x.amax(1, keepdim=True)
+    worst = float(m.max())
+    if check is not None and not worst <= 0.0:  # a positive value, or a NaN that may hide one: the full check
+        check_log_probs([x], [check[1]], check[0])
     s = (m + _odds_shift(x.dtype)).clamp_(LOG_FLOOR, 0.0)
     a = torch.sub(s, x)  # −log p of the shifted answers: becomes the gradient, in place
-    clamped = bool(m.max() > -eps)
+    clamped = worst > -eps
     if clamped:
         a.clamp_(min=eps)
     a = torch.expm1(a, out=a).reciprocal_()
-    a[:, t] = 0.0
+    a.select(1, t).zero_()
     total = a.sum(1)
-    if bool(total.min() < _underflow_floor(x.dtype)):  # also a row all at −inf
+    if float(total.min()) < _underflow_floor(x.dtype):  # also a row all at −inf
         return None
-    lt = x[:, t].clamp(min=LOG_FLOOR, max=-eps)
-    qt = torch.expm1(lt).neg_()  # 1 − p_t
-    z = lt - qt.log() - total.log() - s.squeeze(1)  # log ρ
+    lt = x.select(1, t).clamp(min=LOG_FLOOR, max=-eps)
+    em1 = torch.expm1(lt)  # −(1 − p_t)
+    # log ρ = (x_t − s) − log((1 − p_t) Σ a); x_t − s first: exact, where x_t and s are both near −1e4
+    z = lt.sub_(s.squeeze(1)).sub_(torch.mul(em1, total).neg_().log_())
     if scale != 1.0:
         z = z * scale
     if shift != 0.0:
@@ -229,11 +236,10 @@ def odds_softmax_loss_and_grad(
     if margin is not None:
         z = z - margin
     f, df = link_fn(z)
-    weight = coef * scale * grad_weight
-    a_z = df * weight if weight != 1.0 else df  # d loss / d log ρ
-    # the rest: −a_z · d log e_1 / dx_j = −a_z · a_j (1 + a_j) / Σ a; answer t: a_z / (1 − p_t)
-    a.addcmul_(a, a).mul_((a_z / total).neg_().unsqueeze(1))
-    a[:, t] = a_z / qt
+    neg = df * (-coef * scale * grad_weight)  # −d loss / d log ρ
+    # the rest: −d loss / d log ρ · a_j (1 + a_j) / Σ a; answer t: d loss / d log ρ / (1 − p_t)
+    a.addcmul_(a, a).mul_((neg / total).unsqueeze(1))
+    a.select(1, t).copy_(neg / em1)
     if clamped:
         a.masked_fill_(x > -eps, 0.0)
     return (f * coef if coef != 1.0 else f), a
@@ -274,7 +280,7 @@ class Compiled:
         return term_loss_and_grad(*args)
 
 
-def _loss_and_grad(args: tuple, compiled: Compiled | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_grad(args: tuple, compiled: Compiled | None, check=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The term's loss and gradient by the fastest pass that applies: one against the rest (on the CPU, where it beats
     the compiled general pass too), compiled, general."""
     x, plan = args[:2]
@@ -283,9 +289,11 @@ def _loss_and_grad(args: tuple, compiled: Compiled | None) -> tuple[torch.Tensor
         plan._index[key] = one_against_the_rest(plan)
     t = plan._index[key]
     if t is not None and not x.is_cuda:
-        out = odds_softmax_loss_and_grad(x, t, *args[2:])
+        out = odds_softmax_loss_and_grad(x, t, *args[2:], check)
         if out is not None:
             return out
+    elif check is not None:
+        check_log_probs([x], [check[1]], check[0])
     return compiled(*args) if compiled is not None else term_loss_and_grad(*args)
 
 
@@ -298,21 +306,24 @@ class FusedTerm(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x: torch.Tensor, margin: torch.Tensor | None, plan, link_fn, scale, shift, coef, compiled=None,
-        reduction: str = "none",
+        reduction: str = "none", check=None,
     ) -> torch.Tensor:  # fmt: skip
         weight = 1.0 / len(x) if reduction == "mean" and len(x) else 1.0
         if compiled is not None:  # a tensor, so that torch.compile does not specialize on each batch size
             weight = torch.tensor(weight, dtype=x.dtype, device=x.device)
         args = (x, plan, link_fn, scale, shift, coef, margin, weight)
-        loss, grad = _loss_and_grad(args, compiled)
+        loss, grad = _loss_and_grad(args, compiled, check)
         ctx.args, ctx.compiled, ctx.grad, ctx.reduced = args, compiled, grad, reduction != "none"
         if reduction == "none":
             return loss
-        return loss.sum() / len(x) if reduction == "mean" else loss.sum()
+        return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative this gradient cannot give (checked by
+            raise RuntimeError(  # hand: the once_differentiable wrapper costs a tenth of a small call)
+                "a K-answer loss's fused term is differentiable once: no create_graph=True through it"
+            )
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # a second backward: the first one scaled the buffer
             grad = _loss_and_grad(ctx.args, ctx.compiled)[1]
@@ -320,4 +331,4 @@ class FusedTerm(torch.autograd.Function):
             grad = grad.mul_(grad_loss.unsqueeze(1))
         elif grad_loss.is_cuda or float(grad_loss) != 1.0:  # on a GPU, reading it back would be a host sync
             grad = grad.mul_(grad_loss)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None

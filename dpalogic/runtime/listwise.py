@@ -19,7 +19,7 @@ from dpalogic.compile.link_module import link_function
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
 from dpalogic.runtime.lifted_eval import LOG_FLOOR, _clamp_bound, closed_form, leaf_plan, lifted_log_ratio
-from dpalogic.runtime.lifted_fused import MAX_COMPILED_TERMS, Compiled, FusedTerm, fusable
+from dpalogic.runtime.lifted_fused import MAX_COMPILED_TERMS, Compiled, FusedTerm, fusable, one_against_the_rest
 from dpalogic.runtime.obdd_eval import LevelPlan, obdd_sides
 from dpalogic.semantics.lifted import lift
 
@@ -242,8 +242,9 @@ class ListwiseProgram:
         return total
 
     def _term(
-        self, bt, s_role: str, ev: ListwiseTerm, x: torch.Tensor, margin, dtype, compiled=None, reduction="none"
-    ) -> torch.Tensor:
+        self, bt, s_role: str, ev: ListwiseTerm, x: torch.Tensor, margin, dtype, compiled=None, reduction="none",
+        check=None,
+    ) -> torch.Tensor:  # fmt: skip
         if margin is not None and s_role != "nll":  # z − m for a preference, z + m for a smoothing term
             margin = margin.detach().to(dtype)  # data: no gradient flows to it, on either path
             margin = margin if s_role == "preference" else -margin
@@ -251,7 +252,8 @@ class ListwiseProgram:
             margin = None
         if ev.fused and torch.is_grad_enabled() and x.requires_grad:  # no gradient wanted: no gradient computed
             fn = link_function(bt.link, bt.params)
-            return FusedTerm.apply(x, margin, ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef, compiled, reduction)
+            plan = ev._leaf_plan
+            return FusedTerm.apply(x, margin, plan, fn, bt.scale, bt.shift, bt.coef, compiled, reduction, check)
         z = ev.log_ratio(x)
         if bt.scale != 1.0:
             z = z * bt.scale
@@ -268,9 +270,10 @@ class ListwiseProgram:
         lengths: torch.Tensor | None,
         margin: torch.Tensor | None = None,
         reduction: str = "none",
+        check: tuple[type, str] | None = None,
     ) -> torch.Tensor:
         """The loss of every row ``[B]`` from ``[B, K]`` matrices, or reduced ('sum', 'mean') term by term: a fused
-        term then folds a mean's 1/B into its gradient."""
+        term then folds a mean's 1/B into its gradient. ``check``: (error, name) where :meth:`checks_for_itself`."""
         from dpalogic.errors import DPALogicError
 
         first = next(iter(columns.values()))
@@ -282,6 +285,23 @@ class ListwiseProgram:
                 if lengths is None:
                     raise DPALogicError("this loss is length-normalized: pass lengths= [B, K] (token counts)")
                 x = x / ev.matrix({"M": lengths, "Ref": lengths}, dtype).clamp(min=1.0)
-            part = self._term(bt, s_role, ev, x, margin, dtype, cc, reduction)
+            part = self._term(bt, s_role, ev, x, margin, dtype, cc, reduction, check)
             total = part if total is None else total + part
         return total
+
+    def checks_for_itself(self, columns: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the one-against-the-rest pass checks the log-prob values itself (see ``odds_softmax_loss_and_grad``):
+        one term over every column of ``logps``, no reference, not length-normalized, gradients wanted, on the CPU.
+        That pass takes the row maxima anyway, so the caller's own pass over the matrix can be skipped."""
+        if len(self.evals) != 1 or set(columns) != {"M"}:
+            return False
+        ev, logps = self.evals[0], columns["M"]
+        return (
+            ev.fused
+            and not self.bound[0].normalized
+            and not logps.is_cuda
+            and logps.requires_grad
+            and torch.is_grad_enabled()
+            and ev.layout == [("M", tuple(range(logps.shape[1])))]
+            and one_against_the_rest(ev._leaf_plan) is not None
+        )

@@ -399,12 +399,16 @@ class PreferenceLoss(torch.nn.Module):
             if self._list_evaluator is None:
                 self._list_evaluator = ListwiseProgram(*self._kept_bound, compile=self._compile)
             evaluator = self._list_evaluator
+        check = None
         if self.validate:
-            names = ["logps" if name == "M" else "ref_logps" for name in columns]
-            check_log_probs(list(columns.values()), names, DPALogicError)
+            if evaluator.checks_for_itself(columns):  # its pass takes the row maxima anyway
+                check = (DPALogicError, "logps")
+            else:
+                names = ["logps" if name == "M" else "ref_logps" for name in columns]
+                check_log_probs(list(columns.values()), names, DPALogicError)
         if margin is not None:
             self._check_margin(margin, logps[:, 0])
-        return evaluator.per_pair(columns, lengths, margin, reduction)
+        return evaluator.per_pair(columns, lengths, margin, reduction, check)
 
     def _check_list_width(self, k: int) -> None:
         """[B, K] inputs carry answers y1 … yK: K must be the loss's own (a list of another length is a mistake, as a

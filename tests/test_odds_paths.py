@@ -1,0 +1,237 @@
+"""The K-answer odds paths against independent references: closed forms at 50 digits (mpmath), finite differences,
+and each other on hostile rows (log p = 0, −1e4, −inf, one answer far ahead of the rest).
+
+- :func:`shifted_odds`: ``log e_1 = log Σ_j p_j / (1 − p_j)`` over a group and its gradient, for any row;
+- the one-against-the-rest pass (top-1 ExactlyOne, each Plackett–Luce stage): ``ρ = o_t / Σ_{j≠t} o_j``;
+- the fused term's reductions, in-place backward and second backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dpalogic.runtime.lifted_fused as lifted_fused
+from dpalogic import PreferenceLoss
+from dpalogic.runtime.lifted_eval import LOG_FLOOR, _clamp_bound, shifted_odds
+
+DIGITS = 50
+
+
+def _mp(v: float, dtype: torch.dtype):
+    """A log-prob as the evaluators see it: clamped to [LOG_FLOOR, −√tiny] (p = 1 finite), −inf floored."""
+    return mpmath.mpf(min(max(v, LOG_FLOOR), -_clamp_bound(dtype)))
+
+
+def ref_log_e1_and_grad(row: list[float], group: list[bool], dtype: torch.dtype):
+    """``log Σ_{j∈G} o_j`` and its gradient ``o_j / Σ o / (1 − p_j)`` (0 where the clamp holds x), at 50 digits."""
+    with mpmath.workdps(DIGITS):
+        eps = _clamp_bound(dtype)
+        xs = [_mp(v, dtype) for v in row]
+        odds = [mpmath.exp(x) / -mpmath.expm1(x) if g else mpmath.mpf(0) for x, g in zip(xs, group)]
+        total = mpmath.fsum(odds)
+        grad = [
+            float(o / total / -mpmath.expm1(x)) if g and v <= -eps and v != -math.inf else 0.0
+            for o, x, v, g in zip(odds, xs, row, group)
+        ]
+        return float(mpmath.log(total)), grad
+
+
+LOGPS = st.one_of(
+    st.floats(-1e4, 0.0),
+    st.floats(-40.0, -1e-9),
+    st.sampled_from([0.0, -1e-30, -1e-12, -1e-6, -0.5, -25.0, -80.0, -1e4, -math.inf]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(LOGPS, st.booleans()), min_size=1, max_size=9), st.sampled_from([torch.float64, torch.float32])
+)
+def test_shifted_odds_equal_the_closed_form(cells, dtype):
+    row = [v for v, _ in cells]
+    group = [g for _, g in cells]
+    if not any(g for g in group):
+        group[0] = True
+    x = torch.tensor([row], dtype=dtype)
+    row = x[0].tolist()  # the values as the dtype holds them
+    outside = torch.tensor([0.0 if g else -math.inf for g in group], dtype=dtype)
+    a, total, s, _ = shifted_odds(x, outside)
+    got = float(total.log()[0, 0] + s[0, 0])
+    grad = (a * (1 + a) / total).masked_fill(x > -_clamp_bound(dtype), 0.0)[0].tolist()  # callers zero the clamped
+    if all(v == -math.inf for v, g in zip(row, group) if g):  # nothing in the group can be valid: floored
+        assert got < -1e29 and grad == [0.0] * len(row)
+        return
+    want, want_grad = ref_log_e1_and_grad(row, group, dtype)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert got == pytest.approx(want, rel=rtol, abs=rtol)
+    for g_got, g_want in zip(grad, want_grad):
+        assert g_got == pytest.approx(g_want, rel=10 * rtol, abs=torch.finfo(dtype).tiny)  # subnormals aside
+
+
+TOP1 = "(M(y1), ExactlyOne(M(y1..y{K})))"
+
+
+def ref_one_against_rest(row: list[float], t: int, beta: float, margin: float, dtype: torch.dtype):
+    """``−log σ(β log ρ − margin)`` with ``ρ = o_t / Σ_{j≠t} o_j``, and its gradient, at 50 digits."""
+    with mpmath.workdps(DIGITS):
+        eps = _clamp_bound(dtype)
+        xs = [_mp(v, dtype) for v in row]
+        odds = [mpmath.exp(x) / -mpmath.expm1(x) for x in xs]
+        rest = mpmath.fsum(o for j, o in enumerate(odds) if j != t)
+        z = beta * (mpmath.log(odds[t]) - mpmath.log(rest)) - margin
+        loss = mpmath.log1p(mpmath.exp(-z))
+        dz = -beta / (1 + mpmath.exp(z))  # d loss / d log ρ, times β
+        grad = []
+        for j, (x, o, v) in enumerate(zip(xs, odds, row)):
+            d = 1 / -mpmath.expm1(x) if j == t else -(o / rest) / -mpmath.expm1(x)
+            grad.append(float(dz * d) if v <= -eps and v != -math.inf else 0.0)
+        return float(loss), grad
+
+
+def _count_passes(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    fast, general = lifted_fused.odds_softmax_loss_and_grad, lifted_fused.term_loss_and_grad
+    monkeypatch.setattr(lifted_fused, "odds_softmax_loss_and_grad", lambda *a: calls.append("fast") or fast(*a))
+    monkeypatch.setattr(lifted_fused, "term_loss_and_grad", lambda *a: calls.append("general") or general(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_against_the_rest_equals_the_closed_form_and_takes_its_pass(dtype, monkeypatch):
+    K, beta = 9, 0.7  # from 8 answers on, the K-answer evaluator (below, a generated module)
+    g = torch.Generator().manual_seed(3)
+    x = -torch.rand(8, K, generator=g, dtype=torch.float64) * 30 - 1e-4
+    x[0, 0] = 0.0  # p = 1 for the answer conditioned on: clamped, zero gradient
+    x[1, 3] = 0.0  # and for one of the rest
+    x[2, :] = -1e4 + torch.rand(K, generator=g, dtype=torch.float64)  # every answer impossible but one shifted row
+    x[3, 2] = -math.inf  # an answer masked out
+    x[4, :] = -1e-7 * torch.arange(1, K + 1, dtype=torch.float64)  # every answer near certain: odds ~1e7
+    x[5, 0] = -1e4  # the conditioned answer far behind
+    margin = torch.linspace(-0.5, 0.5, 8, dtype=torch.float64)
+    calls = _count_passes(monkeypatch)
+    fn = PreferenceLoss(TOP1.format(K=K), reduction="none", beta=beta)
+    y = x.to(dtype).requires_grad_()
+    loss = fn(logps=y, margin=margin.to(dtype))
+    (grad,) = torch.autograd.grad(loss.sum(), y)
+    assert calls == ["fast"]  # every row above is the one-against-the-rest pass's
+    rtol = 1e-11 if dtype == torch.float64 else 3e-5
+    for b in range(len(x)):
+        row = y[b].tolist()
+        want, want_grad = ref_one_against_rest(row, 0, beta, float(margin[b]), dtype)
+        assert float(loss[b]) == pytest.approx(want, rel=rtol, abs=rtol), b
+        for j in range(K):
+            assert float(grad[b, j]) == pytest.approx(want_grad[j], rel=rtol, abs=rtol * 1e-3), (b, j)
+
+
+def test_one_against_the_rest_matches_finite_differences():
+    K = 9
+    x = (-torch.rand(4, K, dtype=torch.float64) * 8 - 1e-3).requires_grad_()
+    fn = PreferenceLoss(TOP1.format(K=K), reduction="sum", beta=1.3, link="softplus(m - z)", m=0.25)
+    assert torch.autograd.gradcheck(lambda v: fn(logps=v), (x,), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_the_fast_pass_declines_go_to_the_general_pass(dtype, monkeypatch):
+    """A conditioned answer ahead of every other by more than ~60 nats (its row's shift would underflow the rest's
+    odds) and a row all at −inf go to the general pass, with the general pass's values."""
+    K = 9
+    g = torch.Generator().manual_seed(9)
+    x = -torch.rand(3, K, generator=g, dtype=torch.float64) * 5 - 1e-3
+    x[0, 1:] -= 200.0  # y1 200 nats ahead of the rest
+    x[1, :] = -math.inf
+    calls = _count_passes(monkeypatch)
+    fn = PreferenceLoss(TOP1.format(K=K), reduction="none")
+    y = x.to(dtype).requires_grad_()
+    loss = fn(logps=y)
+    (grad,) = torch.autograd.grad(loss.sum(), y)
+    assert calls == ["fast", "general"]
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    rtol = 1e-11 if dtype == torch.float64 else 3e-5
+    for b in (0, 2):
+        want, want_grad = ref_one_against_rest(y[b].tolist(), 0, 1.0, 0.0, dtype)
+        assert float(loss[b]) == pytest.approx(want, rel=rtol, abs=rtol)
+        want_grad = torch.tensor(want_grad, dtype=torch.float64)
+        torch.testing.assert_close(grad[b].double(), want_grad, rtol=rtol, atol=torch.finfo(dtype).tiny)
+
+
+@pytest.mark.parametrize("text", [TOP1.format(K=14), "(M(y1) | M(y2), AtMost(1, M(y1..y14)))"])
+def test_reductions_backward_scaling_and_a_second_backward(text):
+    """The fused term reduces itself ('mean' folds 1/B into its gradient) and scales its gradient in place: the same
+    numbers as reducing the per-row loss by hand, for any grad_output, and again on a second backward."""
+    g = torch.Generator().manual_seed(1)
+    x = -torch.rand(6, 14, generator=g, dtype=torch.float64) * 6 - 1e-3  # beyond 12 atoms: _listwise holds it
+    per_row = PreferenceLoss(text, reduction="none")
+    y = x.clone().requires_grad_()
+    rows = per_row(logps=y)
+    for reduction, want in (("mean", rows.mean()), ("sum", rows.sum())):
+        (want_grad,) = torch.autograd.grad(2.5 * want, y, retain_graph=True)
+        fn = PreferenceLoss(text, reduction=reduction)
+        v = x.clone().requires_grad_()
+        got = fn(logps=v)
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+        (g1,) = torch.autograd.grad(2.5 * got, v, retain_graph=True)
+        (g2,) = torch.autograd.grad(2.5 * got, v)
+        torch.testing.assert_close(g1, want_grad, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(g2, g1, rtol=0, atol=0)  # recomputed by the same pass, bit for bit
+    # per row, a grad_output per row: as the general evaluator's autograd graph (log ρ node, then the link)
+    w = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    (g_rows,) = torch.autograd.grad((rows * w).sum(), y)
+    plain = PreferenceLoss(text, reduction="none")
+    for ev in plain._listwise.evals:
+        ev.fused = False
+    v = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad((plain(logps=v) * w).sum(), v)
+    torch.testing.assert_close(g_rows, want, rtol=1e-11, atol=1e-15)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(LOGPS, min_size=9, max_size=9), st.sampled_from([torch.float64, torch.float32]))
+def test_top1_rows_of_any_kind_equal_the_closed_form(row, dtype):
+    """Whatever a row holds (log p = 0, −1e4, −inf, ties, one answer far ahead), the loss and its gradient are the
+    closed form's, whichever pass runs it."""
+    x = torch.tensor([row], dtype=dtype, requires_grad=True)
+    row = x[0].tolist()
+    if row[0] == -math.inf or all(v == -math.inf for v in row[1:]):
+        return  # ρ = 0 or ∞: floored, as the other evaluators (tests/test_listwise.py)
+    loss = PreferenceLoss(TOP1.format(K=9), reduction="sum", beta=0.7)(logps=x)
+    (grad,) = torch.autograd.grad(loss, x)
+    want, want_grad = ref_one_against_rest(row, 0, 0.7, 0.0, dtype)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert float(loss) == pytest.approx(want, rel=rtol, abs=rtol * max(1.0, abs(min(row))) * 1e-2)
+    for j, g in enumerate(grad[0].tolist()):
+        assert g == pytest.approx(want_grad[j], rel=rtol, abs=torch.finfo(dtype).tiny), j
+
+
+def test_the_fast_pass_checks_values_as_preference_loss_does(monkeypatch):
+    """PreferenceLoss leaves the value check to the one-against-the-rest pass (it takes the row maxima anyway): the
+    same refusals, with the same message, as the check it skips — also a positive value hidden beside a NaN."""
+    from dpalogic.errors import DPALogicError
+
+    calls = _count_passes(monkeypatch)
+    fn = PreferenceLoss(TOP1.format(K=9))
+    x = -torch.rand(4, 9, dtype=torch.float64) - 0.1
+    for value, nan in ((0.5, False), (3.0, True), (0.02, False)):
+        bad = x.clone()
+        bad[2, 4] = value
+        if nan:
+            bad[1, 1] = math.nan
+        with pytest.raises(DPALogicError, match=f"log-probabilities must be <= 0: logps has {value:g}"):
+            fn(logps=bad.requires_grad_())
+    ok = x.clone()
+    ok[0, 0] = 0.005  # rounding in a log-softmax sum: accepted, as the skipped check accepts it
+    assert torch.isfinite(fn(logps=ok.requires_grad_()))
+    nan = x.clone()
+    nan[3, 3] = math.nan  # a NaN alone passes and gives a NaN loss (the training loop stops on it)
+    assert torch.isnan(fn(logps=nan.requires_grad_()))
+    assert calls == ["fast"] * 5
+    # where the pass does not run (no gradient wanted), PreferenceLoss checks up front: the same message
+    with pytest.raises(DPALogicError, match="logps has 0.5"):
+        bad = x.clone()
+        bad[0, 0] = 0.5
+        fn(logps=bad)
