@@ -235,3 +235,16 @@ def test_the_fast_pass_checks_values_as_preference_loss_does(monkeypatch):
         bad = x.clone()
         bad[0, 0] = 0.5
         fn(logps=bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 140), st.integers(1, 5), st.sampled_from([None, "nan", "-inf", "inf"]))
+def test_row_max_is_amax(n, b, special):
+    """row_max (two overlapping windows, or folded halves, where ATen's row max is slow) is amax, NaN and ±inf
+    included."""
+    from dpalogic.runtime.lifted_eval import row_max
+
+    x = torch.randn(b, n, dtype=torch.float64)
+    if special is not None:
+        x[b // 2, (7 * n) // 11] = float(special)
+    torch.testing.assert_close(row_max(x), x.amax(1, keepdim=True), rtol=0, atol=0, equal_nan=True)

@@ -25,6 +25,7 @@ from dpalogic.runtime.lifted_eval import (
     _clamp_bound,
     _LeafPlan,
     _odds_shift,
+    row_max,
     shifted_odds,
 )
 
@@ -211,7 +212,7 @@ def odds_softmax_loss_and_grad(
     the row maxima taken here anyway (the caller skipped its own pass over the matrix).
     """
     eps = _clamp_bound(x.dtype)
-    m = x.amax(1, keepdim=True)
+    m = row_max(x)
     worst = float(m.max())
     if check is not None and not worst <= 0.0:  # a positive value, or a NaN that may hide one: the full check
         check_log_probs([x], [check[1]], check[0])
