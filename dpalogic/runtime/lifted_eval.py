@@ -41,6 +41,33 @@ def _odds_shift(dtype: torch.dtype) -> float:
     return 40.0 if dtype == torch.float64 else 20.0
 
 
+NEAR_ONE = 0.05  # −log p below which 1/(1/p − 1) from exp2 loses digits to 1 − p (p > 0.95): expm1 there
+_LOG2E = 1.4426950408889634
+
+
+def reciprocal_expm1_(u: torch.Tensor, m: torch.Tensor, worst: float | None = None) -> torch.Tensor:
+    """``u ← 1/expm1(u)`` in place (``u ≥ 0``: ``s − log p``, so this is the odds ``p'/(1 − p')``); ``m``: each row's
+    best log-prob ([B, 1]), which says whether any ``p`` may be near 1; ``worst``: its max, where the caller has it.
+
+    float32 on the CPU, where ``exp`` and ``expm1`` take five times ``exp2``: ``q = 2^(−u·log2 e)`` then
+    ``1/(1/q − 1)``, which loses no digit while ``q ≤ 1/2`` and a few up to ``q = 0.95``. The error is that of rounding
+    ``u·log2 e``, as if ``log p`` were off by one unit in its last place: about ``u·6e−8`` relative (1.4e−6 for answers
+    within 20 nats of the row's best, 4e−6 at 87, see :func:`odds_range`). A batch holding an answer with ``p > 0.95``
+    takes ``expm1`` itself (picking those rows out costs more than it saves), as do float64 and a GPU."""
+    if u.dtype != torch.float32 or u.is_cuda or (float(m.max()) if worst is None else worst) > -NEAR_ONE:
+        return torch.expm1(u, out=u).reciprocal_()
+    return u.mul_(-_LOG2E).exp2_().reciprocal_().sub_(1.0).reciprocal_()
+
+
+def odds_range(dtype: torch.dtype) -> tuple[float, float]:
+    """Where ``u = s − log p`` is clamped before its odds ``1/expm1(u)`` are taken: from ``√tiny`` (p = 1 finite, see
+    :func:`_clamp_bound`) to the ``u`` whose odds are the dtype's smallest normal number (87 in float32, 700 in
+    float64). Beyond, odds would be subnormal — each one costs the CPU a hundred cycles in every pass after — and
+    they add less than 1e−29 (float32) of the row's sum, whose largest term is at least ``1/expm1(T)``: an answer that
+    far below the row's best (a masked answer at −inf too) counts as that smallest normal, its gradient ≤ 1e−29."""
+    return _clamp_bound(dtype), (700.0 if dtype == torch.float64 else 87.0)
+
+
 def row_max(x: torch.Tensor) -> torch.Tensor:
     """Each row's max, [B, 1]. On the CPU, ATen reduces the last ``n mod 32`` values of a row one at a time (a
     [4096, 63] max takes ten times a [4096, 64] one): two overlapping windows of a multiple of 32 columns cover the
@@ -72,8 +99,8 @@ def shifted_odds(
     Each row is shifted up by ``s = min(max x + T, 0)`` over the group (``T``: :func:`_odds_shift`): unshifted rows
     (best answer within T of log p = 0) give the odds themselves; a shifted row's answers all have p below e^−T,
     where the odds are ``p`` to the dtype's rounding, so ``a = o · e^{−s}`` there too, and its largest ``a`` is
-    ``1/expm1(T)``, far from underflow at log-probs of −1e4. ``s − x`` is clamped to ``≥ √tiny`` (p = 1 finite, as
-    :func:`_clamp_bound`; ``clamp``: whether any row needs it, worked out here when None); −inf gives ``a = 0``.
+    ``1/expm1(T)``, far from underflow at log-probs of −1e4. ``s − x`` is clamped to :func:`odds_range` (p = 1 finite;
+    no subnormal odds); ``clamp``: whether p = 1 was reached in any row, worked out here when None.
 
     Returns ``(a, Σ a, s, clamp)`` with ``Σ a`` floored at ``tiny`` (a row all at −inf: ``log e_1 ≈ −1e30`` as with
     the floored log-probs, and zero gradients): ``log e_1 = log Σ a + s``; ``d log e_1 / dx_j = a_j (1 + a_j) / Σ a``
@@ -86,12 +113,11 @@ def shifted_odds(
     s = (m.clamp(min=LOG_FLOOR) + _odds_shift(x.dtype)).clamp_(max=0.0)
     if clamp is None:  # on a GPU asking would be a host sync per call: there the clamp always runs
         clamp = True if x.is_cuda else bool((m > -eps).any())
+    lo, hi = odds_range(x.dtype)
     if out is None:
-        u = s - w
-        a = expm1(u.clamp(min=eps) if clamp else u).reciprocal()
+        a = expm1((s - w).clamp(lo, hi)).reciprocal()
     else:
-        u = torch.sub(s, w, out=w)
-        a = expm1(u.clamp_(min=eps) if clamp else u, out=u).reciprocal_()
+        a = reciprocal_expm1_(torch.sub(s, w, out=w).clamp_(lo, hi), m)
     return a, a.sum(1, keepdim=True).clamp_(min=tiny), s, clamp
 
 

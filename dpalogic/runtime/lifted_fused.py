@@ -25,6 +25,8 @@ from dpalogic.runtime.lifted_eval import (
     _clamp_bound,
     _LeafPlan,
     _odds_shift,
+    odds_range,
+    reciprocal_expm1_,
     row_max,
     shifted_odds,
 )
@@ -218,10 +220,8 @@ def odds_softmax_loss_and_grad(
         check_log_probs([x], [check[1]], check[0])
     s = (m + _odds_shift(x.dtype)).clamp_(LOG_FLOOR, 0.0)
     a = torch.sub(s, x)  # −log p of the shifted answers: becomes the gradient, in place
-    clamped = worst > -eps
-    if clamped:
-        a.clamp_(min=eps)
-    a = torch.expm1(a, out=a).reciprocal_()
+    clamped = worst > -eps  # p = 1 reached: those gradients are 0
+    a = reciprocal_expm1_(a.clamp_(*odds_range(x.dtype)), m, worst)
     a.select(1, t).zero_()
     total = a.sum(1)
     if float(total.min()) < _underflow_floor(x.dtype):  # also a row all at −inf
