@@ -154,7 +154,8 @@ class PreferenceLoss(torch.nn.Module):
             raise DPALogicError(f"validate must be True or False, got {validate!r}")
         self.validate = validate
         # K-answer terms computed in one fused pass (ExactlyOne, AtMost(1), …) under torch.compile: the passes over
-        # [B, K] fused into one loop (opt-in: compiling takes seconds, and needs a C++ compiler on the CPU)
+        # [B, K] fused into one loop (opt-in: compiling takes seconds, and needs a C++ compiler on the CPU). On the
+        # CPU, one-against-the-rest terms (top-1 ExactlyOne, Plackett–Luce stages) keep their eager pass: faster
         if not isinstance(compile, bool):
             raise DPALogicError(f"compile must be True or False, got {compile!r}")
         self._compile = compile
