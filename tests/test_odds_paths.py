@@ -64,17 +64,21 @@ def test_shifted_odds_equal_the_closed_form(cells, dtype):
     x = torch.tensor([row], dtype=dtype)
     row = x[0].tolist()  # the values as the dtype holds them
     outside = torch.tensor([0.0 if g else -math.inf for g in group], dtype=dtype)
-    a, total, s, _ = shifted_odds(x, outside)
-    got = float(total.log()[0, 0] + s[0, 0])
-    grad = (a * (1 + a) / total).masked_fill(x > -_clamp_bound(dtype), 0.0)[0].tolist()  # callers zero the clamped
-    if all(v == -math.inf for v, g in zip(row, group) if g):  # nothing in the group can be valid: floored
-        assert got < -1e29 and max(map(abs, grad)) <= GRAD_FLOOR[dtype]
-        return
-    want, want_grad = ref_log_e1_and_grad(row, group, dtype)
-    rtol = 1e-12 if dtype == torch.float64 else 2e-6
-    assert got == pytest.approx(want, rel=rtol, abs=rtol)
-    for g_got, g_want in zip(grad, want_grad):
-        assert g_got == pytest.approx(g_want, rel=10 * rtol, abs=GRAD_FLOOR[dtype])
+    # out of place (torch.compile's form) and in a buffer (the evaluators'; float32 takes exp2 when no p > 0.95)
+    for out in (None, torch.empty_like(x)):
+        a, total, s, _ = shifted_odds(x, outside, out=out)
+        got = float(total.log()[0, 0] + s[0, 0])
+        grad = (a * (1 + a) / total).masked_fill(x > -_clamp_bound(dtype), 0.0)[0].tolist()  # callers zero clamped
+        if all(v == -math.inf for v, g in zip(row, group) if g):  # none can be valid: as if floored at LOG_FLOOR
+            assert got < -1e29
+            n = sum(group)
+            assert grad == pytest.approx([1 / n if g else 0.0 for g in group], rel=1e-6, abs=0)
+            continue
+        want, want_grad = ref_log_e1_and_grad(row, group, dtype)
+        rtol = 1e-12 if dtype == torch.float64 else 5e-6
+        assert got == pytest.approx(want, rel=rtol, abs=rtol)
+        for g_got, g_want in zip(grad, want_grad):
+            assert g_got == pytest.approx(g_want, rel=10 * rtol, abs=GRAD_FLOOR[dtype])
 
 
 TOP1 = "(M(y1), ExactlyOne(M(y1..y{K})))"
@@ -95,6 +99,16 @@ def ref_one_against_rest(row: list[float], t: int, beta: float, margin: float, d
             d = 1 / -mpmath.expm1(x) if j == t else -(o / rest) / -mpmath.expm1(x)
             grad.append(float(dz * d) if v <= -eps and v != -math.inf else 0.0)
         return float(loss), grad
+
+
+def general_evaluator(text: str, **kwargs) -> PreferenceLoss:
+    """The same loss on the general evaluator (a log ρ node, then the link), none of its terms fused."""
+    fn = PreferenceLoss(text, **kwargs)
+    K = max(int(a.answer[1:]) for a in fn._running_atoms)
+    fn(logps=-torch.ones(1, K))  # builds the K-answer evaluator of a truth-table structure (K ≤ 12)
+    for ev in (fn._listwise or fn._list_evaluator).evals:
+        ev.fused = False
+    return fn
 
 
 def _count_passes(monkeypatch) -> list[str]:
@@ -200,10 +214,15 @@ def test_top1_rows_of_any_kind_equal_the_closed_form(row, dtype):
     closed form's, whichever pass runs it."""
     x = torch.tensor([row], dtype=dtype, requires_grad=True)
     row = x[0].tolist()
-    if row[0] == -math.inf or all(v == -math.inf for v in row[1:]):
-        return  # ρ = 0 or ∞: floored, as the other evaluators (tests/test_listwise.py)
     loss = PreferenceLoss(TOP1.format(K=9), reduction="sum", beta=0.7)(logps=x)
     (grad,) = torch.autograd.grad(loss, x)
+    if row[0] == -math.inf or all(v == -math.inf for v in row[1:]):  # ρ = 0 or ∞: floored, as the general evaluator
+        plain = general_evaluator(TOP1.format(K=9), reduction="sum", beta=0.7)
+        y = x.detach().clone().requires_grad_()
+        want = plain(logps=y)
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, torch.autograd.grad(want, y)[0], rtol=1e-6, atol=GRAD_FLOOR[dtype])
+        return
     want, want_grad = ref_one_against_rest(row, 0, 0.7, 0.0, dtype)
     rtol = 1e-10 if dtype == torch.float64 else 1e-4
     assert float(loss) == pytest.approx(want, rel=rtol, abs=rtol * max(1.0, abs(min(row))) * 1e-2)
@@ -273,3 +292,106 @@ def test_reciprocal_expm1_fast_and_exact_paths():
     assert float(((got - want).abs() / want).max()) < 3e-7
     got = reciprocal_expm1_(exact_u.clone().view(-1, 1), far).view(-1)  # float64: expm1
     torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+
+
+STRUCTURES = [TOP1.format(K=9), "(M(y1) | M(y2), AtMost(1, M(y1..y14)))"]
+
+
+@pytest.mark.parametrize("text", STRUCTURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_empty_batch(text, dtype):
+    K = max(int(a.answer[1:]) for a in PreferenceLoss(text)._running_atoms)
+    for grad in (True, False):
+        for reduction in ("none", "sum", "mean"):
+            x = torch.zeros(0, K, dtype=dtype, requires_grad=grad)
+            loss = PreferenceLoss(text, reduction=reduction)(logps=x)
+            assert loss.shape == ((0,) if reduction == "none" else ())
+            if reduction == "sum":
+                assert float(loss) == 0.0
+            if reduction == "mean":
+                assert math.isnan(float(loss))  # as torch's mean of nothing
+            if grad and reduction != "mean":
+                (g,) = torch.autograd.grad(loss.sum(), x)
+                assert g.shape == (0, K)
+
+
+@pytest.mark.parametrize("text", STRUCTURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_nan_row_leaves_the_other_rows_alone(text, dtype):
+    """A NaN gives its own row a NaN loss; the rows beside it keep their values and gradients (answers near p = 1
+    and one at p = 1 exactly included: the batch's NaN max must not switch their paths or their clamp mask)."""
+    K = max(int(a.answer[1:]) for a in PreferenceLoss(text)._running_atoms)
+    g = torch.Generator().manual_seed(2)
+    good = -torch.rand(1, K, generator=g, dtype=torch.float64) * 5 - 1e-3
+    good[0, 0], good[0, 3], good[0, 5] = -1e-8, -1e-7, 0.0
+    bad = good.clone()
+    bad[0, 2] = math.nan
+    fn = PreferenceLoss(text, reduction="none")
+    alone = good.to(dtype).requires_grad_()
+    both = torch.cat([good, bad]).to(dtype).requires_grad_()
+    (g_alone,) = torch.autograd.grad(fn(logps=alone).sum(), alone)
+    loss = fn(logps=both)
+    (g_both,) = torch.autograd.grad(loss.sum(), both)
+    assert math.isnan(float(loss[1]))
+    torch.testing.assert_close(loss[:1], fn(logps=alone.detach()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_both[:1], g_alone, rtol=1e-6, atol=0)
+
+
+def test_create_graph_and_a_second_derivative():
+    """A gradient penalty elsewhere (create_graph=True) works through the fused term; a second derivative through the
+    term itself, which its saved gradient cannot give, is refused rather than silently 0."""
+    text = STRUCTURES[0]
+    x = (-torch.rand(3, 9, dtype=torch.float64) * 4 - 1e-3).requires_grad_()
+    w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    loss = PreferenceLoss(text)(logps=x) + w**2
+    gx, gw = torch.autograd.grad(loss, (x, w), create_graph=True)
+    (gw**2).backward()
+    assert float(w.grad) == pytest.approx(8.0 * 2.0)  # d/dw (2w)^2
+    with pytest.raises(RuntimeError, match="does not require grad"):  # no graph through the term's gradient
+        gx.sum().backward()
+    loss = PreferenceLoss(text)(logps=x) * w  # its grad_output needs a graph: the error names the term
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+def test_an_input_changed_before_a_second_backward_is_an_error():
+    text = STRUCTURES[0]
+    x = (-torch.rand(3, 9, dtype=torch.float64) * 4 - 1e-3).requires_grad_()
+    y = x * 1.0  # an intermediate, changed in place below
+    loss = PreferenceLoss(text)(logps=y)
+    torch.autograd.grad(loss, x, retain_graph=True)
+    with torch.no_grad():
+        y.sub_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x)
+
+
+def test_float32_exp2_odds_equal_the_closed_form(monkeypatch):
+    """Whole-answer log-probs, none near certain: float32 takes the exp2 odds (a spy says so), within ~u·6e−8 of the
+    50-digit closed form."""
+    import dpalogic.runtime.lifted_eval as lifted_eval
+
+    paths = []
+    real = lifted_eval.reciprocal_expm1_
+
+    def spy(u, m, worst=None):
+        fast = u.dtype == torch.float32 and (float(m.max()) if worst is None else worst) <= -lifted_eval.NEAR_ONE
+        paths.append("exp2" if fast else "expm1")
+        return real(u, m, worst)
+
+    monkeypatch.setattr(lifted_fused, "reciprocal_expm1_", spy)
+    g = torch.Generator().manual_seed(4)
+    x = -torch.rand(6, 9, generator=g, dtype=torch.float64) * 150 - 1.0
+    x[1] -= 2000.0  # a shifted row
+    x[2, 0] = -300.0  # the answer conditioned on far behind
+    margin = torch.linspace(-0.3, 0.3, 6, dtype=torch.float64)
+    y = x.float().requires_grad_()
+    loss = PreferenceLoss(TOP1.format(K=9), reduction="none", beta=0.7)(logps=y, margin=margin.float())
+    (grad,) = torch.autograd.grad(loss.sum(), y)
+    assert paths == ["exp2"]
+    for b in range(len(x)):
+        want, want_grad = ref_one_against_rest(y[b].tolist(), 0, 0.7, float(margin.float()[b]), torch.float32)
+        assert float(loss[b]) == pytest.approx(want, rel=2e-5, abs=2e-5), b
+        torch.testing.assert_close(grad[b].double(), torch.tensor(want_grad, dtype=torch.float64), rtol=2e-5,
+                                   atol=GRAD_FLOOR[torch.float32])  # fmt: skip

@@ -54,7 +54,10 @@ def reciprocal_expm1_(u: torch.Tensor, m: torch.Tensor, worst: float | None = No
     ``u·log2 e``, as if ``log p`` were off by one unit in its last place: about ``u·6e−8`` relative (1.4e−6 for answers
     within 20 nats of the row's best, 4e−6 at 87, see :func:`odds_range`). A batch holding an answer with ``p > 0.95``
     takes ``expm1`` itself (picking those rows out costs more than it saves), as do float64 and a GPU."""
-    if u.dtype != torch.float32 or u.is_cuda or (float(m.max()) if worst is None else worst) > -NEAR_ONE:
+    if not u.numel():
+        return u
+    # NaN compares false: a batch whose max is NaN takes expm1 too (its other rows keep their digits)
+    if u.dtype != torch.float32 or u.is_cuda or not (float(m.max()) if worst is None else worst) <= -NEAR_ONE:
         return torch.expm1(u, out=u).reciprocal_()
     return u.mul_(-_LOG2E).exp2_().reciprocal_().sub_(1.0).reciprocal_()
 
@@ -102,8 +105,8 @@ def shifted_odds(
     ``1/expm1(T)``, far from underflow at log-probs of −1e4. ``s − x`` is clamped to :func:`odds_range` (p = 1 finite;
     no subnormal odds); ``clamp``: whether p = 1 was reached in any row, worked out here when None.
 
-    Returns ``(a, Σ a, s, clamp)`` with ``Σ a`` floored at ``tiny`` (a row all at −inf: ``log e_1 ≈ −1e30`` as with
-    the floored log-probs, and zero gradients): ``log e_1 = log Σ a + s``; ``d log e_1 / dx_j = a_j (1 + a_j) / Σ a``
+    Returns ``(a, Σ a, s, clamp)`` with ``Σ a`` floored at ``tiny``. A group all at −inf gets ``log e_1 ≈ −1e30`` and
+    a gradient spread evenly over its columns, as if its log-probs were floored at ``LOG_FLOOR``: ``log e_1 = log Σ a + s``; ``d log e_1 / dx_j = a_j (1 + a_j) / Σ a``
     (``1 + a = 1/(1 − p)``, also to rounding on shifted rows, where both are 1). ``out``: a [B, n] buffer for ``a``
     (None: out of place, as ``torch.compile`` wants).
     """
@@ -114,10 +117,11 @@ def shifted_odds(
     if clamp is None:  # on a GPU asking would be a host sync per call: there the clamp always runs
         clamp = True if x.is_cuda else bool((m > -eps).any())
     lo, hi = odds_range(x.dtype)
+    # u clamped to odds_range, then +inf again off the group (− outside): odds exactly 0 there
     if out is None:
-        a = expm1((s - w).clamp(lo, hi)).reciprocal()
+        a = expm1((s - w).clamp(lo, hi) - outside).reciprocal()
     else:
-        a = reciprocal_expm1_(torch.sub(s, w, out=w).clamp_(lo, hi), m)
+        a = reciprocal_expm1_(torch.sub(s, w, out=w).clamp_(lo, hi).sub_(outside), m)
     return a, a.sum(1, keepdim=True).clamp_(min=tiny), s, clamp
 
 

@@ -17,6 +17,7 @@ import functools
 import warnings
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from dpalogic.runtime.checks import check_log_probs
 from dpalogic.runtime.lifted_eval import (
@@ -187,7 +188,7 @@ def one_against_the_rest(plan: _LeafPlan) -> int | None:
 
 def _underflow_floor(dtype: torch.dtype) -> float:
     """Below this the rest's summed odds may have lost digits to a shift taken from the whole row (see below)."""
-    return 1e-280 if dtype == torch.float64 else 1e-30
+    return 1e-280 if dtype == torch.float64 else 1e-25  # ≫ K times odds_range's smallest odds (1.6e−38, 1e−304)
 
 
 def odds_softmax_loss_and_grad(
@@ -213,6 +214,8 @@ def odds_softmax_loss_and_grad(
     ``check`` (error, name): refuse positive log-probs as :func:`~dpalogic.runtime.checks.check_log_probs` does, from
     the row maxima taken here anyway (the caller skipped its own pass over the matrix).
     """
+    if not x.numel():  # an empty batch: the general pass
+        return None
     eps = _clamp_bound(x.dtype)
     m = row_max(x)
     worst = float(m.max())
@@ -220,7 +223,7 @@ def odds_softmax_loss_and_grad(
         check_log_probs([x], [check[1]], check[0])
     s = (m + _odds_shift(x.dtype)).clamp_(LOG_FLOOR, 0.0)
     a = torch.sub(s, x)  # −log p of the shifted answers: becomes the gradient, in place
-    clamped = worst > -eps  # p = 1 reached: those gradients are 0
+    clamped = not worst <= -eps  # p = 1 reached (or a NaN row: the other rows keep their mask): gradients 0 there
     a = reciprocal_expm1_(a.clamp_(*odds_range(x.dtype)), m, worst)
     a.select(1, t).zero_()
     total = a.sum(1)
@@ -302,7 +305,8 @@ class FusedTerm(torch.autograd.Function):
     """Forward computes the term's loss — per row, or already summed (``reduction`` 'sum') or averaged ('mean', whose
     1/B rides on the gradient's per-row factor) — and its gradient; backward scales the gradient by ``grad_output``
     in place (no new ``[B, n]`` tensor; not at all for a reduced loss's ``grad_output`` of 1 on the CPU, the usual
-    ``loss.backward()``), so a second backward (``retain_graph``) recomputes it from the saved inputs."""
+    ``loss.backward()``), so a second backward (``retain_graph``) recomputes it from the saved inputs (saved for
+    backward, so that an input changed in place in between is an error, not a silently different gradient)."""
 
     @staticmethod
     def forward(
@@ -314,20 +318,20 @@ class FusedTerm(torch.autograd.Function):
             weight = torch.tensor(weight, dtype=x.dtype, device=x.device)
         args = (x, plan, link_fn, scale, shift, coef, margin, weight)
         loss, grad = _loss_and_grad(args, compiled, check)
-        ctx.args, ctx.compiled, ctx.grad, ctx.reduced = args, compiled, grad, reduction != "none"
+        ctx.save_for_backward(x, margin)
+        ctx.rest, ctx.compiled, ctx.grad, ctx.reduced = args[1:6] + args[7:], compiled, grad, reduction != "none"
         if reduction == "none":
             return loss
         return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative this gradient cannot give (checked by
-            raise RuntimeError(  # hand: the once_differentiable wrapper costs a tenth of a small call)
-                "a K-answer loss's fused term is differentiable once: no create_graph=True through it"
-            )
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # a second backward: the first one scaled the buffer
-            grad = _loss_and_grad(ctx.args, ctx.compiled)[1]
+            x, margin = ctx.saved_tensors
+            plan, link_fn, scale, shift, coef, weight = ctx.rest
+            grad = _loss_and_grad((x, plan, link_fn, scale, shift, coef, margin, weight), ctx.compiled)[1]
         if not ctx.reduced:
             grad = grad.mul_(grad_loss.unsqueeze(1))
         elif grad_loss.is_cuda or float(grad_loss) != 1.0:  # on a GPU, reading it back would be a host sync
