@@ -85,6 +85,16 @@ def _wiring(plan: _LeafPlan) -> tuple[list[list[int]], list[list[int]], list[lis
     return plan._index[key]
 
 
+def _linked(log_rho: torch.Tensor, link_fn, scale: float, shift: float, margin: torch.Tensor | None):
+    """The link and its derivative at ``z = scale · log ρ − shift − margin`` (steps by 1 and 0 skipped)."""
+    z = log_rho * scale if scale != 1.0 else log_rho
+    if shift != 0.0:
+        z = z - shift
+    if margin is not None:
+        z = z - margin
+    return link_fn(z)
+
+
 def term_loss_and_grad(
     x: torch.Tensor,
     plan: _LeafPlan,
@@ -128,14 +138,7 @@ def term_loss_and_grad(
             values.append(_total(terms, lp_s[:, 0] if len(s_idx) else e1[0]) if terms else x.new_zeros(len(x)))
         sides.append(_lse(values))
     (top, w_top), (bottom, w_bottom) = sides
-    z = top - bottom
-    if scale != 1.0:
-        z = z * scale
-    if shift != 0.0:
-        z = z - shift
-    if margin is not None:
-        z = z - margin
-    f, df = link_fn(z)
+    f, df = _linked(top - bottom, link_fn, scale, shift, margin)
     weight = coef * scale * grad_weight
     a_z = df * weight if traced or weight != 1.0 else df  # d loss / d log ρ
     # each configuration's share of it: ✓'s softmax · a_z, ✗'s softmax · (−a_z)
@@ -232,14 +235,8 @@ def odds_softmax_loss_and_grad(
     lt = x.select(1, t).clamp(min=LOG_FLOOR, max=-eps)
     em1 = torch.expm1(lt)  # −(1 − p_t)
     # log ρ = (x_t − s) − log((1 − p_t) Σ a); x_t − s first: exact, where x_t and s are both near −1e4
-    z = lt.sub_(s.squeeze(1)).sub_(torch.mul(em1, total).neg_().log_())
-    if scale != 1.0:
-        z = z * scale
-    if shift != 0.0:
-        z = z - shift
-    if margin is not None:
-        z = z - margin
-    f, df = link_fn(z)
+    log_rho = lt.sub_(s.squeeze(1)).sub_(torch.mul(em1, total).neg_().log_())
+    f, df = _linked(log_rho, link_fn, scale, shift, margin)
     neg = df * (-coef * scale * grad_weight)  # −d loss / d log ρ
     # the rest: −d loss / d log ρ · a_j (1 + a_j) / Σ a; answer t: d loss / d log ρ / (1 − p_t)
     a.addcmul_(a, a).mul_((neg / total).unsqueeze(1))
