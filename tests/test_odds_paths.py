@@ -395,3 +395,36 @@ def test_float32_exp2_odds_equal_the_closed_form(monkeypatch):
         assert float(loss[b]) == pytest.approx(want, rel=2e-5, abs=2e-5), b
         torch.testing.assert_close(grad[b].double(), torch.tensor(want_grad, dtype=torch.float64), rtol=2e-5,
                                    atol=GRAD_FLOOR[torch.float32])  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_many_fused_terms_as_one_node_equal_one_node_per_term(reduction):
+    """Plackett–Luce over 14 answers (13 one-against-the-rest stages, the last one a pair) runs its fused stages as one
+    node that adds each stage's gradient into one [B, K] buffer: the same losses and gradients as a node per term,
+    with margins, a grad_output that is not 1, and a second backward."""
+    from dpalogic.semantics.listwise_catalog import plackett_luce
+
+    g = torch.Generator().manual_seed(6)
+    x = -torch.rand(5, 14, generator=g, dtype=torch.float64) * 8 - 1e-3
+    x[0, 3] = 0.0
+    x[1, 5] = -math.inf
+    margin = torch.linspace(-0.4, 0.4, 5, dtype=torch.float64)
+    one = PreferenceLoss(plackett_luce(14), reduction=reduction)
+    assert one._listwise._runs is not None and sum(r is not None for r in one._listwise._runs) >= 12
+    per_term = PreferenceLoss(plackett_luce(14), reduction=reduction)
+    per_term._listwise._runs = None
+    out = []
+    for fn in (one, per_term):
+        y = x.clone().requires_grad_()
+        loss = fn(logps=y, margin=margin)
+        w = (
+            torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+            if reduction == "none"
+            else torch.tensor(2.5, dtype=y.dtype)
+        )
+        (g1,) = torch.autograd.grad(loss, y, w, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, y, w)
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+        out.append((loss.detach(), g1))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-11, atol=1e-300)

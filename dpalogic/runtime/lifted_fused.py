@@ -334,3 +334,49 @@ class FusedTerm(torch.autograd.Function):
         elif grad_loss.is_cuda or float(grad_loss) != 1.0:  # on a GPU, reading it back would be a host sync
             grad = grad.mul_(grad_loss)
         return grad, None, None, None, None, None, None, None, None, None
+
+
+class FusedTerms(torch.autograd.Function):
+    """Several fused terms over column runs of one ``[B, K]`` matrix (Plackett–Luce has K − 1) as one node: each term's
+    gradient is added into one ``[B, K]`` buffer at its columns. A node per term would have each backward fill a zero
+    ``[B, K]`` gradient around its slice, a fresh buffer each (~0.3 ms of page faults apiece on the CPU at 4096 × 64).
+
+    ``terms``: ``(columns, plan, link_fn, scale, shift, coef, margin_sign, compiled)`` per term, ``columns`` a slice;
+    ``margin_sign``: +1 (a preference: ``z − m``), −1 (smoothing: ``z + m``) or 0 (NLL: no margin)."""
+
+    @staticmethod
+    def forward(
+        ctx, m: torch.Tensor, margin: torch.Tensor | None, terms: list, reduction: str = "none"
+    ) -> torch.Tensor:
+        weight = 1.0 / len(m) if reduction == "mean" and len(m) else 1.0
+        ctx.save_for_backward(m, margin)
+        ctx.terms, ctx.weight, ctx.reduced = terms, weight, reduction != "none"
+        loss, ctx.grad = FusedTerms._run(m, margin, terms, weight)
+        if reduction == "none":
+            return loss
+        return loss.mean() if reduction == "mean" else loss.sum()
+
+    @staticmethod
+    def _run(m: torch.Tensor, margin, terms: list, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        grad = torch.zeros_like(m, memory_format=torch.contiguous_format)
+        total = None
+        for cols, plan, link_fn, scale, shift, coef, sign, compiled in terms:
+            signed = None if margin is None or sign == 0 else (margin if sign > 0 else -margin)
+            w = weight if compiled is None else torch.tensor(weight, dtype=m.dtype, device=m.device)
+            loss, g = _loss_and_grad((m[:, cols], plan, link_fn, scale, shift, coef, signed, w), compiled)
+            grad[:, cols] += g
+            total = loss if total is None else total + loss
+        return total, grad
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward: the first one scaled the buffer
+            m, margin = ctx.saved_tensors
+            grad = FusedTerms._run(m, margin, ctx.terms, ctx.weight)[1]
+        if not ctx.reduced:
+            grad = grad.mul_(grad_loss.unsqueeze(1))
+        elif grad_loss.is_cuda or float(grad_loss) != 1.0:
+            grad = grad.mul_(grad_loss)
+        return grad, None, None, None

@@ -19,7 +19,14 @@ from dpalogic.compile.link_module import link_function
 from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
 from dpalogic.runtime.lifted_eval import LOG_FLOOR, _clamp_bound, closed_form, leaf_plan, lifted_log_ratio
-from dpalogic.runtime.lifted_fused import MAX_COMPILED_TERMS, Compiled, FusedTerm, fusable, one_against_the_rest
+from dpalogic.runtime.lifted_fused import (
+    MAX_COMPILED_TERMS,
+    Compiled,
+    FusedTerm,
+    FusedTerms,
+    fusable,
+    one_against_the_rest,
+)
 from dpalogic.runtime.obdd_eval import LevelPlan, obdd_sides
 from dpalogic.semantics.lifted import lift
 
@@ -113,6 +120,20 @@ class _Link(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (df,) = ctx.saved_tensors
         return grad * df, None
+
+
+def _margin_sign(role: str) -> int:
+    """How a term's z takes a per-row margin, as :meth:`ListwiseProgram._term`: z − m, z + m (the preference
+    reversed: smoothing), or not at all (NLL)."""
+    return 0 if role == "nll" else (1 if role == "preference" else -1)
+
+
+def _run_of_logps(ev: ListwiseTerm, bt) -> slice | None:
+    """The slice of logps' columns a fused, unnormalized term reads, when they form a run; else None."""
+    if not ev.fused or bt.normalized or ev.named or len(ev.layout) != 1 or ev.layout[0][0] != "M":
+        return None
+    cols = ev.layout[0][1]
+    return slice(cols[0], cols[-1] + 1) if cols[-1] - cols[0] == len(cols) - 1 else None
 
 
 def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -218,6 +239,9 @@ class ListwiseProgram:
             )
             compile = False
         self.compiled = [Compiled() if compile and ev.fused else None for ev in self.evals]
+        # fused terms over runs of logps' columns (Plackett–Luce's stages), when several: one node for all of them
+        runs = [_run_of_logps(ev, bt) for ev, bt in zip(self.evals, self.bound)]
+        self._runs = runs if sum(r is not None for r in runs) > 1 else None
 
     def per_pair_named(
         self,
@@ -278,8 +302,19 @@ class ListwiseProgram:
 
         first = next(iter(columns.values()))
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        total = None
-        for bt, s_role, ev, cc in zip(self.bound, self.roles, self.evals, self.compiled):
+        runs = self._runs
+        if not (
+            runs is not None
+            and "M" in columns
+            and columns["M"].requires_grad
+            and torch.is_grad_enabled()
+            and max(r.stop for r in runs if r is not None) <= columns["M"].shape[1]
+        ):
+            runs = [None] * len(self.evals)
+        total = self._fused_terms(columns["M"].to(dtype), margin, reduction, runs) if any(runs) else None
+        for bt, s_role, ev, cc, run in zip(self.bound, self.roles, self.evals, self.compiled, runs):
+            if run is not None:
+                continue
             x = ev.matrix(columns, dtype)
             if bt.normalized:
                 if lengths is None:
@@ -288,6 +323,16 @@ class ListwiseProgram:
             part = self._term(bt, s_role, ev, x, margin, dtype, cc, reduction, check)
             total = part if total is None else total + part
         return total
+
+    def _fused_terms(self, m: torch.Tensor, margin: torch.Tensor | None, reduction: str, runs: list) -> torch.Tensor:
+        """The terms with a run of columns in ``runs`` as one :class:`FusedTerms` node."""
+        terms = []
+        for cols, ev, bt, role, cc in zip(runs, self.evals, self.bound, self.roles, self.compiled):
+            if cols is not None:
+                fn = link_function(bt.link, bt.params)
+                terms.append((cols, ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef, _margin_sign(role), cc))
+        margin = None if margin is None else margin.detach().to(m.dtype)  # data: no gradient flows to it
+        return FusedTerms.apply(m, margin, terms, reduction)
 
     def checks_for_itself(self, columns: Mapping[str, torch.Tensor]) -> bool:
         """Whether the one-against-the-rest pass checks the log-prob values itself (see ``odds_softmax_loss_and_grad``):
