@@ -230,7 +230,7 @@ def odds_softmax_loss_and_grad(
     a = reciprocal_expm1_(a.clamp_(*odds_range(x.dtype)), m, worst)
     a.select(1, t).zero_()
     total = a.sum(1)
-    if float(total.min()) < _underflow_floor(x.dtype):  # also a row all at −inf
+    if bool((total < _underflow_floor(x.dtype)).any()):  # also a row all at −inf; a NaN row compares false
         return None
     lt = x.select(1, t).clamp(min=LOG_FLOOR, max=-eps)
     em1 = torch.expm1(lt)  # −(1 − p_t)
