@@ -429,3 +429,27 @@ def test_many_fused_terms_as_one_node_equal_one_node_per_term(reduction):
         out.append((loss.detach(), g1))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-12, atol=0)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-11, atol=1e-300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masked_answers_change_nothing_at_any_k(dtype):
+    """Answers at −inf (masked out) add nothing: the same two live answers give the same loss whether the list is
+    padded to K = 3 (a generated module runs it), 7, 9 (the K-answer evaluator) or 64, and the masked answers get
+    no gradient (the module's was NaN before they were floored, as the evaluator floors them); a row with every
+    answer masked gives the same value at every K."""
+    want = None
+    for K in (3, 7, 9, 64):
+        x = torch.full((2, K), -math.inf, dtype=dtype)
+        x[0, 0], x[0, 1] = -1.0, -2.5
+        x.requires_grad_()
+        loss = PreferenceLoss(TOP1.format(K=K), reduction="none")(logps=x)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), K
+        assert float(grad[:, 2:].abs().max()) <= GRAD_FLOOR[dtype], K
+        if want is None:
+            want = (loss.detach(), grad[0, :2])
+        torch.testing.assert_close(loss.detach(), want[0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad[0, :2], want[1], rtol=1e-6, atol=0)
+    # the closed form: ρ = o_1 / o_2 for the live answers
+    o1, o2 = math.exp(-1.0) / -math.expm1(-1.0), math.exp(-2.5) / -math.expm1(-2.5)
+    assert float(want[0][0]) == pytest.approx(math.log1p(o2 / o1), rel=1e-6)

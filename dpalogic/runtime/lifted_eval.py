@@ -125,6 +125,13 @@ def shifted_odds(
     return a, a.sum(1, keepdim=True).clamp_(min=tiny), s, clamp
 
 
+def live_rows(s: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: 1 for the rows where a group has an answer above ``LOG_FLOOR``, 0 where all are floored (masked out at
+    −inf): floored log-probs get no gradient, as a clamp's derivative says (and the generated modules, fed floored
+    log-probs, give). ``s``: :func:`shifted_odds`' shift, ``LOG_FLOOR + T`` exactly in those rows; NaN stays live."""
+    return (~(s <= LOG_FLOOR / 2)).to(s.dtype)
+
+
 class _LeafPlan:
     """Which columns are singletons and which form each group, with their index tensors made once per device, and
     the configurations of each side as incidence matrices (which leaf values each configuration adds up)."""
@@ -191,7 +198,7 @@ def _leaves_forward(x: torch.Tensor, plan: _LeafPlan) -> tuple[torch.Tensor, lis
         vals, parts = {}, {}
         if set(cs) <= {0, 1}:  # e_1 from the odds themselves (one expm1 per answer): no log over the group
             a, total, s, clamped = shifted_odds(x, plan.outside(g, x), out=torch.empty_like(x))
-            parts["odds"] = [a, total, clamped]  # a becomes the gradient in backward, in place
+            parts["odds"] = [a, total / live_rows(s), clamped]  # a becomes the gradient in backward, in place
             e1 = (total.log() + s).squeeze(1)
             vals = {c: None if c == 0 else e1 for c in cs}
         else:
@@ -253,7 +260,8 @@ def _leaves_backward(
         grad = torch.empty_like(x)
     # singletons: d log p / dx = 1, d log(1 − p) / dx = −p/(1 − p) = 1 − 1/(1 − p) (0 where x was clamped)
     inv_s = (xs_raw <= -eps) / omp_s
-    plan.put(grad, plan.singles, g_single[..., 1] + g_single[..., 0] * (1.0 - inv_s))
+    single = g_single[..., 1] + g_single[..., 0] * (1.0 - inv_s)
+    plan.put(grad, plan.singles, single.mul_(xs_raw >= LOG_FLOOR))  # and 0 where it was floored (−inf)
     for cols, cs, parts, gg in zip(plan.groups, plan.counts, parts_all, g_groups):
         if "odds" in parts:
             continue

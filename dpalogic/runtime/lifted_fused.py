@@ -26,6 +26,7 @@ from dpalogic.runtime.lifted_eval import (
     _clamp_bound,
     _LeafPlan,
     _odds_shift,
+    live_rows,
     odds_range,
     reciprocal_expm1_,
     row_max,
@@ -128,7 +129,7 @@ def term_loss_and_grad(
         a, total, s, at_clamp = shifted_odds(x, plan.outside(g, x), expm1, out, traced or None)
         clamped = clamped or at_clamp
         e1.append((total.log() + s).squeeze(1))
-        odds.append((a, total))
+        odds.append((a, total / live_rows(s)))  # a group all at −inf: no gradient (÷ ∞)
     sides = []
     for configs in plan.sides:
         values = []
@@ -162,7 +163,7 @@ def term_loss_and_grad(
         d_lp = _columns([_total([shares[j] for j in js], a_z) for js in takes_p])
         d_lq = _columns([_total([shares[j] for j in js], a_z) for js in takes_q])
         # d log p / dx = 1; d log(1 − p) / dx = −p / (1 − p) = 1 − 1 / (1 − p)
-        single = d_lp + d_lq - d_lq / q_s
+        single = (d_lp + d_lq - d_lq / q_s) * (plan.take(x, plan.singles) >= LOG_FLOOR)  # 0 where floored (−inf)
         if traced:
             grad = grad.index_copy(1, s_idx, single)
         else:
@@ -240,7 +241,7 @@ def odds_softmax_loss_and_grad(
     neg = df * (-coef * scale * grad_weight)  # −d loss / d log ρ
     # the rest: −d loss / d log ρ · a_j (1 + a_j) / Σ a; answer t: d loss / d log ρ / (1 − p_t)
     a.addcmul_(a, a).mul_((neg / total).unsqueeze(1))
-    a.select(1, t).copy_(neg / em1)
+    a.select(1, t).copy_((neg / em1).masked_fill_(x.select(1, t) < LOG_FLOOR, 0.0))  # 0 where floored (−inf)
     if clamped:
         a.masked_fill_(x > -eps, 0.0)
     return (f * coef if coef != 1.0 else f), a

@@ -24,6 +24,7 @@ from dpalogic.language.syntax import Atom
 from dpalogic.logic.listwise import ListStructure
 from dpalogic.runtime.backend import BACKENDS, backend_rule, use_triton
 from dpalogic.runtime.checks import check_log_probs
+from dpalogic.runtime.lifted_eval import LOG_FLOOR
 from dpalogic.runtime.listwise import ListwiseProgram, as_mapping, matrix_columns, reduce
 from dpalogic.semantics.program import Program, Term, with_link
 
@@ -395,7 +396,10 @@ class PreferenceLoss(torch.nn.Module):
         if evaluator is None:  # a truth-table structure
             small = len(self._running_atoms) < LIST_EVALUATOR_ATOMS
             if not self.terms or small or use_triton(self.backend, logps):
-                atom_lp, ans_len = as_mapping(columns, lengths)
+                # −inf (an answer masked out) floored as the K-answer evaluator floors it: the module's gradient
+                # there is NaN, and the floor's is 0
+                floored = {name: m.clamp(min=LOG_FLOOR) for name, m in columns.items()}
+                atom_lp, ans_len = as_mapping(floored, lengths)
                 return self._reduce(self.per_pair(atom_lp, ans_len, margin=margin), reduction)
             if self._list_evaluator is None:
                 self._list_evaluator = ListwiseProgram(*self._kept_bound, compile=self._compile)
