@@ -453,3 +453,53 @@ def test_masked_answers_change_nothing_at_any_k(dtype):
     # the closed form: ρ = o_1 / o_2 for the live answers
     o1, o2 = math.exp(-1.0) / -math.expm1(-1.0), math.exp(-2.5) / -math.expm1(-2.5)
     assert float(want[0][0]) == pytest.approx(math.log1p(o2 / o1), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plackett_luce_stages_at_once_equal_stage_by_stage(dtype, monkeypatch):
+    """Plackett–Luce's stages from one reverse cumulative sum of the odds (in the input's dtype, else float64, else
+    stage by stage when a rest is too far below its row's best for one shift): the same losses and gradients as each
+    stage's own pass, on rows that take each of the three routes."""
+    from dpalogic.semantics.listwise_catalog import plackett_luce
+
+    routes = []
+    real = lifted_fused._suffix_stages
+
+    def spy(x, ks, *args):
+        out = real(x, ks, *args)
+        routes.append((args[-2], out is not None))
+        return out
+
+    monkeypatch.setattr(lifted_fused, "_suffix_stages", spy)
+    g = torch.Generator().manual_seed(8)
+    K = 16
+    base = -torch.rand(4, K, generator=g, dtype=torch.float64) * 10 - 1e-3
+    base[1, 2] = 0.0  # p = 1: clamped
+    base[2, 7] = -math.inf  # masked
+    batches = {
+        "dtype": base,
+        "float64": base - torch.linspace(0, 300, K, dtype=torch.float64),  # rests ~300 nats below the best
+        "by stage": base - torch.linspace(0, 3000, K, dtype=torch.float64),  # beyond one shift even in float64
+    }
+    margin = torch.tensor([0.2, -0.1, 0.0, 0.3], dtype=torch.float64)
+    for name, x in batches.items():
+        routes.clear()
+        out = []
+        for batched in (True, False):
+            fn = PreferenceLoss(plackett_luce(K), reduction="none", beta=0.8)
+            if not batched:
+                fn._listwise._stage_groups = lambda terms, device: []
+            y = x.to(dtype).requires_grad_()
+            loss = fn(logps=y, margin=margin.to(dtype))
+            (grad,) = torch.autograd.grad(loss.sum(), y)
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+            out.append((loss, grad))
+        want = {"dtype": [(dtype, True)], "float64": [(dtype, False), (torch.float64, True)]}.get(name)
+        if dtype == torch.float64 and name == "float64":
+            want = [(torch.float64, True)]
+        if name == "by stage":
+            want = [(dtype, False)] + ([(torch.float64, False)] if dtype == torch.float32 else [])
+        assert routes == want, (name, routes)
+        rtol = 1e-10 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(out[0][0], out[1][0], rtol=rtol, atol=rtol)
+        torch.testing.assert_close(out[0][1], out[1][1], rtol=rtol, atol=GRAD_FLOOR[dtype] + rtol * 1e-3)

@@ -337,31 +337,93 @@ class FusedTerm(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None, None
 
 
+def suffix_stages_loss_and_grad(
+    x: torch.Tensor,
+    ks: torch.Tensor,
+    link_fn,
+    scale: float,
+    shift: float,
+    coef: float,
+    margin: torch.Tensor | None,
+    grad_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Several one-against-the-rest stages over one run of columns ``x`` [B, n], stage ``k`` (for ``k`` in ``ks``)
+    conditioning column ``k`` on every column after it — Plackett–Luce's stages — at once: ``(Σ_k coef · f(z_k)``
+    per row, its gradient in ``x``), or None where one shift per row cannot serve every stage.
+
+    All stages' ``log Σ_{j>k} o_j`` come from one reverse cumulative sum of the odds, shifted by the row's largest
+    log-odds: in the input's dtype while every stage's rest sum stays above 1e−25 (float32: rests within ~57 nats of
+    the row's best), else in float64 (~660 nats); beyond, None sends the stages to their one-by-one pass, whose shift
+    is each stage's own. The gradient is one more cumulative sum: ``∂ log ρ_k / ∂ lo_j = −o_j / Σ_{i>k} o_i`` for
+    ``j > k``, summed over the stages before ``j``. Clamps as every other pass (``log p`` in ``[LOG_FLOOR, −√tiny]``
+    of the input's dtype, zero gradient where they hold)."""
+    for dtype, floor in ((x.dtype, _underflow_floor(x.dtype)), (torch.float64, 1e-290)):
+        out = _suffix_stages(x, ks, link_fn, scale, shift, coef, margin, grad_weight, dtype, floor)
+        if out is not None or dtype == torch.float64:
+            return out
+    return None
+
+
+def _suffix_stages(x, ks, link_fn, scale, shift, coef, margin, grad_weight, dtype, floor):
+    eps = _clamp_bound(x.dtype)
+    n = x.shape[1]
+    xc = x.to(dtype, copy=True).clamp_(LOG_FLOOR, -eps)
+    q = torch.expm1(xc).neg_()  # 1 − p
+    lo = q.log().neg_().add_(xc)  # log-odds
+    del xc
+    lo_k = lo.index_select(1, ks)
+    top = row_max(lo)
+    o = lo.sub_(top).exp_()  # odds / the row's largest, in lo's buffer
+    tail = o.flip(1).cumsum_(1)  # column c: Σ over the last c + 1 columns, so Σ_{j>k} o_j is column n − 2 − k
+    rest = tail.index_select(1, (n - 2) - ks)
+    del tail
+    if bool((rest < floor).any()):
+        return None
+    log_rho = lo_k.sub_(rest.log().add_(top))
+    f, df = _linked(log_rho, link_fn, scale, shift, None if margin is None else margin.to(dtype).unsqueeze(1))
+    d = df * (coef * scale * grad_weight)  # d loss / d log ρ_k
+    reach = torch.zeros_like(o).index_copy_(1, ks + 1, d / rest).cumsum_(1)  # Σ_{stages before j} d / rest
+    grad = reach.mul_(o).neg_().index_add_(1, ks, d).div_(q)  # d log ρ / d lo, then ÷ (1 − p): d lo / dx
+    grad.masked_fill_((x > -eps) | (x < LOG_FLOOR), 0.0)  # 0 where a clamp holds x
+    return (f.sum(1) * coef).to(x.dtype), grad.to(x.dtype)
+
+
 class FusedTerms(torch.autograd.Function):
     """Several fused terms over column runs of one ``[B, K]`` matrix (Plackett–Luce has K − 1) as one node: each term's
     gradient is added into one ``[B, K]`` buffer at its columns. A node per term would have each backward fill a zero
     ``[B, K]`` gradient around its slice, a fresh buffer each (~0.3 ms of page faults apiece on the CPU at 4096 × 64).
 
     ``terms``: ``(columns, plan, link_fn, scale, shift, coef, margin_sign, compiled)`` per term, ``columns`` a slice;
-    ``margin_sign``: +1 (a preference: ``z − m``), −1 (smoothing: ``z + m``) or 0 (NLL: no margin)."""
+    ``margin_sign``: +1 (a preference: ``z − m``), −1 (smoothing: ``z + m``) or 0 (NLL: no margin). ``stages``: groups
+    of term indices that :func:`suffix_stages_loss_and_grad` can take at once, with their run and stage columns."""
 
     @staticmethod
     def forward(
-        ctx, m: torch.Tensor, margin: torch.Tensor | None, terms: list, reduction: str = "none"
+        ctx, m: torch.Tensor, margin: torch.Tensor | None, terms: list, reduction: str = "none", stages: list = ()
     ) -> torch.Tensor:
         weight = 1.0 / len(m) if reduction == "mean" and len(m) else 1.0
         ctx.save_for_backward(m, margin)
-        ctx.terms, ctx.weight, ctx.reduced = terms, weight, reduction != "none"
-        loss, ctx.grad = FusedTerms._run(m, margin, terms, weight)
+        ctx.terms, ctx.stages, ctx.weight, ctx.reduced = terms, stages, weight, reduction != "none"
+        loss, ctx.grad = FusedTerms._run(m, margin, terms, weight, stages)
         if reduction == "none":
             return loss
         return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
-    def _run(m: torch.Tensor, margin, terms: list, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(m: torch.Tensor, margin, terms: list, weight: float, stages=()) -> tuple[torch.Tensor, torch.Tensor]:
         grad = torch.zeros_like(m, memory_format=torch.contiguous_format)
-        total = None
-        for cols, plan, link_fn, scale, shift, coef, sign, compiled in terms:
+        total, done = None, set()
+        for members, cols, ks in stages if len(m) and not m.is_cuda else ():  # the GPU: no host sync asked
+            _, _, link_fn, scale, shift, coef, sign, _ = terms[members[0]]
+            signed = None if margin is None or sign == 0 else (margin if sign > 0 else -margin)
+            out = suffix_stages_loss_and_grad(m[:, cols], ks, link_fn, scale, shift, coef, signed, weight)
+            if out is not None:
+                grad[:, cols] += out[1]
+                total = out[0] if total is None else total + out[0]
+                done.update(members)
+        for i, (cols, plan, link_fn, scale, shift, coef, sign, compiled) in enumerate(terms):
+            if i in done:
+                continue
             signed = None if margin is None or sign == 0 else (margin if sign > 0 else -margin)
             w = weight if compiled is None else torch.tensor(weight, dtype=m.dtype, device=m.device)
             loss, g = _loss_and_grad((m[:, cols], plan, link_fn, scale, shift, coef, signed, w), compiled)
@@ -375,9 +437,9 @@ class FusedTerms(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # a second backward: the first one scaled the buffer
             m, margin = ctx.saved_tensors
-            grad = FusedTerms._run(m, margin, ctx.terms, ctx.weight)[1]
+            grad = FusedTerms._run(m, margin, ctx.terms, ctx.weight, ctx.stages)[1]
         if not ctx.reduced:
             grad = grad.mul_(grad_loss.unsqueeze(1))
         elif grad_loss.is_cuda or float(grad_loss) != 1.0:
             grad = grad.mul_(grad_loss)
-        return grad, None, None, None
+        return grad, None, None, None, None

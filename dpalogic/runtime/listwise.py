@@ -242,6 +242,7 @@ class ListwiseProgram:
         # fused terms over runs of logps' columns (Plackett–Luce's stages), when several: one node for all of them
         runs = [_run_of_logps(ev, bt) for ev, bt in zip(self.evals, self.bound)]
         self._runs = runs if sum(r is not None for r in runs) > 1 else None
+        self._stage_cache: dict = {}
 
     def per_pair_named(
         self,
@@ -332,7 +333,27 @@ class ListwiseProgram:
                 fn = link_function(bt.link, bt.params)
                 terms.append((cols, ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef, _margin_sign(role), cc))
         margin = None if margin is None else margin.detach().to(m.dtype)  # data: no gradient flows to it
-        return FusedTerms.apply(m, margin, terms, reduction)
+        return FusedTerms.apply(m, margin, terms, reduction, self._stage_groups(terms, m.device))
+
+    def _stage_groups(self, terms: list, device: torch.device) -> list:
+        """Groups of ≥ 2 ``terms`` that are one-against-the-rest stages over runs ending at one column, conditioning
+        each run's first column, with one link, scale, shift, coef and role, not compiled (Plackett–Luce): each as
+        (member indices, their shared run of columns, each stage's column in that run), worked out once."""
+        key = (tuple((t[0].start, t[0].stop) for t in terms), device)
+        cached = self._stage_cache.get(key)
+        if cached is None:
+            groups: dict = {}
+            for i, (cols, plan, fn, scale, shift, coef, sign, cc) in enumerate(terms):
+                if cc is None and one_against_the_rest(plan) == 0:
+                    groups.setdefault((cols.stop, fn, scale, shift, coef, sign), []).append(i)  # fn: cached per link
+            cached = []
+            for members in groups.values():
+                if len(members) > 1:
+                    start = min(terms[i][0].start for i in members)
+                    ks = torch.tensor([terms[i][0].start - start for i in members], device=device)
+                    cached.append((members, slice(start, terms[members[0]][0].stop), ks))
+            self._stage_cache[key] = cached
+        return cached
 
     def checks_for_itself(self, columns: Mapping[str, torch.Tensor]) -> bool:
         """Whether the one-against-the-rest pass checks the log-prob values itself (see ``odds_softmax_loss_and_grad``):
