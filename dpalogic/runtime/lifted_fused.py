@@ -379,10 +379,11 @@ def _suffix_stages(x, ks, link_fn, scale, shift, coef, margin, grad_weight, dtyp
     del tail
     if bool((rest < floor).any()):
         return None
-    log_rho = lo_k.sub_(rest.log().add_(top))
+    log_rho = lo_k.sub_(top).sub_(rest.log())  # lo_k − top first: exact where both are near −1e4
     f, df = _linked(log_rho, link_fn, scale, shift, None if margin is None else margin.to(dtype).unsqueeze(1))
     d = df * (coef * scale * grad_weight)  # d loss / d log ρ_k
-    reach = torch.zeros_like(o).index_copy_(1, ks + 1, d / rest).cumsum_(1)  # Σ_{stages before j} d / rest
+    reach = torch.zeros_like(o).index_add_(1, ks + 1, d / rest).cumsum_(1)  # Σ_{stages before j} d / rest (a stage
+    # may come twice: a program that adds top-1 to Plackett–Luce)
     grad = reach.mul_(o).neg_().index_add_(1, ks, d).div_(q)  # d log ρ / d lo, then ÷ (1 − p): d lo / dx
     grad.masked_fill_((x > -eps) | (x < LOG_FLOOR), 0.0)  # 0 where a clamp holds x
     return (f.sum(1) * coef).to(x.dtype), grad.to(x.dtype)
