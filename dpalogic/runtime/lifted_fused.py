@@ -299,57 +299,21 @@ def _loss_and_grad(args: tuple, compiled: Compiled | None, check=None) -> tuple[
     return compiled(*args) if compiled is not None else term_loss_and_grad(*args)
 
 
-class FusedTerm(torch.autograd.Function):
-    """Forward computes the term's loss — per row, or already summed (``reduction`` 'sum') or averaged ('mean', whose
-    1/B rides on the gradient's per-row factor) — and its gradient; backward scales the gradient by ``grad_output``
-    in place (no new ``[B, n]`` tensor; not at all for a reduced loss's ``grad_output`` of 1 on the CPU, the usual
-    ``loss.backward()``), so a second backward (``retain_graph``) recomputes it from the saved inputs (saved for
-    backward, so that an input changed in place in between is an error, not a silently different gradient)."""
-
-    @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, margin: torch.Tensor | None, plan, link_fn, scale, shift, coef, compiled=None,
-        reduction: str = "none", check=None,
-    ) -> torch.Tensor:  # fmt: skip
-        weight = 1.0 / len(x) if reduction == "mean" and len(x) else 1.0
-        if compiled is not None:  # a tensor, so that torch.compile does not specialize on each batch size
-            weight = torch.tensor(weight, dtype=x.dtype, device=x.device)
-        args = (x, plan, link_fn, scale, shift, coef, margin, weight)
-        loss, grad = _loss_and_grad(args, compiled, check)
-        ctx.save_for_backward(x, margin)
-        ctx.rest, ctx.compiled, ctx.grad, ctx.reduced = args[1:6] + args[7:], compiled, grad, reduction != "none"
-        if reduction == "none":
-            return loss
-        return loss.mean() if reduction == "mean" else loss.sum()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:  # a second backward: the first one scaled the buffer
-            x, margin = ctx.saved_tensors
-            plan, link_fn, scale, shift, coef, weight = ctx.rest
-            grad = _loss_and_grad((x, plan, link_fn, scale, shift, coef, margin, weight), ctx.compiled)[1]
-        if not ctx.reduced:
-            grad = grad.mul_(grad_loss.unsqueeze(1))
-        elif grad_loss.is_cuda or float(grad_loss) != 1.0:  # on a GPU, reading it back would be a host sync
-            grad = grad.mul_(grad_loss)
-        return grad, None, None, None, None, None, None, None, None, None
+def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor, reduced: bool) -> torch.Tensor:
+    """A saved gradient times backward's ``grad_output``, in place: per row, or one scalar — skipped when it is 1 on
+    the CPU (``loss.backward()``); on a GPU, reading it back would be a host sync."""
+    if not reduced:
+        return grad.mul_(grad_loss.unsqueeze(1))
+    if grad_loss.is_cuda or float(grad_loss) != 1.0:
+        return grad.mul_(grad_loss)
+    return grad
 
 
-def suffix_stages_loss_and_grad(
-    x: torch.Tensor,
-    ks: torch.Tensor,
-    link_fn,
-    scale: float,
-    shift: float,
-    coef: float,
-    margin: torch.Tensor | None,
-    grad_weight: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+def suffix_stages_loss_and_grad(x: torch.Tensor, ks: torch.Tensor, *term) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Several one-against-the-rest stages over one run of columns ``x`` [B, n], stage ``k`` (for ``k`` in ``ks``)
     conditioning column ``k`` on every column after it — Plackett–Luce's stages — at once: ``(Σ_k coef · f(z_k)``
-    per row, its gradient in ``x``), or None where one shift per row cannot serve every stage.
+    per row, its gradient in ``x``), or None where one shift per row cannot serve every stage. ``term``: ``link_fn,
+    scale, shift, coef, margin, grad_weight``, shared by the stages, as :func:`odds_softmax_loss_and_grad` takes them.
 
     All stages' ``log Σ_{j>k} o_j`` come from one reverse cumulative sum of the odds, shifted by the row's largest
     log-odds: in the input's dtype while every stage's rest sum stays above 1e−25 (float32: rests within ~57 nats of
@@ -358,7 +322,7 @@ def suffix_stages_loss_and_grad(
     ``j > k``, summed over the stages before ``j``. Clamps as every other pass (``log p`` in ``[LOG_FLOOR, −√tiny]``
     of the input's dtype, zero gradient where they hold)."""
     for dtype, floor in ((x.dtype, _underflow_floor(x.dtype)), (torch.float64, 1e-290)):
-        out = _suffix_stages(x, ks, link_fn, scale, shift, coef, margin, grad_weight, dtype, floor)
+        out = _suffix_stages(x, ks, *term, dtype, floor)
         if out is not None or dtype == torch.float64:
             return out
     return None
@@ -396,22 +360,36 @@ class FusedTerms(torch.autograd.Function):
 
     ``terms``: ``(columns, plan, link_fn, scale, shift, coef, margin_sign, compiled)`` per term, ``columns`` a slice;
     ``margin_sign``: +1 (a preference: ``z − m``), −1 (smoothing: ``z + m``) or 0 (NLL: no margin). ``stages``: groups
-    of term indices that :func:`suffix_stages_loss_and_grad` can take at once, with their run and stage columns."""
+    of term indices that :func:`suffix_stages_loss_and_grad` can take at once, with their run and stage columns.
+
+    One term over all of ``m`` is the usual single fused term: its gradient is the buffer itself, and ``check``
+    (error, name) hands it PreferenceLoss's value check (see :func:`odds_softmax_loss_and_grad`). Forward computes
+    the loss — per row, or already summed ('sum') or averaged ('mean', whose 1/B rides on the gradient's per-row
+    factor) — and the gradient; backward scales the gradient in place (:func:`_scaled`), so a second backward
+    (``retain_graph``) recomputes it from the inputs, saved for backward so that one changed in place in between is
+    an error, not a silently different gradient."""
 
     @staticmethod
     def forward(
-        ctx, m: torch.Tensor, margin: torch.Tensor | None, terms: list, reduction: str = "none", stages: list = ()
-    ) -> torch.Tensor:
+        ctx, m: torch.Tensor, margin: torch.Tensor | None, terms: list, reduction: str = "none", stages: list = (),
+        check=None,
+    ) -> torch.Tensor:  # fmt: skip
         weight = 1.0 / len(m) if reduction == "mean" and len(m) else 1.0
         ctx.save_for_backward(m, margin)
         ctx.terms, ctx.stages, ctx.weight, ctx.reduced = terms, stages, weight, reduction != "none"
-        loss, ctx.grad = FusedTerms._run(m, margin, terms, weight, stages)
+        loss, ctx.grad = FusedTerms._run(m, margin, terms, weight, stages, check)
         if reduction == "none":
             return loss
         return loss.mean() if reduction == "mean" else loss.sum()
 
     @staticmethod
-    def _run(m: torch.Tensor, margin, terms: list, weight: float, stages=()) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(m: torch.Tensor, margin, terms, weight: float, stages=(), check=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(terms) == 1 and terms[0][0] == slice(None):  # one term over all of m: its gradient is the buffer
+            _, plan, link_fn, scale, shift, coef, sign, compiled = terms[0]
+            signed = None if margin is None or sign == 0 else (margin if sign > 0 else -margin)
+            if compiled is not None:  # a tensor, so that torch.compile does not specialize on each batch size
+                weight = torch.tensor(weight, dtype=m.dtype, device=m.device)
+            return _loss_and_grad((m, plan, link_fn, scale, shift, coef, signed, weight), compiled, check)
         grad = torch.zeros_like(m, memory_format=torch.contiguous_format)
         total, done = None, set()
         for members, cols, ks in stages if len(m) and not m.is_cuda else ():  # the GPU: no host sync asked
@@ -439,8 +417,4 @@ class FusedTerms(torch.autograd.Function):
         if grad is None:  # a second backward: the first one scaled the buffer
             m, margin = ctx.saved_tensors
             grad = FusedTerms._run(m, margin, ctx.terms, ctx.weight, ctx.stages)[1]
-        if not ctx.reduced:
-            grad = grad.mul_(grad_loss.unsqueeze(1))
-        elif grad_loss.is_cuda or float(grad_loss) != 1.0:
-            grad = grad.mul_(grad_loss)
-        return grad, None, None, None, None
+        return _scaled(grad, grad_loss, ctx.reduced), None, None, None, None, None

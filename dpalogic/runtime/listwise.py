@@ -22,7 +22,6 @@ from dpalogic.runtime.lifted_eval import LOG_FLOOR, _clamp_bound, closed_form, l
 from dpalogic.runtime.lifted_fused import (
     MAX_COMPILED_TERMS,
     Compiled,
-    FusedTerm,
     FusedTerms,
     fusable,
     one_against_the_rest,
@@ -277,8 +276,8 @@ class ListwiseProgram:
             margin = None
         if ev.fused and torch.is_grad_enabled() and x.requires_grad:  # no gradient wanted: no gradient computed
             fn = link_function(bt.link, bt.params)
-            plan = ev._leaf_plan
-            return FusedTerm.apply(x, margin, plan, fn, bt.scale, bt.shift, bt.coef, compiled, reduction, check)
+            term = (slice(None), ev._leaf_plan, fn, bt.scale, bt.shift, bt.coef, 1, compiled)  # margin signed above
+            return FusedTerms.apply(x, margin, [term], reduction, (), check)
         z = ev.log_ratio(x)
         if bt.scale != 1.0:
             z = z * bt.scale
