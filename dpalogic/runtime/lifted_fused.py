@@ -136,7 +136,7 @@ def term_loss_and_grad(
         for sigma, counts in configs:
             terms = [lp_s[:, k] if bit else lq_s[:, k] for k, bit in enumerate(sigma)]
             terms += [e1[g] for g, c in enumerate(counts) if c == 1]
-            values.append(_total(terms, lp_s[:, 0] if len(s_idx) else e1[0]) if terms else x.new_zeros(len(x)))
+            values.append(_total(terms, x[:, 0]))  # a configuration of no leaves: log 1 = 0
         sides.append(_lse(values))
     (top, w_top), (bottom, w_bottom) = sides
     f, df = _linked(top - bottom, link_fn, scale, shift, margin)
